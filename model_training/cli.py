@@ -1,0 +1,130 @@
+"""The `trainer_sft.py` command line: which sections to merge, overrides, and the OpenAssistant flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from model_training.config import (
+    DEFAULT_CONFIG_FILE,
+    ConfigError,
+    TrainConfig,
+    closest_name,
+    load_config,
+    parse_override,
+    to_yaml,
+)
+
+_CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    config: TrainConfig
+    show_config: bool
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer_sft.py",
+        description="Supervised fine-tuning on DeepSpeed. Overrides: key=value (dotted keys for nested "
+        "values) or --key value; every key is documented in model_training/config.py.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--configs", nargs="+", default=["defaults"], help="config sections to merge, in order")
+    parser.add_argument("--config_file", type=Path, default=DEFAULT_CONFIG_FILE, help="YAML file of sections")
+    parser.add_argument("--show_config", action="store_true", help="print the merged config as YAML and exit")
+    # The flags users of the OpenAssistant trainer know; each one is a config key.
+    parser.add_argument("--deepspeed", action="store_true", default=None, help="accepted; always on")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by launchers")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the newest complete checkpoint in output_dir, or from the folder given",
+    )
+    parser.add_argument("--wandb-entity", dest="wandb_entity", default=None, help="Weights & Biases entity")
+    parser.add_argument("--rng_seed", type=int, default=None, help="seed of weights, dropout and data order")
+    parser.add_argument(
+        "--show_dataset_stats", action="store_true", default=None, help="print dataset statistics and exit"
+    )
+    return parser
+
+
+_FLAG_KEYS = ("deepspeed", "local_rank", "resume_from_checkpoint", "wandb_entity", "rng_seed", "show_dataset_stats")
+
+
+def _split_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` and `--key value` / `--key=value` tokens -> (key, value); anything else is an error."""
+    overrides = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--"):
+            name, sep, value = token[2:].partition("=")
+            key = name.replace("-", "_")
+            if key.split(".")[0] not in _CONFIG_KEYS:
+                raise ConfigError(f"unknown option '--{name}' on the command line{closest_name(key, _CONFIG_KEYS)}")
+            if not sep:
+                if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                    raise ConfigError(f"option '--{name}' needs a value")
+                i += 1
+                value = tokens[i]
+            overrides.append(parse_override(f"{key}={value}"))
+        elif "=" in token:
+            overrides.append(parse_override(token))
+        else:
+            raise ConfigError(f"unexpected argument '{token}' on the command line; overrides look like key=value")
+        i += 1
+    return overrides
+
+
+def parse_train_args(argv: list[str]) -> TrainArgs:
+    """The merged, validated config from a command line; raises ConfigError on any user mistake."""
+    args, rest = _parser().parse_known_args(argv)
+    # `--configs a b key=value` reads naturally; argparse would take key=value as a section name.
+    sections = [name for name in args.configs if "=" not in name]
+    rest = [name for name in args.configs if "=" in name] + rest
+    overrides = _split_overrides(rest)
+    overrides += [(key, getattr(args, key)) for key in _FLAG_KEYS if getattr(args, key) is not None]
+    config = load_config(sections, overrides, config_file=args.config_file)
+    return TrainArgs(config=config, show_config=args.show_config)
+
+
+def report_config_error(err: ConfigError) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def main_train(argv: list[str]) -> int:
+    """`trainer_sft.py`: parse, then print the config, print dataset statistics, or train."""
+    try:
+        args = parse_train_args(argv)
+        if args.show_config:
+            print(to_yaml(args.config), end="")
+            return 0
+        if args.config.show_dataset_stats:
+            return _show_dataset_stats(args.config)
+    except ConfigError as err:
+        return report_config_error(err)
+    # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
+    # must answer without them.
+    from model_training.training.trainer import run_or_exit
+
+    try:
+        return run_or_exit(args.config)
+    except ConfigError as err:
+        return report_config_error(err)
+
+
+def _show_dataset_stats(cfg: TrainConfig) -> int:
+    from model_training.data.registry import prepare_data
+    from model_training.data.stats import format_stats
+    from model_training.models.builder import load_tokenizer
+
+    print(format_stats(prepare_data(cfg, load_tokenizer(cfg))))
+    return 0

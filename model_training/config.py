@@ -1,0 +1,348 @@
+"""The training configuration: a typed schema, named sections merged in order, command-line overrides.
+
+`TrainConfig` below is the user's manual: every key, its type, its default and one line on what it does.
+`configs/config.yaml` holds named sections; `--configs defaults falcon-7b oasst-top1` starts from the
+schema's defaults and merges each section in order (later wins; nested mappings merge, lists replace), then
+the command line's `key=value` overrides. Every user mistake becomes a `ConfigError` whose message names the
+key, where it came from and the closest valid name; the CLI turns it into exit status 2, never a traceback.
+
+Paths: inputs (the DeepSpeed config, `data_dir`, a local tokenizer or model folder) given relative resolve
+against the project root, so a run does not depend on the working directory; dataset files resolve against
+`data_dir`. Outputs (`output_dir`, `log_dir`) are relative to the working directory, as users expect.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configs" / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or on the command line; the message says what and where."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset options. Each entry of `datasets:` is `{name: {options}}` (or a bare name when every option has a
+# default); the name picks one of these classes.
+
+
+@dataclass
+class OasstExportConfig:
+    """An OpenAssistant export: message trees (or the flat `oasst1` rows) in `.jsonl`, `.jsonl.gz` or `.parquet`."""
+
+    input_file_path: str = "oasst_sample.jsonl.gz"
+    """The export file; a relative path resolves against `data_dir`."""
+    lang: str = "en"
+    """Comma-separated languages of the prompts to keep, e.g. "en,de"."""
+    top_k: int | None = None
+    """Keep only paths whose assistant replies are ranked better than `top_k` (1: the best reply); null: all."""
+    val_split: float = 0.2
+    """Fraction of message trees (never single threads) held out for validation."""
+    manual_seed: int = 287631038922
+    """Seed of the train/validation split (the OpenAssistant trainer's value, so splits match its runs)."""
+    skip_invalid: bool = False
+    """Skip malformed lines (and report how many) instead of stopping at the first one."""
+
+
+DATASET_CONFIGS: dict[str, type] = {"oasst_export": OasstExportConfig}
+"""Every dataset name `datasets:` accepts, with its options schema."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema. Field docstrings are the documentation; `--show_config` prints the merged values.
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model_name: str | None = None
+    """Hub id or local folder of a pretrained model (e.g. tiiuae/falcon-7b); null when `model_config` is set."""
+    model_config: dict[str, Any] | None = None
+    """Build the model from this transformers config (needs `model_type`) with random weights instead."""
+    tokenizer_name: str | None = None
+    """Hub id or local folder of the tokenizer; null: the one of `model_name`."""
+    dtype: str = "bf16"
+    """Training precision: bf16, fp16 or fp32 (also the dtype the weights are loaded in)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off, because Falcon, LLaMA and GPT-NeoX are in transformers."""
+    cache_dir: str | None = None
+    """Hugging Face cache folder for downloaded models; null: the library's default."""
+    residual_dropout: float = 0.0
+    """Dropout on the output of each attention and MLP sublayer before the residual add."""
+    residual_dropout_lima: bool = False
+    """LIMA schedule: layer i of L drops with residual_dropout * i / (L - 1) instead of a flat rate."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+    # --- data ---
+    datasets: list[Any] = field(default_factory=list)
+    """Training datasets: a list of `{name: {options}}`; names and options are in DATASET_CONFIGS."""
+    datasets_extra: list[Any] = field(default_factory=list)
+    """Appended to `datasets`, so the command line can add a source without repeating a section's list."""
+    data_dir: str = "data"
+    """Folder that relative dataset paths resolve against; itself relative to the project root."""
+    max_length: int = 2048
+    """Longest sample in tokens; longer conversations are cut (see model_training/data/formatting.py)."""
+    show_dataset_stats: bool = False
+    """Print per-dataset statistics (threads, tokens, truncation) and exit."""
+
+    # --- optimization ---
+    learning_rate: float = 1e-5
+    """Peak learning rate of AdamW, reached after the warmup."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    lr_scheduler_type: str = "cosine"
+    """Decay after the warmup: cosine (to 10% of the peak), linear (to 0) or constant."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `learning_rate`."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when `max_steps` is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps instead of `num_train_epochs`."""
+    per_device_train_batch_size: int = 1
+    """Samples per micro-batch on each rank."""
+    per_device_eval_batch_size: int = 1
+    """Samples per evaluation batch on each rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank."""
+
+    # --- evaluation, checkpoints, logging ---
+    eval_steps: int | None = None
+    """Evaluate every this many optimizer steps (and always at the end); null: only at the end."""
+    save_strategy: str = "steps"
+    """When to save checkpoints: steps (every `save_steps`), epoch, or no."""
+    save_steps: int = 500
+    """Optimizer steps between checkpoints when `save_strategy` is steps."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (oldest removed after a new one is complete); null: keep all."""
+    output_dir: str = "output"
+    """Run folder: checkpoints, metrics.jsonl, the merged config."""
+    log_dir: str = "logs"
+    """Folder for wandb's local files."""
+    logging_steps: int = 10
+    """Write a metrics line every this many optimizer steps."""
+    log_wandb: bool = False
+    """Log metrics and the config to Weights & Biases (offline mode works without network)."""
+    wandb_entity: str | None = None
+    """Weights & Biases entity (user or team); null: wandb's default."""
+    wandb_project: str = "model_training"
+    """Weights & Biases project."""
+
+    # --- run ---
+    deepspeed_config: str = "configs/zero_config.json"
+    """DeepSpeed JSON; keys set to "auto" are filled from this config, and contradictions are errors."""
+    deepspeed: bool = True
+    """Accepted for OpenAssistant command-line compatibility; this trainer always runs on DeepSpeed."""
+    local_rank: int = -1
+    """Set by launchers that pass --local_rank; the LOCAL_RANK environment variable wins when present."""
+    resume_from_checkpoint: str | None = None
+    """"latest" (the newest complete checkpoint in output_dir) or a checkpoint folder to continue from."""
+    rng_seed: int = 42
+    """Seed of weight initialization, dropout and data order."""
+    max_nonfinite_steps: int = 3
+    """Stop with an error after this many optimizer steps in a row with a non-finite loss (each is skipped)."""
+
+
+_CHOICES = {
+    "dtype": ("bf16", "fp16", "fp32"),
+    "lr_scheduler_type": ("cosine", "linear", "constant"),
+    "save_strategy": ("steps", "epoch", "no"),
+}
+_POSITIVE = (
+    "max_length",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "save_steps",
+    "logging_steps",
+    "num_train_epochs",
+    "max_nonfinite_steps",
+)
+
+
+def closest_name(name: str, candidates: list[str]) -> str:
+    """'; did you mean 'x'?' for the candidate closest to a mistyped name, or '' when none is close."""
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _describe_omegaconf_error(err: OmegaConfBaseException, schema: type, where: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        leaf = str(key).split(".")[-1]
+        valid = [f.name for f in fields(schema)]
+        return f"unknown key '{key}' {where}{closest_name(leaf, valid)}"
+    # OmegaConf's message is several lines with internals; its first line says what was wrong with the value.
+    reason = str(getattr(err, "msg", err)).splitlines()[0]
+    return f"bad value for key '{key}' {where}: {reason}"
+
+
+def _merge(base: Any, update: Any, schema: type, where: str) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe_omegaconf_error(err, schema, where)) from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` as a string; accept exponent floats without a dot, as every user writes them."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def read_sections(config_file: Path) -> dict[str, Any]:
+    """The named sections of a config file, as plain mappings."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            sections = yaml.load(f, Loader=_YamlLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {config_file}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{config_file} is not valid YAML: {err}") from None
+    if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+        raise ConfigError(f"{config_file} must be a mapping of section names to mappings of keys")
+    return sections
+
+
+def _display_path(path: Path) -> str:
+    """Paths in messages as the user would type them: relative to the project root when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` (dotted keys reach nested values) -> (key, value parsed as YAML, so `1e-5` is a float)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"command-line override '{item}' must look like key=value")
+    try:
+        value = yaml.load(raw, Loader=_YamlLoader) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(dotted_key: str, value: Any) -> dict[str, Any]:
+    node: Any = value
+    for part in reversed(dotted_key.split(".")):
+        node = {part: node}
+    return node
+
+
+def load_config(
+    section_names: list[str],
+    overrides: list[tuple[str, Any]] | None = None,
+    config_file: Path = DEFAULT_CONFIG_FILE,
+) -> TrainConfig:
+    """Merge the schema's defaults, the named sections in order, then the overrides, and validate."""
+    sections = read_sections(config_file)
+    shown = _display_path(config_file)
+    merged = OmegaConf.structured(TrainConfig)
+    for name in section_names:
+        if name not in sections:
+            raise ConfigError(f"unknown config section '{name}' in {shown}{closest_name(name, list(sections))}")
+        where = f"in section '{name}' of {shown}"
+        merged = _merge(merged, sections[name], TrainConfig, where)
+        # Dataset options are checked here too, so that a mistake in them names the section and file.
+        for key in ("datasets", "datasets_extra"):
+            if key in sections[name]:
+                _parse_dataset_entries(sections[name][key], key, f" {where}")
+    for key, value in overrides or []:
+        merged = _merge(merged, _nest(key, value), TrainConfig, "on the command line")
+    cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks the types cannot express: choices, ranges, the model source and each dataset's options."""
+    for key, choices in _CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"key '{key}' is '{getattr(cfg, key)}'; expected one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"key '{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"key 'max_steps' must be at least 1 or null, got {cfg.max_steps}")
+    if not 0.0 <= cfg.residual_dropout < 1.0:
+        raise ConfigError(f"key 'residual_dropout' must be in [0, 1), got {cfg.residual_dropout}")
+    if (cfg.model_name is None) == (cfg.model_config is None):
+        raise ConfigError(
+            "set exactly one of 'model_name' (a pretrained model) and 'model_config' (random weights); "
+            f"got model_name={cfg.model_name!r}, model_config={'set' if cfg.model_config else None}"
+        )
+    if cfg.model_config is not None and "model_type" not in cfg.model_config:
+        raise ConfigError("key 'model_config' needs a 'model_type' (e.g. falcon)")
+    dataset_specs(cfg)
+
+
+def dataset_specs(cfg: TrainConfig) -> list[tuple[str, Any]]:
+    """`datasets` + `datasets_extra` as (name, typed options), each validated against its schema."""
+    return [
+        *_parse_dataset_entries(cfg.datasets, "datasets", ""),
+        *_parse_dataset_entries(cfg.datasets_extra, "datasets_extra", ""),
+    ]
+
+
+def _parse_dataset_entries(entries: Any, key: str, origin: str) -> list[tuple[str, Any]]:
+    if not isinstance(entries, (list, tuple)) and not OmegaConf.is_list(entries):
+        raise ConfigError(f"key '{key}'{origin} must be a list of datasets, got {entries!r}")
+    specs = []
+    for index, entry in enumerate(entries):
+        where = f"{key}[{index}]{origin}"
+        if OmegaConf.is_config(entry):
+            entry = OmegaConf.to_container(entry)
+        if isinstance(entry, str):
+            name, options = entry, {}
+        elif isinstance(entry, dict) and len(entry) == 1:
+            name, options = next(iter(entry.items()))
+            options = options or {}
+        else:
+            raise ConfigError(f"{where} must be a dataset name or {{name: {{options}}}}, got {entry!r}")
+        if name not in DATASET_CONFIGS:
+            raise ConfigError(
+                f"unknown dataset '{name}' in {where}; known: {', '.join(DATASET_CONFIGS)}"
+                f"{closest_name(name, list(DATASET_CONFIGS))}"
+            )
+        schema = DATASET_CONFIGS[name]
+        if not isinstance(options, dict):
+            raise ConfigError(f"options of dataset '{name}' in {where} must be a mapping, got {options!r}")
+        typed = _merge(OmegaConf.structured(schema), options, schema, f"of dataset '{name}' in {where}")
+        specs.append((name, OmegaConf.to_object(typed)))
+    return specs
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The merged config as YAML, in schema order (what `--show_config` prints and each run saves)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def resolve_input_path(path: str) -> Path:
+    """An input path from a config: absolute stays, relative resolves against the project root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p

@@ -1,0 +1,214 @@
+"""The OpenAssistant conversation format: token ids, loss labels and the matching chat template.
+
+One sample is laid out as
+
+    [<|system|>{system}<eos>] <|prompter|>{text}<eos> <|assistant|>{text}<eos> <|prompter|>{text}<eos> ...
+
+with nothing between the segments, where <eos> is the tokenizer's eos token (`<|endoftext|>` for Falcon).
+The loss is on each assistant reply's text and on its closing <eos>, so the model learns to stop; role
+tokens, prompter text and system text get IGNORE_INDEX.
+
+The ids are built segment by segment (role token, text tokenized alone, eos) and the labels are written
+while building. Nothing here searches the ids for spans or compares them with the pad id: Falcon's pad
+token *is* its eos, and a mask built from `input_ids == pad_id` would hide every closing eos.
+
+This module is the single source of truth for the format: `chat_template()` renders the same ids through
+`tokenizer.apply_chat_template`. They agree because every segment boundary is a special token: the
+tokenizer splits its input on special tokens before the byte-level pre-tokenizer runs, so each text is
+tokenized alone in both paths, as long as the special tokens strip no whitespace (`prepare_tokenizer` adds
+them with lstrip/rstrip off). One exception, on purpose: a text that contains a control token's string
+(say a reply that quotes `<|endoftext|>`) is encoded here as plain text, so a quoted eos neither ends a
+reply with loss nor lets a prompter forge a turn; the template, tokenizing the whole rendered string,
+turns it into the control token instead; `apply_chat_template(..., sanitize_control_tokens=True)`
+encodes it as text like the formatter does, so use that flag when serving untrusted input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tokenizers import AddedToken
+from transformers import PreTrainedTokenizerBase
+
+# Added in this order, so the ids they get are the same in every run and on every rank (a set would not
+# keep an order). With a base vocabulary of V tokens and none of these in it, the ids are V, V+1, V+2.
+SPECIAL_TOKENS: tuple[str, ...] = ("<|prompter|>", "<|assistant|>", "<|system|>")
+PROMPTER_TOKEN, ASSISTANT_TOKEN, SYSTEM_TOKEN = SPECIAL_TOKENS
+IGNORE_INDEX = -100
+
+_TEMPLATE_BODY = """\
+{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not loop.first -%}
+            {{- raise_exception('Only the first message may be a system message.') -}}
+        {%- endif -%}
+        {{- system_token -}}
+    {%- elif message['role'] == ('user' if (loop.index0 - offset) % 2 == 0 else 'assistant') -%}
+        {{- prompter_token if message['role'] == 'user' else assistant_token -}}
+    {%- else -%}
+        {{- raise_exception('Roles must alternate user/assistant, starting with user.') -}}
+    {%- endif -%}
+    {{- message['content'] + eos_token -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- assistant_token -}}
+{%- endif -%}"""
+
+
+class MessageLike(Protocol):
+    """What the formatter reads from a message (the loader's Message class has both)."""
+
+    @property
+    def role(self) -> str: ...  # "prompter" | "assistant"
+
+    @property
+    def text(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FormattedSample:
+    """One conversation as token ids and labels aligned with them (IGNORE_INDEX where there is no loss)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    truncated: bool
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"{len(self.input_ids)} input ids but {len(self.labels)} labels")
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def chat_template() -> str:
+    """The Jinja chat template (for `tokenizer.chat_template`) that renders what `format_conversation` builds.
+
+    Roles are Hugging Face's: an optional first "system", then "user" and "assistant" alternating,
+    starting with "user". The eos comes from the tokenizer (`eos_token`), as in the formatter.
+    """
+    names = {
+        "prompter_token": PROMPTER_TOKEN,
+        "assistant_token": ASSISTANT_TOKEN,
+        "system_token": SYSTEM_TOKEN,
+    }
+    # repr() writes a quoted string literal that Jinja reads the same way.
+    header = "".join(f"{{%- set {name} = {token!r} -%}}\n" for name, token in names.items())
+    return header + _TEMPLATE_BODY
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add SPECIAL_TOKENS, set pad = eos when there is no pad token, and install the chat template.
+
+    Idempotent: tokens already present keep their ids. The model's embeddings must then be resized to
+    `len(tokenizer)`. Raises ValueError when the tokenizer has no eos token (it closes every turn).
+    """
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no eos token; the format closes every turn with it")
+    # No lstrip/rstrip: a stripping token would eat the whitespace next to it inside the rendered chat
+    # (a text's leading spaces, say), and the template's ids would no longer match the formatter's.
+    tokens = [
+        AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        for token in SPECIAL_TOKENS
+    ]
+    # replace=False keeps the model's own extra special tokens flagged as special and skips ours when
+    # they are there already (a reloaded checkpoint tokenizer).
+    tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        # Falcon has no pad token. Padding is masked out by the attention mask and labels, which never
+        # look at token ids, so reusing eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = chat_template()
+    return tokenizer
+
+
+def format_conversation(
+    messages: Sequence[MessageLike],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    system: str | None = None,
+) -> FormattedSample | None:
+    """Token ids and labels of a conversation that alternates prompter/assistant and ends with assistant.
+
+    Truncation rule (deterministic): keep the first `max_length` tokens; then drop the tokens after the
+    last supervised one, since with causal attention they cannot change the loss. An assistant reply cut
+    short keeps its loss on the tokens kept. When no supervised token is left, return None: the caller
+    counts the sample as dropped. Raises ValueError on bad roles or alternation.
+    """
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    _check_roles(messages, last_role="assistant")
+    input_ids, labels = _build(messages, tokenizer, system)
+    if max_length is None or len(input_ids) <= max_length:
+        return FormattedSample(tuple(input_ids), tuple(labels), truncated=False)
+    labels = labels[:max_length]
+    supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not supervised:
+        return None
+    end = supervised[-1] + 1
+    return FormattedSample(tuple(input_ids[:end]), tuple(labels[:end]), truncated=True)
+
+
+def format_prompt(
+    messages: Sequence[MessageLike], tokenizer: PreTrainedTokenizerBase, system: str | None = None
+) -> list[int]:
+    """The ids to generate from: the conversation so far (ending with a prompter turn), then <|assistant|>.
+
+    Equal to `tokenizer.apply_chat_template(..., add_generation_prompt=True)` on the same conversation.
+    """
+    _check_roles(messages, last_role="prompter")
+    input_ids, _ = _build(messages, tokenizer, system)
+    return input_ids + [_special_id(tokenizer, ASSISTANT_TOKEN)]
+
+
+def to_chat_messages(messages: Sequence[MessageLike], system: str | None = None) -> list[dict[str, str]]:
+    """The conversation in Hugging Face's chat form, for `apply_chat_template` ("prompter" becomes "user")."""
+    chat = [] if system is None else [{"role": "system", "content": system}]
+    chat += [{"role": "user" if m.role == "prompter" else m.role, "content": m.text} for m in messages]
+    return chat
+
+
+def _check_roles(messages: Sequence[MessageLike], last_role: str) -> None:
+    if not messages:
+        raise ValueError("empty conversation")
+    for i, message in enumerate(messages):
+        expected = "prompter" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise ValueError(
+                f"message {i} has role {message.role!r}; expected {expected!r} (roles alternate)"
+            )
+    if messages[-1].role != last_role:
+        raise ValueError(f"the conversation must end with a {last_role} message")
+
+
+def _build(
+    messages: Sequence[MessageLike], tokenizer: PreTrainedTokenizerBase, system: str | None
+) -> tuple[list[int], list[int]]:
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos token")
+    turns = [(SYSTEM_TOKEN, system)] if system is not None else []
+    turns += [(PROMPTER_TOKEN if m.role == "prompter" else ASSISTANT_TOKEN, m.text) for m in messages]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for role_token, text in turns:
+        # split_special_tokens: a control token's string inside a text stays plain text (module docstring).
+        text_ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        segment = [_special_id(tokenizer, role_token), *text_ids, eos_id]
+        input_ids += segment
+        if role_token == ASSISTANT_TOKEN:
+            labels += [IGNORE_INDEX, *text_ids, eos_id]
+        else:
+            labels += [IGNORE_INDEX] * len(segment)
+    return input_ids, labels
+
+
+def _special_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(f"{token} is not in the tokenizer; call prepare_tokenizer first")
+    return token_id

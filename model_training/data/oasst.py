@@ -1,0 +1,364 @@
+"""Load OpenAssistant (OASST) exports into supervised fine-tuning threads.
+
+Two input layouts are accepted, detected per file from its first readable record:
+
+- tree form (`.jsonl` or `.jsonl.gz`): one message tree per line, `{"message_tree_id", "tree_state",
+  "prompt": {..., "replies": [...]}}`, as written by the OASST export tool;
+- flat form (`.jsonl`, `.jsonl.gz` or `.parquet`): one message per row, as in the released `oasst1` dataset.
+  Every row carries `message_tree_id` and `tree_state`, a parent row comes before its children, and
+  `emojis`/`labels` are parallel lists (`{"name": [...], "value": [...], "count": [...]}`).
+
+Only `message_id`, `text` and `role` are required on a message (and `message_tree_id` on a flat row, which
+is how rows name their tree); every other field may be missing and then means null. Tree-form lines are
+validated whole, including trees that the filters drop. Flat rows are each checked for their own fields; the
+checks that need the parent (it exists on an earlier row, roles alternate) run only for trees that pass the
+tree filter, because the rows of dropped trees are not kept.
+
+Train/validation split: trees, never threads, are split. The ids of the trees that yield at least one
+thread are sorted, shuffled with `random.Random(manual_seed)`, and the first `round(n * val_split)` of them
+form the validation set. The split is thus a pure function of the seed and the set of trees, whatever the
+order of the file. Threads keep file order within each side.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prompter", "assistant")
+REQUIRED_FIELDS = ("message_id", "text", "role")
+READY_STATE = "ready_for_export"
+
+
+class OasstFormatError(ValueError):
+    """A record of an export is malformed; the message names the file, the 1-based line (or parquet row)
+    and what was wrong."""
+
+    def __init__(self, path: Path, line: int, reason: str, unit: str = "line") -> None:
+        super().__init__(f"{path}, {unit} {line}: {reason}")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    text: str
+    message_id: str
+    lang: str | None = None
+    rank: int | None = None
+    labels: dict[str, float] = field(default_factory=dict)
+    synthetic: bool = False
+    deleted: bool = False
+
+
+Thread = list[Message]
+
+
+@dataclass(frozen=True)
+class _Node:
+    message: Message
+    # Every reply, deleted ones included: the leaf and first-reply rules and the top_k rule count them.
+    replies: list[_Node]
+
+
+@dataclass(frozen=True)
+class _Tree:
+    tree_id: str
+    root: _Node
+
+
+class _InvalidRecord(Exception):
+    """Raised while reading one record; turned into OasstFormatError (or a skip) with the line number."""
+
+
+def load_oasst_export(
+    input_file_path: str | Path,
+    lang: str = "en",
+    top_k: int | None = None,
+    val_split: float = 0.2,
+    manual_seed: int = 287631038922,
+    mode: str = "sft",
+    skip_invalid: bool = False,
+    config_key: str | None = None,
+    stats: dict[str, int] | None = None,
+) -> tuple[list[Thread], list[Thread]]:
+    """Read an OASST export and return (train, validation) threads.
+
+    A thread alternates prompter/assistant messages, starts with a prompter and ends with an assistant.
+    `lang` is a comma-separated list of prompt languages to keep. With `top_k`, a thread is dropped when one
+    of its assistant messages has rank >= top_k, or no rank while its parent has several replies.
+
+    With `skip_invalid`, malformed lines are skipped and counted instead of raising OasstFormatError (in the
+    flat form the whole tree of a malformed row is dropped). When `stats` is given, it is filled with
+    `records`, `skipped_lines`, `train_trees`, `val_trees`, `train_threads` and `val_threads`.
+    `config_key` names the setting the path came from, for the message of a missing file.
+    """
+    if mode != "sft":
+        raise ValueError(f"unknown OASST export mode {mode!r}; only 'sft' is supported")
+    if not 0.0 <= val_split <= 1.0:
+        raise ValueError(f"val_split must be between 0 and 1, got {val_split}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 or None, got {top_k}")
+    path = Path(input_file_path)
+    if not path.is_file():
+        origin = f" (set by {config_key})" if config_key else ""
+        raise FileNotFoundError(f"OASST export file not found: {path}{origin}")
+
+    langs = {code.strip() for code in lang.split(",") if code.strip()}
+    counts = {"records": 0, "skipped_lines": 0}
+    threads_by_tree: dict[str, list[Thread]] = {}
+    for tree in _read_trees(path, langs, skip_invalid, counts):
+        threads = list(_sft_threads(tree.root, top_k))
+        if threads:
+            threads_by_tree.setdefault(tree.tree_id, []).extend(threads)
+
+    if counts["skipped_lines"]:
+        logger.warning("skipped %d invalid line(s) in OASST export %s", counts["skipped_lines"], path)
+    val_trees = _validation_trees(threads_by_tree, val_split, manual_seed)
+    train = [t for tree_id, threads in threads_by_tree.items() if tree_id not in val_trees for t in threads]
+    val = [t for tree_id, threads in threads_by_tree.items() if tree_id in val_trees for t in threads]
+    if stats is not None:
+        stats.update(
+            counts,
+            train_trees=len(threads_by_tree) - len(val_trees),
+            val_trees=len(val_trees),
+            train_threads=len(train),
+            val_threads=len(val),
+        )
+    return train, val
+
+
+def _read_trees(path: Path, langs: set[str], skip_invalid: bool, counts: dict[str, int]) -> Iterator[_Tree]:
+    """Yield the trees that pass the tree filter, in file order, handling malformed records as asked."""
+    flat: _FlatTrees | None = None
+    form_known = False
+    unit = "row" if path.suffix == ".parquet" else "line"
+    for line_no, record in _records(path):
+        counts["records"] += 1
+        row: object = None
+        try:
+            row = _decode(record)
+            if not form_known:
+                form_known = True
+                if "prompt" not in row and "message_id" in row and "message_tree_id" in row:
+                    flat = _FlatTrees(langs)
+            if flat is not None:
+                flat.add(row)
+                continue
+            tree = _parse_tree(row)
+        except _InvalidRecord as error:
+            if not skip_invalid:
+                raise OasstFormatError(path, line_no, str(error), unit) from None
+            counts["skipped_lines"] += 1
+            if flat is not None and isinstance(row, dict):
+                flat.drop(row.get("message_tree_id"))
+            continue
+        if _wanted(row.get("tree_state"), row["prompt"], langs):
+            yield tree
+    if flat is not None:
+        yield from flat.trees()
+
+
+def _records(path: Path) -> Iterator[tuple[int, str | dict]]:
+    """(1-based line or row number, raw JSON text or parquet row), streamed; blank lines are skipped."""
+    if path.suffix == ".parquet":
+        # Imported here: pyarrow is slow to import and only the parquet form needs it.
+        import pyarrow.parquet as pq
+
+        row_no = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield row_no, row
+        return
+    with _open_text(path) as lines:
+        for line_no, line in enumerate(lines, start=1):
+            if line.strip():
+                yield line_no, line
+
+
+def _open_text(path: Path) -> TextIO:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def _decode(record: str | dict) -> dict:
+    if isinstance(record, dict):
+        return record
+    try:
+        row = json.loads(record)
+    except json.JSONDecodeError as error:
+        raise _InvalidRecord(f"invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(row, dict):
+        raise _InvalidRecord(f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _wanted(tree_state: object, prompt: dict, langs: set[str]) -> bool:
+    return tree_state == READY_STATE and prompt.get("review_result") is True and prompt.get("lang") in langs
+
+
+def _message(raw: object) -> Message:
+    if not isinstance(raw, dict):
+        raise _InvalidRecord(f"a message must be a JSON object, got {type(raw).__name__}")
+    for name in REQUIRED_FIELDS:
+        if raw.get(name) is None:
+            raise _InvalidRecord(f"message {raw.get('message_id', '?')} lacks required field {name!r}")
+    if raw["role"] not in ROLES:
+        raise _InvalidRecord(f"message {raw['message_id']} has unknown role {raw['role']!r}")
+    if not isinstance(raw["text"], str):
+        raise _InvalidRecord(f"message {raw['message_id']} has a text that is not a string")
+    try:
+        rank = raw.get("rank")
+        # The flat dataset stores rank as a float column.
+        rank = None if rank is None else int(rank)
+        labels = _label_values(raw.get("labels") or {})
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise _InvalidRecord(
+            f"message {raw['message_id']} has a malformed rank or labels ({error})"
+        ) from None
+    return Message(
+        role=raw["role"],
+        text=raw["text"],
+        message_id=str(raw["message_id"]),
+        lang=raw.get("lang"),
+        rank=rank,
+        labels=labels,
+        synthetic=bool(raw.get("synthetic")),
+        deleted=bool(raw.get("deleted")),
+    )
+
+
+def _label_values(labels: dict) -> dict[str, float]:
+    if isinstance(labels.get("name"), list):  # flat dataset: parallel lists
+        return {name: float(value) for name, value in zip(labels["name"], labels["value"], strict=True)}
+    return {name: float(label["value"]) for name, label in labels.items()}
+
+
+def _check_role(message: Message, parent: Message | None) -> None:
+    if parent is None and message.role != "prompter":
+        raise _InvalidRecord(
+            f"root message {message.message_id} has role {message.role!r}, expected 'prompter'"
+        )
+    if parent is not None and message.role == parent.role:
+        raise _InvalidRecord(
+            f"message {message.message_id} has role {message.role!r} like its parent {parent.message_id}"
+        )
+
+
+def _parse_tree(row: dict) -> _Tree:
+    if "prompt" not in row:
+        raise _InvalidRecord("lacks required field 'prompt' (expected one message tree per line)")
+    root = _parse_node(row["prompt"], None)
+    return _Tree(tree_id=str(row.get("message_tree_id") or root.message.message_id), root=root)
+
+
+def _parse_node(raw: object, parent: Message | None) -> _Node:
+    message = _message(raw)
+    _check_role(message, parent)
+    replies = raw.get("replies") or []
+    if not isinstance(replies, list):
+        raise _InvalidRecord(f"message {message.message_id} has replies that are not a list")
+    return _Node(message, [_parse_node(reply, message) for reply in replies])
+
+
+class _FlatTrees:
+    """Rebuilds message trees from one-message-per-row data, keeping only trees that pass the tree filter."""
+
+    def __init__(self, langs: set[str]) -> None:
+        self.langs = langs
+        self.roots: dict[str, _Node] = {}  # tree id -> root, in file order
+        self.nodes: dict[str, _Node] = {}  # message id -> node, for kept trees only
+        self.dropped: set[str] = set()  # trees that failed the filter or had a malformed row
+
+    def add(self, row: dict) -> None:
+        message = _message(row)
+        tree_id = row.get("message_tree_id")
+        if tree_id is None:
+            raise _InvalidRecord(f"message {message.message_id} lacks required field 'message_tree_id'")
+        if tree_id in self.dropped:
+            return
+        parent_id = row.get("parent_id")
+        if parent_id is None:
+            _check_role(message, None)
+            if tree_id in self.roots:
+                raise _InvalidRecord(f"tree {tree_id} has a second root message {message.message_id}")
+            if not _wanted(row.get("tree_state"), row, self.langs):
+                self.dropped.add(tree_id)
+                return
+            node = self.roots[tree_id] = _Node(message, [])
+        else:
+            parent = self.nodes.get(parent_id)
+            if parent is None:
+                raise _InvalidRecord(
+                    f"message {message.message_id}: parent {parent_id} does not appear on an earlier row"
+                )
+            _check_role(message, parent.message)
+            node = _Node(message, [])
+            parent.replies.append(node)
+        self.nodes[message.message_id] = node
+
+    def drop(self, tree_id: object) -> None:
+        if isinstance(tree_id, str):
+            self.dropped.add(tree_id)
+            self.roots.pop(tree_id, None)
+
+    def trees(self) -> Iterator[_Tree]:
+        for tree_id, root in self.roots.items():
+            yield _Tree(tree_id, root)
+
+
+def _acceptable(node: _Node, parent: _Node | None, top_k: int | None) -> bool:
+    """The thread filter for one message of a path; a path passes when all of its messages do."""
+    message = node.message
+    if message.deleted:
+        return False
+    if top_k is None or message.role != "assistant":
+        return True
+    if message.rank is None:
+        return parent is None or len(parent.replies) <= 1
+    return message.rank < top_k
+
+
+def _sft_threads(root: _Node, top_k: int | None) -> Iterator[Thread]:
+    """Depth-first over root-to-leaf paths; a subtree under a rejected message is not visited, since every
+    path through it would be rejected."""
+    if not _acceptable(root, None, top_k):
+        return
+    path = [root]
+    pending: list[Iterator[_Node]] = [iter(root.replies)]
+    while pending:
+        node = next(pending[-1], None)
+        if node is None:
+            pending.pop()
+            path.pop()
+            continue
+        parent = path[-1]
+        if not _acceptable(node, parent, top_k):
+            continue
+        path.append(node)
+        if node.replies:
+            pending.append(iter(node.replies))
+            continue
+        # A prompter leaf closes a thread only as its parent's first reply, so that the assistant path above
+        # it is emitted once; the trailing prompter itself is not trained on.
+        if node.message.role == "assistant" or parent.replies[0] is node:
+            yield [n.message for n in (path[:-1] if node.message.role == "prompter" else path)]
+        path.pop()
+
+
+def _validation_trees(threads_by_tree: dict[str, list[Thread]], val_split: float, seed: int) -> set[str]:
+    tree_ids = sorted(threads_by_tree)
+    random.Random(seed).shuffle(tree_ids)
+    return set(tree_ids[: round(len(tree_ids) * val_split)])

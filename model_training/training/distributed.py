@@ -1,0 +1,49 @@
+"""Process-group setup under the `deepspeed` launcher, `torchrun` or SLURM `srun`.
+
+The deepspeed launcher and torchrun export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+`srun` exports SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID instead; they are mapped to the same names
+(MASTER_ADDR/MASTER_PORT come from the sbatch script, see scripts/slurm/). Without any of these, a single
+process trains alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _adopt_slurm_environment() -> None:
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def init_distributed(local_rank_arg: int = -1) -> DistInfo:
+    """Initialize torch.distributed through DeepSpeed (NCCL on GPUs, gloo/ccl on CPUs) and say who we are."""
+    _adopt_slurm_environment()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(max(local_rank_arg, 0)))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_arg, 0)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)

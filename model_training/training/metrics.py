@@ -1,0 +1,82 @@
+"""Metrics out of a run: `metrics.jsonl` in the run folder and, when enabled, Weights & Biases.
+
+Only rank 0 logs. wandb is a guest: every call into it is guarded, so an unreachable service, a missing
+login or a wandb bug costs a warning, never the run. Secrets never reach it (see `public_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from model_training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+
+
+def public_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as a dict, with any value whose key names a secret replaced."""
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else scrub(v) for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return scrub(dataclasses.asdict(cfg))
+
+
+class MetricsLogger:
+    def __init__(self, cfg: TrainConfig, output_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if enabled and cfg.log_wandb:
+            self.wandb_run = _start_wandb(cfg)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except Exception as err:  # noqa: BLE001 - wandb must never stop training
+                logger.warning("wandb.log failed (%s); metrics stay in %s", err, self.path)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:  # noqa: BLE001
+                logger.warning("wandb.finish failed: %s", err)
+
+
+def _start_wandb(cfg: TrainConfig) -> Any:
+    try:
+        import wandb
+
+        log_dir = Path(cfg.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return wandb.init(
+            entity=cfg.wandb_entity,
+            project=cfg.wandb_project,
+            dir=str(log_dir),
+            config=public_config(cfg),
+            # Without network, online mode would wait; offline writes locally and can be synced later.
+            mode=os.environ.get("WANDB_MODE", "online"),
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as err:  # noqa: BLE001 - wandb must never stop training
+        logger.warning("wandb could not start (%s); logging to metrics.jsonl only", err)
+        return None

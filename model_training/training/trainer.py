@@ -1,0 +1,358 @@
+"""The SFT recipe: config -> data -> model -> DeepSpeed engine -> loop -> checkpoints.
+
+`train(cfg)` wires plain components in this order:
+  1. process group (deepspeed launcher, torchrun or srun), seeds, run folder with the merged config;
+  2. tokenizer with the chat tokens, datasets formatted into samples (every rank holds all of them);
+  3. the step plan (which samples each rank reads at each step), the DeepSpeed config, the model (built
+     under ZeRO-3's partitioning when configured), the engine with AdamW and our schedule;
+  4. resume: engine state, data position and RNG from a committed checkpoint;
+  5. the loop: each optimizer step runs its micro-batches, the loss normalized by the supervised tokens of
+     the whole step on all ranks; metrics, evaluation and atomic checkpoints at their intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model_training.config import TrainConfig, to_yaml
+from model_training.data.collate import pad_batch
+from model_training.data.formatting import FormattedSample
+from model_training.data.registry import TokenizedSplit, prepare_data
+from model_training.models.builder import build_model, load_tokenizer
+from model_training.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from model_training.training.distributed import DistInfo, init_distributed
+from model_training.training.ds_config import build_deepspeed_config, zero_stage
+from model_training.training.loss import count_supervised, supervised_token_sums
+from model_training.training.metrics import MetricsLogger
+from model_training.training.sampler import StepPlan
+from model_training.training.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_NAME = "config.yaml"
+PAD_TO_MULTIPLE_OF = 8
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses, a resume that does not fit); the message says why."""
+
+
+@dataclass
+class TrainerState:
+    """Counters that a resume restores; the data position follows from `optimizer_step`."""
+
+    optimizer_step: int = 0
+    """Optimizer steps consumed, applied or skipped; step k reads global batch k of the data plan."""
+    micro_step: int = 0
+    """Micro-batches run on this rank."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped because a loss was not finite."""
+    nonfinite_in_row: int = 0
+    """Consecutive skipped steps up to now; training stops at max_nonfinite_steps."""
+    tokens_seen: int = 0
+    """Real (non-pad) tokens trained on, all ranks."""
+    data_fingerprint: str = ""
+    """Hash of the training samples; a resume on different data is refused."""
+    model_fingerprint: str = ""
+    """Model source and shape; a resume with another model is refused."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state[f.name])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _fingerprint_samples(samples: list[FormattedSample]) -> str:
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint_model(cfg: TrainConfig) -> str:
+    source = cfg.model_name if cfg.model_config is None else repr(sorted(cfg.model_config.items()))
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _setup_logging(info: DistInfo) -> None:
+    logging.basicConfig(
+        level=logging.INFO if info.is_main else logging.WARNING,
+        format=f"[%(asctime)s rank{info.rank}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the training described by `cfg`; return the run folder."""
+    info = init_distributed(cfg.local_rank)
+    _setup_logging(info)
+    _seed_everything(cfg.rng_seed)
+    output_dir = Path(cfg.output_dir)
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / CONFIG_FILE_NAME).write_text(to_yaml(cfg))
+
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    train_samples = [s for split in data.train for s in split.samples]
+    plan = StepPlan(
+        num_samples=len(train_samples),
+        world_size=info.world_size,
+        rank=info.rank,
+        micro_batch_size=cfg.per_device_train_batch_size,
+        accumulation_steps=cfg.gradient_accumulation_steps,
+        seed=cfg.rng_seed,
+    )
+    if plan.steps_per_epoch == 0:
+        raise TrainingError(
+            f"{len(train_samples)} training samples do not fill one optimizer step of {plan.samples_per_step} "
+            "(world size x per_device_train_batch_size x gradient_accumulation_steps)"
+        )
+    total_steps = cfg.max_steps or plan.steps_per_epoch * cfg.num_train_epochs
+
+    ds_config = build_deepspeed_config(cfg, info.world_size)
+    model = build_model(cfg, tokenizer, ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type),
+    )
+
+    state = TrainerState(
+        data_fingerprint=_fingerprint_samples(train_samples), model_fingerprint=_fingerprint_model(cfg)
+    )
+    if cfg.resume_from_checkpoint:
+        _resume(cfg, engine, state, output_dir)
+    logger.info(
+        "%d training samples, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks",
+        len(train_samples), plan.steps_per_epoch, total_steps, zero_stage(ds_config), info.world_size,
+    )
+
+    metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
+    try:
+        _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info)
+    finally:
+        metrics.close()
+    return output_dir
+
+
+def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, output_dir: Path) -> None:
+    ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
+    saved = load_checkpoint(engine, ckpt)
+    for key, what in (("data_fingerprint", "training data"), ("model_fingerprint", "model")):
+        if saved[key] != getattr(state, key):
+            raise TrainingError(
+                f"cannot resume from {ckpt}: the {what} differs from the checkpoint's "
+                f"({saved[key]} there, {getattr(state, key)} now); start a new run in another output_dir"
+            )
+    state.load_state_dict(saved)
+    # The scheduler restored its old peak; a changed learning_rate is allowed and takes effect from here.
+    scheduler = engine.lr_scheduler
+    if scheduler.base_lrs != [cfg.learning_rate] * len(scheduler.base_lrs):
+        logger.warning("learning_rate changed on resume: %s -> %s", scheduler.base_lrs[0], cfg.learning_rate)
+        scheduler.base_lrs = [cfg.learning_rate] * len(scheduler.base_lrs)
+        for group, multiplier in zip(engine.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = cfg.learning_rate * multiplier(scheduler.last_epoch)
+    logger.info("resumed from %s at optimizer step %d", ckpt, state.optimizer_step)
+
+
+def _loop(
+    cfg: TrainConfig,
+    engine: Any,
+    tokenizer: Any,
+    plan: StepPlan,
+    samples: list[FormattedSample],
+    val_splits: list[TokenizedSplit],
+    state: TrainerState,
+    total_steps: int,
+    metrics: MetricsLogger,
+    info: DistInfo,
+) -> None:
+    engine.train()
+    device = engine.device
+    pad_id = tokenizer.pad_token_id
+    progress = tqdm(total=total_steps, initial=state.optimizer_step, disable=not info.is_main, dynamic_ncols=True)
+    order, order_epoch = None, -1
+    window_tokens, window_start = 0, time.perf_counter()
+
+    while state.optimizer_step < total_steps:
+        step = state.optimizer_step
+        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = plan.epoch_order(epoch), epoch
+        # Every rank knows every sample, so the step's token counts need no communication.
+        step_samples = [samples[i] for i in plan.global_step_samples(order, step_in_epoch)]
+        step_supervised = sum(s.num_supervised for s in step_samples)
+        step_tokens = sum(len(s.input_ids) for s in step_samples)
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for micro_batch in plan.micro_batches(order, step_in_epoch):
+            batch = pad_batch([samples[i] for i in micro_batch], pad_id, PAD_TO_MULTIPLE_OF)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            micro_loss_sum, _ = supervised_token_sums(logits, batch["labels"])
+            loss_sum += micro_loss_sum.detach().double()
+            # DeepSpeed averages gradients over ranks; x world_size turns that into a sum, so the gradient is
+            # that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
+            engine.backward(micro_loss_sum * (info.world_size / step_supervised), scale_wrt_gas=False)
+            if engine.is_gradient_accumulation_boundary():
+                _check_finite_before_update(cfg, engine, loss_sum, state, step)
+            engine.step()
+            state.micro_step += 1
+
+        # One all-reduce per step: the loss is reported as the step's exact token mean over all ranks.
+        dist.all_reduce(loss_sum)
+        loss = (loss_sum / step_supervised).item()
+        if math.isfinite(loss):
+            state.nonfinite_in_row = 0
+        else:
+            state.skipped_steps += 1
+            state.nonfinite_in_row += 1
+            logger.warning("non-finite loss at optimizer step %d: update skipped on every rank", step + 1)
+            if state.nonfinite_in_row >= cfg.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{state.nonfinite_in_row} optimizer steps in a row with a non-finite loss, the last "
+                    f"at step {step + 1}; lower the learning rate or check the data, then resume"
+                )
+        state.optimizer_step += 1
+        state.tokens_seen += step_tokens
+        window_tokens += step_tokens
+        progress.update(1)
+
+        step = state.optimizer_step
+        record: dict[str, Any] = {}
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            record.update(
+                loss=loss,
+                lr=engine.get_lr()[0],
+                grad_norm=_grad_norm(engine),
+                tokens=state.tokens_seen,
+                tokens_per_s=window_tokens / elapsed if elapsed > 0 else 0.0,
+                epoch=round(step / plan.steps_per_epoch, 4),
+                skipped_steps=state.skipped_steps,
+            )
+            window_tokens, window_start = 0, time.perf_counter()
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps:
+            record.update(_evaluate(cfg, engine, pad_id, val_splits, info))
+            engine.train()
+        if record:
+            metrics.log({"step": step, **record})
+        if _should_save(cfg, step, total_steps, plan.steps_per_epoch):
+            save_checkpoint(
+                engine,
+                Path(cfg.output_dir),
+                step,
+                state.state_dict(),
+                cfg.save_total_limit,
+                write_extra=lambda folder: _write_extra(cfg, tokenizer, folder),
+            )
+    progress.close()
+
+
+def _check_finite_before_update(
+    cfg: TrainConfig, engine: Any, loss_sum: torch.Tensor, state: TrainerState, step: int
+) -> None:
+    """Refuse an update that DeepSpeed would apply despite a non-finite loss on some rank.
+
+    ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow);
+    ZeRO-3 in bf16/fp32 does not, so there the run stops before the update reaches the weights.
+    """
+    flag = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0], device=loss_sum.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and zero_stage(engine.config) == 3 and not engine.fp16_enabled():
+        raise TrainingError(
+            f"non-finite loss at optimizer step {step + 1}; ZeRO-3 in {cfg.dtype} cannot skip the update, so "
+            "training stops before it is applied; resume from the last checkpoint"
+        )
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _should_save(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> bool:
+    if cfg.save_strategy == "no":
+        return False
+    if step == total_steps:
+        return True
+    if cfg.save_strategy == "epoch":
+        return step % steps_per_epoch == 0
+    return step % cfg.save_steps == 0
+
+
+def _write_extra(cfg: TrainConfig, tokenizer: Any, folder: Path) -> None:
+    (folder / CONFIG_FILE_NAME).write_text(to_yaml(cfg))
+    tokenizer.save_pretrained(folder / "tokenizer")
+
+
+@torch.no_grad()
+def _evaluate(
+    cfg: TrainConfig, engine: Any, pad_id: int, splits: list[TokenizedSplit], info: DistInfo
+) -> dict[str, float]:
+    """Loss and next-token accuracy on supervised tokens of each validation set, in a fixed order.
+
+    Rank r takes samples r, r + world, ...; every rank runs the same number of batches (a rank short of
+    samples runs a batch with no supervised token), since ZeRO-3 forwards are collective.
+    """
+    engine.eval()
+    results: dict[str, float] = {}
+    for split in splits:
+        if not split.samples:
+            continue
+        mine = split.samples[info.rank :: info.world_size]
+        per_rank = math.ceil(len(split.samples) / info.world_size)
+        num_batches = math.ceil(per_rank / cfg.per_device_eval_batch_size)
+        sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, correct, supervised tokens
+        for b in range(num_batches):
+            chunk = mine[b * cfg.per_device_eval_batch_size : (b + 1) * cfg.per_device_eval_batch_size]
+            weight = 1.0 if chunk else 0.0
+            batch = pad_batch(chunk or split.samples[:1], pad_id, PAD_TO_MULTIPLE_OF)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum, correct = supervised_token_sums(logits, batch["labels"])
+            supervised = float(count_supervised(batch["labels"]))
+            sums += weight * torch.stack([loss_sum.double(), correct.double(), torch.tensor(supervised).double()])
+        dist.all_reduce(sums)
+        results[f"eval/{split.name}/loss"] = (sums[0] / sums[2]).item()
+        results[f"eval/{split.name}/accuracy"] = (sums[1] / sums[2]).item()
+    return results
+
+
+def run_or_exit(cfg: TrainConfig) -> int:
+    """`train`, with the failures a user can act on reported as one clear line and exit status 1."""
+    try:
+        train(cfg)
+    except (TrainingError, CheckpointError) as err:
+        logger.error("%s", err)
+        return 1
+    return 0
