@@ -17,6 +17,7 @@ from model_training.config import (
     parse_override,
     to_yaml,
 )
+from model_training.data.oasst import OasstFormatError
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -95,7 +96,8 @@ def parse_train_args(argv: list[str]) -> TrainArgs:
     return TrainArgs(config=config, show_config=args.show_config)
 
 
-def report_config_error(err: ConfigError) -> int:
+def report_config_error(err: Exception) -> int:
+    """One line on stderr and exit status 2: the user's input was wrong, the message says where."""
     print(f"error: {err}", file=sys.stderr)
     return 2
 
@@ -109,7 +111,7 @@ def main_train(argv: list[str]) -> int:
             return 0
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
-    except ConfigError as err:
+    except (ConfigError, OasstFormatError) as err:
         return report_config_error(err)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
@@ -117,7 +119,7 @@ def main_train(argv: list[str]) -> int:
 
     try:
         return run_or_exit(args.config)
-    except ConfigError as err:
+    except (ConfigError, OasstFormatError) as err:
         return report_config_error(err)
 
 

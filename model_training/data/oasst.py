@@ -9,10 +9,12 @@ Two input layouts are accepted, detected per file from its first readable record
   `emojis`/`labels` are parallel lists (`{"name": [...], "value": [...], "count": [...]}`).
 
 Only `message_id`, `text` and `role` are required on a message (and `message_tree_id` on a flat row, which
-is how rows name their tree); every other field may be missing and then means null. Tree-form lines are
-validated whole, including trees that the filters drop. Flat rows are each checked for their own fields; the
-checks that need the parent (it exists on an earlier row, roles alternate) run only for trees that pass the
-tree filter, because the rows of dropped trees are not kept.
+is how rows name their tree); every other field may be missing and then means null. Every message of a
+tree-form line is checked for the required fields and for alternating roles, including trees that the
+filters drop; the optional fields (rank, labels) are converted, and so checked, only for kept trees. Flat
+rows are each checked for their own fields; the checks that need the parent (it exists on an earlier row,
+roles alternate) run only for trees that pass the tree filter, because the rows of dropped trees are not
+kept.
 
 Train/validation split: trees, never threads, are split. The ids of the trees that yield at least one
 thread are sorted, shuffled with `random.Random(manual_seed)`, and the first `round(n * val_split)` of them
@@ -51,6 +53,8 @@ class OasstFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Message:
+    """One message of a thread; `labels` maps a label name (e.g. "quality") to its averaged value."""
+
     role: str
     text: str
     message_id: str
@@ -155,7 +159,7 @@ def _read_trees(path: Path, langs: set[str], skip_invalid: bool, counts: dict[st
             if flat is not None:
                 flat.add(row)
                 continue
-            tree = _parse_tree(row)
+            tree = _parse_tree(row, langs)
         except _InvalidRecord as error:
             if not skip_invalid:
                 raise OasstFormatError(path, line_no, str(error), unit) from None
@@ -163,7 +167,7 @@ def _read_trees(path: Path, langs: set[str], skip_invalid: bool, counts: dict[st
             if flat is not None and isinstance(row, dict):
                 flat.drop(row.get("message_tree_id"))
             continue
-        if _wanted(row.get("tree_state"), row["prompt"], langs):
+        if tree is not None:
             yield tree
     if flat is not None:
         yield from flat.trees()
@@ -209,7 +213,8 @@ def _wanted(tree_state: object, prompt: dict, langs: set[str]) -> bool:
     return tree_state == READY_STATE and prompt.get("review_result") is True and prompt.get("lang") in langs
 
 
-def _message(raw: object) -> Message:
+def _check_fields(raw: object) -> None:
+    """Checks what every message must have."""
     if not isinstance(raw, dict):
         raise _InvalidRecord(f"a message must be a JSON object, got {type(raw).__name__}")
     for name in REQUIRED_FIELDS:
@@ -219,6 +224,21 @@ def _message(raw: object) -> Message:
         raise _InvalidRecord(f"message {raw['message_id']} has unknown role {raw['role']!r}")
     if not isinstance(raw["text"], str):
         raise _InvalidRecord(f"message {raw['message_id']} has a text that is not a string")
+
+
+def _check_alternation(raw: dict, parent_role: str | None, parent_id: object) -> None:
+    if parent_role is None and raw["role"] != "prompter":
+        raise _InvalidRecord(
+            f"root message {raw['message_id']} has role {raw['role']!r}, expected 'prompter'"
+        )
+    if raw["role"] == parent_role:
+        raise _InvalidRecord(
+            f"message {raw['message_id']} has role {raw['role']!r} like its parent {parent_id}"
+        )
+
+
+def _message(raw: dict) -> Message:
+    """The Message of a checked record; the optional fields are converted here, for kept trees only."""
     try:
         rank = raw.get("rank")
         # The flat dataset stores rank as a float column.
@@ -246,31 +266,29 @@ def _label_values(labels: dict) -> dict[str, float]:
     return {name: float(label["value"]) for name, label in labels.items()}
 
 
-def _check_role(message: Message, parent: Message | None) -> None:
-    if parent is None and message.role != "prompter":
-        raise _InvalidRecord(
-            f"root message {message.message_id} has role {message.role!r}, expected 'prompter'"
-        )
-    if parent is not None and message.role == parent.role:
-        raise _InvalidRecord(
-            f"message {message.message_id} has role {message.role!r} like its parent {parent.message_id}"
-        )
-
-
-def _parse_tree(row: dict) -> _Tree:
+def _parse_tree(row: dict, langs: set[str]) -> _Tree | None:
+    """Checks the whole tree of a line; builds it only when it passes the tree filter."""
     if "prompt" not in row:
         raise _InvalidRecord("lacks required field 'prompt' (expected one message tree per line)")
-    root = _parse_node(row["prompt"], None)
-    return _Tree(tree_id=str(row.get("message_tree_id") or root.message.message_id), root=root)
+    prompt = row["prompt"]
+    _check_fields(prompt)  # the tree filter reads the prompt's fields
+    wanted = _wanted(row.get("tree_state"), prompt, langs)
+    # Dropped trees are checked without building their messages: most of a full export is dropped.
+    root = _parse_node(prompt, None, wanted)
+    return _Tree(str(row.get("message_tree_id") or prompt["message_id"]), root) if root is not None else None
 
 
-def _parse_node(raw: object, parent: Message | None) -> _Node:
-    message = _message(raw)
-    _check_role(message, parent)
+def _parse_node(raw: object, parent: dict | None, build: bool) -> _Node | None:
+    _check_fields(raw)
+    if parent is None:
+        _check_alternation(raw, None, None)
+    else:
+        _check_alternation(raw, parent["role"], parent["message_id"])
     replies = raw.get("replies") or []
     if not isinstance(replies, list):
-        raise _InvalidRecord(f"message {message.message_id} has replies that are not a list")
-    return _Node(message, [_parse_node(reply, message) for reply in replies])
+        raise _InvalidRecord(f"message {raw['message_id']} has replies that are not a list")
+    nodes = [_parse_node(reply, raw, build) for reply in replies]
+    return _Node(_message(raw), nodes) if build else None
 
 
 class _FlatTrees:
@@ -283,31 +301,30 @@ class _FlatTrees:
         self.dropped: set[str] = set()  # trees that failed the filter or had a malformed row
 
     def add(self, row: dict) -> None:
-        message = _message(row)
-        tree_id = row.get("message_tree_id")
+        _check_fields(row)
+        message_id, tree_id, parent_id = row["message_id"], row.get("message_tree_id"), row.get("parent_id")
         if tree_id is None:
-            raise _InvalidRecord(f"message {message.message_id} lacks required field 'message_tree_id'")
+            raise _InvalidRecord(f"message {message_id} lacks required field 'message_tree_id'")
         if tree_id in self.dropped:
             return
-        parent_id = row.get("parent_id")
         if parent_id is None:
-            _check_role(message, None)
+            _check_alternation(row, None, None)
             if tree_id in self.roots:
-                raise _InvalidRecord(f"tree {tree_id} has a second root message {message.message_id}")
+                raise _InvalidRecord(f"tree {tree_id} has a second root message {message_id}")
             if not _wanted(row.get("tree_state"), row, self.langs):
                 self.dropped.add(tree_id)
                 return
-            node = self.roots[tree_id] = _Node(message, [])
+            node = self.roots[tree_id] = _Node(_message(row), [])
         else:
             parent = self.nodes.get(parent_id)
             if parent is None:
                 raise _InvalidRecord(
-                    f"message {message.message_id}: parent {parent_id} does not appear on an earlier row"
+                    f"message {message_id}: parent {parent_id} does not appear on an earlier row"
                 )
-            _check_role(message, parent.message)
-            node = _Node(message, [])
+            _check_alternation(row, parent.message.role, parent_id)
+            node = _Node(_message(row), [])
             parent.replies.append(node)
-        self.nodes[message.message_id] = node
+        self.nodes[node.message.message_id] = node
 
     def drop(self, tree_id: object) -> None:
         if isinstance(tree_id, str):
@@ -322,7 +339,7 @@ class _FlatTrees:
 def _acceptable(node: _Node, parent: _Node | None, top_k: int | None) -> bool:
     """The thread filter for one message of a path; a path passes when all of its messages do."""
     message = node.message
-    if message.deleted:
+    if message.deleted or message.synthetic:
         return False
     if top_k is None or message.role != "assistant":
         return True

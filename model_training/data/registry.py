@@ -46,15 +46,19 @@ def data_path(cfg: TrainConfig, path: str) -> Path:
 
 
 def _load_oasst_export(options: Any, cfg: TrainConfig, key: str) -> tuple[list[Thread], list[Thread]]:
-    return load_oasst_export(
-        data_path(cfg, options.input_file_path),
-        lang=options.lang,
-        top_k=options.top_k,
-        val_split=options.val_split,
-        manual_seed=options.manual_seed,
-        skip_invalid=options.skip_invalid,
-        config_key=f"{key}.input_file_path",
-    )
+    try:
+        return load_oasst_export(
+            data_path(cfg, options.input_file_path),
+            lang=options.lang,
+            top_k=options.top_k,
+            val_split=options.val_split,
+            manual_seed=options.manual_seed,
+            skip_invalid=options.skip_invalid,
+            config_key=f"{key}.input_file_path",
+        )
+    except FileNotFoundError as err:
+        # The loader's message names the path and the config key; a user fixes it in the config.
+        raise ConfigError(str(err)) from None
 
 
 LOADERS: dict[str, Callable[[Any, TrainConfig, str], tuple[list[Thread], list[Thread]]]] = {

@@ -10,7 +10,7 @@ On-disk layout of a run folder (``output_dir``)::
             rng/rank-00000.pt       python, numpy, torch (and CUDA) RNG states, one file per rank
             global_step80/...       DeepSpeed engine state: model, optimizer shards, lr scheduler
             ...                     files the caller's ``write_extra`` wrote (merged config, tokenizer)
-        .staging-checkpoint-000100/ a save in progress, or one that crashed; never loaded, cleared by the next save
+        .staging-checkpoint-000100/ a save in progress or a crashed one; cleared by the next save
         .deleting-checkpoint-000040/ a checkpoint being removed; never loaded
 
 A save writes everything into the staging folder, makes every rank agree that its writes succeeded, writes
@@ -470,9 +470,9 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:
     saved, current = manifest["world_size"], _world_size()
     if saved != current:
         raise CheckpointError(
-            f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}. Its optimizer state "
-            f"(ZeRO stage {manifest.get('zero_stage')}) is sharded per rank, so resuming on a different number "
-            f"of ranks is not supported for this checkpoint: resume with {saved} ranks."
+            f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}. Its optimizer "
+            f"state (ZeRO stage {manifest.get('zero_stage')}) is sharded per rank, so resuming on a "
+            f"different number of ranks is not supported for this checkpoint: resume with {saved} ranks."
         )
     load_path, _ = engine.load_checkpoint(
         str(ckpt_dir),

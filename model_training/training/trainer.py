@@ -273,7 +273,7 @@ def _loop(
                 step,
                 state.state_dict(),
                 cfg.save_total_limit,
-                write_extra=lambda folder: _write_extra(cfg, tokenizer, folder),
+                write_extra=lambda folder: _write_extra(cfg, tokenizer, engine.module, folder),
             )
     progress.close()
 
@@ -310,9 +310,13 @@ def _should_save(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch:
     return step % cfg.save_steps == 0
 
 
-def _write_extra(cfg: TrainConfig, tokenizer: Any, folder: Path) -> None:
+def _write_extra(cfg: TrainConfig, tokenizer: Any, model: Any, folder: Path) -> None:
+    """What export and inspection need beside the engine state: the merged config, the tokenizer with its
+    chat template, and the model's transformers config (vocabulary size after the resize included)."""
     (folder / CONFIG_FILE_NAME).write_text(to_yaml(cfg))
     tokenizer.save_pretrained(folder / "tokenizer")
+    model.config.save_pretrained(folder / "model_config")
+    model.generation_config.save_pretrained(folder / "model_config")
 
 
 @torch.no_grad()

@@ -217,9 +217,17 @@ def test_val_split_is_the_fraction_of_trees(tmp_path, val_split, val_trees):
     assert len(set(tree_names(train))) == 40 - val_trees
 
 
-def test_val_split_outside_zero_to_one_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="val_split"):
-        load_oasst_export(write_jsonl(tmp_path / "x.jsonl", TREES), val_split=1.5)
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ({"val_split": 1.5}, "val_split"),
+        ({"top_k": 0}, "top_k"),
+        ({"mode": "rm"}, "unknown OASST export mode 'rm'"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path, argument, message):
+    with pytest.raises(ValueError, match=message):
+        load_oasst_export(write_jsonl(tmp_path / "x.jsonl", TREES), **argument)
 
 
 @pytest.mark.parametrize("name", ["flat.jsonl", "flat.jsonl.gz", "flat.parquet"])
@@ -305,11 +313,6 @@ def test_missing_file_names_path_and_config_key(tmp_path):
         load_oasst_export(missing)
     with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl\.gz \(set by data\.oasst_path\)"):
         load_oasst_export(missing, config_key="data.oasst_path")
-
-
-def test_unknown_mode_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown OASST export mode 'rm'"):
-        load_oasst_export(write_jsonl(tmp_path / "x.jsonl", TREES), mode="rm")
 
 
 def test_bundled_sample_loads():

@@ -1,7 +1,8 @@
 """Training script that test_checkpoint.py runs under the DeepSpeed launcher, on CPU ranks.
 
 ``train`` trains a tiny model for ``--steps`` steps and saves after the steps in ``--save-at``; ``resume``
-loads the latest checkpoint of ``--out`` into a differently initialised model and trains on to ``--steps``.
+loads the checkpoint ``--resume`` names (default: the latest in ``--out``) into a differently initialised
+model and trains on to ``--steps``, saving the same way.
 Each rank writes what it observed (losses, learning rates, random draws) to ``<--result>-rank<r>.json``.
 
 Setting CKPT_TEST_FAIL_RANK=r and CKPT_TEST_FAIL_SAVE=n makes rank r's n-th write of its DeepSpeed
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--save-at", type=int, nargs="*", default=[])
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--resume", default="latest")
     args = parser.parse_args()
 
     deepspeed.init_distributed()
@@ -105,22 +107,18 @@ def main() -> None:
         inject_disk_full()
         first_step = 1
     else:
-        trainer_state = load_checkpoint(engine, resolve_checkpoint("latest", args.out))
+        trainer_state = load_checkpoint(engine, resolve_checkpoint(args.resume, args.out))
         report["trainer_state"] = trainer_state
         report["draws"][trainer_state["step"]] = draw_random()
         first_step = trainer_state["step"] + 1
 
+    def write_config(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps({"stage": args.stage}))
+
     for step in range(first_step, args.steps + 1):
         report["steps"].append(train_step(engine, step))
         if step in args.save_at:
-            save_checkpoint(
-                engine,
-                args.out,
-                step,
-                {"step": step},
-                args.limit,
-                write_extra=lambda folder: (folder / "config.json").write_text(json.dumps({"stage": args.stage})),
-            )
+            save_checkpoint(engine, args.out, step, {"step": step}, args.limit, write_extra=write_config)
             report["draws"][step] = draw_random()
     Path(f"{args.result}-rank{rank}.json").write_text(json.dumps(report))
 

@@ -1,0 +1,31 @@
+"""Shared fixtures: real multi-rank DeepSpeed runs of the tiny model on the CPU, through the real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import TINY, check_ok, run_deepspeed
+
+
+def _train_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
+    output_dir = tmp_path_factory.mktemp(name) / "run"
+    check_ok(
+        run_deepspeed(
+            [*TINY, f"output_dir={output_dir}", "max_steps=8", "save_steps=4", "logging_steps=1", "eval_steps=4",
+             *overrides]
+        )
+    )
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-rank ZeRO-2 run of the tiny model: 8 steps, checkpoints at 4 and 8."""
+    return _train_tiny(tmp_path_factory, "zero2", "deepspeed_config=configs/zero_config.json")
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run under ZeRO-3."""
+    return _train_tiny(tmp_path_factory, "zero3", "deepspeed_config=configs/zero3_config.json")

@@ -1,0 +1,64 @@
+"""Helpers for tests that run the real entry points: DeepSpeed on the CPU, metrics of a finished run.
+
+Importable as `helpers` from every test module (tests/ is on sys.path through tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--configs", "defaults", "tiny-falcon", "oasst-sample"]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a CPU DeepSpeed run: one thread per rank (2 cores here), offline hub."""
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+def run_deepspeed(
+    args: list[str], nproc: int = 2, script: Path = REPO / "trainer_sft.py", timeout: int = 900, **env: str
+) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus nproc script args` on the CPU; the result holds stdout+stderr in `.stdout`."""
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=cpu_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
+    )
+
+
+def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit status {result.returncode}; output tail:\n{result.stdout[-6000:]}"
+    return result
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    with open(output_dir / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+

@@ -1,0 +1,112 @@
+"""`trainer_sft.py` as a user runs it: modes that exit early, OpenAssistant flags, and error messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, TINY, cpu_env
+
+from model_training.cli import parse_train_args
+from model_training.config import ConfigError
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "trainer_sft.py"), *args],
+        cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_show_config_prints_the_merged_yaml_and_exits_0() -> None:
+    result = run_cli("--configs", "defaults", "falcon-7b", "oasst-top1", "warmup_steps=7", "--show_config")
+    assert result.returncode == 0, result.stderr
+    merged = yaml.safe_load(result.stdout)
+    assert merged["model_name"] == "tiiuae/falcon-7b"
+    assert merged["warmup_steps"] == 7
+    assert merged["datasets"][0]["oasst_export"]["val_split"] == 0.05
+
+
+def test_show_config_touches_no_model_data_or_deepspeed() -> None:
+    code = (
+        "import sys; from model_training.cli import main_train;"
+        "rc = main_train(['--configs', 'defaults', 'falcon-40b', 'oasst-top1', '--show_config']);"
+        "assert rc == 0; assert 'deepspeed' not in sys.modules and 'transformers' not in sys.modules, 'imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--configs", "defaults", "falcon-7bb"], "unknown config section 'falcon-7bb' in configs/config.yaml; "
+         "did you mean 'falcon-7b'?"),
+        ([*TINY, "learning_rat=1e-5"], "unknown key 'learning_rat' on the command line; did you mean 'learning_rate'?"),
+        ([*TINY, "--learning_rat", "1e-5"], "unknown option '--learning_rat' on the command line; did you mean"),
+        ([*TINY, "max_steps=many"], "bad value for key 'max_steps' on the command line"),
+        ([*TINY, "--rng_seed", "1", "stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_clear_line(args: list[str], message: str) -> None:
+    result = run_cli(*args, "--show_config")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_openassistant_flags_map_to_config_keys() -> None:
+    args = parse_train_args(
+        [*TINY, "--deepspeed", "--local_rank=1", "--resume_from_checkpoint", "--wandb-entity", "team",
+         "--rng_seed", "7", "--show_dataset_stats"]
+    )
+    cfg = args.config
+    assert (cfg.deepspeed, cfg.local_rank, cfg.resume_from_checkpoint) == (True, 1, "latest")
+    assert (cfg.wandb_entity, cfg.rng_seed, cfg.show_dataset_stats) == ("team", 7, True)
+    assert parse_train_args([*TINY, "--resume_from_checkpoint", "/runs/x/checkpoint-000080"]).config \
+        .resume_from_checkpoint == "/runs/x/checkpoint-000080"
+
+
+def test_any_key_works_as_a_double_dash_option_and_inside_configs() -> None:
+    cfg = parse_train_args(["--configs", "defaults", "tiny-falcon", "oasst-sample", "max_steps=3",
+                            "--warmup-steps", "2", "--learning_rate=0.5"]).config
+    assert (cfg.max_steps, cfg.warmup_steps, cfg.learning_rate) == (3, 2, 0.5)
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_train_args([*TINY, "--warmup_steps"])
+
+
+def test_show_dataset_stats_from_another_working_directory(tmp_path: Path) -> None:
+    # Relative paths in the config (tokenizer, data_dir) must not depend on where the command runs.
+    result = run_cli(*TINY, "--show_dataset_stats", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split() == ["dataset", "split", "threads", "turns", "samples", "tokens", "p50", "p90", "p99",
+                              "max", "supervised%", "truncated", "dropped"]
+    assert [row.split()[:2] for row in rows] == [["oasst_export", "train"], ["oasst_export", "val"]]
+    train = rows[0].split()
+    assert int(train[2]) > 100 and 0 < float(train[10]) < 100
+
+
+def test_truncation_is_counted_in_the_stats() -> None:
+    result = run_cli(*TINY, "max_length=24", "--show_dataset_stats")
+    assert result.returncode == 0, result.stderr
+    train = result.stdout.strip().splitlines()[1].split()
+    assert int(train[11]) > 0  # truncated
+    assert int(train[9]) <= 24  # max
+
+
+def test_missing_data_file_names_the_path_and_the_key() -> None:
+    result = run_cli(*TINY, "datasets=[{oasst_export: {input_file_path: nowhere.jsonl}}]", "--show_dataset_stats")
+    assert result.returncode == 2
+    assert "nowhere.jsonl" in result.stderr and "datasets[0].oasst_export.input_file_path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_dataset_after_filters_is_an_error() -> None:
+    result = run_cli(*TINY, "datasets=[{oasst_export: {lang: xx}}]", "--show_dataset_stats")
+    assert result.returncode == 2
+    assert "datasets[0].oasst_export has no training threads after its filters" in result.stderr
+    assert "lang='xx'" in result.stderr

@@ -1,0 +1,236 @@
+"""The config layer: shipped sections, merge order, overrides, validation and its messages."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model_training.config import (
+    DEFAULT_CONFIG_FILE,
+    PROJECT_ROOT,
+    ConfigError,
+    OasstExportConfig,
+    TrainConfig,
+    dataset_specs,
+    load_config,
+    parse_override,
+    read_sections,
+    resolve_input_path,
+    to_yaml,
+)
+
+MODEL_SECTIONS = ["falcon-7b", "falcon-40b", "tiny-falcon"]
+DATA_SECTIONS = ["oasst-top1", "oasst-sample"]
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("model", MODEL_SECTIONS)
+@pytest.mark.parametrize("data", DATA_SECTIONS)
+def test_every_shipped_section_merges_and_validates(model: str, data: str) -> None:
+    cfg = load_config(["defaults", model, data])
+    assert isinstance(cfg, TrainConfig)
+    assert dataset_specs(cfg), "a data section must configure at least one dataset"
+    assert resolve_input_path(cfg.deepspeed_config).is_file()
+
+
+def test_every_section_in_the_file_is_tested() -> None:
+    assert set(read_sections(DEFAULT_CONFIG_FILE)) == {"defaults", *MODEL_SECTIONS, *DATA_SECTIONS}
+
+
+def test_falcon_7b_has_the_published_hyperparameters() -> None:
+    cfg = load_config(["defaults", "falcon-7b", "oasst-top1"])
+    expected = {
+        "model_name": "tiiuae/falcon-7b",
+        "dtype": "bf16",
+        "learning_rate": 1e-5,
+        "weight_decay": 0.0,
+        "max_length": 2048,
+        "warmup_steps": 20,
+        "gradient_checkpointing": True,
+        "gradient_accumulation_steps": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "num_train_epochs": 8,
+        "save_strategy": "steps",
+        "eval_steps": 80,
+        "save_steps": 80,
+        "save_total_limit": 4,
+        "residual_dropout": 0.2,
+        "residual_dropout_lima": True,
+        "deepspeed_config": "configs/zero_config.json",
+        "log_dir": "falcon_log_7b",
+        "output_dir": "falcon",
+    }
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    assert isinstance(cfg.learning_rate, float)
+
+
+def test_oasst_top1_dataset() -> None:
+    cfg = load_config(["defaults", "falcon-7b", "oasst-top1"])
+    assert dataset_specs(cfg) == [
+        (
+            "oasst_export",
+            OasstExportConfig(
+                lang="bg,ca,cs,da,de,en,es,fr,hr,hu,it,nl,pl,pt,ro,ru,sl,sr,sv,uk",
+                input_file_path="2023-06-02_oasst_all_labels.jsonl.gz",
+                val_split=0.05,
+                top_k=1,
+            ),
+        )
+    ]
+
+
+def test_falcon_40b_uses_zero3() -> None:
+    cfg = load_config(["defaults", "falcon-40b", "oasst-top1"])
+    assert cfg.model_name == "tiiuae/falcon-40b"
+    assert cfg.dtype == "bf16"
+    assert cfg.deepspeed_config == "configs/zero3_config.json"
+
+
+def test_later_sections_win_nested_mappings_merge_lists_replace(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        base:
+          model_config: {model_type: falcon, hidden_size: 64, num_hidden_layers: 2}
+          learning_rate: 1.0e-3
+          datasets: [{oasst_export: {lang: en}}, {oasst_export: {lang: de}}]
+        more:
+          model_config: {hidden_size: 32}
+          learning_rate: 2e-4
+          datasets: [{oasst_export: {lang: fr}}]
+        """,
+    )
+    cfg = load_config(["base", "more"], config_file=path)
+    assert cfg.learning_rate == 2e-4
+    assert cfg.model_config == {"model_type": "falcon", "hidden_size": 32, "num_hidden_layers": 2}
+    assert [options.lang for _, options in dataset_specs(cfg)] == ["fr"]
+
+
+def test_overrides_come_last_with_dotted_keys() -> None:
+    overrides = [parse_override("learning_rate=1e-4"), parse_override("model_config.hidden_size=32")]
+    cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], overrides)
+    assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
+    assert cfg.model_config["hidden_size"] == 32
+    assert cfg.model_config["num_hidden_layers"] == 2  # the rest of the mapping is kept
+
+
+def test_datasets_extra_appends() -> None:
+    overrides = [parse_override("datasets_extra=[{oasst_export: {lang: de, val_split: 0.5}}]")]
+    cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], overrides)
+    assert [(name, options.lang) for name, options in dataset_specs(cfg)] == [
+        ("oasst_export", "en"),
+        ("oasst_export", "de"),
+    ]
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "s:\n  model_name: m\n  learning_rate: 1e-5\n  adam_epsilon: 3E-8\n")
+    cfg = load_config(["s"], config_file=path)
+    assert (cfg.learning_rate, cfg.adam_epsilon) == (1e-5, 3e-8)
+    assert parse_override("learning_rate=1e-5") == ("learning_rate", 1e-5)
+
+
+def test_none_default_keys_keep_their_type() -> None:
+    cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override("max_steps=5")])
+    assert cfg.max_steps == 5 and isinstance(cfg.max_steps, int)
+    with pytest.raises(ConfigError, match=r"bad value for key 'max_steps' on the command line"):
+        load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override("max_steps=five")])
+
+
+def test_unknown_section_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(["defaults", "falcon-7bb"])
+    assert str(err.value) == "unknown config section 'falcon-7bb' in configs/config.yaml; did you mean 'falcon-7b'?"
+
+
+def test_unknown_key_in_a_section_names_section_file_and_suggestion(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "falcon-7b:\n  learning_rat: 1e-5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(["falcon-7b"], config_file=path)
+    assert str(err.value) == (
+        f"unknown key 'learning_rat' in section 'falcon-7b' of {path}; did you mean 'learning_rate'?"
+    )
+
+
+def test_wrong_type_in_a_section_names_key_and_section(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "s:\n  model_name: m\n  per_device_train_batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"bad value for key 'per_device_train_batch_size' in section 's' of "):
+        load_config(["s"], config_file=path)
+
+
+def test_unknown_key_on_the_command_line() -> None:
+    message = r"unknown key 'warmup_step' on the command line; did you mean 'warmup_steps'"
+    with pytest.raises(ConfigError, match=message):
+        load_config(["defaults", "tiny-falcon"], [parse_override("warmup_step=3")])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dtype=bf15", r"key 'dtype' is 'bf15'; expected one of bf16, fp16, fp32"),
+        ("lr_scheduler_type=step", r"key 'lr_scheduler_type' is 'step'"),
+        ("save_strategy=sometimes", r"key 'save_strategy' is 'sometimes'"),
+        ("per_device_train_batch_size=0", r"'per_device_train_batch_size' must be at least 1"),
+        ("max_steps=0", r"'max_steps' must be at least 1 or null"),
+        ("residual_dropout=1.5", r"'residual_dropout' must be in \[0, 1\)"),
+        ("model_name=tiiuae/falcon-7b", r"set exactly one of 'model_name'"),
+    ],
+)
+def test_values_the_types_cannot_check(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override(override)])
+
+
+def test_model_config_needs_a_model_type() -> None:
+    with pytest.raises(ConfigError, match=r"'model_config' needs a 'model_type'"):
+        load_config(["defaults", "oasst-sample"], [parse_override("model_config={hidden_size: 8}")])
+
+
+@pytest.mark.parametrize(
+    ("datasets", "message"),
+    [
+        ("[{oasst_exprt: {}}]", r"unknown dataset 'oasst_exprt' in datasets\[0\]; known: oasst_export; did you mean"),
+        ("[{oasst_export: {langs: en}}]", r"unknown key 'langs' of dataset 'oasst_export' in datasets\[0\]"),
+        ("[{oasst_export: {val_split: half}}]", r"bad value for key 'val_split' of dataset 'oasst_export'"),
+        ("[[1, 2]]", r"datasets\[0\] must be a dataset name or"),
+    ],
+)
+def test_dataset_entries_are_validated(datasets: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(["defaults", "tiny-falcon"], [parse_override(f"datasets={datasets}")])
+
+
+def test_dataset_mistake_in_a_section_names_the_section(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "s:\n  model_name: m\n  datasets: [{oasst_export: {top_kk: 1}}]\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'top_kk' of dataset 'oasst_export' in datasets\[0\] in "
+                       r"section 's' of .*; did you mean 'top_k'"):
+        load_config(["s"], config_file=path)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(["s"], config_file=write_config(tmp_path, "s: [unclosed\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(["s"], config_file=tmp_path / "nope.yaml")
+
+
+def test_show_config_yaml_round_trips() -> None:
+    cfg = load_config(["defaults", "falcon-7b", "oasst-top1"])
+    merged = yaml.safe_load(to_yaml(cfg))
+    assert merged["learning_rate"] == 1e-5
+    assert merged["datasets"][0]["oasst_export"]["top_k"] == 1
+    assert list(merged) == list(TrainConfig.__dataclass_fields__)
+
+
+def test_relative_inputs_resolve_against_the_project_root() -> None:
+    assert resolve_input_path("configs/zero_config.json") == PROJECT_ROOT / "configs" / "zero_config.json"
+    assert resolve_input_path("/abs/file.json") == Path("/abs/file.json")
