@@ -203,9 +203,17 @@ def _merge(base: Any, update: Any, schema: type, where: str) -> Any:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-5` as a string; accept exponent floats without a dot, as every user writes them."""
+    """YAML as users mean it (YAML 1.2's scalars): `1e-5` is a float, and only true/false are booleans, so
+    `save_strategy: no` stays the string "no" (YAML 1.1 reads yes/no/on/off as booleans)."""
 
 
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),

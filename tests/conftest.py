@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import TINY, check_ok, run_deepspeed
+from helpers import TINY, TINY_RUN, check_ok, run_deepspeed
 
 
 def _train_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
     output_dir = tmp_path_factory.mktemp(name) / "run"
-    check_ok(
-        run_deepspeed(
-            [*TINY, f"output_dir={output_dir}", "max_steps=8", "save_steps=4", "logging_steps=1", "eval_steps=4",
-             *overrides]
-        )
-    )
+    check_ok(run_deepspeed([*TINY_RUN, f"output_dir={output_dir}", *overrides]))
     return output_dir
 
 

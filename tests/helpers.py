@@ -13,6 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--configs", "defaults", "tiny-falcon", "oasst-sample"]
+TINY_RUN = [*TINY, "max_steps=8", "save_steps=4", "logging_steps=1", "eval_steps=4"]
+"""The short run the session fixtures train: 8 steps, checkpoints at 4 and 8, metrics every step."""
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 

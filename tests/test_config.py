@@ -234,3 +234,10 @@ def test_show_config_yaml_round_trips() -> None:
 def test_relative_inputs_resolve_against_the_project_root() -> None:
     assert resolve_input_path("configs/zero_config.json") == PROJECT_ROOT / "configs" / "zero_config.json"
     assert resolve_input_path("/abs/file.json") == Path("/abs/file.json")
+
+
+def test_yes_no_on_off_stay_strings() -> None:
+    # YAML 1.1 would read `no` as false, and `save_strategy: no` would fail as a non-string.
+    cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override("save_strategy=no")])
+    assert cfg.save_strategy == "no"
+    assert parse_override("log_wandb=true") == ("log_wandb", True)

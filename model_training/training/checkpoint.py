@@ -51,6 +51,8 @@ FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d{6,})")
 _STAGING_PREFIX = ".staging-"
 _DELETING_PREFIX = ".deleting-"
+# Our folders in transit; only these are ever cleared without being a committed checkpoint.
+_TRANSIENT_RE = re.compile(r"\.(staging|deleting)-checkpoint-\d{6,}")
 _HASH_CHUNK = 1 << 20
 
 
@@ -83,9 +85,10 @@ def save_checkpoint(
 ) -> Path:
     """Save a checkpoint of ``engine`` at ``step`` and return its committed folder. Call on every rank.
 
-    ``trainer_state`` (JSON-serialisable) and ``write_extra(staging_dir)`` are used on rank 0 only. If any
-    rank fails to write, every rank raises ``CheckpointError`` naming the failing ranks and their errors;
-    the previous checkpoints and the ``latest`` pointer are then untouched. After the commit, at most
+    ``trainer_state`` (JSON-serialisable) and ``write_extra(staging_dir)`` are used on rank 0 only, so
+    ``write_extra`` must not run collectives (no ZeRO-3 parameter gathering). If any rank fails to write,
+    every rank raises ``CheckpointError`` naming the failing ranks and their errors; the previous
+    checkpoints and the ``latest`` pointer are then untouched. After the commit, at most
     ``save_total_limit`` checkpoints are kept (``None`` keeps all).
     """
     if save_total_limit is not None and save_total_limit < 1:
@@ -173,9 +176,11 @@ def _contained_writes(engine: Any, written: list[Path], errors: list[BaseExcepti
     """Make DeepSpeed's file writes on this rank record their error instead of raising it.
 
     An exception escaping ``engine.save_checkpoint`` on one rank would skip the collectives DeepSpeed still
-    runs on the others (its closing barrier), and every rank would hang. DeepSpeed writes its state files
-    through ``checkpoint_engine.save`` and, on rank 0, copies its recovery scripts in
-    ``_copy_recovery_script``; containing both keeps this rank on the same collective path as the others.
+    runs on the others (its closing barrier): they would wait there until that rank's exit broke the process
+    group, and none of them would learn why. DeepSpeed writes its state files through
+    ``checkpoint_engine.save`` and, on rank 0, copies its recovery scripts in ``_copy_recovery_script``;
+    containing both keeps this rank on the same collective path as the others, so that the failure can be
+    shared afterwards.
     """
 
     def save(state_dict: Any, path: str) -> None:
@@ -248,8 +253,8 @@ def _rng_path(ckpt_dir: Path, rank: int) -> Path:
 
 
 def _build_manifest(engine: Any, step: int, staging: Path, digests: dict[str, dict]) -> dict:
-    """Manifest of every file in ``staging``; files no rank reported (rank 0's extras, DeepSpeed's
-    recovery scripts) are written by rank 0, which is the caller, so it can hash them itself."""
+    """Manifest of every file in ``staging``. Runs on rank 0, which wrote every file that no rank reported
+    (the caller's extras, DeepSpeed's recovery scripts) and so can hash those itself."""
     files = dict(digests)
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
         relative = _relative(path, staging)
@@ -409,7 +414,7 @@ def verify_checkpoint(ckpt_dir: Path, check_hashes: bool = False) -> dict:
 def _latest_in(run_dir: Path) -> Path:
     committed = _committed_checkpoints(run_dir) if run_dir.is_dir() else []
     pointed = _pointer_target(run_dir)
-    candidates = ([pointed] if pointed in committed else []) + committed[::-1]
+    candidates = ([pointed] if pointed in committed else []) + [p for p in committed[::-1] if p != pointed]
     for path in candidates:
         try:
             verify_checkpoint(path)
@@ -456,7 +461,7 @@ def _read_manifest(ckpt_dir: Path) -> dict | None:
 
 
 def _is_transient(path: Path) -> bool:
-    return path.name.startswith((_STAGING_PREFIX, _DELETING_PREFIX))
+    return _TRANSIENT_RE.fullmatch(path.name) is not None
 
 
 # --- loading ----------------------------------------------------------------------------------------------

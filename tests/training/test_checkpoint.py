@@ -82,6 +82,10 @@ def test_pointer_to_an_uncommitted_folder_falls_back_to_the_highest_committed_st
     # Steps compare as numbers, not as names.
     make_checkpoint(tmp_path, 9)
     assert resolve_checkpoint("latest", tmp_path) == newest
+    # A pointer is only ever followed to a checkpoint of its own run folder.
+    outside = make_checkpoint(tmp_path / "elsewhere", 20)
+    (tmp_path / "latest").write_text("elsewhere/checkpoint-000020\n")
+    assert outside.is_dir() and resolve_checkpoint("latest", tmp_path) == newest
 
 
 def test_a_checkpoint_path_must_be_committed(tmp_path):

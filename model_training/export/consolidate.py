@@ -1,0 +1,243 @@
+"""Read the weights of a DeepSpeed ZeRO-1/2/3 checkpoint on the CPU, one tensor at a time.
+
+What the engine files of one tag folder (``global_step<N>/``) hold, for a run of ``W`` data-parallel ranks:
+
+ZeRO-1/2
+    ``mp_rank_00_model_states.pt``: the whole module in the training dtype (``module``), ``param_shapes``
+    (name -> shape of every parameter the optimizer owns, per param group) and ``shared_params`` (tied
+    names). ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``: rank r's slice of each group's fp32 master
+    weights (``single_partition_of_fp32_groups``) and, in ``param_slice_mappings``, where each parameter's
+    piece lies in that slice. A parameter's pieces, in rank order, make up the parameter.
+ZeRO-3
+    ``zero_pp_rank_<r>_mp_rank_00_model_states.pt``: the same names and shapes, buffers in full, parameters
+    as empty placeholders, and rank r's partition of each frozen parameter (``frozen_param_fragments``).
+    The optim file of rank r holds ``fp32_flat_groups``: per group, rank r's partition of each parameter
+    (``ceil(numel / W)`` values, the last rank's padded), one after another in ``param_shapes`` order.
+
+The fp32 masters are the trained weights (the module copy is their rounding to bf16/fp16), so every
+parameter the optimizer owns is read from them; frozen parameters and buffers, which have no master, come
+from the module (ZeRO-1/2) or the fragments (ZeRO-3).
+
+Nothing is read whole: ``torch.load(mmap=True)`` maps the files and reads no tensor data, each
+``LazyTensor`` records where its values lie, and ``LazyTensor.load`` copies them, chunk by chunk, straight
+into a tensor of the wanted dtype. The pages a chunk came from are handed back to the kernel right after the
+copy, so the process never holds the fp32 masters, let alone the Adam moments beside them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_OPTIM_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+_ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
+_CHUNK_NUMEL = 1 << 24
+"""Values copied between two page releases: 64 MiB of fp32 source mapped at a time."""
+
+# MADV_PAGEOUT asks the kernel to reclaim the pages now. It never changes data: clean file pages are read
+# again if touched later, and anonymous memory without swap simply stays. Linux 5.4 and later; elsewhere
+# the call fails harmlessly and the pages stay mapped until the files are closed (more RSS, same result).
+_MADV_PAGEOUT = 21
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+if _LIBC is not None:
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class ZeroCheckpointError(ValueError):
+    """The tag folder is not a complete ZeRO checkpoint this reader understands."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``numel`` consecutive values of the 1-D memory-mapped tensor ``flat``, from ``start``."""
+
+    flat: torch.Tensor
+    start: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor of ``shape`` whose values are ``pieces`` laid end to end, stored as ``dtype``."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    pieces: tuple[Piece, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def load(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor in ``dtype`` (floating point only; other tensors keep their own), in fresh memory."""
+        if dtype is None or not self.dtype.is_floating_point:
+            dtype = self.dtype
+        out = torch.empty(self.numel, dtype=dtype)
+        position = 0
+        for piece in self.pieces:
+            for offset in range(0, piece.numel, _CHUNK_NUMEL):
+                count = min(_CHUNK_NUMEL, piece.numel - offset)
+                source = piece.flat.narrow(0, piece.start + offset, count)
+                out.narrow(0, position, count).copy_(source)  # copy_ casts without an fp32 temporary
+                _release_pages(source)
+                position += count
+        return out.view(self.shape)
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    if _LIBC is None or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    aligned = start - start % mmap.PAGESIZE
+    _LIBC.madvise(aligned, start + tensor.numel() * tensor.element_size() - aligned, _MADV_PAGEOUT)
+
+
+@dataclass(frozen=True)
+class ZeroCheckpoint:
+    """The weights of one ZeRO checkpoint, by state-dict name; tied names map to the same LazyTensor."""
+
+    tensors: dict[str, LazyTensor]
+    zero_stage: int
+    world_size: int
+
+
+def read_zero_checkpoint(tag_dir: Path) -> ZeroCheckpoint:
+    """Map the engine files in ``tag_dir`` and locate every parameter and buffer; reads no weights yet.
+
+    The files stay mapped while the returned LazyTensors live. Raises ZeroCheckpointError when files are
+    missing, come from an unsupported layout (pipeline or tensor parallel, no ZeRO optimizer) or disagree.
+    """
+    tag_dir = Path(tag_dir)
+    optim_files = _rank_files(tag_dir)
+    optim_states = [_load(path)["optimizer_state_dict"] for path in optim_files]
+    stage = int(optim_states[0].get("zero_stage", 0))
+    world_size = len(optim_files)
+    partitions = optim_states[0].get("partition_count")
+    partitions = max(partitions) if isinstance(partitions, list) else partitions
+    if partitions != world_size:
+        raise ZeroCheckpointError(
+            f"{tag_dir} holds {world_size} optimizer shards but they were written by {partitions} ranks"
+        )
+    if stage in (1, 2):
+        tensors = _zero12_tensors(tag_dir, optim_states)
+    elif stage == 3:
+        tensors = _zero3_tensors(tag_dir, optim_states)
+    else:
+        raise ZeroCheckpointError(f"{optim_files[0]} has ZeRO stage {stage!r}; only stages 1, 2 and 3 are read")
+    return ZeroCheckpoint(tensors=tensors, zero_stage=stage, world_size=world_size)
+
+
+def _rank_files(tag_dir: Path) -> list[Path]:
+    if not tag_dir.is_dir():
+        raise ZeroCheckpointError(f"no DeepSpeed tag folder at {tag_dir}")
+    if any(tag_dir.glob("*mp_rank_0[1-9]*")) or any(tag_dir.glob("layer_*")):
+        raise ZeroCheckpointError(f"{tag_dir} comes from a tensor- or pipeline-parallel run, which is not supported")
+    ranks = {}
+    for path in tag_dir.iterdir():
+        match = _OPTIM_RE.fullmatch(path.name)
+        if match:
+            ranks[int(match.group(1))] = path
+    if not ranks:
+        raise ZeroCheckpointError(
+            f"{tag_dir} has no ZeRO optimizer shards (zero_pp_rank_<r>_mp_rank_00_optim_states.pt)"
+        )
+    missing = sorted(set(range(max(ranks) + 1)) - ranks.keys())
+    if missing:
+        raise ZeroCheckpointError(f"{tag_dir} lacks the optimizer shards of ranks {missing}")
+    return [ranks[r] for r in range(len(ranks))]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ZeroCheckpointError(f"missing checkpoint file {path}")
+    # mmap: unpickling builds the objects, the tensor data stays on disk until read. DeepSpeed pickles its
+    # own classes (loss scaler, enums), hence weights_only=False: only load checkpoints you trust.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _whole(tensor: torch.Tensor) -> LazyTensor:
+    return LazyTensor(tensor.shape, tensor.dtype, (Piece(tensor.reshape(-1), 0, tensor.numel()),))
+
+
+def _zero12_tensors(tag_dir: Path, optim_states: list[dict]) -> dict[str, LazyTensor]:
+    model_states = _load(tag_dir / _ZERO12_MODEL_FILE)
+    masters: dict[str, LazyTensor] = {}
+    for group, shapes in enumerate(model_states["param_shapes"]):
+        pieces: dict[str, list[Piece]] = {name: [] for name in shapes}
+        for rank, state in enumerate(optim_states):
+            if "param_slice_mappings" not in state:
+                raise ZeroCheckpointError(
+                    f"rank {rank}'s optimizer shard has no param_slice_mappings (written by an old DeepSpeed)"
+                )
+            flat = state["single_partition_of_fp32_groups"][group]
+            for name, address in state["param_slice_mappings"][group].items():
+                if name not in pieces:
+                    raise ZeroCheckpointError(f"rank {rank}'s optimizer shard holds {name}, which has no shape")
+                pieces[name].append(Piece(flat, address.start, address.numel))
+        for name, shape in shapes.items():
+            tensor = LazyTensor(torch.Size(shape), torch.float32, tuple(pieces[name]))
+            if sum(p.numel for p in tensor.pieces) != tensor.numel:
+                raise ZeroCheckpointError(f"the optimizer shards in {tag_dir} do not cover {name} exactly")
+            masters[name] = tensor
+    # The module has every other entry in full: buffers, frozen parameters, tied names (resolved below).
+    module = model_states["module"]
+    tensors = {name: masters[name] if name in masters else _whole(value) for name, value in module.items()}
+    return _tie(tensors, model_states["shared_params"])
+
+
+def _zero3_tensors(tag_dir: Path, optim_states: list[dict]) -> dict[str, LazyTensor]:
+    world_size = len(optim_states)
+    model_states = [_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world_size)]
+    first = model_states[0]
+    tensors: dict[str, LazyTensor] = {name: _whole(first["module"][name]) for name in first["buffer_names"]}
+    for name, shape in (first.get("frozen_param_shapes") or {}).items():
+        fragments = [state["frozen_param_fragments"][name] for state in model_states]
+        tensors[name] = _gather_partitions(name, torch.Size(shape), [(f.reshape(-1), 0) for f in fragments])
+
+    groups = [state["fp32_flat_groups"] for state in optim_states]
+    for group, shapes in enumerate(first["param_shapes"]):
+        offset = 0
+        for name, shape in shapes.items():
+            shape = torch.Size(shape)
+            tensors[name] = _gather_partitions(name, shape, [(flats[group], offset) for flats in groups])
+            offset += math.ceil(shape.numel() / world_size)
+        if offset != groups[0][group].numel():
+            raise ZeroCheckpointError(
+                f"param group {group} in {tag_dir}: the parameter shapes need {offset} values per rank, the "
+                f"optimizer shards hold {groups[0][group].numel()}"
+            )
+    return _tie(tensors, first["shared_params"])
+
+
+def _gather_partitions(name: str, shape: torch.Size, partitions: list[tuple[torch.Tensor, int]]) -> LazyTensor:
+    """A ZeRO-3 parameter from each rank's ``(flat, offset)``: rank r holds values [r*p, (r+1)*p) from
+    ``offset``, with p = ceil(numel / ranks); the padding past numel (last ranks) is dropped."""
+    numel = shape.numel()
+    per_rank = math.ceil(numel / len(partitions))
+    pieces = []
+    for rank, (flat, offset) in enumerate(partitions):
+        count = max(0, min(per_rank, numel - rank * per_rank))
+        if offset + count > flat.numel():
+            raise ZeroCheckpointError(
+                f"rank {rank}'s partition of {name} is shorter than its shape {tuple(shape)} needs"
+            )
+        if count:
+            pieces.append(Piece(flat, offset, count))
+    return LazyTensor(shape, partitions[0][0].dtype, tuple(pieces))
+
+
+def _tie(tensors: dict[str, LazyTensor], shared: dict[str, str]) -> dict[str, LazyTensor]:
+    """Point each tied name (``shared``: alias -> the name that holds the data) at its source."""
+    for alias, source in shared.items():
+        if source not in tensors:
+            raise ZeroCheckpointError(f"{alias} is tied to {source}, which the checkpoint does not hold")
+        tensors[alias] = tensors[source]
+    return tensors

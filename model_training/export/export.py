@@ -1,0 +1,208 @@
+"""A training checkpoint (or a Hugging Face model folder) -> a Hugging Face model folder for inference.
+
+The folder holds the weights as safetensors shards in the asked dtype, ``config.json`` (that dtype,
+``use_cache`` back on), ``generation_config.json`` (eos and pad of the tokenizer) and the tokenizer with the
+chat tokens and chat template, so that ``AutoTokenizer``/``pipeline("text-generation", model=folder)`` work
+unchanged. It is written into a hidden sibling folder and renamed into place at the end: the output folder
+is complete or absent, never half-written.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
+
+from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
+from model_training.export.writer import WeightEntry, write_weights
+from model_training.training.checkpoint import resolve_checkpoint, verify_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+class ExportError(ValueError):
+    """The input cannot be exported as asked; the message says why."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ExportError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32") from None
+
+
+def export_model(
+    source: Path,
+    output_folder: Path,
+    dtype: torch.dtype,
+    max_shard_size: int,
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``source`` into ``output_folder``; return the folder.
+
+    ``source``: a run folder (its newest complete checkpoint is taken), one ``checkpoint-<step>`` folder, or
+    a Hugging Face model folder (config.json and weights), which is loaded and saved again. An existing
+    ``output_folder`` must be empty unless ``overwrite``. Raises ExportError (or CheckpointError) for input
+    that cannot be exported, before anything is written.
+    """
+    source, output_folder = Path(source), Path(output_folder)
+    hf_folder = (source / "config.json").is_file()
+    checkpoint = None if hf_folder else _resolve(source)
+    _check_output_folder(output_folder, source, overwrite)
+
+    output_folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output_folder.name}.partial-", dir=output_folder.parent))
+    try:
+        if checkpoint is None:
+            _resave_hf_folder(source, partial, dtype, max_shard_size, trust_remote_code, cache_dir)
+        else:
+            _export_checkpoint(checkpoint, partial, dtype, max_shard_size, trust_remote_code)
+        _move_into_place(partial, output_folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output_folder
+
+
+def _resolve(source: Path) -> Path:
+    if not source.is_dir():
+        raise ExportError(f"{source} is not a folder")
+    checkpoint = resolve_checkpoint(source, source.parent)
+    logger.info("exporting checkpoint %s", checkpoint)
+    for needed in ("model_config", "tokenizer"):
+        if not (checkpoint / needed).is_dir():
+            raise ExportError(f"checkpoint {checkpoint} has no {needed}/ folder (was it saved by this trainer?)")
+    return checkpoint
+
+
+def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> None:
+    if not output_folder.exists():
+        return
+    if not output_folder.is_dir():
+        raise ExportError(f"the output folder {output_folder} is a file")
+    if source.resolve().is_relative_to(output_folder.resolve()):
+        raise ExportError(f"the output folder {output_folder} holds the model to export; choose another folder")
+    if any(output_folder.iterdir()) and not overwrite:
+        raise ExportError(f"the output folder {output_folder} exists and is not empty; pass --overwrite to replace it")
+
+
+def _move_into_place(partial: Path, output_folder: Path) -> None:
+    """Rename the finished ``partial`` folder to ``output_folder``, replacing an existing one."""
+    if not output_folder.exists():
+        os.rename(partial, output_folder)
+        return
+    # rename() cannot replace a non-empty folder: move the old one aside first, delete it once replaced.
+    replaced = Path(tempfile.mkdtemp(prefix=f".{output_folder.name}.replaced-", dir=output_folder.parent))
+    os.rename(output_folder, replaced / output_folder.name)
+    os.rename(partial, output_folder)
+    shutil.rmtree(replaced)
+
+
+def _export_checkpoint(
+    checkpoint: Path, folder: Path, dtype: torch.dtype, max_shard_size: int, trust_remote_code: bool
+) -> None:
+    manifest = verify_checkpoint(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint / "model_config", trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer", trust_remote_code=trust_remote_code)
+    _check_vocabulary(config.vocab_size, len(tokenizer))
+    try:
+        zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"])
+    except ZeroCheckpointError as exc:
+        raise ExportError(f"checkpoint {checkpoint}: {exc}") from exc
+    logger.info("%s: ZeRO-%d shards of %d ranks", checkpoint, zero.zero_stage, zero.world_size)
+
+    entries, num_parameters, architecture = _weight_entries(config, zero.tensors, dtype, trust_remote_code)
+    write_weights(folder, entries, max_shard_size, {"total_parameters": num_parameters})
+
+    config.dtype = dtype
+    config.architectures = [architecture]
+    config.use_cache = True  # training turned it off; generation needs the KV cache
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config.save_pretrained(folder)
+    generation = GenerationConfig.from_pretrained(checkpoint / "model_config")
+    generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    generation.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _weight_entries(
+    config: PretrainedConfig, tensors: dict[str, LazyTensor], dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[list[WeightEntry], int, str]:
+    """What to write, in the model's own order, checked against the model the config describes.
+
+    The model is built on the meta device (no memory): its state dict names every tensor a load expects,
+    with its shape. A name the model ties to an earlier one (lm_head to the embeddings) is left out, as
+    save_pretrained does; transformers ties it again on load. Returns the entries, the model's parameter
+    count and its class name.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    expected = model.state_dict(keep_vars=True)
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise ExportError(
+            f"the checkpoint does not fit its model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    entries, written = [], set()
+    for name, meta in expected.items():
+        if id(meta) in written:
+            continue
+        written.add(id(meta))
+        tensor = tensors[name]
+        if tensor.shape != meta.shape:
+            raise ExportError(
+                f"{name} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(meta.shape)} in the config"
+            )
+        out_dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
+        entries.append(WeightEntry(name, tensor.numel * out_dtype.itemsize, functools.partial(tensor.load, dtype)))
+    return entries, model.num_parameters(), type(model).__name__
+
+
+def _check_vocabulary(rows: int, tokenizer_size: int) -> None:
+    """Every token id must have an embedding row (rows may exceed it: they are padded to a multiple of 16)."""
+    if tokenizer_size > rows:
+        raise ExportError(f"the tokenizer has {tokenizer_size} tokens but the model only {rows} embedding rows")
+
+
+def _resave_hf_folder(
+    source: Path,
+    folder: Path,
+    dtype: torch.dtype,
+    max_shard_size: int,
+    trust_remote_code: bool,
+    cache_dir: Path | None,
+) -> None:
+    """Load a Hugging Face model folder in ``dtype`` and save it with the shard size asked.
+
+    The whole model is in memory once, in ``dtype``: the size of what is written.
+    """
+    options = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+        has_tokenizer = any((source / name).is_file() for name in _TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options) if has_tokenizer else None
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load the Hugging Face model in {source}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer is None:
+        logger.warning("%s has no tokenizer files: the export has no tokenizer either", source)
+    else:
+        _check_vocabulary(model.get_input_embeddings().weight.shape[0], len(tokenizer))
+        tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+
