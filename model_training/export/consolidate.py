@@ -5,9 +5,10 @@ What the engine files of one tag folder (``global_step<N>/``) hold, for a run of
 ZeRO-1/2
     ``mp_rank_00_model_states.pt``: the whole module in the training dtype (``module``), ``param_shapes``
     (name -> shape of every parameter the optimizer owns, per param group) and ``shared_params`` (tied
-    names). ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``: rank r's slice of each group's fp32 master
-    weights (``single_partition_of_fp32_groups``) and, in ``param_slice_mappings``, where each parameter's
-    piece lies in that slice. A parameter's pieces, in rank order, make up the parameter.
+    names). ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` (``bf16_zero_pp_rank_...`` in bf16 runs):
+    rank r's slice of each group's fp32 master weights (``single_partition_of_fp32_groups``) and, in
+    ``param_slice_mappings``, where each parameter's piece lies in that slice. A parameter's pieces, in
+    rank order, make up the parameter.
 ZeRO-3
     ``zero_pp_rank_<r>_mp_rank_00_model_states.pt``: the same names and shapes, buffers in full, parameters
     as empty placeholders, and rank r's partition of each frozen parameter (``frozen_param_fragments``).
@@ -37,7 +38,8 @@ from typing import Any
 
 import torch
 
-_OPTIM_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+# DeepSpeed prefixes the optimizer shards of bf16 runs with "bf16_"; their content is the same.
+_OPTIM_RE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
 _ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
 _CHUNK_NUMEL = 1 << 24
 """Values copied between two page releases: 64 MiB of fp32 source mapped at a time."""
@@ -144,7 +146,10 @@ def _rank_files(tag_dir: Path) -> list[Path]:
     for path in tag_dir.iterdir():
         match = _OPTIM_RE.fullmatch(path.name)
         if match:
-            ranks[int(match.group(1))] = path
+            rank = int(match.group(1))
+            if rank in ranks:
+                raise ZeroCheckpointError(f"{tag_dir} has two optimizer shards of rank {rank}")
+            ranks[rank] = path
     if not ranks:
         raise ZeroCheckpointError(
             f"{tag_dir} has no ZeRO optimizer shards (zero_pp_rank_<r>_mp_rank_00_optim_states.pt)"

@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -66,7 +66,7 @@ def export_model(
     _check_output_folder(output_folder, source, overwrite)
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output_folder.name}.partial-", dir=output_folder.parent))
+    partial = _hidden_sibling(output_folder, "partial")
     try:
         if checkpoint is None:
             _resave_hf_folder(source, partial, dtype, max_shard_size, trust_remote_code, cache_dir)
@@ -107,10 +107,17 @@ def _move_into_place(partial: Path, output_folder: Path) -> None:
         os.rename(partial, output_folder)
         return
     # rename() cannot replace a non-empty folder: move the old one aside first, delete it once replaced.
-    replaced = Path(tempfile.mkdtemp(prefix=f".{output_folder.name}.replaced-", dir=output_folder.parent))
+    replaced = _hidden_sibling(output_folder, "replaced")
     os.rename(output_folder, replaced / output_folder.name)
     os.rename(partial, output_folder)
     shutil.rmtree(replaced)
+
+
+def _hidden_sibling(folder: Path, purpose: str) -> Path:
+    """A new empty folder next to ``folder`` (same filesystem, so renames are atomic), with the usual mode."""
+    sibling = folder.parent / f".{folder.name}.{purpose}-{uuid.uuid4().hex[:12]}"
+    sibling.mkdir()
+    return sibling
 
 
 def _export_checkpoint(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,9 +87,13 @@ def write_weights(folder: Path, entries: list[WeightEntry], max_shard_size: int,
         raise ValueError("no weights to write")
     shards = plan_shards(entries, max_shard_size)
     names = shard_file_names(len(shards))
+    umask = os.umask(0)
+    os.umask(umask)
+    file_mode = 0o666 & ~umask
     for number, (file_name, shard) in enumerate(zip(names, shards), start=1):
         tensors = {entry.name: entry.load() for entry in shard}
         save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        os.chmod(folder / file_name, file_mode)  # safetensors creates 0600 files; share them like the rest
         del tensors  # before the next shard is built: one shard in memory at a time
         logger.info("wrote %s (%d/%d, %d tensors)", file_name, number, len(shards), len(shard))
     if len(shards) > 1:
