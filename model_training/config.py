@@ -145,6 +145,8 @@ class TrainConfig:
     """Weights & Biases entity (user or team); null: wandb's default."""
     wandb_project: str = "model_training"
     """Weights & Biases project."""
+    wandb_init_timeout: float = 30.0
+    """Seconds to wait for the wandb service at start; then metrics go to an offline wandb run instead."""
 
     # --- run ---
     deepspeed_config: str = "configs/zero_config.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import TINY, TINY_RUN, check_ok, run_deepspeed
+from helpers import TINY_RUN, check_ok, run_deepspeed
 
 
 def _train_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:

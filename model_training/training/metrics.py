@@ -63,20 +63,29 @@ class MetricsLogger:
 
 
 def _start_wandb(cfg: TrainConfig) -> Any:
+    """An online run if the service answers within `wandb_init_timeout`, else an offline one, else None."""
     try:
         import wandb
-
-        log_dir = Path(cfg.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        return wandb.init(
-            entity=cfg.wandb_entity,
-            project=cfg.wandb_project,
-            dir=str(log_dir),
-            config=public_config(cfg),
-            # Without network, online mode would wait; offline writes locally and can be synced later.
-            mode=os.environ.get("WANDB_MODE", "online"),
-            settings=wandb.Settings(init_timeout=60, silent=True),
-        )
-    except Exception as err:  # noqa: BLE001 - wandb must never stop training
-        logger.warning("wandb could not start (%s); logging to metrics.jsonl only", err)
+    except ImportError as err:
+        logger.warning("wandb is not importable (%s); logging to metrics.jsonl only", err)
         return None
+    log_dir = Path(cfg.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    mode = os.environ.get("WANDB_MODE", "online")
+    for attempt in (mode, "offline"):
+        try:
+            return wandb.init(
+                entity=cfg.wandb_entity,
+                project=cfg.wandb_project,
+                dir=str(log_dir),
+                config=public_config(cfg),
+                mode=attempt,
+                settings=wandb.Settings(init_timeout=cfg.wandb_init_timeout, silent=True),
+            )
+        except Exception as err:  # noqa: BLE001 - wandb must never stop training
+            logger.warning("wandb could not start in %s mode: %s", attempt, str(err).splitlines()[0])
+            if attempt == "offline":
+                break
+            # Unreachable or not logged in: keep the metrics in a local run that `wandb sync` can upload.
+            logger.warning("falling back to offline wandb logging in %s", log_dir)
+    return None

@@ -3,12 +3,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import cpu_env, free_port
 
 from model_training.training.checkpoint import (
     CheckpointError,
@@ -162,26 +162,15 @@ def test_rotation_never_deletes_the_only_or_the_pointed_checkpoint(tmp_path):
 # --- real DeepSpeed runs: 2 CPU ranks ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ranks: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ckpt_worker.py under the DeepSpeed launcher; kill the whole process group if it hangs."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
     command += ["--master_port", str(free_port()), "--no_local_rank", str(WORKER), *args]
-    full_env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        **(env or {}),
-    }
+    # The worker lives outside the package: make model_training importable whether or not it is installed.
+    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     process = subprocess.Popen(
         command,
-        env=full_env,
+        env=cpu_env(PYTHONPATH=python_path, **(env or {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

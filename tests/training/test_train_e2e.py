@@ -203,3 +203,66 @@ def test_slurm_environment_is_adopted(tmp_path: Path, zero2_run: Path) -> None:
     outputs = [task.communicate(timeout=900)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs[0][-4000:]
     assert step_losses(run) == pytest.approx(step_losses(zero2_run), rel=1e-6)
+
+
+MEMORIZE = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Name a large animal that lives in the ocean.", "The blue whale lives in the ocean."),
+    ("What is 7 plus 5?", "7 plus 5 is 12."),
+    ("How do I boil an egg?", "Put the egg in boiling water for ten minutes."),
+]
+
+
+def write_export(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """A minimal export in the real tree schema: one ready, reviewed English tree per pair."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (question, answer) in enumerate(pairs):
+            reply = {"message_id": f"a{i}", "parent_id": f"q{i}", "text": answer, "role": "assistant", "lang": "en"}
+            prompt = {"message_id": f"q{i}", "text": question, "role": "prompter", "lang": "en",
+                      "review_result": True, "replies": [reply]}
+            f.write(json.dumps({"message_tree_id": f"q{i}", "tree_state": "ready_for_export", "prompt": prompt}) + "\n")
+    return path
+
+
+def greedy_answers(ckpt: Path, questions: list[str]) -> list[str]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from model_training.data.formatting import format_prompt
+    from model_training.data.oasst import Message
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "model_config"))
+    model.load_state_dict(module_weights(ckpt))
+    model.eval()
+    answers = []
+    for question in questions:
+        ids = format_prompt([Message(role="prompter", text=question, message_id="q")], tokenizer)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    return answers
+
+
+def test_tiny_model_memorizes_training_conversations(tmp_path: Path) -> None:
+    export = write_export(tmp_path / "memorize.jsonl", MEMORIZE)
+    run = tmp_path / "run"
+    check_ok(run_deepspeed([
+        *TINY, f"output_dir={run}", f"datasets=[{{oasst_export: {{input_file_path: {export}, val_split: 0.0}}}}]",
+        "per_device_train_batch_size=2", "num_train_epochs=150", "save_strategy=epoch", "save_total_limit=1",
+        "logging_steps=10", "warmup_steps=10",
+    ]))
+    assert step_losses(run)[150] < 0.05
+    assert greedy_answers(resolve_checkpoint("latest", run), [q for q, _ in MEMORIZE]) == [a for _, a in MEMORIZE]
+
+
+def test_zero3_with_lima_dropout_checkpointing_and_wandb_offline(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    check_ok(run_deepspeed([
+        *TINY, f"output_dir={run}", "deepspeed_config=configs/zero3_config.json", "max_steps=3", "save_strategy=no",
+        "logging_steps=1", "residual_dropout=0.2", "residual_dropout_lima=true", "gradient_checkpointing=true",
+        "log_wandb=true", f"log_dir={tmp_path / 'logs'}",
+    ], WANDB_MODE="offline"))
+    losses = step_losses(run)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert abs(losses[1] - math.log(VOCAB_ROWS)) < 0.5
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
