@@ -121,6 +121,9 @@ def main() -> None:
             save_checkpoint(engine, args.out, step, {"step": step}, args.limit, write_extra=write_config)
             report["draws"][step] = draw_random()
     Path(f"{args.result}-rank{rank}.json").write_text(json.dumps(report))
+    # Left to interpreter exit, the process group's teardown sometimes aborts the process
+    # ("terminate called without an active exception").
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
