@@ -297,6 +297,8 @@ def validate(cfg: TrainConfig) -> None:
     for key in _POSITIVE:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"key '{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"key 'max_steps' must be at least 1 or null, got {cfg.max_steps}")
     if not 0.0 <= cfg.residual_dropout < 1.0:

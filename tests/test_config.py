@@ -181,6 +181,7 @@ def test_unknown_key_on_the_command_line() -> None:
         ("save_strategy=sometimes", r"key 'save_strategy' is 'sometimes'"),
         ("per_device_train_batch_size=0", r"'per_device_train_batch_size' must be at least 1"),
         ("max_steps=0", r"'max_steps' must be at least 1 or null"),
+        ("save_total_limit=0", r"'save_total_limit' must be at least 1 or null"),
         ("residual_dropout=1.5", r"'residual_dropout' must be in \[0, 1\)"),
         ("model_name=tiiuae/falcon-7b", r"set exactly one of 'model_name'"),
     ],

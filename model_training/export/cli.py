@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
     parser.add_argument("--output_folder", type=Path, help="where to write the model folder")
-    parser.add_argument("--max_shard_size", default="2GB", help="largest weight file, e.g. 500MB, 2GB, 1.5GB")
+    parser.add_argument("--max_shard_size", default="2GB",
+                        help="largest weight file (tensor bytes): 500MB, 1.5GB (powers of 1000), 2GiB; default 2GB")
     parser.add_argument("--hf_repo_name", help="also upload the folder to this Hugging Face Hub repository")
     parser.add_argument("--auth_token", help="Hub token (default: HF_TOKEN or a saved login; the variable keeps "
                         "it out of the process list)")

@@ -95,6 +95,7 @@ class LazyTensor:
 
 
 def _release_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel take back the pages under ``tensor``, a view into a memory-mapped checkpoint file."""
     if _LIBC is None or tensor.numel() == 0:
         return
     start = tensor.data_ptr()

@@ -58,7 +58,7 @@ def export_model(
     ``source``: a run folder (its newest complete checkpoint is taken), one ``checkpoint-<step>`` folder, or
     a Hugging Face model folder (config.json and weights), which is loaded and saved again. An existing
     ``output_folder`` must be empty unless ``overwrite``. Raises ExportError (or CheckpointError) for input
-    that cannot be exported, before anything is written.
+    that cannot be exported; the output folder is then left as it was.
     """
     source, output_folder = Path(source), Path(output_folder)
     hf_folder = (source / "config.json").is_file()
@@ -81,7 +81,7 @@ def export_model(
 
 def _resolve(source: Path) -> Path:
     if not source.is_dir():
-        raise ExportError(f"{source} is not a folder")
+        raise ExportError(f"{source} does not exist or is not a folder")
     checkpoint = resolve_checkpoint(source, source.parent)
     logger.info("exporting checkpoint %s", checkpoint)
     for needed in ("model_config", "tokenizer"):

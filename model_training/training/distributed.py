@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -46,4 +47,22 @@ def init_distributed(local_rank_arg: int = -1) -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    _unlink_cpu_allreduce_buffer(info.rank)
+    return info
+
+
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """Remove the name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    On CPU ranks DeepSpeed creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (66 MB
+    each) and never unlinks it, so every run, finished or crashed, leaves its buffers in RAM. Each rank
+    opens the others' buffers during init; after the barrier all mappings exist and the names can go (the
+    memory lives on until the processes exit).
+    """
+    path = Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}"
+        f"_{rank}"
+    )
+    dist.barrier()  # on every rank, whether or not a buffer exists (there is none on GPUs)
+    path.unlink(missing_ok=True)

@@ -160,6 +160,10 @@ def train(cfg: TrainConfig) -> Path:
         _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info)
     finally:
         metrics.close()
+    # Tear the process group down here, not at interpreter exit: ZeRO-3 on CPU ranks can otherwise abort
+    # after finishing ("terminate called without an active exception") and turn a good run's exit status bad.
+    dist.barrier()
+    dist.destroy_process_group()
     return output_dir
 
 
@@ -260,7 +264,10 @@ def _loop(
                 skipped_steps=state.skipped_steps,
             )
             window_tokens, window_start = 0, time.perf_counter()
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.set_postfix(
+                epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps:
             record.update(_evaluate(cfg, engine, pad_id, val_splits, info))
             engine.train()

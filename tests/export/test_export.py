@@ -237,6 +237,25 @@ def _committed_copy(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(resolve_checkpoint(run, run), tmp_path / "copy" / "checkpoint-000008"))
 
 
+def _edit_checkpoint(checkpoint: Path, edit) -> Path:
+    """Apply ``edit(checkpoint)``, then update the manifest, so that the checkpoint still verifies."""
+    edit(checkpoint)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    paths = {name: checkpoint / name for name in manifest["files"]}
+    manifest["files"] = {name: {"size": p.stat().st_size, "sha256": ""} for name, p in paths.items() if p.exists()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    return checkpoint
+
+
+def _set_vocab_size(checkpoint: Path, rows: int) -> None:
+    config = checkpoint / "model_config" / "config.json"
+    config.write_text(config.read_text().replace('"vocab_size": 2032', f'"vocab_size": {rows}'))
+
+
+def _missing_source(run, tmp_path):
+    return [str(tmp_path / "nowhere")], "does not exist or is not a folder"
+
+
 def _not_a_checkpoint(run, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not a checkpoint")
@@ -266,11 +285,33 @@ def _missing_rank_shard(run, tmp_path):
     return [str(checkpoint)], "is damaged"
 
 
+def _rank_shard_missing_from_the_manifest_too(run, tmp_path):
+    def drop_rank_1(checkpoint):
+        next(checkpoint.glob("global_step*/zero_pp_rank_1_*optim_states.pt")).unlink()
+
+    checkpoint = _edit_checkpoint(_committed_copy(run, tmp_path), drop_rank_1)
+    return [str(checkpoint)], "holds 1 optimizer shards but they were written by 2 ranks"
+
+
 def _config_that_does_not_fit(run, tmp_path):
-    # Same byte count, so the manifest still verifies and the weights' shapes are what fails.
-    config = _committed_copy(run, tmp_path) / "model_config" / "config.json"
-    config.write_text(config.read_text().replace('"vocab_size": 2032', '"vocab_size": 2048'))
-    return [str(config.parent.parent)], "has shape (2032, 64) in the checkpoint, (2048, 64) in the config"
+    checkpoint = _edit_checkpoint(_committed_copy(run, tmp_path), lambda c: _set_vocab_size(c, 2048))
+    return [str(checkpoint)], "has shape (2032, 64) in the checkpoint, (2048, 64) in the config"
+
+
+def _tokenizer_larger_than_the_embeddings(run, tmp_path):
+    checkpoint = _edit_checkpoint(_committed_copy(run, tmp_path), lambda c: _set_vocab_size(c, 2016))
+    return [str(checkpoint)], "the tokenizer has 2026 tokens but the model only 2016 embedding rows"
+
+
+def _checkpoint_without_model_config(run, tmp_path):
+    checkpoint = _edit_checkpoint(_committed_copy(run, tmp_path), lambda c: shutil.rmtree(c / "model_config"))
+    return [str(checkpoint)], "has no model_config/ folder"
+
+
+def _hf_folder_without_weights(run, tmp_path):
+    (tmp_path / "hf").mkdir()
+    shutil.copy(resolve_checkpoint(run, run) / "model_config" / "config.json", tmp_path / "hf")
+    return [str(tmp_path / "hf")], "cannot load the Hugging Face model in"
 
 
 def _bad_dtype(run, tmp_path):
@@ -286,8 +327,10 @@ def _no_destination(run, tmp_path):
 
 
 BAD_INPUTS = [
-    _not_a_checkpoint, _staging_folder, _no_manifest, _run_without_a_committed_checkpoint, _missing_rank_shard,
-    _config_that_does_not_fit, _bad_dtype, _bad_shard_size, _no_destination,
+    _missing_source, _not_a_checkpoint, _staging_folder, _no_manifest, _run_without_a_committed_checkpoint,
+    _missing_rank_shard, _rank_shard_missing_from_the_manifest_too, _config_that_does_not_fit,
+    _tokenizer_larger_than_the_embeddings, _checkpoint_without_model_config, _hf_folder_without_weights,
+    _bad_dtype, _bad_shard_size, _no_destination,
 ]
 
 
@@ -316,6 +359,18 @@ def test_a_non_empty_output_folder_is_kept_unless_overwrite(zero2_run, tmp_path,
     assert main_export([str(zero2_run), "--output_folder", str(folder), "--overwrite"]) == 0
     assert not (folder / "precious.txt").exists() and (folder / "model.safetensors").is_file()
     assert leftovers(folder) == []
+
+
+@pytest.mark.slow
+def test_an_output_folder_that_is_a_file_or_holds_the_checkpoint_is_refused_even_with_overwrite(
+    zero2_run, tmp_path, capsys
+):
+    (tmp_path / "file").write_text("")
+    assert main_export([str(zero2_run), "--output_folder", str(tmp_path / "file"), "--overwrite"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main_export([str(zero2_run), "--output_folder", str(zero2_run.parent), "--overwrite"]) == 2
+    assert "holds the model to export" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "" and resolve_checkpoint(zero2_run, zero2_run).is_dir()
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from helpers import (
     step_losses,
 )
 
+from model_training.generate import answer
 from model_training.training.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -224,25 +225,6 @@ def write_export(path: Path, pairs: list[tuple[str, str]]) -> Path:
     return path
 
 
-def greedy_answers(ckpt: Path, questions: list[str]) -> list[str]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from model_training.data.formatting import format_prompt
-    from model_training.data.oasst import Message
-
-    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "model_config"))
-    model.load_state_dict(module_weights(ckpt))
-    model.eval()
-    answers = []
-    for question in questions:
-        ids = format_prompt([Message(role="prompter", text=question, message_id="q")], tokenizer)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
-    return answers
-
-
 def test_tiny_model_memorizes_training_conversations(tmp_path: Path) -> None:
     export = write_export(tmp_path / "memorize.jsonl", MEMORIZE)
     run = tmp_path / "run"
@@ -252,7 +234,13 @@ def test_tiny_model_memorizes_training_conversations(tmp_path: Path) -> None:
         "logging_steps=10", "warmup_steps=10",
     ]))
     assert step_losses(run)[150] < 0.05
-    assert greedy_answers(resolve_checkpoint("latest", run), [q for q, _ in MEMORIZE]) == [a for _, a in MEMORIZE]
+    # Through the shipped path: export the run, then greedy answers from transformers' pipeline and the
+    # exported chat template, as a user of the model would get them.
+    exported = tmp_path / "export"
+    export = subprocess.run([sys.executable, str(REPO / "export_model.py"), str(run), "--dtype", "fp32",
+                             "--output_folder", str(exported)], cwd=REPO, env=cpu_env(), capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr
+    assert answer(str(exported), [q for q, _ in MEMORIZE]) == [a for _, a in MEMORIZE]
 
 
 def test_zero3_with_lima_dropout_checkpointing_and_wandb_offline(tmp_path: Path) -> None:
@@ -266,3 +254,24 @@ def test_zero3_with_lima_dropout_checkpointing_and_wandb_offline(tmp_path: Path)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     assert abs(losses[1] - math.log(VOCAB_ROWS)) < 0.5
     assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+
+
+def test_pretrained_folder_under_zero3_is_partitioned_resized_and_trains(tmp_path: Path) -> None:
+    """from_pretrained inside zero.Init, then the embeddings resized for the chat tokens on gathered weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True,
+        bias=False, alibi=False, vocab_size=2023))
+    base.save_pretrained(tmp_path / "base")
+    run = tmp_path / "run"
+    check_ok(run_deepspeed([
+        *TINY, f"output_dir={run}", "model_config=null", f"model_name={tmp_path / 'base'}",
+        "deepspeed_config=configs/zero3_config.json", "max_steps=2", "save_strategy=steps", "save_steps=2",
+        "logging_steps=1",
+    ]))
+    losses = step_losses(run)
+    assert abs(losses[1] - math.log(2023)) < 0.5, losses[1]
+    saved = json.loads((run / "checkpoint-000002" / "model_config" / "config.json").read_text())
+    assert saved["vocab_size"] == VOCAB_ROWS

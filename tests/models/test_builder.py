@@ -1,0 +1,69 @@
+"""Tokenizer and model construction: chat tokens, pad/eos, embeddings padded to 16, pretrained folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from model_training.config import load_config, parse_override
+from model_training.data.formatting import SPECIAL_TOKENS
+from model_training.models.builder import build_model, load_tokenizer
+from model_training.models.residual_dropout import UnsupportedArchitectureError
+
+TINY = ["defaults", "tiny-falcon", "oasst-sample"]
+ZERO2 = {"zero_optimization": {"stage": 2}}
+
+
+def config(*overrides: str):
+    return load_config(TINY, [parse_override(o) for o in overrides])
+
+
+def test_tokenizer_gets_the_chat_tokens_in_order_and_falcon_pad() -> None:
+    tokenizer = load_tokenizer(config())
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    assert ids == [2023, 2024, 2025]
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    assert load_tokenizer(config()).convert_tokens_to_ids(list(SPECIAL_TOKENS)) == ids
+
+
+def test_random_model_has_padded_embeddings_and_the_tokenizer_ids() -> None:
+    cfg = config()
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, tokenizer, ZERO2)
+    assert model.get_input_embeddings().weight.shape[0] == 2032  # 2026 tokens, padded to a multiple of 16
+    assert model.config.vocab_size == 2032
+    assert (model.config.pad_token_id, model.config.eos_token_id) == (0, 0)
+    assert model.generation_config.eos_token_id == 0
+    assert model.config.use_cache is False
+    assert build_model(cfg, tokenizer, ZERO2).state_dict().keys() == model.state_dict().keys()
+    same = build_model(cfg, tokenizer, ZERO2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values())), \
+        "the same seed must give the same weights on every rank"
+
+
+def test_pretrained_folder_is_loaded_and_its_embeddings_resized(tmp_path: Path) -> None:
+    cfg = config()
+    tokenizer = load_tokenizer(cfg)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("falcon", **{
+        k: v for k, v in cfg.model_config.items() if k != "model_type"}, vocab_size=2023))
+    base.save_pretrained(tmp_path / "base")
+    pretrained = config("model_config=null", f"model_name={tmp_path / 'base'}", "dtype=fp32")
+    model = build_model(pretrained, tokenizer, ZERO2)
+    rows = model.get_input_embeddings().weight
+    assert rows.shape[0] == 2032
+    assert torch.equal(rows[:2023], base.get_input_embeddings().weight)
+
+
+def test_checkpointing_and_dropout_are_wired() -> None:
+    cfg = config("gradient_checkpointing=true", "residual_dropout=0.2", "residual_dropout_lima=true")
+    model = build_model(cfg, load_tokenizer(cfg), ZERO2)
+    assert model.is_gradient_checkpointing
+
+
+def test_residual_dropout_on_an_unsupported_architecture_is_an_error() -> None:
+    cfg = config("model_config={model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 2}", "residual_dropout=0.1")
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
+        build_model(cfg, load_tokenizer(cfg), ZERO2)

@@ -1,0 +1,62 @@
+"""The DeepSpeed JSON: SFT-owned values filled from the training config, contradictions refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model_training.config import ConfigError, load_config, parse_override
+from model_training.training.ds_config import build_deepspeed_config, zero_stage
+
+TINY = ["defaults", "tiny-falcon", "oasst-sample"]
+
+
+def config(*overrides: str):
+    return load_config(TINY, [parse_override(o) for o in overrides])
+
+
+@pytest.mark.parametrize(
+    ("path", "stage"),
+    [("configs/zero_config.json", 2), ("configs/zero3_config.json", 3), ("configs/zero3_offload_config.json", 3)],
+)
+def test_shipped_configs_fill_every_auto(path: str, stage: int) -> None:
+    cfg = config(f"deepspeed_config={path}", "dtype=bf16", "per_device_train_batch_size=4",
+                 "gradient_accumulation_steps=3", "learning_rate=2e-5", "weight_decay=0.1", "max_grad_norm=0.5")
+    ds = build_deepspeed_config(cfg, world_size=2)
+    assert "auto" not in json.dumps(ds)
+    assert zero_stage(ds) == stage
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    assert ds["gradient_clipping"] == 0.5
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        4, 3, 24)
+
+
+def test_agreeing_explicit_values_are_fine_and_contradictions_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1,
+                                "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}}))
+    ds = build_deepspeed_config(config(f"deepspeed_config={path}"), world_size=1)
+    assert ds["optimizer"]["params"]["lr"] == 3e-3 and ds["gradient_accumulation_steps"] == 1
+    with pytest.raises(ConfigError, match=r"sets 'optimizer.params.lr' to 0.003 but the training config gives 0.001"):
+        build_deepspeed_config(config(f"deepspeed_config={path}", "learning_rate=1e-3"), world_size=1)
+    with pytest.raises(ConfigError, match=r"sets 'gradient_accumulation_steps' to 1 but the training config gives 2"):
+        build_deepspeed_config(config(f"deepspeed_config={path}", "gradient_accumulation_steps=2"), world_size=1)
+
+
+def test_a_json_scheduler_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ConfigError, match="has a 'scheduler' section"):
+        build_deepspeed_config(config(f"deepspeed_config={path}"), world_size=1)
+
+
+def test_missing_and_broken_json_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"DeepSpeed config not found: .*nope.json \(key 'deepspeed_config'\)"):
+        build_deepspeed_config(config(f"deepspeed_config={tmp_path / 'nope.json'}"), world_size=1)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"bad.json is not valid JSON"):
+        build_deepspeed_config(config(f"deepspeed_config={tmp_path / 'bad.json'}"), world_size=1)
