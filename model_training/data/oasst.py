@@ -28,7 +28,7 @@ import gzip
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -44,7 +44,7 @@ class OasstFormatError(ValueError):
     """A record of an export is malformed; the message names the file, the 1-based line (or parquet row)
     and what was wrong."""
 
-    def __init__(self, path: Path, line: int, reason: str, unit: str = "line") -> None:
+    def __init__(self, path: str | Path, line: int, reason: str, unit: str = "line") -> None:
         super().__init__(f"{path}, {unit} {line}: {reason}")
         self.path = path
         self.line = line
@@ -111,21 +111,16 @@ def load_oasst_export(
         raise ValueError(f"unknown OASST export mode {mode!r}; only 'sft' is supported")
     if not 0.0 <= val_split <= 1.0:
         raise ValueError(f"val_split must be between 0 and 1, got {val_split}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1 or None, got {top_k}")
+    _check_top_k(top_k)
     path = Path(input_file_path)
     if not path.is_file():
         origin = f" (set by {config_key})" if config_key else ""
         raise FileNotFoundError(f"OASST export file not found: {path}{origin}")
 
-    langs = {code.strip() for code in lang.split(",") if code.strip()}
     counts = {"records": 0, "skipped_lines": 0}
-    threads_by_tree: dict[str, list[Thread]] = {}
-    for tree in _read_trees(path, langs, skip_invalid, counts):
-        threads = list(_sft_threads(tree.root, top_k))
-        if threads:
-            threads_by_tree.setdefault(tree.tree_id, []).extend(threads)
-
+    unit = "row" if path.suffix == ".parquet" else "line"
+    trees = _read_trees(_records(path), path, unit, _languages(lang), skip_invalid, counts)
+    threads_by_tree = _threads_by_tree(trees, top_k)
     if counts["skipped_lines"]:
         logger.warning("skipped %d invalid line(s) in OASST export %s", counts["skipped_lines"], path)
     val_trees = _validation_trees(threads_by_tree, val_split, manual_seed)
@@ -142,12 +137,64 @@ def load_oasst_export(
     return train, val
 
 
-def _read_trees(path: Path, langs: set[str], skip_invalid: bool, counts: dict[str, int]) -> Iterator[_Tree]:
-    """Yield the trees that pass the tree filter, in file order, handling malformed records as asked."""
-    flat: _FlatTrees | None = None
-    form_known = False
-    unit = "row" if path.suffix == ".parquet" else "line"
-    for line_no, record in _records(path):
+def threads_from_rows(
+    rows: Iterable[dict],
+    source: str | Path,
+    lang: str = "en",
+    top_k: int | None = None,
+    skip_invalid: bool = False,
+    stats: dict[str, int] | None = None,
+) -> list[tuple[str, Thread]]:
+    """(message tree id, thread) for flat `oasst1` rows (one message per row, as the `datasets` library yields
+    them), trees in row order, with the filters of `load_oasst_export` and no train/validation split.
+
+    `source` names the rows in error messages, which count rows from 1. `stats` gets `records` and
+    `skipped_lines` (the malformed rows skipped with `skip_invalid`; their whole tree is dropped).
+    """
+    _check_top_k(top_k)
+    counts = {"records": 0, "skipped_lines": 0}
+    langs = _languages(lang)
+    trees = _read_trees(enumerate(rows, start=1), source, "row", langs, skip_invalid, counts, _FlatTrees(langs))
+    pairs = [(tree_id, thread) for tree_id, threads in _threads_by_tree(trees, top_k).items() for thread in threads]
+    if stats is not None:
+        stats.update(counts)
+    return pairs
+
+
+def _check_top_k(top_k: int | None) -> None:
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 or None, got {top_k}")
+
+
+def _languages(lang: str) -> set[str]:
+    return {code.strip() for code in lang.split(",") if code.strip()}
+
+
+def _threads_by_tree(trees: Iterable[_Tree], top_k: int | None) -> dict[str, list[Thread]]:
+    """Tree id -> its threads, for the trees that yield at least one, in tree order."""
+    threads_by_tree: dict[str, list[Thread]] = {}
+    for tree in trees:
+        threads = list(_sft_threads(tree.root, top_k))
+        if threads:
+            threads_by_tree.setdefault(tree.tree_id, []).extend(threads)
+    return threads_by_tree
+
+
+def _read_trees(
+    records: Iterable[tuple[int, str | dict]],
+    source: str | Path,
+    unit: str,
+    langs: set[str],
+    skip_invalid: bool,
+    counts: dict[str, int],
+    flat: _FlatTrees | None = None,
+) -> Iterator[_Tree]:
+    """Yield the trees that pass the tree filter, in record order, handling malformed records as asked.
+
+    The form is detected from the first readable record unless `flat` is given (the caller knows the rows
+    are flat)."""
+    form_known = flat is not None
+    for line_no, record in records:
         counts["records"] += 1
         row: object = None
         try:
@@ -162,7 +209,7 @@ def _read_trees(path: Path, langs: set[str], skip_invalid: bool, counts: dict[st
             tree = _parse_tree(row, langs)
         except _InvalidRecord as error:
             if not skip_invalid:
-                raise OasstFormatError(path, line_no, str(error), unit) from None
+                raise OasstFormatError(source, line_no, str(error), unit) from None
             counts["skipped_lines"] += 1
             if flat is not None and isinstance(row, dict):
                 flat.drop(row.get("message_tree_id"))
