@@ -18,6 +18,7 @@ from model_training.config import (
     to_yaml,
 )
 from model_training.data.oasst import OasstFormatError
+from model_training.data.sources import DatasetFormatError
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -111,7 +112,7 @@ def main_train(argv: list[str]) -> int:
             return 0
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
-    except (ConfigError, OasstFormatError) as err:
+    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
         return report_config_error(err)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
@@ -119,7 +120,7 @@ def main_train(argv: list[str]) -> int:
 
     try:
         return run_or_exit(args.config)
-    except (ConfigError, OasstFormatError) as err:
+    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
         return report_config_error(err)
 
 
@@ -127,6 +128,9 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
     from model_training.data.registry import prepare_data
     from model_training.data.stats import format_stats
     from model_training.models.builder import load_tokenizer
+    from model_training.training.sampler import plan_sources
 
-    print(format_stats(prepare_data(cfg, load_tokenizer(cfg))))
+    data = prepare_data(cfg, load_tokenizer(cfg))
+    draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
+    print(format_stats(data, [d.per_epoch for d in draws]))
     return 0

@@ -37,7 +37,33 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class OasstExportConfig:
+class DatasetConfig:
+    """Options every source takes: the split, how much of it an epoch draws, and filters."""
+
+    input_file_path: str = ""
+    """A file (relative paths resolve against `data_dir`), a `datasets` save_to_disk folder, or a hub id."""
+    val_split: float = 0.05
+    """Fraction held out for validation (by message tree for OASST sources, by record otherwise)."""
+    manual_seed: int = 287631038922
+    """Seed of the train/validation split (the OpenAssistant trainer's value, so splits match its runs)."""
+    skip_invalid: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first one."""
+    fraction: float | None = None
+    """Share of this dataset's training samples drawn each epoch (a new draw every epoch); null: all."""
+    size: int | None = None
+    """Training samples drawn each epoch (instead of `fraction`)."""
+    share: float | None = None
+    """Share of every epoch's samples that come from this dataset (e.g. 0.05 for 5% pretraining text)."""
+    replace: bool = False
+    """Allow drawing more samples than the dataset has (with replacement); otherwise that is an error."""
+    min_length: int = 0
+    """Drop samples shorter than this many tokens."""
+    max_length: int | None = None
+    """Drop samples longer than this many tokens (instead of cutting them to the global max_length)."""
+
+
+@dataclass
+class OasstExportConfig(DatasetConfig):
     """An OpenAssistant export: message trees (or the flat `oasst1` rows) in `.jsonl`, `.jsonl.gz` or `.parquet`."""
 
     input_file_path: str = "oasst_sample.jsonl.gz"
@@ -48,13 +74,63 @@ class OasstExportConfig:
     """Keep only paths whose assistant replies are ranked better than `top_k` (1: the best reply); null: all."""
     val_split: float = 0.2
     """Fraction of message trees (never single threads) held out for validation."""
-    manual_seed: int = 287631038922
-    """Seed of the train/validation split (the OpenAssistant trainer's value, so splits match its runs)."""
-    skip_invalid: bool = False
-    """Skip malformed lines (and report how many) instead of stopping at the first one."""
 
 
-DATASET_CONFIGS: dict[str, type] = {"oasst_export": OasstExportConfig}
+@dataclass
+class Oasst1Config(DatasetConfig):
+    """The released flat OASST dataset (one message per row): a `datasets` folder, jsonl/parquet rows, a hub id."""
+
+    input_file_path: str = "OpenAssistant/oasst1"
+    lang: str = "en"
+    """Comma-separated languages of the prompts to keep."""
+    top_k: int | None = None
+    """As for oasst_export."""
+
+
+@dataclass
+class Dolly15kConfig(DatasetConfig):
+    """databricks-dolly-15k rows: instruction, context (may be empty), response."""
+
+    input_file_path: str = "databricks/databricks-dolly-15k"
+
+
+@dataclass
+class AlpacaConfig(DatasetConfig):
+    """Alpaca-style rows (a JSON array or JSON Lines): instruction, input (may be empty), output."""
+
+    input_file_path: str = "tatsu-lab/alpaca"
+
+
+@dataclass
+class HhRlhfConfig(DatasetConfig):
+    """Anthropic hh-rlhf rows: the `chosen` dialogue ("\n\nHuman: ...\n\nAssistant: ...") parsed into turns."""
+
+    input_file_path: str = "Anthropic/hh-rlhf"
+
+
+@dataclass
+class ChatJsonlConfig(DatasetConfig):
+    """OpenAI-style chat lines: {"messages": [{"role": "system"|"user"|"assistant", "content": ...}], "lang"?}."""
+
+    lang: str | None = None
+    """Comma-separated languages to keep, for records that carry `lang`; null: keep all."""
+
+
+@dataclass
+class TextConfig(DatasetConfig):
+    """Plain pretraining text (.txt, documents separated by blank lines, or jsonl with `text`): fully
+    supervised, each document cut into pieces of the global `max_length`."""
+
+
+DATASET_CONFIGS: dict[str, type] = {
+    "oasst_export": OasstExportConfig,
+    "oasst1": Oasst1Config,
+    "dolly15k": Dolly15kConfig,
+    "alpaca": AlpacaConfig,
+    "hh_rlhf": HhRlhfConfig,
+    "chat_jsonl": ChatJsonlConfig,
+    "text": TextConfig,
+}
 """Every dataset name `datasets:` accepts, with its options schema."""
 
 
@@ -93,6 +169,8 @@ class TrainConfig:
     """Folder that relative dataset paths resolve against; itself relative to the project root."""
     max_length: int = 2048
     """Longest sample in tokens; longer conversations are cut (see model_training/data/formatting.py)."""
+    dedupe: bool = True
+    """Drop conversations that repeat an earlier one exactly (same system, roles and texts), across sources."""
     show_dataset_stats: bool = False
     """Print per-dataset statistics (threads, tokens, truncation) and exit."""
 
@@ -344,9 +422,27 @@ def _parse_dataset_entries(entries: Any, key: str, origin: str) -> list[tuple[st
         schema = DATASET_CONFIGS[name]
         if not isinstance(options, dict):
             raise ConfigError(f"options of dataset '{name}' in {where} must be a mapping, got {options!r}")
-        typed = _merge(OmegaConf.structured(schema), options, schema, f"of dataset '{name}' in {where}")
-        specs.append((name, OmegaConf.to_object(typed)))
+        merged = _merge(OmegaConf.structured(schema), options, schema, f"of dataset '{name}' in {where}")
+        typed = OmegaConf.to_object(merged)
+        _validate_dataset(typed, f"dataset '{name}' in {where}")
+        specs.append((name, typed))
     return specs
+
+
+def _validate_dataset(options: DatasetConfig, where: str) -> None:
+    if not 0.0 <= options.val_split < 1.0:
+        raise ConfigError(f"'val_split' of {where} must be in [0, 1), got {options.val_split}")
+    chosen = [k for k in ("fraction", "size", "share") if getattr(options, k) is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"{where} sets {' and '.join(chosen)}; set at most one of fraction, size and share")
+    if options.fraction is not None and options.fraction <= 0:
+        raise ConfigError(f"'fraction' of {where} must be positive, got {options.fraction}")
+    if options.size is not None and options.size < 1:
+        raise ConfigError(f"'size' of {where} must be at least 1, got {options.size}")
+    if options.share is not None and not 0.0 < options.share < 1.0:
+        raise ConfigError(f"'share' of {where} must be in (0, 1), got {options.share}")
+    if not options.input_file_path:
+        raise ConfigError(f"{where} needs 'input_file_path'")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

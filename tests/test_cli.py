@@ -82,12 +82,27 @@ def test_show_dataset_stats_from_another_working_directory(tmp_path: Path) -> No
     # Relative paths in the config (tokenizer, data_dir) must not depend on where the command runs.
     result = run_cli(*TINY, "--show_dataset_stats", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    header, *rows = result.stdout.strip().splitlines()
+    splits, removed = result.stdout.strip().split("\n\nremoved by filters\n")
+    header, *rows = splits.splitlines()
     assert header.split() == ["dataset", "split", "threads", "turns", "samples", "tokens", "p50", "p90", "p99",
                               "max", "supervised%", "truncated", "dropped"]
     assert [row.split()[:2] for row in rows] == [["oasst_export", "train"], ["oasst_export", "val"]]
     train = rows[0].split()
     assert int(train[2]) > 100 and 0 < float(train[10]) < 100
+    filters_header, oasst = removed.splitlines()
+    assert filters_header.split() == ["dataset", "records", "other_language", "duplicates", "too_short", "too_long",
+                                      "per_epoch"]
+    assert int(oasst.split()[-1]) == int(train[4])  # an epoch draws every training sample by default
+
+
+def test_mixture_sections_report_each_source_and_its_draw() -> None:
+    result = run_cli("--configs", "defaults", "tiny-falcon", "falcon-40b-instruct-mix", "--show_dataset_stats")
+    assert result.returncode == 0, result.stderr
+    removed = result.stdout.split("removed by filters\n")[1].splitlines()[1:]
+    per_epoch = {line.split()[0]: int(line.split()[-1]) for line in removed}
+    assert set(per_epoch) == {"chat_jsonl", "oasst_export", "alpaca", "text"}
+    others = per_epoch["chat_jsonl"] + per_epoch["oasst_export"] + per_epoch["alpaca"]
+    assert abs(per_epoch["text"] / (others + per_epoch["text"]) - 0.05) < 1 / others
 
 
 def test_truncation_is_counted_in_the_stats() -> None:
@@ -108,5 +123,5 @@ def test_missing_data_file_names_the_path_and_the_key() -> None:
 def test_empty_dataset_after_filters_is_an_error() -> None:
     result = run_cli(*TINY, "datasets=[{oasst_export: {lang: xx}}]", "--show_dataset_stats")
     assert result.returncode == 2
-    assert "datasets[0].oasst_export has no training threads after its filters" in result.stderr
+    assert "datasets[0].oasst_export has no training samples after its filters" in result.stderr
     assert "lang='xx'" in result.stderr

@@ -23,7 +23,7 @@ from model_training.config import (
 )
 
 MODEL_SECTIONS = ["falcon-7b", "falcon-40b", "tiny-falcon"]
-DATA_SECTIONS = ["oasst-top1", "oasst-sample"]
+DATA_SECTIONS = ["oasst-top1", "oasst-sample", "oasst-hh-dolly", "falcon-40b-instruct-mix"]
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -199,7 +199,8 @@ def test_model_config_needs_a_model_type() -> None:
 @pytest.mark.parametrize(
     ("datasets", "message"),
     [
-        ("[{oasst_exprt: {}}]", r"unknown dataset 'oasst_exprt' in datasets\[0\]; known: oasst_export; did you mean"),
+        ("[{oasst_exprt: {}}]",
+         r"unknown dataset 'oasst_exprt' in datasets\[0\]; known: oasst_export, oasst1, .*did you mean 'oasst_export'"),
         ("[{oasst_export: {langs: en}}]", r"unknown key 'langs' of dataset 'oasst_export' in datasets\[0\]"),
         ("[{oasst_export: {val_split: half}}]", r"bad value for key 'val_split' of dataset 'oasst_export'"),
         ("[[1, 2]]", r"datasets\[0\] must be a dataset name or"),

@@ -139,18 +139,33 @@ def format_conversation(
     short keeps its loss on the tokens kept. When no supervised token is left, return None: the caller
     counts the sample as dropped. Raises ValueError on bad roles or alternation.
     """
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"max_length must be positive, got {max_length}")
     _check_roles(messages, last_role="assistant")
     input_ids, labels = _build(messages, tokenizer, system)
-    if max_length is None or len(input_ids) <= max_length:
-        return FormattedSample(tuple(input_ids), tuple(labels), truncated=False)
-    labels = labels[:max_length]
+    return truncate(FormattedSample(tuple(input_ids), tuple(labels), truncated=False), max_length)
+
+
+def truncate(sample: FormattedSample, max_length: int | None) -> FormattedSample | None:
+    """`sample` cut by the rule of `format_conversation`; None when no supervised token is left."""
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if max_length is None or len(sample.input_ids) <= max_length:
+        return sample
+    labels = sample.labels[:max_length]
     supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     if not supervised:
         return None
     end = supervised[-1] + 1
-    return FormattedSample(tuple(input_ids[:end]), tuple(labels[:end]), truncated=True)
+    return FormattedSample(sample.input_ids[:end], labels[:end], truncated=True)
+
+
+def format_text(text: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[FormattedSample]:
+    """Plain pretraining text, fully supervised: the text's tokens and an eos, cut into pieces of
+    `max_length` tokens (each piece a sample; the first token of a piece has no prediction to learn)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 for text, got {max_length}")
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    pieces = [tuple(ids[i : i + max_length]) for i in range(0, len(ids), max_length)]
+    return [FormattedSample(p, p, truncated=False) for p in pieces if len(p) > 1]
 
 
 def format_prompt(

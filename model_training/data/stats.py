@@ -41,9 +41,22 @@ def split_row(split: TokenizedSplit, side: str) -> dict[str, object]:
     }
 
 
-def format_stats(data: PreparedData) -> str:
-    """A plain-text table, one row per dataset and split."""
-    rows = [split_row(s, "train") for s in data.train] + [split_row(s, "val") for s in data.val]
-    table = [list(_COLUMNS)] + [[str(row[c]) for c in _COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+_FILTER_COLUMNS = ("dataset", "records", "other_language", "duplicates", "too_short", "too_long", "per_epoch")
+
+
+def _table(columns: tuple[str, ...], rows: list[dict[str, object]]) -> str:
+    table = [list(columns)] + [[str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table)
+
+
+def format_stats(data: PreparedData, per_epoch: list[int]) -> str:
+    """Two plain-text tables: one row per dataset and split; then what each dataset's filters removed and
+    how many of its training samples an epoch draws (`per_epoch`, from the mixture options)."""
+    rows = [split_row(s, "train") for s in data.train] + [split_row(s, "val") for s in data.val]
+    removed = [
+        {"dataset": r.name, "records": r.records, "other_language": r.other_language, "duplicates": r.duplicates,
+         "too_short": r.too_short, "too_long": r.too_long, "per_epoch": n}
+        for r, n in zip(data.reports, per_epoch)
+    ]
+    return _table(_COLUMNS, rows) + "\n\nremoved by filters\n" + _table(_FILTER_COLUMNS, removed)

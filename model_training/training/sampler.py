@@ -1,22 +1,50 @@
-"""Which training samples each rank reads at each optimizer step: deterministic, seeded, resumable.
+"""Which training samples each rank reads at each optimizer step: a seeded mixture, deterministic, resumable.
 
-Each epoch is one seeded permutation of all training samples, cut into global batches of
-world_size x micro_batch x accumulation samples; an optimizer step consumes one global batch, rank r takes
-its r-th slice and splits it into micro-batches. So the samples of a step do not depend on how the step is
-split between ranks and accumulation, and the position in the data is a pure function of the step count.
-The last partial global batch of an epoch is dropped (different samples each epoch, since the order changes).
+Each epoch draws its samples from every source (`SourceDraw`: all of them, a fraction, a fixed number, with
+or without replacement; a different draw each epoch), shuffles them together with a seeded permutation and
+cuts the result into global batches of world_size x micro_batch x accumulation samples. An optimizer step
+consumes one global batch; it is split into `world_size` contiguous parts by *global* rank, so across all
+nodes every drawn sample is read by exactly one rank, and the samples of a step do not depend on how the
+step is split between ranks and accumulation. The last step of an epoch may be short: its samples are
+spread as evenly as possible and a rank left with an empty micro-batch runs one that carries no loss (ZeRO
+needs every rank in every forward and backward). The position in the data is a pure function of the step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from model_training.config import ConfigError
+
+
+@dataclass(frozen=True)
+class SourceDraw:
+    """One source's samples in the pool (`offset`, `length`) and how many an epoch draws (`per_epoch`)."""
+
+    offset: int
+    length: int
+    per_epoch: int
+    replace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.per_epoch > self.length and not self.replace:
+            raise ValueError(f"{self.per_epoch} samples per epoch asked of a source of {self.length}")
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + key) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    num_samples: int
+    sources: tuple[SourceDraw, ...]
     world_size: int
     rank: int
     micro_batch_size: int
@@ -28,21 +56,79 @@ class StepPlan:
         return self.world_size * self.micro_batch_size * self.accumulation_steps
 
     @property
+    def samples_per_epoch(self) -> int:
+        return sum(s.per_epoch for s in self.sources)
+
+    @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.samples_per_step
+        return math.ceil(self.samples_per_epoch / self.samples_per_step)
 
     def epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
-
-    def micro_batches(self, order: list[int], step_in_epoch: int) -> list[list[int]]:
-        """This rank's micro-batches (sample indices) for one optimizer step of the epoch `order` comes from."""
-        per_rank = self.micro_batch_size * self.accumulation_steps
-        start = step_in_epoch * self.samples_per_step + self.rank * per_rank
-        mine = order[start : start + per_rank]
-        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+        """Pool indices of the epoch's samples, in reading order."""
+        drawn: list[int] = []
+        for index, source in enumerate(self.sources):
+            generator = _generator(self.seed, epoch, index + 1)
+            if source.replace:
+                picks = torch.randint(source.length, (source.per_epoch,), generator=generator)
+            else:
+                picks = torch.randperm(source.length, generator=generator)[: source.per_epoch]
+            drawn.extend(source.offset + int(i) for i in picks)
+        order = torch.randperm(len(drawn), generator=_generator(self.seed, epoch, 0))
+        return [drawn[i] for i in order]
 
     def global_step_samples(self, order: list[int], step_in_epoch: int) -> list[int]:
         """Every sample of one optimizer step, all ranks together (for counting supervised tokens)."""
         start = step_in_epoch * self.samples_per_step
         return order[start : start + self.samples_per_step]
+
+    def micro_batches(self, order: list[int], step_in_epoch: int) -> list[list[int]]:
+        """This rank's `accumulation_steps` micro-batches of one step; some may be empty in a short last step."""
+        mine = _even_parts(self.global_step_samples(order, step_in_epoch), self.world_size)[self.rank]
+        return _even_parts(mine, self.accumulation_steps)
+
+
+def _even_parts(items: list[int], parts: int) -> list[list[int]]:
+    """Contiguous parts whose sizes differ by at most one, larger first (equal parts for a full step)."""
+    size, extra = divmod(len(items), parts)
+    bounds = [0]
+    for p in range(parts):
+        bounds.append(bounds[-1] + size + (p < extra))
+    return [items[bounds[p] : bounds[p + 1]] for p in range(parts)]
+
+
+def plan_sources(names: list[str], lengths: list[int], options: list[Any]) -> tuple[SourceDraw, ...]:
+    """Each dataset's draw per epoch from its options: `size`, `fraction` or `share` of the epoch, else all.
+
+    A `share` is of the whole epoch: with the other datasets drawing N samples, shares s_i add
+    round(s_i * N / (1 - sum of shares)) each, so "5% pretraining text" stays 5% whatever the chat data's size.
+    Asking for more samples than a dataset has is an error unless it sets `replace`.
+    """
+    per_epoch: list[int | None] = []
+    for length, opts in zip(lengths, options):
+        if opts.size is not None:
+            per_epoch.append(opts.size)
+        elif opts.fraction is not None:
+            per_epoch.append(max(1, round(opts.fraction * length)))
+        elif opts.share is not None:
+            per_epoch.append(None)
+        else:
+            per_epoch.append(length)
+    shares = [opts.share for opts in options if opts.share is not None]
+    if shares:
+        rest = sum(n for n in per_epoch if n is not None)
+        if rest == 0 or sum(shares) >= 1.0:
+            raise ConfigError(
+                f"dataset shares {shares} need other datasets to be a share of, and must add up to less than 1"
+            )
+        scale = rest / (1.0 - sum(shares))
+        per_epoch = [round(o.share * scale) if n is None else n for n, o in zip(per_epoch, options)]
+    draws, offset = [], 0
+    for name, length, opts, n in zip(names, lengths, options, per_epoch):
+        if n > length and not opts.replace:
+            raise ConfigError(
+                f"dataset '{name}' is asked for {n} samples per epoch but has {length} after its filters; "
+                "set 'replace: true' to draw with replacement, or ask for fewer"
+            )
+        draws.append(SourceDraw(offset=offset, length=length, per_epoch=n, replace=opts.replace))
+        offset += length
+    return tuple(draws)

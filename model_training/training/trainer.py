@@ -42,7 +42,7 @@ from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, zero_stage
 from model_training.training.loss import count_supervised, supervised_token_sums
 from model_training.training.metrics import MetricsLogger
-from model_training.training.sampler import StepPlan
+from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -122,18 +122,13 @@ def train(cfg: TrainConfig) -> Path:
     data = prepare_data(cfg, tokenizer)
     train_samples = [s for split in data.train for s in split.samples]
     plan = StepPlan(
-        num_samples=len(train_samples),
+        sources=plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options),
         world_size=info.world_size,
         rank=info.rank,
         micro_batch_size=cfg.per_device_train_batch_size,
         accumulation_steps=cfg.gradient_accumulation_steps,
         seed=cfg.rng_seed,
     )
-    if plan.steps_per_epoch == 0:
-        raise TrainingError(
-            f"{len(train_samples)} training samples do not fill one optimizer step of {plan.samples_per_step} "
-            "(world size x per_device_train_batch_size x gradient_accumulation_steps)"
-        )
     total_steps = cfg.max_steps or plan.steps_per_epoch * cfg.num_train_epochs
 
     ds_config = build_deepspeed_config(cfg, info.world_size)
@@ -151,8 +146,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume_from_checkpoint:
         _resume(cfg, engine, state, output_dir)
     logger.info(
-        "%d training samples, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks",
-        len(train_samples), plan.steps_per_epoch, total_steps, zero_stage(ds_config), info.world_size,
+        "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks",
+        len(train_samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps, zero_stage(ds_config),
+        info.world_size,
     )
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
@@ -218,10 +214,13 @@ def _loop(
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro_batch in plan.micro_batches(order, step_in_epoch):
-            batch = pad_batch([samples[i] for i in micro_batch], pad_id, PAD_TO_MULTIPLE_OF)
+            # A short last step can leave this rank an empty micro-batch; it still runs one (ZeRO's forward
+            # and backward are collective) whose loss weighs nothing.
+            weight = 1.0 if micro_batch else 0.0
+            batch = pad_batch([samples[i] for i in micro_batch or [0]], pad_id, PAD_TO_MULTIPLE_OF)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            micro_loss_sum, _ = supervised_token_sums(logits, batch["labels"])
+            micro_loss_sum = supervised_token_sums(logits, batch["labels"])[0] * weight
             loss_sum += micro_loss_sum.detach().double()
             # DeepSpeed averages gradients over ranks; x world_size turns that into a sum, so the gradient is
             # that of (sum of token losses of the whole step) / (supervised tokens of the whole step).

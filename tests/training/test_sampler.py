@@ -1,44 +1,89 @@
-"""The step plan: deterministic, disjoint across ranks, independent of how a step is split."""
+"""The step plan: a seeded per-epoch mixture, disjoint across global ranks, independent of how a step is split."""
 
 from __future__ import annotations
 
-from model_training.training.sampler import StepPlan
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from model_training.config import ConfigError
+from model_training.training.sampler import SourceDraw, StepPlan, plan_sources
 
 
-def plans(world: int, micro: int, accumulation: int, n: int = 50, seed: int = 3) -> list[StepPlan]:
-    return [StepPlan(n, world, rank, micro, accumulation, seed) for rank in range(world)]
+def options(**kw: object) -> SimpleNamespace:
+    return SimpleNamespace(**{"size": None, "fraction": None, "share": None, "replace": False, **kw})
+
+
+def plans(world: int, micro: int, accumulation: int, sources: tuple[SourceDraw, ...], seed: int = 3) -> list[StepPlan]:
+    return [StepPlan(sources, world, rank, micro, accumulation, seed) for rank in range(world)]
+
+
+ALL_50 = (SourceDraw(offset=0, length=50, per_epoch=50),)
+
+
+def read_in_epoch(ranks: list[StepPlan], epoch: int) -> list[list[int]]:
+    """What every rank reads in one epoch (empty micro-batches read nothing)."""
+    order = ranks[0].epoch_order(epoch)
+    return [[i for step in range(p.steps_per_epoch) for mb in p.micro_batches(order, step) for i in mb] for p in ranks]
 
 
 def test_order_is_a_seeded_permutation_that_changes_each_epoch() -> None:
-    plan = plans(1, 2, 1)[0]
+    plan = plans(1, 2, 1, ALL_50)[0]
     assert plan.epoch_order(0) == plan.epoch_order(0)
     assert sorted(plan.epoch_order(0)) == list(range(50))
     assert plan.epoch_order(0) != plan.epoch_order(1)
-    assert plan.epoch_order(0) != StepPlan(50, 1, 0, 2, 1, seed=4).epoch_order(0)
-
-
-def test_ranks_read_disjoint_slices_that_cover_the_step() -> None:
-    ranks = plans(world=2, micro=3, accumulation=2)
-    order = ranks[0].epoch_order(0)
-    assert ranks[0].steps_per_epoch == 50 // 12
-    for step in range(ranks[0].steps_per_epoch):
-        mine = [[i for micro in p.micro_batches(order, step) for i in micro] for p in ranks]
-        assert all(len(m) == 6 for m in mine)
-        assert set(mine[0]).isdisjoint(mine[1])
-        assert sorted(mine[0] + mine[1]) == sorted(ranks[0].global_step_samples(order, step))
+    assert plan.epoch_order(0) != StepPlan(ALL_50, 1, 0, 2, 1, seed=4).epoch_order(0)
 
 
 def test_the_samples_of_a_step_do_not_depend_on_the_split() -> None:
-    one = plans(world=1, micro=4, accumulation=4)[0]
-    two = plans(world=2, micro=4, accumulation=2)
+    one = plans(world=1, micro=4, accumulation=4, sources=ALL_50)[0]
+    two = plans(world=2, micro=4, accumulation=2, sources=ALL_50)
     order = one.epoch_order(0)
-    assert one.epoch_order(0) == two[1].epoch_order(0)
     for step in range(one.steps_per_epoch):
         split = sorted(i for p in two for micro in p.micro_batches(order, step) for i in micro)
         assert split == sorted(i for micro in one.micro_batches(order, step) for i in micro)
 
 
-def test_an_epoch_drops_only_the_last_partial_step() -> None:
-    plan = plans(world=2, micro=2, accumulation=1, n=10)[0]
-    assert plan.steps_per_epoch == 2
-    assert len({i for s in range(2) for i in plan.global_step_samples(plan.epoch_order(0), s)}) == 8
+def test_two_nodes_of_two_ranks_read_every_drawn_sample_exactly_once_per_epoch() -> None:
+    """Global ranks 0..3 (2 nodes x 2 local ranks): no sample duplicated or dropped, short last step included."""
+    sources = (SourceDraw(0, 37, 37), SourceDraw(37, 20, 10))
+    ranks = plans(world=4, micro=3, accumulation=2, sources=sources)
+    assert ranks[0].samples_per_epoch == 47 and ranks[0].steps_per_epoch == 2  # 24 + a short step of 23
+    for epoch in range(3):
+        read = read_in_epoch(ranks, epoch)
+        everything = [i for rank in read for i in rank]
+        assert len(everything) == len(set(everything)) == 47
+        assert Counter(everything) == Counter(ranks[0].epoch_order(epoch))
+    # Each rank has the same number of micro-batches in every step, even when some are empty.
+    order = ranks[0].epoch_order(0)
+    assert {len(p.micro_batches(order, 1)) for p in ranks} == {2}
+
+
+def test_each_source_is_drawn_in_its_ratio_and_redrawn_each_epoch() -> None:
+    sources = plan_sources(["chat", "text"], [300, 40], [options(), options(share=0.05)])
+    assert [s.per_epoch for s in sources] == [300, 16]  # round(0.05 * 300 / 0.95)
+    plan = plans(1, 4, 1, sources)[0]
+    for epoch in range(2):
+        order = plan.epoch_order(epoch)
+        assert sum(i >= 300 for i in order) == 16 and sum(i < 300 for i in order) == 300
+    text_draws = [{i for i in plan.epoch_order(e) if i >= 300} for e in range(2)]
+    assert text_draws[0] != text_draws[1]
+
+
+def test_size_fraction_and_replace() -> None:
+    sources = plan_sources(["a", "b", "c"], [10, 10, 4], [options(size=3), options(fraction=0.25),
+                                                         options(size=9, replace=True)])
+    assert [(s.offset, s.per_epoch) for s in sources] == [(0, 3), (10, 2), (20, 9)]
+    order = plans(1, 1, 1, sources)[0].epoch_order(0)
+    assert Counter(20 <= i < 24 for i in order)[True] == 9
+    assert len({i for i in order if i < 10}) == 3  # without replacement: distinct
+
+
+def test_a_mixture_that_cannot_be_met_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"dataset 'b' is asked for 12 samples per epoch but has 10 .*replace"):
+        plan_sources(["a", "b"], [5, 10], [options(), options(size=12)])
+    with pytest.raises(ConfigError, match="must add up to less than 1"):
+        plan_sources(["a", "b"], [5, 10], [options(), options(share=1.0)])
+    with pytest.raises(ConfigError, match="need other datasets"):
+        plan_sources(["a"], [5], [options(share=0.5)])

@@ -275,3 +275,19 @@ def test_pretrained_folder_under_zero3_is_partitioned_resized_and_trains(tmp_pat
     assert abs(losses[1] - math.log(2023)) < 0.5, losses[1]
     saved = json.loads((run / "checkpoint-000002" / "model_config" / "config.json").read_text())
     assert saved["vocab_size"] == VOCAB_ROWS
+
+
+def test_multi_source_mixture_trains_through_a_short_last_step(tmp_path: Path) -> None:
+    """oasst1 + hh-rlhf (half of it each epoch) + dolly: 115 samples per epoch in steps of 28, so the last
+    step has 3 samples and rank 1 runs an empty micro-batch; every source is evaluated on its own."""
+    run = tmp_path / "run"
+    check_ok(run_deepspeed([
+        "--configs", "defaults", "tiny-falcon", "oasst-hh-dolly", f"output_dir={run}", "num_train_epochs=1",
+        "per_device_train_batch_size=7", "gradient_accumulation_steps=2", "logging_steps=1", "save_strategy=no",
+    ]))
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert {k for k in records[-1] if k.startswith("eval/")} == {
+        f"eval/{name}/{metric}" for name in ("oasst1", "hh_rlhf", "dolly15k") for metric in ("loss", "accuracy")
+    }

@@ -1,0 +1,121 @@
+"""Datasets by name: every source through the real config, the split, dedupe, filters and their counts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, cpu_env
+
+from model_training.config import ConfigError, load_config, parse_override
+from model_training.data.formatting import IGNORE_INDEX
+from model_training.data.registry import prepare_data, split_records
+from model_training.data.sources import Conversation
+from model_training.models.builder import load_tokenizer
+
+SAMPLES = {
+    "oasst_export": "oasst_sample.jsonl.gz",
+    "oasst1": "oasst1_sample",
+    "dolly15k": "dolly_sample.jsonl",
+    "alpaca": "alpaca_sample.json",
+    "hh_rlhf": "hh_rlhf_sample.jsonl.gz",
+    "chat_jsonl": "chat_sample.jsonl",
+    "text": "text_sample.txt",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(load_config(["defaults", "tiny-falcon", "oasst-sample"]))
+
+
+def prepared(tokenizer, datasets: str, *overrides: str):
+    cfg = load_config(["defaults", "tiny-falcon"], [parse_override(o) for o in (f"datasets={datasets}", *overrides)])
+    return prepare_data(cfg, tokenizer)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_every_source_loads_its_bundled_sample(tokenizer, name: str) -> None:
+    data = prepared(tokenizer, f"[{{{name}: {{input_file_path: {SAMPLES[name]}, val_split: 0.2}}}}]")
+    (train,), (val,) = data.train, data.val
+    assert train.name == val.name == name
+    assert len(train.samples) > 10 and len(val.samples) >= 1
+    assert all(s.num_supervised > 0 and len(s.input_ids) <= 256 for s in train.samples + val.samples)
+    assert data.reports[0].records == train.threads + val.threads + data.reports[0].duplicates
+
+
+def test_text_is_fully_supervised_and_cut_to_max_length(tokenizer) -> None:
+    data = prepared(tokenizer, "[{text: {input_file_path: text_sample.txt, val_split: 0.0}}]", "max_length=16")
+    samples = data.train[0].samples
+    assert len(samples) > data.train[0].threads  # documents longer than 16 tokens became several pieces
+    assert all(len(s.input_ids) <= 16 and s.labels == s.input_ids for s in samples)
+    assert samples[-1].input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_exact_duplicates_are_dropped_across_sources(tokenizer) -> None:
+    both = "[{dolly15k: {input_file_path: dolly_sample.jsonl}}, {alpaca: {input_file_path: alpaca_sample.json}}]"
+    deduped = prepared(tokenizer, both)
+    assert [r.duplicates for r in deduped.reports] == [0, 1]  # alpaca repeats one dolly conversation
+    kept = prepared(tokenizer, both, "dedupe=false")
+    assert [r.duplicates for r in kept.reports] == [0, 0]
+    count = lambda d: sum(len(s.samples) for s in d.train + d.val)  # noqa: E731
+    assert count(kept) == count(deduped) + 1
+
+
+def test_language_filter_keeps_records_without_a_language(tokenizer) -> None:
+    data = prepared(tokenizer, "[{chat_jsonl: {input_file_path: chat_sample.jsonl, lang: de, val_split: 0.0}}]")
+    assert data.reports[0].other_language == 12  # the sample's 12 English-tagged records; 28 carry no lang
+    assert data.train[0].threads == 28
+
+
+def test_length_filters_drop_and_count(tokenizer) -> None:
+    base = "[{dolly15k: {input_file_path: dolly_sample.jsonl, val_split: 0.0, min_length: 60, max_length: 110}}]"
+    data = prepared(tokenizer, base)
+    report = data.reports[0]
+    assert report.too_short > 0 and report.too_long > 0
+    assert all(60 <= len(s.input_ids) <= 110 for s in data.train[0].samples)
+    assert len(data.train[0].samples) == report.records - report.too_short - report.too_long
+
+
+def test_split_keeps_groups_together_and_depends_only_on_the_seed() -> None:
+    records = [Conversation(messages=(), group=f"tree{i // 3}") for i in range(30)]
+    train, val = split_records(records, 0.2, seed=7)
+    assert len(val) == 6 and len(train) == 24
+    assert {r.group for r in train}.isdisjoint({r.group for r in val})
+    assert split_records(records, 0.2, seed=7) == (train, val)
+    assert split_records(records, 0.2, seed=8)[1] != val
+
+
+def test_a_source_with_nothing_left_is_an_error(tokenizer) -> None:
+    with pytest.raises(ConfigError, match=r"datasets\[0\].dolly15k has no training samples after its filters"):
+        prepared(tokenizer, "[{dolly15k: {input_file_path: dolly_sample.jsonl, min_length: 100000}}]")
+
+
+def test_missing_source_file_names_path_and_key(tokenizer) -> None:
+    with pytest.raises(ConfigError, match=r"nope.jsonl.*datasets\[0\].dolly15k.input_file_path"):
+        prepared(tokenizer, "[{dolly15k: {input_file_path: nope.jsonl}}]")
+
+
+def test_a_malformed_record_stops_the_cli_with_file_line_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "dolly.jsonl"
+    bad.write_text(json.dumps({"instruction": "Hi", "context": "", "response": "Hello"}) + "\n"
+                   + json.dumps({"instruction": "Hi again", "context": ""}) + "\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "trainer_sft.py"), "--configs", "defaults", "tiny-falcon",
+         f"datasets=[{{dolly15k: {{input_file_path: {bad}}}}}]", "--show_dataset_stats"],
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert f"{bad}, line 2: missing field 'response'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_label_masks_hold_for_every_source(tokenizer) -> None:
+    for name in ("dolly15k", "hh_rlhf", "chat_jsonl"):
+        data = prepared(tokenizer, f"[{{{name}: {{input_file_path: {SAMPLES[name]}, val_split: 0.0}}}}]")
+        for sample in data.train[0].samples:
+            assert sample.labels[0] == IGNORE_INDEX  # a role token starts every conversation
+            assert sample.labels[-1] == tokenizer.eos_token_id  # every sample ends with a supervised eos
