@@ -9,7 +9,7 @@ config, `--show_dataset_stats` the datasets; both exit without training.
 
 import sys
 
-from model_training.cli import main_train
+from model_training.cli import exit_process, main_train
 
 if __name__ == "__main__":
-    sys.exit(main_train(sys.argv[1:]))
+    exit_process(main_train(sys.argv[1:]))

@@ -70,7 +70,8 @@ class TrainerState:
     tokens_seen: int = 0
     """Real (non-pad) tokens trained on, all ranks."""
     data_fingerprint: str = ""
-    """Hash of the training samples; a resume on different data is refused."""
+    """Hash of the training samples and their order (mixture, global batch, seed); a resume that would read
+    other data is refused."""
     model_fingerprint: str = ""
     """Model source and shape; a resume with another model is refused."""
 
@@ -88,8 +89,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _fingerprint_samples(samples: list[FormattedSample]) -> str:
-    digest = hashlib.sha256()
+def _fingerprint_data(samples: list[FormattedSample], plan: StepPlan) -> str:
+    """The training samples and the plan that orders them: a resume must read the same data in the same order."""
+    digest = hashlib.sha256(repr((plan.sources, plan.samples_per_step, plan.seed)).encode())
     for sample in samples:
         digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
         digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
@@ -141,7 +143,7 @@ def train(cfg: TrainConfig) -> Path:
     )
 
     state = TrainerState(
-        data_fingerprint=_fingerprint_samples(train_samples), model_fingerprint=_fingerprint_model(cfg)
+        data_fingerprint=_fingerprint_data(train_samples, plan), model_fingerprint=_fingerprint_model(cfg)
     )
     if cfg.resume_from_checkpoint:
         _resume(cfg, engine, state, output_dir)
@@ -166,7 +168,7 @@ def train(cfg: TrainConfig) -> Path:
 def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, output_dir: Path) -> None:
     ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
     saved = load_checkpoint(engine, ckpt)
-    for key, what in (("data_fingerprint", "training data"), ("model_fingerprint", "model")):
+    for key, what in (("data_fingerprint", "training data or its order"), ("model_fingerprint", "model")):
         if saved[key] != getattr(state, key):
             raise TrainingError(
                 f"cannot resume from {ckpt}: the {what} differs from the checkpoint's "

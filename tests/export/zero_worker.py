@@ -13,6 +13,8 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from model_training.cli import exit_process
+
 FROZEN = "transformer.ln_f.weight"
 
 
@@ -58,6 +60,7 @@ def main() -> None:
     deepspeed.init_distributed()
     for stage in args.stages:
         save(stage, args.out)
+    exit_process(0)  # native teardown at interpreter exit can abort after ZeRO-3 (see its docstring)
 
 
 if __name__ == "__main__":

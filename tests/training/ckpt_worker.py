@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model_training.cli import exit_process
 from model_training.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
@@ -121,9 +122,8 @@ def main() -> None:
             save_checkpoint(engine, args.out, step, {"step": step}, args.limit, write_extra=write_config)
             report["draws"][step] = draw_random()
     Path(f"{args.result}-rank{rank}.json").write_text(json.dumps(report))
-    # Left to interpreter exit, the process group's teardown sometimes aborts the process
-    # ("terminate called without an active exception").
     dist.destroy_process_group()
+    exit_process(0)  # see its docstring: native teardown at interpreter exit can abort after ZeRO-3
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import torch
 
 import model_training.training.trainer as trainer
-from model_training.cli import main_train
+from model_training.cli import exit_process, main_train
 
 FAULT_RANK = os.environ.get("FAULT_RANK", "1")
 KILL_AFTER = os.environ.get("FAULT_KILL_AFTER_SAVE_STEP")
@@ -46,4 +46,4 @@ if NAN_STEPS and is_fault_rank:
 
     trainer.supervised_token_sums = poisoned_sums
 
-sys.exit(main_train(sys.argv[1:]))
+exit_process(main_train(sys.argv[1:]))
