@@ -98,7 +98,7 @@ def parse_train_args(argv: list[str]) -> TrainArgs:
     return TrainArgs(config=config, show_config=args.show_config)
 
 
-def report_config_error(err: Exception) -> int:
+def report_user_error(err: Exception) -> int:
     """One line on stderr and exit status 2: the user's input was wrong, the message says where."""
     print(f"error: {err}", file=sys.stderr)
     return 2
@@ -114,7 +114,7 @@ def main_train(argv: list[str]) -> int:
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
     except (ConfigError, OasstFormatError, DatasetFormatError) as err:
-        return report_config_error(err)
+        return report_user_error(err)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
     from model_training.training.trainer import run_or_exit
@@ -122,7 +122,7 @@ def main_train(argv: list[str]) -> int:
     try:
         return run_or_exit(args.config)
     except (ConfigError, OasstFormatError, DatasetFormatError) as err:
-        return report_config_error(err)
+        return report_user_error(err)
 
 
 def _show_dataset_stats(cfg: TrainConfig) -> int:
