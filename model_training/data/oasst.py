@@ -27,11 +27,12 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from model_training.data.selection import held_out_groups, parse_languages
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,11 @@ def load_oasst_export(
 
     counts = {"records": 0, "skipped_lines": 0}
     unit = "row" if path.suffix == ".parquet" else "line"
-    trees = _read_trees(_records(path), path, unit, _languages(lang), skip_invalid, counts)
+    trees = _read_trees(_records(path), path, unit, parse_languages(lang), skip_invalid, counts)
     threads_by_tree = _threads_by_tree(trees, top_k)
     if counts["skipped_lines"]:
         logger.warning("skipped %d invalid line(s) in OASST export %s", counts["skipped_lines"], path)
-    val_trees = _validation_trees(threads_by_tree, val_split, manual_seed)
+    val_trees = held_out_groups(threads_by_tree, val_split, manual_seed)
     train = [t for tree_id, threads in threads_by_tree.items() if tree_id not in val_trees for t in threads]
     val = [t for tree_id, threads in threads_by_tree.items() if tree_id in val_trees for t in threads]
     if stats is not None:
@@ -153,7 +154,7 @@ def threads_from_rows(
     """
     _check_top_k(top_k)
     counts = {"records": 0, "skipped_lines": 0}
-    langs = _languages(lang)
+    langs = parse_languages(lang)
     trees = _read_trees(enumerate(rows, start=1), source, "row", langs, skip_invalid, counts, _FlatTrees(langs))
     pairs = [(tree_id, thread) for tree_id, threads in _threads_by_tree(trees, top_k).items() for thread in threads]
     if stats is not None:
@@ -164,10 +165,6 @@ def threads_from_rows(
 def _check_top_k(top_k: int | None) -> None:
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 or None, got {top_k}")
-
-
-def _languages(lang: str) -> set[str]:
-    return {code.strip() for code in lang.split(",") if code.strip()}
 
 
 def _threads_by_tree(trees: Iterable[_Tree], top_k: int | None) -> dict[str, list[Thread]]:
@@ -422,7 +419,3 @@ def _sft_threads(root: _Node, top_k: int | None) -> Iterator[Thread]:
         path.pop()
 
 
-def _validation_trees(threads_by_tree: dict[str, list[Thread]], val_split: float, seed: int) -> set[str]:
-    tree_ids = sorted(threads_by_tree)
-    random.Random(seed).shuffle(tree_ids)
-    return set(tree_ids[: round(len(tree_ids) * val_split)])

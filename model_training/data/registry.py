@@ -14,7 +14,6 @@ How much of each dataset an epoch draws is the sampler's business (model_trainin
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from model_training.config import ConfigError, DatasetConfig, TrainConfig, dataset_specs, resolve_input_path
 from model_training.data.formatting import FormattedSample, format_conversation, format_text, truncate
 from model_training.data.oasst import load_oasst_export
+from model_training.data.selection import held_out_groups, parse_languages
 from model_training.data.sources import LOADERS as SOURCE_LOADERS
 from model_training.data.sources import Conversation, TextDocument
 
@@ -107,20 +107,10 @@ LOADERS: dict[str, Callable[[Any, str, str], tuple[list[Record], list[Record]]]]
 
 
 def split_records(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out `val_split` of the groups (a record's `group`, else the record alone), chosen by `seed`.
-
-    Groups are shuffled by a seeded generator in first-seen order, so the split depends on the seed and the
-    records only; records keep their order on each side.
-    """
-    groups: dict[Any, None] = {}
-    keys = []
-    for index, record in enumerate(records):
-        key = getattr(record, "group", None) or ("record", index)
-        keys.append(key)
-        groups.setdefault(key, None)
-    order = list(groups)
-    random.Random(seed).shuffle(order)
-    held_out = set(order[: round(len(order) * val_split)])
+    """Hold out `val_split` of the groups (a record's `group`, else the record alone), chosen by `seed`
+    (model_training/data/selection.py); records keep their order on each side."""
+    keys = [getattr(record, "group", None) or f"record:{index:09d}" for index, record in enumerate(records)]
+    held_out = held_out_groups(keys, val_split, seed)
     train = [r for r, k in zip(records, keys) if k not in held_out]
     val = [r for r, k in zip(records, keys) if k in held_out]
     return train, val
@@ -132,13 +122,9 @@ def _dedupe_key(record: Record) -> tuple:
     return (record.system, tuple((m.role, m.text.strip()) for m in record.messages))
 
 
-def _languages(options: Any) -> set[str] | None:
-    lang = getattr(options, "lang", None)
-    return {code.strip() for code in lang.split(",") if code.strip()} if lang else None
-
-
 def _keep(records: list[Record], options: Any, seen: set[tuple] | None, report: FilterReport) -> list[Record]:
-    langs = _languages(options)
+    lang = getattr(options, "lang", None)
+    langs = parse_languages(lang) if lang else None
     kept = []
     for record in records:
         report.records += 1
