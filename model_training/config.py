@@ -388,6 +388,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.model_config is not None and "model_type" not in cfg.model_config:
         raise ConfigError("key 'model_config' needs a 'model_type' (e.g. falcon)")
+    if cfg.model_config is not None and cfg.tokenizer_name is None:
+        raise ConfigError("a model built from 'model_config' needs 'tokenizer_name' (a folder or hub id)")
     dataset_specs(cfg)
 
 

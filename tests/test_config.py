@@ -101,6 +101,7 @@ def test_later_sections_win_nested_mappings_merge_lists_replace(tmp_path: Path) 
         """
         base:
           model_config: {model_type: falcon, hidden_size: 64, num_hidden_layers: 2}
+          tokenizer_name: data/tokenizer
           learning_rate: 1.0e-3
           datasets: [{oasst_export: {lang: en}}, {oasst_export: {lang: de}}]
         more:
@@ -184,6 +185,7 @@ def test_unknown_key_on_the_command_line() -> None:
         ("save_total_limit=0", r"'save_total_limit' must be at least 1 or null"),
         ("residual_dropout=1.5", r"'residual_dropout' must be in \[0, 1\)"),
         ("model_name=tiiuae/falcon-7b", r"set exactly one of 'model_name'"),
+        ("tokenizer_name=null", r"a model built from 'model_config' needs 'tokenizer_name'"),
     ],
 )
 def test_values_the_types_cannot_check(override: str, message: str) -> None:

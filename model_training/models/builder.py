@@ -13,6 +13,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from model_training.config import TrainConfig, resolve_input_path
 from model_training.data.formatting import prepare_tokenizer
 from model_training.models.residual_dropout import apply_residual_dropout
+from model_training.training.ds_config import zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,7 @@ def _hub_or_local(name: str) -> str:
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """The tokenizer with the chat tokens added in their fixed order and pad/eos set for the model family."""
-    name = cfg.tokenizer_name or cfg.model_name
-    if name is None:
-        raise ValueError("a model built from 'model_config' needs 'tokenizer_name'")
+    name = cfg.tokenizer_name or cfg.model_name  # validate() guarantees one of them
     tokenizer = AutoTokenizer.from_pretrained(
         _hub_or_local(name), cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
     )
@@ -49,7 +48,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, ds_config:
     weights are partitioned as they are created, so a 40B model never exists whole on one rank.
     """
     global _hf_deepspeed_config
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if zero_stage(ds_config) == 3:
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = TORCH_DTYPES[cfg.dtype]
     # The same seed on every rank: random weights must be identical across data-parallel replicas.

@@ -467,9 +467,9 @@ def _is_transient(path: Path) -> bool:
 # --- loading ----------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:
-    """Load model, optimizer and lr scheduler into ``engine`` and this rank's RNG states from ``ckpt_dir``;
-    return the trainer state. Call on every rank, with the same number of ranks that saved the checkpoint."""
+def read_trainer_state(ckpt_dir: Path) -> dict:
+    """The trainer state of a committed checkpoint that this run can load: the manifest is verified and the
+    world size must match (without touching an engine, so a caller can check its own state first)."""
     ckpt_dir = Path(ckpt_dir)
     manifest = verify_checkpoint(ckpt_dir)
     saved, current = manifest["world_size"], _world_size()
@@ -479,17 +479,26 @@ def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:
             f"state (ZeRO stage {manifest.get('zero_stage')}) is sharded per rank, so resuming on a "
             f"different number of ranks is not supported for this checkpoint: resume with {saved} ranks."
         )
+    return json.loads((ckpt_dir / TRAINER_STATE_NAME).read_text())
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:
+    """Load model, optimizer and lr scheduler into ``engine`` and this rank's RNG states from ``ckpt_dir``;
+    return the trainer state. Call on every rank, with the same number of ranks that saved the checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    trainer_state = read_trainer_state(ckpt_dir)
+    tag = _read_manifest(ckpt_dir)["deepspeed_tag"]
     load_path, _ = engine.load_checkpoint(
         str(ckpt_dir),
-        tag=manifest["deepspeed_tag"],
+        tag=tag,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load tag {manifest['deepspeed_tag']!r} from {ckpt_dir}")
+        raise CheckpointError(f"DeepSpeed could not load tag {tag!r} from {ckpt_dir}")
     # Last, so that nothing the engine does while loading draws from the restored generators.
     _restore_rng_state(ckpt_dir, _rank())
-    return json.loads((ckpt_dir / TRAINER_STATE_NAME).read_text())
+    return trainer_state
 
 
 # --- distributed helpers ----------------------------------------------------------------------------------

@@ -30,10 +30,6 @@ class SourceDraw:
     per_epoch: int
     replace: bool = False
 
-    def __post_init__(self) -> None:
-        if self.per_epoch > self.length and not self.replace:
-            raise ValueError(f"{self.per_epoch} samples per epoch asked of a source of {self.length}")
-
 
 def _generator(*keys: int) -> torch.Generator:
     seed = 0

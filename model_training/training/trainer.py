@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model_training.config import TrainConfig, to_yaml
+from model_training.config import ConfigError, TrainConfig, to_yaml
 from model_training.data.collate import pad_batch
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import TokenizedSplit, prepare_data
@@ -35,6 +35,7 @@ from model_training.models.builder import build_model, load_tokenizer
 from model_training.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    read_trainer_state,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -166,23 +167,44 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, output_dir: Path) -> None:
-    ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
-    saved = load_checkpoint(engine, ckpt)
+    """Continue from a committed checkpoint; anything that makes it the wrong one is refused before loading."""
+    try:
+        ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
+    except CheckpointError as err:
+        raise ConfigError(f"cannot resume ('resume_from_checkpoint'): {err}") from None
+    try:
+        saved = read_trainer_state(ckpt)
+    except CheckpointError as err:
+        raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     for key, what in (("data_fingerprint", "training data or its order"), ("model_fingerprint", "model")):
         if saved[key] != getattr(state, key):
-            raise TrainingError(
+            raise ConfigError(
                 f"cannot resume from {ckpt}: the {what} differs from the checkpoint's "
                 f"({saved[key]} there, {getattr(state, key)} now); start a new run in another output_dir"
             )
+    try:
+        load_checkpoint(engine, ckpt)
+    except CheckpointError as err:
+        raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     state.load_state_dict(saved)
-    # The scheduler restored its old peak; a changed learning_rate is allowed and takes effect from here.
+    _apply_changed_hyperparameters(cfg, engine)
+    logger.info("resumed from %s at optimizer step %d", ckpt, state.optimizer_step)
+
+
+def _apply_changed_hyperparameters(cfg: TrainConfig, engine: Any) -> None:
+    """The optimizer and scheduler states restored their old settings; the config's current ones win, logged."""
     scheduler = engine.lr_scheduler
     if scheduler.base_lrs != [cfg.learning_rate] * len(scheduler.base_lrs):
         logger.warning("learning_rate changed on resume: %s -> %s", scheduler.base_lrs[0], cfg.learning_rate)
         scheduler.base_lrs = [cfg.learning_rate] * len(scheduler.base_lrs)
         for group, multiplier in zip(engine.optimizer.param_groups, scheduler.lr_lambdas):
             group["lr"] = cfg.learning_rate * multiplier(scheduler.last_epoch)
-    logger.info("resumed from %s at optimizer step %d", ckpt, state.optimizer_step)
+    wanted = {"weight_decay": cfg.weight_decay, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    for group in engine.optimizer.param_groups:
+        for key, value in wanted.items():
+            if key in group and tuple(np.atleast_1d(group[key])) != tuple(np.atleast_1d(value)):
+                logger.warning("%s changed on resume: %s -> %s", key, group[key], value)
+                group[key] = value
 
 
 def _loop(
@@ -218,11 +240,12 @@ def _loop(
         for micro_batch in plan.micro_batches(order, step_in_epoch):
             # A short last step can leave this rank an empty micro-batch; it still runs one (ZeRO's forward
             # and backward are collective) whose loss weighs nothing.
-            weight = 1.0 if micro_batch else 0.0
             batch = pad_batch([samples[i] for i in micro_batch or [0]], pad_id, PAD_TO_MULTIPLE_OF)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            micro_loss_sum = supervised_token_sums(logits, batch["labels"])[0] * weight
+            micro_loss_sum = supervised_token_sums(logits, batch["labels"])[0]
+            if not micro_batch:
+                micro_loss_sum = torch.where(torch.tensor(False), micro_loss_sum, 0.0)  # NaN * 0 would stay NaN
             loss_sum += micro_loss_sum.detach().double()
             # DeepSpeed averages gradients over ranks; x world_size turns that into a sum, so the gradient is
             # that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
@@ -291,15 +314,17 @@ def _check_finite_before_update(
 ) -> None:
     """Refuse an update that DeepSpeed would apply despite a non-finite loss on some rank.
 
-    ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow);
-    ZeRO-3 in bf16/fp32 does not, so there the run stops before the update reaches the weights.
+    ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow), and
+    fp16's loss scaler skips it at any stage; ZeRO-0 and ZeRO-3 in bf16/fp32 do not, so there the run stops
+    before the update reaches the weights.
     """
     flag = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0], device=loss_sum.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and zero_stage(engine.config) == 3 and not engine.fp16_enabled():
+    skips_itself = engine.fp16_enabled() or zero_stage(engine.config) in (1, 2)
+    if flag.item() and not skips_itself:
         raise TrainingError(
-            f"non-finite loss at optimizer step {step + 1}; ZeRO-3 in {cfg.dtype} cannot skip the update, so "
-            "training stops before it is applied; resume from the last checkpoint"
+            f"non-finite loss at optimizer step {step + 1}; ZeRO stage {zero_stage(engine.config)} in {cfg.dtype} "
+            "cannot skip the update, so training stops before it is applied; resume from the last checkpoint"
         )
 
 
@@ -334,7 +359,7 @@ def _evaluate(
     """Loss and next-token accuracy on supervised tokens of each validation set, in a fixed order.
 
     Rank r takes samples r, r + world, ...; every rank runs the same number of batches (a rank short of
-    samples runs a batch with no supervised token), since ZeRO-3 forwards are collective.
+    samples runs one more batch and does not count it), since ZeRO-3 forwards are collective.
     """
     engine.eval()
     results: dict[str, float] = {}
@@ -347,13 +372,13 @@ def _evaluate(
         sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, correct, supervised tokens
         for b in range(num_batches):
             chunk = mine[b * cfg.per_device_eval_batch_size : (b + 1) * cfg.per_device_eval_batch_size]
-            weight = 1.0 if chunk else 0.0
             batch = pad_batch(chunk or split.samples[:1], pad_id, PAD_TO_MULTIPLE_OF)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum, correct = supervised_token_sums(logits, batch["labels"])
-            supervised = float(count_supervised(batch["labels"]))
-            sums += weight * torch.stack([loss_sum.double(), correct.double(), torch.tensor(supervised).double()])
+            if chunk:
+                supervised = torch.tensor(count_supervised(batch["labels"]), dtype=torch.float64, device=engine.device)
+                sums += torch.stack([loss_sum.double(), correct.double(), supervised])
         dist.all_reduce(sums)
         results[f"eval/{split.name}/loss"] = (sums[0] / sums[2]).item()
         results[f"eval/{split.name}/accuracy"] = (sums[1] / sums[2]).item()

@@ -128,12 +128,19 @@ def test_resume_refuses_other_data_and_other_world_size(zero2_run: Path, tmp_pat
     assert "resume with 2 ranks" in other_world.stdout
 
 
+def test_resume_without_a_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    result = run_deepspeed([*TINY_RUN, f"output_dir={tmp_path}", "--resume_from_checkpoint"])
+    assert result.returncode == 2
+    assert "cannot resume ('resume_from_checkpoint'): No usable committed checkpoint in" in result.stdout
+
+
 def test_changed_learning_rate_on_resume_is_allowed_and_logged(zero2_run: Path, tmp_path: Path) -> None:
     ckpt = zero2_run / "checkpoint-000004"
     result = check_ok(
         run_deepspeed([*TINY_RUN, f"output_dir={tmp_path}", f"resume_from_checkpoint={ckpt}", "learning_rate=1e-3"])
     )
     assert "learning_rate changed on resume: 0.003 -> 0.001" in result.stdout
+    assert "changed on resume" not in result.stdout.replace("learning_rate changed on resume", "")
     reference = {r["step"]: r["lr"] for r in read_metrics(zero2_run) if "lr" in r}
     changed = {r["step"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
     assert changed[5] == pytest.approx(reference[5] / 3)
