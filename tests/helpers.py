@@ -43,11 +43,17 @@ def run_deepspeed(
     args: list[str], nproc: int = 2, script: Path = REPO / "trainer_sft.py", timeout: int = 900, **env: str
 ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus nproc script args` on the CPU; the result holds stdout+stderr in `.stdout`."""
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script), *args]
-    return subprocess.run(
-        cmd, cwd=REPO, env=cpu_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=timeout,
-    )
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), str(script), *args]
+    try:
+        return subprocess.run(
+            cmd, cwd=REPO, env=cpu_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout,
+        )
+    finally:
+        # Scripts other than the trainer (test workers) leave DeepSpeed's 66 MB CPU all-reduce buffers behind.
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
 
 
 def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
