@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from model_training.data.chat_formats import CHAT_FORMATS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configs" / "config.yaml"
@@ -135,6 +137,49 @@ DATASET_CONFIGS: dict[str, type] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Parameter-efficient fine-tuning and the quantized base it can train on.
+
+PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+"""LoRA targets when `peft.target_modules` is null: every attention and MLP projection of the model type."""
+
+
+@dataclass
+class PeftConfig:
+    """LoRA adapters (peft) on a frozen base model; `type: null` trains every weight."""
+
+    type: str | None = None
+    """null (full fine-tuning) or lora."""
+    r: int = 64
+    """Rank of each adapter's update B @ A."""
+    alpha: float = 16.0
+    """Scale of the update: W + (alpha / r) * B @ A."""
+    dropout: float = 0.1
+    """Dropout on each adapter's input."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers that get adapters; null: the model type's attention and MLP projections."""
+    train_new_tokens: bool = True
+    """Train the embedding rows of the tokens the chat format added (their new rows start untrained)."""
+
+
+@dataclass
+class QuantizationConfig:
+    """The frozen base held in 4 bits (bitsandbytes), as QLoRA does; needs `peft.type: lora`."""
+
+    load_in_4bit: bool = False
+    """Quantize every linear layer of the base (not the output head) to 4 bits."""
+    quant_type: str = "nf4"
+    """4-bit data type: nf4 (normal float, QLoRA's) or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (about 0.4 bits per weight saved)."""
+    compute_dtype: str = "bf16"
+    """Dtype the 4-bit weights are de-quantized to for each matrix product: bf16, fp16 or fp32."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The schema. Field docstrings are the documentation; `--show_config` prints the merged values.
 
 
@@ -159,6 +204,10 @@ class TrainConfig:
     """LIMA schedule: layer i of L drops with residual_dropout * i / (L - 1) instead of a flat rate."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """LoRA instead of full fine-tuning (`peft.type=lora` on the command line turns it on)."""
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """A 4-bit base for QLoRA."""
 
     # --- data ---
     datasets: list[Any] = field(default_factory=list)
@@ -169,6 +218,9 @@ class TrainConfig:
     """Folder that relative dataset paths resolve against; itself relative to the project root."""
     max_length: int = 2048
     """Longest sample in tokens; longer conversations are cut (see model_training/data/formatting.py)."""
+    chat_format: str = "openassistant"
+    """How conversations are written: openassistant (<|prompter|> tokens), human_bot (<human>: / <bot>:),
+    falcon_instruct (User: / Assistant:) or falcon_chat (User: / Falcon:); see data/chat_formats.py."""
     dedupe: bool = True
     """Drop conversations that repeat an earlier one exactly (same system, roles and texts), across sources."""
     show_dataset_stats: bool = False
@@ -225,6 +277,12 @@ class TrainConfig:
     """Weights & Biases project."""
     wandb_init_timeout: float = 30.0
     """Seconds to wait for the wandb service at start; then metrics go to an offline wandb run instead."""
+    generate_samples: list[str] = field(default_factory=list)
+    """After training, answer these prompts and write samples.jsonl / samples.md (and a wandb table)."""
+    generate_val_samples: int = 0
+    """After training, also answer the first prompts of this many validation conversations."""
+    generate_max_new_tokens: int = 128
+    """Longest answer of the sample generation, in tokens (greedy decoding)."""
 
     # --- run ---
     deepspeed_config: str = "configs/zero_config.json"
@@ -243,6 +301,10 @@ class TrainConfig:
 
 _CHOICES = {
     "dtype": ("bf16", "fp16", "fp32"),
+    "chat_format": tuple(CHAT_FORMATS),
+    "peft.type": (None, "lora"),
+    "quantization.quant_type": ("nf4", "fp4"),
+    "quantization.compute_dtype": ("bf16", "fp16", "fp32"),
     "lr_scheduler_type": ("cosine", "linear", "constant"),
     "save_strategy": ("steps", "epoch", "no"),
 }
@@ -255,6 +317,8 @@ _POSITIVE = (
     "logging_steps",
     "num_train_epochs",
     "max_nonfinite_steps",
+    "generate_max_new_tokens",
+    "peft.r",
 )
 
 
@@ -267,7 +331,10 @@ def closest_name(name: str, candidates: list[str]) -> str:
 def _describe_omegaconf_error(err: OmegaConfBaseException, schema: type, where: str) -> str:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        leaf = str(key).split(".")[-1]
+        *parents, leaf = str(key).split(".")
+        for parent in parents:  # a nested section (peft.r): suggest among that section's keys
+            nested = next((f.default_factory for f in fields(schema) if f.name == parent), None)
+            schema = nested if is_dataclass(nested) else schema
         valid = [f.name for f in fields(schema)]
         return f"unknown key '{key}' {where}{closest_name(leaf, valid)}"
     # OmegaConf's message is several lines with internals; its first line says what was wrong with the value.
@@ -370,11 +437,15 @@ def load_config(
 def validate(cfg: TrainConfig) -> None:
     """Checks the types cannot express: choices, ranges, the model source and each dataset's options."""
     for key, choices in _CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ConfigError(f"key '{key}' is '{getattr(cfg, key)}'; expected one of {', '.join(choices)}")
+        if _get(cfg, key) not in choices:
+            shown = ", ".join("null" if c is None else c for c in choices)
+            raise ConfigError(f"key '{key}' is '{_get(cfg, key)}'; expected one of {shown}")
     for key in _POSITIVE:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"key '{key}' must be at least 1, got {getattr(cfg, key)}")
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"key '{key}' must be at least 1, got {_get(cfg, key)}")
+    if cfg.generate_val_samples < 0:
+        raise ConfigError(f"key 'generate_val_samples' must be at least 0, got {cfg.generate_val_samples}")
+    _validate_peft(cfg)
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -391,6 +462,27 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model_config is not None and cfg.tokenizer_name is None:
         raise ConfigError("a model built from 'model_config' needs 'tokenizer_name' (a folder or hub id)")
     dataset_specs(cfg)
+
+
+def _get(cfg: TrainConfig, dotted_key: str) -> Any:
+    value: Any = cfg
+    for part in dotted_key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _validate_peft(cfg: TrainConfig) -> None:
+    if cfg.peft.alpha <= 0:
+        raise ConfigError(f"key 'peft.alpha' must be positive, got {cfg.peft.alpha}")
+    if not 0.0 <= cfg.peft.dropout < 1.0:
+        raise ConfigError(f"key 'peft.dropout' must be in [0, 1), got {cfg.peft.dropout}")
+    if cfg.peft.target_modules is not None and not cfg.peft.target_modules:
+        raise ConfigError("key 'peft.target_modules' is an empty list; name the layers or use null for the defaults")
+    if cfg.quantization.load_in_4bit and cfg.peft.type is None:
+        raise ConfigError(
+            "key 'quantization.load_in_4bit' is true but 'peft.type' is null: 4-bit weights cannot be trained "
+            "directly; set peft.type=lora (QLoRA)"
+        )
 
 
 def dataset_specs(cfg: TrainConfig) -> list[tuple[str, Any]]:
@@ -445,6 +537,16 @@ def _validate_dataset(options: DatasetConfig, where: str) -> None:
         raise ConfigError(f"'share' of {where} must be in (0, 1), got {options.share}")
     if not options.input_file_path:
         raise ConfigError(f"{where} needs 'input_file_path'")
+
+
+def read_run_config(path: Path) -> TrainConfig:
+    """The merged config a run saved (its `config.yaml`), typed; ConfigError when it does not fit the schema."""
+    try:
+        saved = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read the run config {path}: {err}") from None
+    merged = _merge(OmegaConf.structured(TrainConfig), saved, TrainConfig, f"in {path}")
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: TrainConfig) -> str:

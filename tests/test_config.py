@@ -22,8 +22,8 @@ from model_training.config import (
     to_yaml,
 )
 
-MODEL_SECTIONS = ["falcon-7b", "falcon-40b", "tiny-falcon"]
-DATA_SECTIONS = ["oasst-top1", "oasst-sample", "oasst-hh-dolly", "falcon-40b-instruct-mix"]
+MODEL_SECTIONS = ["falcon-7b", "falcon-40b", "tiny-falcon", "falcon-7b-qlora"]
+DATA_SECTIONS = ["oasst-top1", "oasst-sample", "oasst-hh-dolly", "falcon-40b-instruct-mix", "oasst-top-paths"]
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -71,6 +71,24 @@ def test_falcon_7b_has_the_published_hyperparameters() -> None:
     }
     assert {key: getattr(cfg, key) for key in expected} == expected
     assert isinstance(cfg.learning_rate, float)
+
+
+def test_falcon_7b_qlora_has_the_published_hyperparameters() -> None:
+    cfg = load_config(["defaults", "falcon-7b-qlora", "oasst-top-paths"])
+    assert (cfg.model_name, cfg.dtype, cfg.chat_format) == ("tiiuae/falcon-7b", "bf16", "human_bot")
+    assert (cfg.peft.type, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout) == ("lora", 64, 16.0, 0.1)
+    assert cfg.peft.target_modules == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    q = cfg.quantization
+    assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (True, "nf4", True, "bf16")
+    assert (cfg.learning_rate, cfg.max_steps, cfg.lr_scheduler_type, cfg.max_grad_norm) == (2e-4, 200, "constant", 0.3)
+    assert "zero_config" in cfg.deepspeed_config  # ZeRO-2: a 4-bit base is refused under ZeRO-3
+    [(name, options)] = dataset_specs(cfg)
+    assert (name, options.top_k, options.input_file_path) == ("oasst1", 1, "OpenAssistant/oasst1")
+
+
+def test_peft_type_lora_on_the_command_line_turns_lora_on() -> None:
+    cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override("peft.type=lora")])
+    assert (cfg.peft.type, cfg.peft.target_modules, cfg.quantization.load_in_4bit) == ("lora", None, False)
 
 
 def test_oasst_top1_dataset() -> None:
@@ -186,6 +204,15 @@ def test_unknown_key_on_the_command_line() -> None:
         ("residual_dropout=1.5", r"'residual_dropout' must be in \[0, 1\)"),
         ("model_name=tiiuae/falcon-7b", r"set exactly one of 'model_name'"),
         ("tokenizer_name=null", r"a model built from 'model_config' needs 'tokenizer_name'"),
+        ("chat_format=chatml", r"key 'chat_format' is 'chatml'; expected one of openassistant, human_bot, falcon_inst"),
+        ("peft.type=adapter", r"key 'peft.type' is 'adapter'; expected one of null, lora"),
+        ("peft.r=0", r"key 'peft.r' must be at least 1"),
+        ("peft.dropout=1", r"'peft.dropout' must be in \[0, 1\)"),
+        ("peft.target_modules=[]", r"'peft.target_modules' is an empty list"),
+        ("quantization.load_in_4bit=true", r"4-bit weights cannot be trained directly; set peft.type=lora"),
+        ("quantization.quant_type=int4", r"key 'quantization.quant_type' is 'int4'; expected one of nf4, fp4"),
+        ("generate_val_samples=-1", r"'generate_val_samples' must be at least 0"),
+        ("peft.alhpa=8", r"unknown key 'peft.alhpa' on the command line; did you mean 'alpha'\?"),
     ],
 )
 def test_values_the_types_cannot_check(override: str, message: str) -> None:

@@ -1,26 +1,31 @@
-"""The OpenAssistant conversation format: token ids, loss labels and the matching chat template.
+"""Conversations as token ids and loss labels, in a chat format of `chat_formats.py`, and its chat template.
 
-One sample is laid out as
+In the default (OpenAssistant) format one sample is laid out as
 
     [<|system|>{system}<eos>] <|prompter|>{text}<eos> <|assistant|>{text}<eos> <|prompter|>{text}<eos> ...
 
 with nothing between the segments, where <eos> is the tokenizer's eos token (`<|endoftext|>` for Falcon).
 The loss is on each assistant reply's text and on its closing <eos>, so the model learns to stop; role
-tokens, prompter text and system text get IGNORE_INDEX.
+tokens, prompter text and system text get IGNORE_INDEX. The plain-text formats (`<human>:`/`<bot>:`,
+`User:`/`Assistant:`) put the loss on the same parts: the reply (with the space before it) and its <eos>.
 
-The ids are built segment by segment (role token, text tokenized alone, eos) and the labels are written
-while building. Nothing here searches the ids for spans or compares them with the pad id: Falcon's pad
-token *is* its eos, and a mask built from `input_ids == pad_id` would hide every closing eos.
+Labels are written while the ids are built, never found by searching the ids or comparing them with the
+pad id: Falcon's pad token *is* its eos, and a mask built from `input_ids == pad_id` would hide every
+closing eos.
 
-This module is the single source of truth for the format: `chat_template()` renders the same ids through
-`tokenizer.apply_chat_template`. They agree because every segment boundary is a special token: the
-tokenizer splits its input on special tokens before the byte-level pre-tokenizer runs, so each text is
-tokenized alone in both paths, as long as the special tokens strip no whitespace (`prepare_tokenizer` adds
-them with lstrip/rstrip off). One exception, on purpose: a text that contains a control token's string
-(say a reply that quotes `<|endoftext|>`) is encoded here as plain text, so a quoted eos neither ends a
-reply with loss nor lets a prompter forge a turn; the template, tokenizing the whole rendered string,
-turns it into the control token instead; `apply_chat_template(..., sanitize_control_tokens=True)`
-encodes it as text like the formatter does, so use that flag when serving untrusted input.
+The format's definition is the single source of truth: `chat_template()` renders the same ids through
+`tokenizer.apply_chat_template`.
+- A segmented format (OpenAssistant) is built segment by segment (role token, text tokenized alone, eos).
+  Both paths agree because every boundary is a special token: the tokenizer splits its input on special
+  tokens before the byte-level pre-tokenizer runs, so each text is tokenized alone in both, as long as the
+  special tokens strip no whitespace (`prepare_tokenizer` adds them with lstrip/rstrip off). One exception,
+  on purpose: a text that contains a control token's string (say a reply that quotes `<|endoftext|>`) is
+  encoded here as plain text, so a quoted eos neither ends a reply with loss nor lets a prompter forge a
+  turn; the template, tokenizing the whole rendered string, turns it into the control token instead;
+  `apply_chat_template(..., sanitize_control_tokens=True)` encodes it as text like the formatter does, so
+  use that flag when serving untrusted input.
+- A plain-text format is rendered to one string and tokenized whole, as the template does, so the ids agree
+  by construction; a token is supervised when its first character lies in a supervised span of the string.
 """
 
 from __future__ import annotations
@@ -32,30 +37,20 @@ from typing import Protocol
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
-# Added in this order, so the ids they get are the same in every run and on every rank (a set would not
-# keep an order). With a base vocabulary of V tokens and none of these in it, the ids are V, V+1, V+2.
-SPECIAL_TOKENS: tuple[str, ...] = ("<|prompter|>", "<|assistant|>", "<|system|>")
-PROMPTER_TOKEN, ASSISTANT_TOKEN, SYSTEM_TOKEN = SPECIAL_TOKENS
-IGNORE_INDEX = -100
+from model_training.data.chat_formats import (
+    CHAT_FORMATS,
+    DEFAULT_CHAT_FORMAT,
+    EOS,
+    ChatFormat,
+    get_chat_format,
+    render_template,
+)
 
-_TEMPLATE_BODY = """\
-{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}
-{%- for message in messages -%}
-    {%- if message['role'] == 'system' -%}
-        {%- if not loop.first -%}
-            {{- raise_exception('Only the first message may be a system message.') -}}
-        {%- endif -%}
-        {{- system_token -}}
-    {%- elif message['role'] == ('user' if (loop.index0 - offset) % 2 == 0 else 'assistant') -%}
-        {{- prompter_token if message['role'] == 'user' else assistant_token -}}
-    {%- else -%}
-        {{- raise_exception('Roles must alternate user/assistant, starting with user.') -}}
-    {%- endif -%}
-    {{- message['content'] + eos_token -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- assistant_token -}}
-{%- endif -%}"""
+# The OpenAssistant format's role tokens, added in this order, so the ids they get are the same in every run
+# and on every rank (a set would not keep an order). With a base vocabulary of V tokens and none of these in
+# it, the ids are V, V+1, V+2.
+SPECIAL_TOKENS: tuple[str, ...] = CHAT_FORMATS[DEFAULT_CHAT_FORMAT].special_tokens
+IGNORE_INDEX = -100
 
 
 class MessageLike(Protocol):
@@ -85,44 +80,38 @@ class FormattedSample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def chat_template() -> str:
-    """The Jinja chat template (for `tokenizer.chat_template`) that renders what `format_conversation` builds.
-
-    Roles are Hugging Face's: an optional first "system", then "user" and "assistant" alternating,
-    starting with "user". The eos comes from the tokenizer (`eos_token`), as in the formatter.
-    """
-    names = {
-        "prompter_token": PROMPTER_TOKEN,
-        "assistant_token": ASSISTANT_TOKEN,
-        "system_token": SYSTEM_TOKEN,
-    }
-    # repr() writes a quoted string literal that Jinja reads the same way.
-    header = "".join(f"{{%- set {name} = {token!r} -%}}\n" for name, token in names.items())
-    return header + _TEMPLATE_BODY
+def chat_template(chat_format: str = DEFAULT_CHAT_FORMAT) -> str:
+    """The Jinja chat template (for `tokenizer.chat_template`) that renders what `format_conversation` builds."""
+    return render_template(get_chat_format(chat_format))
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add SPECIAL_TOKENS, set pad = eos when there is no pad token, and install the chat template.
+def prepare_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, chat_format: str = DEFAULT_CHAT_FORMAT
+) -> PreTrainedTokenizerBase:
+    """Add the format's special tokens, set pad = eos when there is no pad token, install the chat template.
 
     Idempotent: tokens already present keep their ids. The model's embeddings must then be resized to
-    `len(tokenizer)`. Raises ValueError when the tokenizer has no eos token (it closes every turn).
+    `len(tokenizer)` (plain-text formats add no token). Raises ValueError when the tokenizer has no eos token
+    (it closes every reply).
     """
+    fmt = get_chat_format(chat_format)
     if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has no eos token; the format closes every turn with it")
-    # No lstrip/rstrip: a stripping token would eat the whitespace next to it inside the rendered chat
-    # (a text's leading spaces, say), and the template's ids would no longer match the formatter's.
-    tokens = [
-        AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
-        for token in SPECIAL_TOKENS
-    ]
-    # replace=False keeps the model's own extra special tokens flagged as special and skips ours when
-    # they are there already (a reloaded checkpoint tokenizer).
-    tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+        raise ValueError("the tokenizer has no eos token; the format closes every reply with it")
+    if fmt.special_tokens:
+        # No lstrip/rstrip: a stripping token would eat the whitespace next to it inside the rendered chat
+        # (a text's leading spaces, say), and the template's ids would no longer match the formatter's.
+        tokens = [
+            AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+            for token in fmt.special_tokens
+        ]
+        # replace=False keeps the model's own extra special tokens flagged as special and skips ours when
+        # they are there already (a reloaded checkpoint tokenizer).
+        tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         # Falcon has no pad token. Padding is masked out by the attention mask and labels, which never
         # look at token ids, so reusing eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = chat_template()
+    tokenizer.chat_template = render_template(fmt)
     return tokenizer
 
 
@@ -131,6 +120,7 @@ def format_conversation(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None,
     system: str | None = None,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> FormattedSample | None:
     """Token ids and labels of a conversation that alternates prompter/assistant and ends with assistant.
 
@@ -140,7 +130,7 @@ def format_conversation(
     counts the sample as dropped. Raises ValueError on bad roles or alternation.
     """
     _check_roles(messages, last_role="assistant")
-    input_ids, labels = _build(messages, tokenizer, system)
+    input_ids, labels = _build(messages, tokenizer, system, get_chat_format(chat_format), generation_prompt=False)
     return truncate(FormattedSample(tuple(input_ids), tuple(labels), truncated=False), max_length)
 
 
@@ -169,15 +159,17 @@ def format_text(text: str, tokenizer: PreTrainedTokenizerBase, max_length: int) 
 
 
 def format_prompt(
-    messages: Sequence[MessageLike], tokenizer: PreTrainedTokenizerBase, system: str | None = None
+    messages: Sequence[MessageLike],
+    tokenizer: PreTrainedTokenizerBase,
+    system: str | None = None,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> list[int]:
-    """The ids to generate from: the conversation so far (ending with a prompter turn), then <|assistant|>.
-
-    Equal to `tokenizer.apply_chat_template(..., add_generation_prompt=True)` on the same conversation.
+    """The ids to generate from: the conversation so far (ending with a prompter turn), then the assistant
+    prefix. Equal to `tokenizer.apply_chat_template(..., add_generation_prompt=True)` on the same conversation.
     """
     _check_roles(messages, last_role="prompter")
-    input_ids, _ = _build(messages, tokenizer, system)
-    return input_ids + [_special_id(tokenizer, ASSISTANT_TOKEN)]
+    input_ids, _ = _build(messages, tokenizer, system, get_chat_format(chat_format), generation_prompt=True)
+    return input_ids
 
 
 def to_chat_messages(messages: Sequence[MessageLike], system: str | None = None) -> list[dict[str, str]]:
@@ -200,25 +192,75 @@ def _check_roles(messages: Sequence[MessageLike], last_role: str) -> None:
         raise ValueError(f"the conversation must end with a {last_role} message")
 
 
+_Piece = tuple[str, bool, bool]
+"""(text, is a text rather than a prefix or suffix, carries loss)."""
+
+
+def _pieces(
+    messages: Sequence[MessageLike], system: str | None, fmt: ChatFormat, generation_prompt: bool
+) -> list[_Piece]:
+    """The conversation as pieces, in order, empty ones left out."""
+    pieces: list[_Piece] = []
+    if system is not None:
+        pieces += [(fmt.system[0], False, False), (system, True, False), (fmt.system[1], False, False)]
+    for m in messages:
+        if m.role == "prompter":
+            pieces += [(fmt.user[0], False, False), (m.text, True, False), (fmt.user[1], False, False)]
+        else:
+            pieces += [
+                (fmt.assistant[0], False, False),
+                (fmt.reply_prefix + m.text, True, True),
+                (fmt.assistant[1], False, True),
+            ]
+    if generation_prompt:
+        pieces.append((fmt.assistant[0], False, False))
+    return [p for p in pieces if p[0]]
+
+
 def _build(
-    messages: Sequence[MessageLike], tokenizer: PreTrainedTokenizerBase, system: str | None
+    messages: Sequence[MessageLike],
+    tokenizer: PreTrainedTokenizerBase,
+    system: str | None,
+    fmt: ChatFormat,
+    generation_prompt: bool,
 ) -> tuple[list[int], list[int]]:
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
+    if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token")
-    turns = [(SYSTEM_TOKEN, system)] if system is not None else []
-    turns += [(PROMPTER_TOKEN if m.role == "prompter" else ASSISTANT_TOKEN, m.text) for m in messages]
+    pieces = _pieces(messages, system, fmt, generation_prompt)
+    if fmt.segmented:
+        return _build_segmented(pieces, tokenizer)
+    return _build_rendered(pieces, tokenizer)
+
+
+def _build_segmented(pieces: list[_Piece], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Each text tokenized alone; markers are single tokens (a special token or eos)."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for role_token, text in turns:
-        # split_special_tokens: a control token's string inside a text stays plain text (module docstring).
-        text_ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        segment = [_special_id(tokenizer, role_token), *text_ids, eos_id]
-        input_ids += segment
-        if role_token == ASSISTANT_TOKEN:
-            labels += [IGNORE_INDEX, *text_ids, eos_id]
+    for piece, is_text, supervised in pieces:
+        if is_text:
+            # split_special_tokens: a control token's string inside a text stays plain text (module docstring).
+            ids = tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
         else:
-            labels += [IGNORE_INDEX] * len(segment)
+            ids = [tokenizer.eos_token_id if piece == EOS else _special_id(tokenizer, piece)]
+        input_ids += ids
+        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def _build_rendered(pieces: list[_Piece], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The rendered string tokenized whole (what the template does); labels from character offsets."""
+    text, spans = "", []
+    for piece, _, supervised in pieces:
+        piece = tokenizer.eos_token if piece == EOS else piece
+        if supervised:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [
+        token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+        for token, (start, _) in zip(input_ids, encoded["offset_mapping"])
+    ]
     return input_ids, labels
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from model_training.config import ConfigError, DatasetConfig, TrainConfig, dataset_specs, resolve_input_path
+from model_training.data.chat_formats import DEFAULT_CHAT_FORMAT
 from model_training.data.formatting import FormattedSample, format_conversation, format_text, truncate
 from model_training.data.oasst import load_oasst_export
 from model_training.data.selection import held_out_groups, parse_languages
@@ -149,8 +150,10 @@ def tokenize_records(
     max_length: int,
     options: DatasetConfig | None = None,
     report: FilterReport | None = None,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> TokenizedSplit:
-    """Format records into samples; length filters first (on the whole sample), then the global cut."""
+    """Format records into samples in `chat_format`; length filters first (on the whole sample), then the
+    global cut."""
     report = report or FilterReport(name)
     min_length = options.min_length if options else 0
     longest = options.max_length if options else None
@@ -159,7 +162,7 @@ def tokenize_records(
         if isinstance(record, TextDocument):
             pieces = format_text(record.text, tokenizer, max_length)
         else:
-            pieces = [format_conversation(record.messages, tokenizer, None, system=record.system)]
+            pieces = [format_conversation(record.messages, tokenizer, None, record.system, chat_format)]
         for full in pieces:
             if len(full.input_ids) < min_length:
                 report.too_short += 1
@@ -201,14 +204,14 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
             raise ConfigError(str(err)) from None
         report = FilterReport(display)
         train, val = _keep(train, options, seen, report), _keep(val, options, seen, report)
-        train_split = tokenize_records(display, train, tokenizer, cfg.max_length, options, report)
+        train_split = tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format)
         if not train_split.samples:
             raise ConfigError(
                 f"dataset {key} has no training samples after its filters ({_describe(options)}); "
                 "check the language list, top_k, the length limits and the file"
             )
         data.train.append(train_split)
-        data.val.append(tokenize_records(display, val, tokenizer, cfg.max_length, options, report))
+        data.val.append(tokenize_records(display, val, tokenizer, cfg.max_length, options, report, cfg.chat_format))
         data.options.append(options)
         data.reports.append(report)
     return data

@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
     parser.add_argument("--cache_dir", type=Path, help="Hugging Face cache folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_folder")
+    parser.add_argument("--merge_adapter", action="store_true",
+                        help="LoRA checkpoints: write the base with the adapter merged in (default: the adapter alone)")
+    parser.add_argument("--base_model", help="LoRA checkpoints: the base to merge into (hub id or folder), instead of "
+                        "the one the checkpoint names")
     return parser
 
 
@@ -68,6 +72,7 @@ def main_export(argv: list[str]) -> int:
             export_model(
                 args.checkpoint, folder, dtype, max_shard_size,
                 trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, overwrite=args.overwrite,
+                merge_adapter=args.merge_adapter, base_model=args.base_model,
             )
             if args.output_folder is not None:
                 print(f"exported {args.checkpoint} to {folder}")

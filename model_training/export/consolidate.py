@@ -112,8 +112,11 @@ class ZeroCheckpoint:
     world_size: int
 
 
-def read_zero_checkpoint(tag_dir: Path) -> ZeroCheckpoint:
+def read_zero_checkpoint(tag_dir: Path, trained_only: bool = False) -> ZeroCheckpoint:
     """Map the engine files in ``tag_dir`` and locate every parameter and buffer; reads no weights yet.
+
+    ``trained_only``: the checkpoint holds only the trained parameters (saved with
+    ``exclude_frozen_parameters``, as LoRA runs are).
 
     The files stay mapped while the returned LazyTensors live. Raises ZeroCheckpointError when files are
     missing, come from an unsupported layout (pipeline or tensor parallel, no ZeRO optimizer) or disagree.
@@ -130,9 +133,9 @@ def read_zero_checkpoint(tag_dir: Path) -> ZeroCheckpoint:
             f"{tag_dir} holds {world_size} optimizer shards but they were written by {partitions} ranks"
         )
     if stage in (1, 2):
-        tensors = _zero12_tensors(tag_dir, optim_states)
+        tensors = _zero12_tensors(tag_dir, optim_states, trained_only)
     elif stage == 3:
-        tensors = _zero3_tensors(tag_dir, optim_states)
+        tensors = _zero3_tensors(tag_dir, optim_states, trained_only)
     else:
         raise ZeroCheckpointError(f"{optim_files[0]} has ZeRO stage {stage!r}; only stages 1, 2 and 3 are read")
     return ZeroCheckpoint(tensors=tensors, zero_stage=stage, world_size=world_size)
@@ -173,7 +176,7 @@ def _whole(tensor: torch.Tensor) -> LazyTensor:
     return LazyTensor(tensor.shape, tensor.dtype, (Piece(tensor.reshape(-1), 0, tensor.numel()),))
 
 
-def _zero12_tensors(tag_dir: Path, optim_states: list[dict]) -> dict[str, LazyTensor]:
+def _zero12_tensors(tag_dir: Path, optim_states: list[dict], trained_only: bool) -> dict[str, LazyTensor]:
     model_states = _load(tag_dir / _ZERO12_MODEL_FILE)
     masters: dict[str, LazyTensor] = {}
     for group, shapes in enumerate(model_states["param_shapes"]):
@@ -196,10 +199,10 @@ def _zero12_tensors(tag_dir: Path, optim_states: list[dict]) -> dict[str, LazyTe
     # The module has every other entry in full: buffers, frozen parameters, tied names (resolved below).
     module = model_states["module"]
     tensors = {name: masters[name] if name in masters else _whole(value) for name, value in module.items()}
-    return _tie(tensors, model_states["shared_params"])
+    return _tie(tensors, model_states["shared_params"], trained_only)
 
 
-def _zero3_tensors(tag_dir: Path, optim_states: list[dict]) -> dict[str, LazyTensor]:
+def _zero3_tensors(tag_dir: Path, optim_states: list[dict], trained_only: bool) -> dict[str, LazyTensor]:
     world_size = len(optim_states)
     model_states = [_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world_size)]
     first = model_states[0]
@@ -220,7 +223,7 @@ def _zero3_tensors(tag_dir: Path, optim_states: list[dict]) -> dict[str, LazyTen
                 f"param group {group} in {tag_dir}: the parameter shapes need {offset} values per rank, the "
                 f"optimizer shards hold {groups[0][group].numel()}"
             )
-    return _tie(tensors, first["shared_params"])
+    return _tie(tensors, first["shared_params"], trained_only)
 
 
 def _gather_partitions(name: str, shape: torch.Size, partitions: list[tuple[torch.Tensor, int]]) -> LazyTensor:
@@ -240,9 +243,15 @@ def _gather_partitions(name: str, shape: torch.Size, partitions: list[tuple[torc
     return LazyTensor(shape, partitions[0][0].dtype, tuple(pieces))
 
 
-def _tie(tensors: dict[str, LazyTensor], shared: dict[str, str]) -> dict[str, LazyTensor]:
-    """Point each tied name (``shared``: alias -> the name that holds the data) at its source."""
+def _tie(tensors: dict[str, LazyTensor], shared: dict[str, str], trained_only: bool) -> dict[str, LazyTensor]:
+    """Point each tied name (``shared``: alias -> the name that holds the data) at its source.
+
+    ``trained_only``: the checkpoint was saved without its frozen parameters (a LoRA run's base), so names
+    tied to a frozen one have no source; they are left out with it.
+    """
     for alias, source in shared.items():
+        if source not in tensors and trained_only:
+            continue
         if source not in tensors:
             raise ZeroCheckpointError(f"{alias} is tied to {source}, which the checkpoint does not hold")
         tensors[alias] = tensors[source]

@@ -17,8 +17,17 @@ import uuid
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
+from model_training.config import ConfigError, read_run_config
+from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, write_weights
 from model_training.training.checkpoint import resolve_checkpoint, verify_checkpoint
@@ -52,17 +61,23 @@ def export_model(
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
     overwrite: bool = False,
+    merge_adapter: bool = False,
+    base_model: str | None = None,
 ) -> Path:
     """Export ``source`` into ``output_folder``; return the folder.
 
     ``source``: a run folder (its newest complete checkpoint is taken), one ``checkpoint-<step>`` folder, or
     a Hugging Face model folder (config.json and weights), which is loaded and saved again. An existing
-    ``output_folder`` must be empty unless ``overwrite``. Raises ExportError (or CheckpointError) for input
+    ``output_folder`` must be empty unless ``overwrite``. A LoRA checkpoint gives the adapter alone (a peft
+    folder), or with ``merge_adapter`` the base with the adapter merged in (``base_model`` overrides the base
+    it names). Raises ExportError (or CheckpointError) for input
     that cannot be exported; the output folder is then left as it was.
     """
     source, output_folder = Path(source), Path(output_folder)
     hf_folder = (source / "config.json").is_file()
     checkpoint = None if hf_folder else _resolve(source)
+    if merge_adapter and (checkpoint is None or not is_adapter_checkpoint(checkpoint)):
+        raise ExportError(f"--merge_adapter: {source} is not a LoRA checkpoint (it has no adapter/ folder)")
     _check_output_folder(output_folder, source, overwrite)
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +85,10 @@ def export_model(
     try:
         if checkpoint is None:
             _resave_hf_folder(source, partial, dtype, max_shard_size, trust_remote_code, cache_dir)
+        elif is_adapter_checkpoint(checkpoint):
+            _export_lora_checkpoint(
+                checkpoint, partial, dtype, max_shard_size, trust_remote_code, cache_dir, merge_adapter, base_model
+            )
         else:
             _export_checkpoint(checkpoint, partial, dtype, max_shard_size, trust_remote_code)
         _move_into_place(partial, output_folder)
@@ -135,9 +154,15 @@ def _export_checkpoint(
 
     entries, num_parameters, architecture = _weight_entries(config, zero.tensors, dtype, trust_remote_code)
     write_weights(folder, entries, max_shard_size, {"total_parameters": num_parameters})
-
-    config.dtype = dtype
     config.architectures = [architecture]
+    _write_inference_files(folder, checkpoint, config, tokenizer, dtype)
+
+
+def _write_inference_files(
+    folder: Path, checkpoint: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+) -> None:
+    """config.json set up for inference, generation_config.json and the chat tokenizer."""
+    config.dtype = dtype
     config.use_cache = True  # training turned it off; generation needs the KV cache
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     config.save_pretrained(folder)
@@ -145,6 +170,39 @@ def _export_checkpoint(
     generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     generation.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _export_lora_checkpoint(
+    checkpoint: Path,
+    folder: Path,
+    dtype: torch.dtype,
+    max_shard_size: int,
+    trust_remote_code: bool,
+    cache_dir: Path | None,
+    merge: bool,
+    base_model: str | None,
+) -> None:
+    """The adapter folder (tokenizer included), or with ``merge`` a full model folder like any export."""
+    manifest = verify_checkpoint(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint / "model_config", trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer", trust_remote_code=trust_remote_code)
+    _check_vocabulary(config.vocab_size, len(tokenizer))
+    try:
+        run_config = read_run_config(checkpoint / "config.yaml")
+        zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"], trained_only=True)
+        # Only the adapters: small enough to read whole.
+        trained = {name: tensor.load(torch.float32) for name, tensor in zero.tensors.items()}
+        if not merge:
+            count = write_adapter(folder, checkpoint, config, trained, dtype, trust_remote_code)
+            tokenizer.save_pretrained(folder)
+            logger.info("adapter: %d tensors; load it with PeftModel.from_pretrained(base, folder)", count)
+            return
+        model = merged_model(checkpoint, run_config, config, trained, base_model, trust_remote_code, cache_dir)
+    except (ZeroCheckpointError, AdapterExportError, ConfigError) as exc:
+        raise ExportError(f"checkpoint {checkpoint}: {exc}") from exc
+    model.to(dtype)
+    _write_inference_files(folder, checkpoint, model.config, tokenizer, dtype)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
 def _weight_entries(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,20 +13,32 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
-from model_training.config import TrainConfig, resolve_input_path
+from model_training.config import ConfigError, TrainConfig, resolve_input_path
+from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
+from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.residual_dropout import apply_residual_dropout
 from model_training.training.ds_config import zero_stage
 
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BASE_MODEL_DIR = "base_model"
+"""Folder of a LoRA run's random-weight base inside the run folder."""
 EMBEDDING_MULTIPLE = 16
 """Embedding rows are padded to a multiple of this: tensor cores and sharding like round sizes."""
 
 # transformers follows ZeRO-3 (zero.Init on load, gathered resize) only while an HfDeepSpeedConfig object is
 # alive; it keeps a weak reference, so this module keeps the strong one for the life of the process.
 _hf_deepspeed_config: HfDeepSpeedConfig | None = None
+
+
+def base_model_reference(cfg: TrainConfig, run_dir: Path) -> str:
+    """Where the frozen base of a LoRA run is read from again (export, merge): the hub id or local folder of
+    `model_name`, or the copy of a random-weight base in the run folder (see `build_model`)."""
+    if cfg.model_name is not None:
+        return _hub_or_local(cfg.model_name)
+    return str((run_dir / BASE_MODEL_DIR).resolve())
 
 
 def _hub_or_local(name: str) -> str:
@@ -38,16 +53,25 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         _hub_or_local(name), cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
     )
-    return prepare_tokenizer(tokenizer)
+    return prepare_tokenizer(tokenizer, cfg.chat_format)
 
 
-def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """The causal LM, its embeddings resized for the added tokens, residual dropout and checkpointing applied.
+def build_model(
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    ds_config: dict[str, Any],
+    save_base_to: Path | None = None,
+) -> torch.nn.Module:
+    """The causal LM, its embeddings resized for the added tokens, residual dropout and checkpointing applied;
+    then, as configured, its linear layers quantized to 4 bits and LoRA adapters added.
 
     Must run after torch.distributed is initialized and before `deepspeed.initialize`: under ZeRO-3 the
     weights are partitioned as they are created, so a 40B model never exists whole on one rank.
+    `save_base_to`: write the base (before quantization and adapters) there as a Hugging Face folder, for a
+    LoRA run whose base exists nowhere else (random weights from `model_config`).
     """
     global _hf_deepspeed_config
+    _check_peft_fits_zero(cfg, zero_stage(ds_config))
     if zero_stage(ds_config) == 3:
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = TORCH_DTYPES[cfg.dtype]
@@ -65,8 +89,10 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, ds_config:
             cache_dir=cfg.cache_dir,
             trust_remote_code=cfg.trust_remote_code,
         )
-    # Gathered under ZeRO-3 by transformers itself; new rows start at the mean of the old ones.
+    rows_before = model.get_input_embeddings().num_embeddings
+    # Gathered under ZeRO-3 by transformers itself; new rows start near the mean of the old ones.
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
+    new_rows = range(rows_before, model.get_input_embeddings().num_embeddings)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -76,8 +102,49 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, ds_config:
         probabilities = apply_residual_dropout(model, cfg.residual_dropout, cfg.residual_dropout_lima)
         logger.info("residual dropout per layer: %s", [round(p, 4) for p in probabilities])
     if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing also works when no input of a block requires grad (a frozen base).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if save_base_to is not None:
+        _save_base(model, save_base_to)
+    if cfg.quantization.load_in_4bit:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        count = quantize_linear_layers(model, cfg.quantization, device)
+        logger.info("base quantized to 4 bits (%s): %d linear layers", cfg.quantization.quant_type, count)
+    if cfg.peft.type == "lora":
+        # Trained with the adapters: the chat format's own tokens (new, or tuned for this format), and every row
+        # the resize added, padding included, since the output head scores those rows too. The adapter then
+        # holds them all, and a base resized anywhere else (randomly) computes what was trained.
+        format_tokens = tokenizer.convert_tokens_to_ids(list(get_chat_format(cfg.chat_format).special_tokens))
+        try:
+            model = apply_lora(model, cfg.peft, sorted({*format_tokens, *new_rows}))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return model
+
+
+def _save_base(model: torch.nn.Module, folder: Path) -> None:
+    """Write the base into `folder` through a temporary sibling, so `folder` is whole or absent."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(partial, folder)
+    logger.info("LoRA base model (random weights) saved to %s for export", folder)
+
+
+def _check_peft_fits_zero(cfg: TrainConfig, stage: int) -> None:
+    """LoRA and a 4-bit base run on ZeRO-0/1/2: ZeRO-3 would partition weights that bitsandbytes packs and
+    peft wraps, and LoRA's few trained weights gain nothing from it."""
+    if stage == 3 and cfg.quantization.load_in_4bit:
+        raise ConfigError(
+            f"a 4-bit base (quantization.load_in_4bit) cannot be partitioned by ZeRO-3 ({cfg.deepspeed_config}); "
+            "use configs/zero_config.json (ZeRO-2): the 4-bit base fits on each GPU"
+        )
+    if stage == 3 and cfg.peft.type is not None:
+        raise ConfigError(
+            f"LoRA runs on ZeRO-2, not ZeRO-3 ({cfg.deepspeed_config}): use configs/zero_config.json, and a 4-bit "
+            "base (quantization.load_in_4bit=true) when the 16-bit base does not fit on one GPU"
+        )
 
 
 def _padded(n: int) -> int:

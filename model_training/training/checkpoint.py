@@ -82,8 +82,11 @@ def save_checkpoint(
     trainer_state: dict,
     save_total_limit: int | None,
     write_extra: Callable[[Path], None] | None = None,
+    trained_only: bool = False,
 ) -> Path:
     """Save a checkpoint of ``engine`` at ``step`` and return its committed folder. Call on every rank.
+
+    ``trained_only``: leave out the frozen parameters (a LoRA run's base), which are not ours to keep.
 
     ``trainer_state`` (JSON-serialisable) and ``write_extra(staging_dir)`` are used on rank 0 only, so
     ``write_extra`` must not run collectives (no ZeRO-3 parameter gathering). If any rank fails to write,
@@ -124,7 +127,7 @@ def save_checkpoint(
     #    collectives; each rank then hashes the files it wrote itself (it sees its own writes even where a
     #    network filesystem caches directory listings) and the gather shares errors and digests.
     try:
-        written, error = _save_engine(engine, staging, deepspeed_tag(step))
+        written, error = _save_engine(engine, staging, deepspeed_tag(step), trained_only)
     except Exception as exc:
         # Not a failed write (those are contained) but DeepSpeed failing midway: the other ranks may wait in
         # one of its collectives, which this rank cannot rejoin. Stop now; the launcher stops the others.
@@ -211,13 +214,15 @@ def _contained_writes(engine: Any, written: list[Path], errors: list[BaseExcepti
         engine._copy_recovery_script = original_copy
 
 
-def _save_engine(engine: Any, staging: Path, tag: str) -> tuple[list[Path], BaseException | None]:
+def _save_engine(
+    engine: Any, staging: Path, tag: str, trained_only: bool
+) -> tuple[list[Path], BaseException | None]:
     """Write DeepSpeed's state into ``staging/tag``; return the files this rank wrote and its first failed
     write, if any."""
     written: list[Path] = []
     errors: list[BaseException] = []
     with _contained_writes(engine, written, errors):
-        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False, exclude_frozen_parameters=trained_only)
     return written, (errors[0] if errors else None)
 
 
@@ -482,15 +487,17 @@ def read_trainer_state(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / TRAINER_STATE_NAME).read_text())
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict:
+def load_checkpoint(engine: Any, ckpt_dir: Path, trained_only: bool = False) -> dict:
     """Load model, optimizer and lr scheduler into ``engine`` and this rank's RNG states from ``ckpt_dir``;
-    return the trainer state. Call on every rank, with the same number of ranks that saved the checkpoint."""
+    return the trainer state. Call on every rank, with the same number of ranks that saved the checkpoint.
+    ``trained_only``: the checkpoint holds only the trained weights (LoRA); the rest stays as built."""
     ckpt_dir = Path(ckpt_dir)
     trainer_state = read_trainer_state(ckpt_dir)
     tag = _read_manifest(ckpt_dir)["deepspeed_tag"]
     load_path, _ = engine.load_checkpoint(
         str(ckpt_dir),
         tag=tag,
+        load_module_strict=not trained_only,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )

@@ -54,6 +54,17 @@ class MetricsLogger:
             except Exception as err:  # noqa: BLE001 - wandb must never stop training
                 logger.warning("wandb.log failed (%s); metrics stay in %s", err, self.path)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table (generated samples, say) to wandb; the caller keeps its own copy in the run folder."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        try:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+        except Exception as err:  # noqa: BLE001 - wandb must never stop training
+            logger.warning("wandb table %s failed (%s)", name, err)
+
     def close(self) -> None:
         if self.wandb_run is not None:
             try:

@@ -31,7 +31,8 @@ from model_training.config import ConfigError, TrainConfig, to_yaml
 from model_training.data.collate import pad_batch
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import TokenizedSplit, prepare_data
-from model_training.models.builder import build_model, load_tokenizer
+from model_training.models.builder import BASE_MODEL_DIR, base_model_reference, build_model, load_tokenizer
+from model_training.models.lora import ADAPTER_CONFIG_DIR, ADAPTER_NAME, is_lora_model
 from model_training.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -44,6 +45,7 @@ from model_training.training.ds_config import build_deepspeed_config, zero_stage
 from model_training.training.loss import count_supervised, supervised_token_sums
 from model_training.training.metrics import MetricsLogger
 from model_training.training.sampler import StepPlan, plan_sources
+from model_training.training.samples import generate_answers, sample_prompts, write_samples
 from model_training.training.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,9 @@ def _fingerprint_data(samples: list[FormattedSample], plan: StepPlan) -> str:
 
 
 def _fingerprint_model(cfg: TrainConfig) -> str:
+    """Model source and shape, and what is trained (LoRA adapters on which base)."""
     source = cfg.model_name if cfg.model_config is None else repr(sorted(cfg.model_config.items()))
+    source += repr((asdict(cfg.peft), asdict(cfg.quantization)))
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
@@ -135,7 +139,9 @@ def train(cfg: TrainConfig) -> Path:
     total_steps = cfg.max_steps or plan.steps_per_epoch * cfg.num_train_epochs
 
     ds_config = build_deepspeed_config(cfg, info.world_size)
-    model = build_model(cfg, tokenizer, ds_config)
+    # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
+    keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
+    model = build_model(cfg, tokenizer, ds_config, output_dir / BASE_MODEL_DIR if keep_base and info.is_main else None)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -157,6 +163,8 @@ def train(cfg: TrainConfig) -> Path:
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
         _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info)
+        if cfg.generate_samples or cfg.generate_val_samples:
+            _generate_samples(cfg, engine, tokenizer, data.val, state, metrics, info)
     finally:
         metrics.close()
     # Tear the process group down here, not at interpreter exit: ZeRO-3 on CPU ranks can otherwise abort
@@ -183,7 +191,7 @@ def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, output_dir: Path
                 f"({saved[key]} there, {getattr(state, key)} now); start a new run in another output_dir"
             )
     try:
-        load_checkpoint(engine, ckpt)
+        load_checkpoint(engine, ckpt, trained_only=is_lora_model(engine.module))
     except CheckpointError as err:
         raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     state.load_state_dict(saved)
@@ -305,6 +313,7 @@ def _loop(
                 state.state_dict(),
                 cfg.save_total_limit,
                 write_extra=lambda folder: _write_extra(cfg, tokenizer, engine.module, folder),
+                trained_only=is_lora_model(engine.module),
             )
     progress.close()
 
@@ -345,11 +354,37 @@ def _should_save(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch:
 
 def _write_extra(cfg: TrainConfig, tokenizer: Any, model: Any, folder: Path) -> None:
     """What export and inspection need beside the engine state: the merged config, the tokenizer with its
-    chat template, and the model's transformers config (vocabulary size after the resize included)."""
+    chat template, the model's transformers config (vocabulary size after the resize included) and, for a
+    LoRA run, the adapter's peft config with the base it applies to."""
     (folder / CONFIG_FILE_NAME).write_text(to_yaml(cfg))
     tokenizer.save_pretrained(folder / "tokenizer")
     model.config.save_pretrained(folder / "model_config")
     model.generation_config.save_pretrained(folder / "model_config")
+    if is_lora_model(model):
+        adapter = model.peft_config[ADAPTER_NAME]
+        adapter.base_model_name_or_path = base_model_reference(cfg, Path(cfg.output_dir))
+        adapter.save_pretrained(folder / ADAPTER_CONFIG_DIR)
+
+
+def _generate_samples(
+    cfg: TrainConfig,
+    engine: Any,
+    tokenizer: Any,
+    val_splits: list[TokenizedSplit],
+    state: TrainerState,
+    metrics: MetricsLogger,
+    info: DistInfo,
+) -> None:
+    """The prompt -> answer table of the trained model (see samples.py)."""
+    prompts = sample_prompts(cfg.generate_samples, val_splits, cfg.generate_val_samples, tokenizer, cfg.chat_format)
+    rows = generate_answers(
+        engine.module, tokenizer, prompts, cfg.generate_max_new_tokens,
+        partitioned=zero_stage(engine.config) == 3, is_main=info.is_main,
+    )
+    if rows is not None:
+        write_samples(rows, Path(cfg.output_dir))
+        columns = ["source", "prompt", "answer"]
+        metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], state.optimizer_step)
 
 
 @torch.no_grad()

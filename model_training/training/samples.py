@@ -1,0 +1,106 @@
+"""Answers of the trained model to a few prompts, written as a table at the end of training.
+
+The QLoRA notebooks end with such a table of prompt -> answer; here it comes from the config
+(`generate_samples`, `generate_val_samples`) and lands in the run folder as `samples.jsonl` and `samples.md`,
+and in wandb as a table when wandb is on. Decoding is greedy, so the table is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_prompt
+from model_training.data.registry import TokenizedSplit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    role: str
+    text: str
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """A prompt to answer: where it came from, and its ids in the training chat format."""
+
+    source: str
+    input_ids: list[int]
+
+
+def sample_prompts(
+    queries: list[str], val_splits: list[TokenizedSplit], val_count: int, tokenizer: Any, chat_format: str
+) -> list[SamplePrompt]:
+    """The given queries as single-turn prompts, then the first `val_count` distinct openings of validation
+    conversations (everything before their first supervised token: system, first prompt, assistant prefix)."""
+    prompts = [
+        SamplePrompt("query", format_prompt([_Prompt("prompter", q)], tokenizer, chat_format=chat_format))
+        for q in queries
+    ]
+    # Several validation samples can open alike (replies to the same prompt): each opening is asked once.
+    openings = {}
+    for split in val_splits:
+        for sample in split.samples:
+            openings.setdefault(tuple(_opening(sample)), split.name)
+    prompts += [SamplePrompt(f"val/{name}", list(ids)) for ids, name in list(openings.items())[:val_count]]
+    return prompts
+
+
+def _opening(sample: FormattedSample) -> list[int]:
+    first = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+    return list(sample.input_ids[:first])
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[SamplePrompt], max_new_tokens: int, partitioned: bool, is_main: bool
+) -> list[dict[str, str]] | None:
+    """Greedy answers, as rows {source, prompt, answer}, on the main rank (None elsewhere).
+
+    With ZeRO-3 (`partitioned`) every forward gathers weights from all ranks, so every rank generates in
+    lockstep (`synced_gpus`); otherwise only the main rank generates, and the others wait at the barrier.
+    """
+    rows = None
+    if partitioned or is_main:
+        was_training = model.training
+        model.eval()
+        device = next(p for p in model.parameters()).device
+        rows = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt.input_ids], device=device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=partitioned,
+            )
+            answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            rows.append({"source": prompt.source, "prompt": tokenizer.decode(prompt.input_ids), "answer": answer})
+        model.train(was_training)
+    if dist.is_initialized():
+        dist.barrier()
+    return rows if is_main else None
+
+
+def write_samples(rows: list[dict[str, str]], output_dir: Path) -> tuple[Path, Path]:
+    """`samples.jsonl` (one row per line) and `samples.md` (a table) in `output_dir`."""
+    jsonl, md = output_dir / "samples.jsonl", output_dir / "samples.md"
+    jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731 - one markdown cell
+    lines = ["| source | prompt | answer |", "| --- | --- | --- |"]
+    lines += [f"| {row['source']} | {cell(row['prompt'])} | {cell(row['answer'])} |" for row in rows]
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    logger.info("wrote %d generated samples to %s", len(rows), md)
+    return jsonl, md
