@@ -1,0 +1,215 @@
+"""Padding-free packing: the plan, the packed row, and Falcon computing on it exactly what it computes per sample."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from transformers import FalconConfig, FalconForCausalLM
+
+from model_training.data.formatting import IGNORE_INDEX, FormattedSample
+from model_training.data.packing import pack_samples, plan_packs
+from model_training.models.packing import enable_packed_attention
+from model_training.training.loss import supervised_token_sums
+
+VOCAB = 128
+SHAPES = {
+    # Falcon-7B: parallel attention, one key/value head for all query heads.
+    "7b": {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True},
+    # Falcon-40B: the new decoder architecture, grouped key/value heads (2 groups of 2 query heads here).
+    "40b": {"new_decoder_architecture": True, "num_kv_heads": 2},
+}
+LENGTHS = (7, 13, 4, 10)
+
+
+def tiny_falcon(shape: str, hidden: int = 64, heads: int = 4, seed: int = 0) -> FalconForCausalLM:
+    torch.manual_seed(seed)
+    config = FalconConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads, bias=False,
+        alibi=False, use_cache=False, **SHAPES[shape],
+    )
+    return FalconForCausalLM(config).float()
+
+
+def random_samples(lengths: tuple[int, ...] = LENGTHS, seed: int = 1) -> list[FormattedSample]:
+    """Samples with random tokens; a random ~2/3 of the positions carry a label, the first included."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for length in lengths:
+        ids = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+        keep = torch.rand(length, generator=generator) < 0.67
+        labels = [token if keep[t] else IGNORE_INDEX for t, token in enumerate(ids)]
+        samples.append(FormattedSample(tuple(ids), tuple(labels), truncated=False))
+    return samples
+
+
+def per_sample_losses(model: FalconForCausalLM, samples: list[FormattedSample]) -> list[torch.Tensor]:
+    """Each sample alone: batch of one, no padding."""
+    losses = []
+    for sample in samples:
+        logits = model(input_ids=torch.tensor([sample.input_ids])).logits
+        losses.append(supervised_token_sums(logits, torch.tensor([sample.labels]))[0])
+    return losses
+
+
+def packed_losses(
+    model: FalconForCausalLM, samples: list[FormattedSample], given: str = "cu_seq_lens"
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """All samples in one packed row: the loss split back per sample along cu_seq_lens, and the row's loss.
+
+    `given`: "cu_seq_lens" passes the boundaries, "position_ids" leaves them to be found from the positions,
+    "all_ones_mask" does too, with an attention_mask of ones as a padding collator would add.
+    """
+    batch = pack_samples(samples)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if given == "cu_seq_lens":
+        inputs.update(cu_seq_lens=batch["cu_seq_lens"], max_length=batch["max_length"])
+    elif given == "all_ones_mask":
+        inputs.update(attention_mask=torch.ones_like(batch["input_ids"]))
+    logits = model(**inputs).logits
+    bounds = batch["cu_seq_lens"].tolist()
+    per_sample = [
+        supervised_token_sums(logits[:, start:end], batch["labels"][:, start:end])[0]
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return per_sample, supervised_token_sums(logits, batch["labels"])[0]
+
+
+def gradients(model: FalconForCausalLM, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_gradients_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol: float) -> None:
+    """Every parameter's gradient within rtol of the whole gradient's norm."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected.values()]))
+    assert norm > 0
+    for name, grad in expected.items():
+        error = torch.linalg.vector_norm(actual[name].float() - grad.float())
+        assert error <= rtol * norm, f"{name}: gradient differs by {error / norm:.2e} of the gradient norm"
+
+
+def test_pack_samples_restarts_positions_and_cuts_labels_at_boundaries() -> None:
+    samples = [
+        FormattedSample((5, 6, 7), (IGNORE_INDEX, 6, 7), truncated=False),
+        FormattedSample((8, 9), (8, 9), truncated=False),  # a label at t=0 would be predicted across the boundary
+        FormattedSample((1, 2, 3, 4), (IGNORE_INDEX, IGNORE_INDEX, 3, 4), truncated=False),
+    ]
+    batch = pack_samples(samples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX, 3, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 9]
+    assert batch["cu_seq_lens"].dtype == torch.int32
+    assert batch["max_length"] == 4
+    with pytest.raises(ValueError, match="empty"):
+        pack_samples([])
+
+
+def test_plan_packs_is_seeded_complete_and_within_capacity() -> None:
+    rng = random.Random(0)
+    lengths = [min(2048, max(16, round(rng.lognormvariate(math.log(300), 1.0)))) for _ in range(3000)]
+    plan = plan_packs(lengths, max_tokens=8192, seed=1)
+    assert plan == plan_packs(lengths, max_tokens=8192, seed=1)
+    assert plan != plan_packs(lengths, max_tokens=8192, seed=2)
+    assert sorted(i for pack in plan for i in pack) == list(range(len(lengths)))
+    fills = [sum(lengths[i] for i in pack) for pack in plan]
+    assert max(fills) <= 8192
+    assert 1 - sum(lengths) / (len(plan) * 8192) < 0.02, "best-fit packing should leave under 2% unused"
+    with pytest.raises(ValueError, match=r"sample 2 has 9000 tokens"):
+        plan_packs([10, 20, 9000], max_tokens=8192, seed=0)
+
+
+@pytest.mark.parametrize("given", ["cu_seq_lens", "position_ids", "all_ones_mask"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_row_matches_samples_one_by_one(shape: str, given: str) -> None:
+    model = tiny_falcon(shape)
+    samples = random_samples()
+    expected = per_sample_losses(model, samples)
+    expected_grads = gradients(model, torch.stack(expected).sum())
+
+    enable_packed_attention(model)
+    actual, row_loss = packed_losses(model, samples, given)
+    # The row's loss, as training takes it: no label may reach across a boundary.
+    actual_grads = gradients(model, row_loss)
+
+    torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=1e-5, atol=0)
+    torch.testing.assert_close(row_loss, torch.stack(expected).sum(), rtol=1e-5, atol=0)
+    assert_gradients_match(actual_grads, expected_grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_plain_concatenation_leaks_across_samples(shape: str) -> None:
+    """Without packed attention, restarted position ids alone do not isolate the samples in Falcon."""
+    model = tiny_falcon(shape)
+    samples = random_samples()
+    expected = per_sample_losses(model, samples)
+    actual, _ = packed_losses(model, samples)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=0)  # the first sample sees nothing before it
+    for later, alone in zip(actual[1:], expected[1:]):
+        assert abs(later - alone) > 1e-4 * abs(alone), "ten times the tolerance of the exactness test"
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_packed_gradients_match_under_gradient_checkpointing(use_reentrant: bool) -> None:
+    """Checkpointed layers replay their forward in backward; the replay must attend per sample too."""
+    model = tiny_falcon("40b")
+    samples = random_samples()
+    expected_grads = gradients(model, torch.stack(per_sample_losses(model, samples)).sum())
+
+    enable_packed_attention(model)
+    # The call the model builder makes (transformers 5.23 deprecates it for activation_checkpointing_enable).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()
+    assert all(layer.gradient_checkpointing for layer in model.transformer.h)
+    actual_grads = gradients(model, packed_losses(model, samples)[1])
+    assert_gradients_match(actual_grads, expected_grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_padded_batches_still_use_falcons_own_attention(shape: str) -> None:
+    reference = tiny_falcon(shape)
+    model = tiny_falcon(shape)
+    enable_packed_attention(model)
+    enable_packed_attention(model)  # a second call changes nothing
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[0, 5:] = 0
+    expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+    actual = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_inconsistent_packed_inputs_are_refused() -> None:
+    model = tiny_falcon("7b")
+    enable_packed_attention(model)
+    batch = pack_samples(random_samples())
+    inputs = {key: batch[key] for key in ("input_ids", "position_ids", "cu_seq_lens")}
+    with pytest.raises(ValueError, match="no padding"):
+        model(**inputs, attention_mask=torch.zeros_like(batch["input_ids"]))
+    with pytest.raises(ValueError, match="cu_seq_lens ends at"):
+        model(**{**inputs, "cu_seq_lens": batch["cu_seq_lens"][:-1]})
+    skipping = batch["position_ids"].clone()
+    skipping[0, 2] = 5
+    with pytest.raises(ValueError, match="count 0, 1, 2"):
+        model(input_ids=batch["input_ids"], position_ids=skipping)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_row_matches_samples_one_by_one_in_bf16_on_cuda(shape: str) -> None:
+    """The same equality through varlen_attn, within bf16 tolerances (head_dim 64, as flash kernels like)."""
+    model = tiny_falcon(shape, hidden=256, heads=4).cuda().bfloat16()
+    samples = random_samples(lengths=(100, 300, 37, 250))
+    with torch.device("cuda"):
+        expected = per_sample_losses(model, samples)
+        expected_grads = gradients(model, torch.stack(expected).sum())
+        enable_packed_attention(model)
+        actual, row_loss = packed_losses(model, samples)
+        actual_grads = gradients(model, row_loss)
+    torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=2e-2, atol=0)
+    assert_gradients_match(actual_grads, expected_grads, rtol=5e-2)
