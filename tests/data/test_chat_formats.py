@@ -108,3 +108,16 @@ def test_segmented_is_derived_from_the_markers() -> None:
 def test_unknown_format_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown chat format 'chatml'; known: openassistant, human_bot"):
         prepare_tokenizer(AutoTokenizer.from_pretrained(DATA / "tokenizer"), "chatml")
+
+
+def test_the_configured_format_reaches_the_training_samples() -> None:
+    from model_training.config import load_config, parse_override
+    from model_training.data.registry import prepare_data
+    from model_training.models.builder import load_tokenizer
+
+    cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override("chat_format=falcon_instruct")])
+    tokenizer = load_tokenizer(cfg)
+    assert "<|prompter|>" not in tokenizer.get_vocab()
+    data = prepare_data(cfg, tokenizer)
+    texts = [tokenizer.decode(s.input_ids) for split in data.train for s in split.samples]
+    assert texts and all(t.startswith("User: ") and "\nAssistant: " in t for t in texts)

@@ -111,3 +111,26 @@ def test_build_model_wires_quantization_and_lora() -> None:
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 8
     delta = model.base_model.model.transformer.word_embeddings.token_adapter.trainable_tokens_delta["default"]
     assert delta.shape == (len(SPECIAL_TOKENS), 64)  # the chat tokens' rows are trained
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_step_in_bf16_on_cuda() -> None:
+    """A QLoRA training step as on the GPU: the base in NF4 on CUDA, bf16 compute, bf16 adapters."""
+    device = torch.device("cuda")
+    model = tiny_falcon().to(torch.bfloat16)
+    qcfg = QuantizationConfig(load_in_4bit=True, compute_dtype="bf16")
+    quantize_linear_layers(model, qcfg, device)
+    model = apply_lora(model.to(device), PeftConfig(type="lora", r=8), []).to(device)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 8 and all(m.weight.device.type == "cuda" and m.weight.dtype == torch.uint8 for m in layers)
+    ids = torch.randint(0, 2032, (2, 64), device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

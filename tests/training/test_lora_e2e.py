@@ -7,6 +7,7 @@ checkpoints must hold only what was trained, and the merged export must equal ba
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,23 @@ def test_qlora_trains_and_merges_into_the_4bit_base(base_dir: Path, tmp_path: Pa
     ids = torch.tensor([tokenizer("<human>: How do I boil an egg?\n<bot>:")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(trained(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("which", "flags", "message"),
+    [
+        ("full", ["--merge_adapter"], r"--merge_adapter: .* is not a LoRA checkpoint \(it has no adapter/ folder\)"),
+        ("lora", ["--merge_adapter", "--base_model", "/nonexistent/base"],
+         r"cannot load the base model '/nonexistent/base' to merge into: .*\(pass --base_model\)"),
+    ],
+)
+def test_adapter_export_mistakes_are_one_line(
+    which: str, flags: list[str], message: str, zero2_run: Path, lora_run: Path, tmp_path: Path
+) -> None:
+    source = zero2_run if which == "full" else lora_run
+    cmd = [sys.executable, str(REPO / "export_model.py"), str(source), "--output_folder", str(tmp_path / "out"), *flags]
+    result = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("export_model.py: error:")]
+    assert re.search(message, line), line
+    assert not (tmp_path / "out").exists()

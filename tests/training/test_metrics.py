@@ -46,6 +46,17 @@ def test_wandb_offline_logs_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert list((tmp_path / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+def test_samples_table_reaches_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = MetricsLogger(tiny_config(tmp_path, "log_wandb=true"), tmp_path, enabled=True)
+    logger.log_table("samples", ["source", "prompt", "answer"], [["query", "Hi?", "Hello, friend."]], step=3)
+    logger.close()
+    [run_file] = (tmp_path / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    # wandb stores a table as a json artifact beside the run; its rows appear in the run's files.
+    tables = list(run_file.parent.glob("files/media/table/samples_*.table.json"))
+    assert tables and json.loads(tables[0].read_text())["data"] == [["query", "Hi?", "Hello, friend."]]
+
+
 def test_unreachable_wandb_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
