@@ -204,6 +204,8 @@ class TrainConfig:
     """LIMA schedule: layer i of L drops with residual_dropout * i / (L - 1) instead of a flat rate."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    gradient_checkpointing_layers: int | None = None
+    """Selective checkpointing: recompute only the first this many decoder layers (faster, more memory); null: all."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA instead of full fine-tuning (`peft.type=lora` on the command line turns it on)."""
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -223,6 +225,12 @@ class TrainConfig:
     falcon_instruct (User: / Assistant:) or falcon_chat (User: / Falcon:); see data/chat_formats.py."""
     dedupe: bool = True
     """Drop conversations that repeat an earlier one exactly (same system, roles and texts), across sources."""
+    data_cache_dir: str | None = "~/.cache/model_training/tokenized"
+    """Tokenized datasets are kept here and reused while their inputs stay the same (data/cache.py); null: off."""
+    packing: bool = True
+    """Lay each micro-batch's samples end to end in one row, no padding; each sample attends only to itself (Falcon)."""
+    chunked_loss: bool = True
+    """Cross-entropy from the last hidden states chunk by chunk, without full fp32 logits (ZeRO-0/1/2, not LoRA)."""
     show_dataset_stats: bool = False
     """Print per-dataset statistics (threads, tokens, truncation) and exit."""
 
@@ -443,6 +451,9 @@ def validate(cfg: TrainConfig) -> None:
     for key in _POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"key '{key}' must be at least 1, got {_get(cfg, key)}")
+    if cfg.gradient_checkpointing_layers is not None and cfg.gradient_checkpointing_layers < 0:
+        raise ConfigError(f"key 'gradient_checkpointing_layers' must be at least 0 or null, got "
+                          f"{cfg.gradient_checkpointing_layers}")
     if cfg.generate_val_samples < 0:
         raise ConfigError(f"key 'generate_val_samples' must be at least 0, got {cfg.generate_val_samples}")
     _validate_peft(cfg)

@@ -1,4 +1,4 @@
-"""Right-padding of formatted samples into a batch of tensors."""
+"""Formatted samples into a batch of tensors: one packed row, or right-padded rows."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
+from model_training.data.packing import pack_samples
 
 
 def pad_batch(
@@ -39,3 +40,18 @@ def pad_batch(
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(sample.labels, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate(
+    samples: Sequence[FormattedSample], packing: bool, pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor | int]:
+    """The model's inputs for `samples` and their `labels`, as keyword arguments named like the model's.
+
+    With `packing`, one padding-free row (`pack_samples`: `input_ids`, `position_ids` that restart with each
+    sample, the boundaries `cu_seq_lens` and `max_length`, no `attention_mask`); otherwise `pad_batch`'s
+    right-padded rows with their `attention_mask`. Both give the same per-sample losses on a model with packed
+    attention (`model_training.models.packing`).
+    """
+    if packing:
+        return pack_samples(samples)
+    return pad_batch(samples, pad_token_id, pad_to_multiple_of)

@@ -8,20 +8,27 @@ For each entry of `datasets` + `datasets_extra`, in config order:
      records in other languages (`lang`, where the source gives one);
   3. format each conversation (model_training/data/formatting.py) or cut each text into pieces, drop samples
      outside the dataset's `min_length`/`max_length`, then cut the rest to the global `max_length`.
-How much of each dataset an epoch draws is the sampler's business (model_training/training/sampler.py).
+The result of each dataset is kept in `data_cache_dir` and read back by later runs while everything it depends
+on stays the same (model_training/data/cache.py). How much of each dataset an epoch draws is the sampler's
+business (model_training/training/sampler.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from model_training.config import ConfigError, DatasetConfig, TrainConfig, dataset_specs, resolve_input_path
+from model_training.data.cache import TokenizedCache, describe_dataset, pack_samples, unpack_samples
 from model_training.data.chat_formats import DEFAULT_CHAT_FORMAT
 from model_training.data.formatting import FormattedSample, format_conversation, format_text, truncate
 from model_training.data.oasst import load_oasst_export
@@ -117,13 +124,16 @@ def split_records(records: Sequence[Record], val_split: float, seed: int) -> tup
     return train, val
 
 
-def _dedupe_key(record: Record) -> tuple:
+def _dedupe_key(record: Record) -> bytes:
+    """A 16-byte digest of what makes two records duplicates; digests, unlike the texts, fit in the cache."""
     if isinstance(record, TextDocument):
-        return ("text", record.text.strip())
-    return (record.system, tuple((m.role, m.text.strip()) for m in record.messages))
+        key: tuple = ("text", record.text.strip())
+    else:
+        key = (record.system, tuple((m.role, m.text.strip()) for m in record.messages))
+    return hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
 
 
-def _keep(records: list[Record], options: Any, seen: set[tuple] | None, report: FilterReport) -> list[Record]:
+def _keep(records: list[Record], options: Any, seen: set[bytes] | None, report: FilterReport) -> list[Record]:
     lang = getattr(options, "lang", None)
     langs = parse_languages(lang) if lang else None
     kept = []
@@ -176,8 +186,7 @@ def tokenize_records(
                 continue
             truncated += sample.truncated
             samples.append(sample)
-    if dropped:
-        logger.warning("%s: dropped %d conversations left with no supervised token by max_length", name, dropped)
+    _warn_dropped(name, dropped)
     return TokenizedSplit(
         name=name,
         samples=samples,
@@ -188,33 +197,123 @@ def tokenize_records(
     )
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One dataset's result: both splits, its filter counts, and the dedupe keys it added for later datasets."""
+
+    train: TokenizedSplit
+    val: TokenizedSplit
+    report: FilterReport
+    dedupe_keys: list[bytes]
+
+
 def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     specs = dataset_specs(cfg)
     if not specs:
         raise ConfigError("no datasets configured: add a data section (e.g. --configs ... oasst-sample)")
-    seen: set[tuple] | None = set() if cfg.dedupe else None
+    cache = TokenizedCache.for_config(cfg, tokenizer)
+    seen: set[bytes] | None = set() if cfg.dedupe else None
+    described: list[dict[str, Any]] = []
     data = PreparedData(train=[], val=[])
     for index, (name, options) in enumerate(specs):
         key = f"datasets[{index}].{name}"
         display = name if sum(n == name for n, _ in specs) == 1 else f"{name}[{index}]"
-        try:
-            train, val = LOADERS[name](options, data_path(cfg, options.input_file_path), key)
-        except FileNotFoundError as err:
-            # The loader's message names the path and the config key; a user fixes it in the config.
-            raise ConfigError(str(err)) from None
-        report = FilterReport(display)
-        train, val = _keep(train, options, seen, report), _keep(val, options, seen, report)
-        train_split = tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format)
-        if not train_split.samples:
+        source = data_path(cfg, options.input_file_path)
+        prepared, cache_key = None, None
+        if cache is not None:
+            described.append(describe_dataset(name, options, source))
+            # Dedupe crosses sources: with it, what a dataset keeps depends on every dataset before it.
+            cache_key = cache.key(described if cfg.dedupe else described[-1:])
+            prepared = cache.load(cache_key, partial(_decode, display))
+        if prepared is not None:
+            logger.info("%s: tokenized cache hit (%s)", display, cache.path(cache_key))
+            for split in (prepared.train, prepared.val):
+                _warn_dropped(display, split.dropped)
+            if seen is not None:
+                seen.update(prepared.dedupe_keys)
+        else:
+            start = time.perf_counter()
+            prepared = _prepare_dataset(cfg, tokenizer, name, options, source, key, display, seen)
+            if cache is not None:
+                cache.store(cache_key, _encode(prepared))
+                logger.info("%s: tokenized cache miss; prepared in %.1f s, stored as %s", display,
+                            time.perf_counter() - start, cache.path(cache_key))
+        if not prepared.train.samples:
             raise ConfigError(
                 f"dataset {key} has no training samples after its filters ({_describe(options)}); "
                 "check the language list, top_k, the length limits and the file"
             )
-        data.train.append(train_split)
-        data.val.append(tokenize_records(display, val, tokenizer, cfg.max_length, options, report, cfg.chat_format))
+        data.train.append(prepared.train)
+        data.val.append(prepared.val)
         data.options.append(options)
-        data.reports.append(report)
+        data.reports.append(prepared.report)
     return data
+
+
+def _prepare_dataset(
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    options: DatasetConfig,
+    source: str,
+    key: str,
+    display: str,
+    seen: set[bytes] | None,
+) -> _Prepared:
+    """Load, split, filter and tokenize one dataset; adds the dedupe keys of what it keeps to `seen`."""
+    try:
+        train, val = LOADERS[name](options, source, key)
+    except FileNotFoundError as err:
+        # The loader's message names the path and the config key; a user fixes it in the config.
+        raise ConfigError(str(err)) from None
+    report = FilterReport(display)
+    train, val = _keep(train, options, seen, report), _keep(val, options, seen, report)
+    return _Prepared(
+        train=tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format),
+        val=tokenize_records(display, val, tokenizer, cfg.max_length, options, report, cfg.chat_format),
+        report=report,
+        dedupe_keys=[_dedupe_key(r) for r in train + val] if seen is not None else [],
+    )
+
+
+_SPLIT_COUNTS = ("threads", "turns", "truncated", "dropped")
+_REPORT_COUNTS = ("records", "other_language", "duplicates", "too_short", "too_long")
+
+
+def _encode(prepared: _Prepared) -> dict[str, np.ndarray]:
+    """A dataset's result as the plain integer arrays of a cache file (model_training/data/cache.py)."""
+    arrays = {
+        "report": np.array([getattr(prepared.report, c) for c in _REPORT_COUNTS], dtype=np.int64),
+        "dedupe_keys": np.frombuffer(b"".join(prepared.dedupe_keys), dtype=np.uint8).reshape(-1, 16),
+    }
+    for side, split in (("train", prepared.train), ("val", prepared.val)):
+        arrays.update(pack_samples(side, split.samples))
+        arrays[f"{side}_counts"] = np.array([getattr(split, c) for c in _SPLIT_COUNTS], dtype=np.int64)
+    return arrays
+
+
+def _decode(display: str, arrays: dict[str, np.ndarray]) -> _Prepared:
+    """The inverse of `_encode`, named `display` as this config names the dataset."""
+    splits = {
+        side: TokenizedSplit(
+            name=display,
+            samples=unpack_samples(side, arrays),
+            **dict(zip(_SPLIT_COUNTS, arrays[f"{side}_counts"].tolist(), strict=True)),
+        )
+        for side in ("train", "val")
+    }
+    report = FilterReport(display, **dict(zip(_REPORT_COUNTS, arrays["report"].tolist(), strict=True)))
+    return _Prepared(
+        train=splits["train"],
+        val=splits["val"],
+        report=report,
+        dedupe_keys=[row.tobytes() for row in arrays["dedupe_keys"].reshape(-1, 16)],
+    )
+
+
+def _warn_dropped(name: str, dropped: int) -> None:
+    if dropped:
+        logger.warning("%s: dropped %d conversations left with no supervised token by max_length", name, dropped)
 
 
 def _describe(options: Any) -> str:

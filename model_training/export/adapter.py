@@ -19,12 +19,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from model_training.config import TrainConfig
+from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import ADAPTER_CONFIG_DIR, dequantized_weight, quantizable_layers
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-TRAIN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class AdapterExportError(ValueError):
@@ -88,7 +88,7 @@ def merged_model(
         raise AdapterExportError(f"checkpoint {checkpoint} names no base model; pass --base_model")
     try:
         base = AutoModelForCausalLM.from_pretrained(
-            source, dtype=TRAIN_DTYPES[run_config.dtype], trust_remote_code=trust_remote_code, cache_dir=cache_dir
+            source, dtype=TORCH_DTYPES[run_config.dtype], trust_remote_code=trust_remote_code, cache_dir=cache_dir
         )
     except (OSError, ValueError) as exc:
         raise AdapterExportError(

@@ -12,17 +12,19 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from model_training.config import ConfigError, TrainConfig, resolve_input_path
 from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
+from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
+from model_training.models.packing import enable_packed_attention
 from model_training.models.residual_dropout import apply_residual_dropout
 from model_training.training.ds_config import zero_stage
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASE_MODEL_DIR = "base_model"
 """Folder of a LoRA run's random-weight base inside the run folder."""
 EMBEDDING_MULTIPLE = 16
@@ -62,8 +64,8 @@ def build_model(
     ds_config: dict[str, Any],
     save_base_to: Path | None = None,
 ) -> torch.nn.Module:
-    """The causal LM, its embeddings resized for the added tokens, residual dropout and checkpointing applied;
-    then, as configured, its linear layers quantized to 4 bits and LoRA adapters added.
+    """The causal LM, its embeddings resized for the added tokens, residual dropout, checkpointing and packed
+    attention applied; then, as configured, its linear layers quantized to 4 bits and LoRA adapters added.
 
     Must run after torch.distributed is initialized and before `deepspeed.initialize`: under ZeRO-3 the
     weights are partitioned as they are created, so a 40B model never exists whole on one rank.
@@ -104,6 +106,18 @@ def build_model(
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing also works when no input of a block requires grad (a frozen base).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.gradient_checkpointing_layers is not None:
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in layers[cfg.gradient_checkpointing_layers :]:
+                layer.gradient_checkpointing = False
+            kept = min(len(layers), cfg.gradient_checkpointing_layers)
+            logger.info("activation checkpointing on %d of %d layers", kept, len(layers))
+    if cfg.packing:
+        # Before LoRA: the hook goes on the causal LM itself, which peft calls as a module with every keyword.
+        try:
+            enable_packed_attention(model)
+        except ValueError as err:
+            raise ConfigError(f"packing=true does not fit this model: {err}; set packing=false") from None
     if save_base_to is not None:
         _save_base(model, save_base_to)
     if cfg.quantization.load_in_4bit:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from model_training.config import PEFT_DEFAULT_TARGETS, PeftConfig, QuantizationConfig
+from model_training.models.dtypes import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ADAPTER_NAME = "default"
 ADAPTER_CONFIG_DIR = "adapter"
 """Checkpoint folder of a LoRA run's peft config (adapter_config.json, with the base it applies to)."""
@@ -48,7 +48,7 @@ def quantize_linear_layers(model: nn.Module, qcfg: QuantizationConfig, device: t
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            compute_dtype=COMPUTE_DTYPES[qcfg.compute_dtype],
+            compute_dtype=TORCH_DTYPES[qcfg.compute_dtype],
             compress_statistics=qcfg.double_quant,
             quant_type=qcfg.quant_type,
             device="meta",

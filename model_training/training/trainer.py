@@ -6,8 +6,9 @@
   3. the step plan (which samples each rank reads at each step), the DeepSpeed config, the model (built
      under ZeRO-3's partitioning when configured), the engine with AdamW and our schedule;
   4. resume: engine state, data position and RNG from a committed checkpoint;
-  5. the loop: each optimizer step runs its micro-batches, the loss normalized by the supervised tokens of
-     the whole step on all ranks; metrics, evaluation and atomic checkpoints at their intervals.
+  5. the loop: each optimizer step runs its micro-batches (with `packing`, each one padding-free row), the
+     loss normalized by the supervised tokens of the whole step on all ranks; metrics, evaluation and atomic
+     checkpoints at their intervals.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml
-from model_training.data.collate import pad_batch
+from model_training.data.collate import collate
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import TokenizedSplit, prepare_data
 from model_training.models.builder import BASE_MODEL_DIR, base_model_reference, build_model, load_tokenizer
@@ -42,7 +44,7 @@ from model_training.training.checkpoint import (
 )
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, zero_stage
-from model_training.training.loss import count_supervised, supervised_token_sums
+from model_training.training.loss import chunked_supervised_token_sums, count_supervised, supervised_token_sums
 from model_training.training.metrics import MetricsLogger
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.samples import generate_answers, sample_prompts, write_samples
@@ -149,20 +151,22 @@ def train(cfg: TrainConfig) -> Path:
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type),
     )
 
+    chunked = _uses_chunked_loss(cfg, engine)
     state = TrainerState(
         data_fingerprint=_fingerprint_data(train_samples, plan), model_fingerprint=_fingerprint_model(cfg)
     )
     if cfg.resume_from_checkpoint:
         _resume(cfg, engine, state, output_dir)
     logger.info(
-        "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks",
+        "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks; "
+        "%s micro-batches, loss from %s",
         len(train_samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps, zero_stage(ds_config),
-        info.world_size,
+        info.world_size, "packed" if cfg.packing else "padded", "hidden states in chunks" if chunked else "logits",
     )
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
-        _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info)
+        _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info, chunked)
         if cfg.generate_samples or cfg.generate_val_samples:
             _generate_samples(cfg, engine, tokenizer, data.val, state, metrics, info)
     finally:
@@ -226,13 +230,14 @@ def _loop(
     total_steps: int,
     metrics: MetricsLogger,
     info: DistInfo,
+    chunked: bool,
 ) -> None:
     engine.train()
     device = engine.device
     pad_id = tokenizer.pad_token_id
     progress = tqdm(total=total_steps, initial=state.optimizer_step, disable=not info.is_main, dynamic_ncols=True)
     order, order_epoch = None, -1
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_steps, window_data_time, window_start = 0, 0, 0.0, time.perf_counter()
 
     while state.optimizer_step < total_steps:
         step = state.optimizer_step
@@ -246,12 +251,15 @@ def _loop(
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro_batch in plan.micro_batches(order, step_in_epoch):
+            # The copy to the device waits for the work already queued there (the last backward, the optimizer
+            # step); waiting for it first keeps that compute out of the data time.
+            get_accelerator().synchronize()
+            data_start = time.perf_counter()
             # A short last step can leave this rank an empty micro-batch; it still runs one (ZeRO's forward
             # and backward are collective) whose loss weighs nothing.
-            batch = pad_batch([samples[i] for i in micro_batch or [0]], pad_id, PAD_TO_MULTIPLE_OF)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            micro_loss_sum = supervised_token_sums(logits, batch["labels"])[0]
+            inputs, labels = _device_batch([samples[i] for i in micro_batch or [0]], cfg.packing, pad_id, device)
+            window_data_time += time.perf_counter() - data_start
+            micro_loss_sum = _token_sums(engine, inputs, labels, chunked)[0]
             if not micro_batch:
                 micro_loss_sum = torch.where(torch.tensor(False), micro_loss_sum, 0.0)  # NaN * 0 would stay NaN
             loss_sum += micro_loss_sum.detach().double()
@@ -280,6 +288,7 @@ def _loop(
         state.optimizer_step += 1
         state.tokens_seen += step_tokens
         window_tokens += step_tokens
+        window_steps += 1
         progress.update(1)
 
         step = state.optimizer_step
@@ -292,16 +301,17 @@ def _loop(
                 grad_norm=_grad_norm(engine),
                 tokens=state.tokens_seen,
                 tokens_per_s=window_tokens / elapsed if elapsed > 0 else 0.0,
+                data_time=window_data_time / window_steps,
                 epoch=round(step / plan.steps_per_epoch, 4),
                 skipped_steps=state.skipped_steps,
             )
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_steps, window_data_time, window_start = 0, 0, 0.0, time.perf_counter()
             progress.set_postfix(
                 epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps:
-            record.update(_evaluate(cfg, engine, pad_id, val_splits, info))
+            record.update(_evaluate(cfg, engine, pad_id, val_splits, info, chunked))
             engine.train()
         if record:
             metrics.log({"step": step, **record})
@@ -316,6 +326,44 @@ def _loop(
                 trained_only=is_lora_model(engine.module),
             )
     progress.close()
+
+
+def _uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
+    """Whether the loss comes from the last hidden states chunk by chunk (`chunked_loss`) or from full logits.
+
+    Full logits under ZeRO-3, whose partitioned output head is whole only inside the model's own forward, and
+    for LoRA, where peft's trained token rows change what the head computes. The chunked loss applies the head's
+    weight alone, so a head with a bias (no model this trainer ships a section for) is refused.
+    """
+    if not cfg.chunked_loss or zero_stage(engine.config) == 3 or is_lora_model(engine.module):
+        return False
+    if getattr(engine.module.get_output_embeddings(), "bias", None) is not None:
+        raise ConfigError("chunked_loss=true needs an output head without a bias; set chunked_loss=false")
+    return True
+
+
+def _device_batch(
+    samples: list[FormattedSample], packing: bool, pad_id: int, device: torch.device
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """`collate`'s batch of `samples` on `device`: the model's keyword inputs, and the labels."""
+    batch = collate(samples, packing, pad_id, PAD_TO_MULTIPLE_OF)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return inputs, inputs.pop("labels")
+
+
+def _token_sums(
+    engine: Any, inputs: dict[str, Any], labels: torch.Tensor, chunked: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, correct next-token predictions) over the supervised tokens of a batch."""
+    if not chunked:
+        return supervised_token_sums(engine(**inputs).logits, labels)
+    # Still the engine's forward, so DeepSpeed's hooks run; an empty `logits_to_keep` projects no position, and
+    # the hidden states after the final norm, the head's input, come back instead of (tokens, vocabulary) logits.
+    outputs = engine(
+        **inputs, output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long, device=labels.device)
+    )
+    head = engine.module.get_output_embeddings().weight
+    return chunked_supervised_token_sums(outputs.hidden_states[-1], head, labels)
 
 
 def _check_finite_before_update(
@@ -389,7 +437,7 @@ def _generate_samples(
 
 @torch.no_grad()
 def _evaluate(
-    cfg: TrainConfig, engine: Any, pad_id: int, splits: list[TokenizedSplit], info: DistInfo
+    cfg: TrainConfig, engine: Any, pad_id: int, splits: list[TokenizedSplit], info: DistInfo, chunked: bool
 ) -> dict[str, float]:
     """Loss and next-token accuracy on supervised tokens of each validation set, in a fixed order.
 
@@ -407,12 +455,10 @@ def _evaluate(
         sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, correct, supervised tokens
         for b in range(num_batches):
             chunk = mine[b * cfg.per_device_eval_batch_size : (b + 1) * cfg.per_device_eval_batch_size]
-            batch = pad_batch(chunk or split.samples[:1], pad_id, PAD_TO_MULTIPLE_OF)
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, correct = supervised_token_sums(logits, batch["labels"])
+            inputs, labels = _device_batch(chunk or split.samples[:1], cfg.packing, pad_id, engine.device)
+            loss_sum, correct = _token_sums(engine, inputs, labels, chunked)
             if chunk:
-                supervised = torch.tensor(count_supervised(batch["labels"]), dtype=torch.float64, device=engine.device)
+                supervised = torch.tensor(count_supervised(labels), dtype=torch.float64, device=engine.device)
                 sums += torch.stack([loss_sum.double(), correct.double(), supervised])
         dist.all_reduce(sums)
         results[f"eval/{split.name}/loss"] = (sums[0] / sums[2]).item()

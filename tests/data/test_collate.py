@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from model_training.data.collate import pad_batch
+from model_training.data.collate import collate, pad_batch
 from model_training.data.formatting import (
     IGNORE_INDEX,
     FormattedSample,
@@ -76,3 +76,15 @@ def test_an_empty_batch_or_a_bad_multiple_is_rejected():
         pad_batch([], pad_token_id=PAD)
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         pad_batch([SHORT], pad_token_id=PAD, pad_to_multiple_of=0)
+
+
+def test_collate_packs_one_row_or_pads_rows_with_the_model_arguments_named():
+    packed = collate([SHORT, LONG], packing=True, pad_token_id=PAD, pad_to_multiple_of=4)
+    assert set(packed) == {"input_ids", "labels", "position_ids", "cu_seq_lens", "max_length"}
+    assert packed["input_ids"].tolist() == [[5, 6, 0, 7, 8, 9, 10, 0]]  # no padding, whatever the multiple
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 0, IGNORE_INDEX, IGNORE_INDEX, 9, 10, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert packed["cu_seq_lens"].tolist() == [0, 3, 8] and packed["max_length"] == 5
+    padded = collate([SHORT, LONG], packing=False, pad_token_id=PAD, pad_to_multiple_of=4)
+    assert set(padded) == {"input_ids", "attention_mask", "labels"}
+    assert padded["input_ids"].shape == (2, 8)

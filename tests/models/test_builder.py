@@ -67,3 +67,18 @@ def test_residual_dropout_on_an_unsupported_architecture_is_an_error() -> None:
     cfg = config("model_config={model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 2}", "residual_dropout=0.1")
     with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
         build_model(cfg, load_tokenizer(cfg), ZERO2)
+
+
+def test_selective_checkpointing_recomputes_only_the_first_layers() -> None:
+    overrides = ("model_config.num_hidden_layers=3", "gradient_checkpointing=true")
+    grads = {}
+    for layers in (None, 0, 2):
+        cfg = config(*overrides, f"gradient_checkpointing_layers={'null' if layers is None else layers}")
+        model = build_model(cfg, load_tokenizer(cfg), ZERO2).train()
+        flags = [block.gradient_checkpointing for block in model.transformer.h]
+        assert flags == [True] * 3 if layers is None else [i < layers for i in range(3)]
+        ids = torch.arange(40).reshape(2, 20)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[layers] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # Recomputing is exact: the same gradients whichever layers are checkpointed.
+    assert torch.equal(grads[None], grads[0]) and torch.equal(grads[None], grads[2])

@@ -32,18 +32,19 @@ if KILL_AFTER and is_fault_rank:
     trainer.save_checkpoint = save_then_die
 
 if NAN_STEPS and is_fault_rank:
-    real_sums = trainer.supervised_token_sums
+    # The trainer's one loss entry point, whichever loss (full logits or chunked) the run uses.
+    real_sums = trainer._token_sums
     training_calls = 0
 
-    def poisoned_sums(logits, labels):
+    def poisoned_sums(*args, **kwargs):
         global training_calls
-        loss_sum, correct = real_sums(logits, labels)
+        loss_sum, correct = real_sums(*args, **kwargs)
         if torch.is_grad_enabled():  # evaluation runs under no_grad and is left alone
             training_calls += 1
             if training_calls in NAN_STEPS:
                 loss_sum = loss_sum * float("nan")
         return loss_sum, correct
 
-    trainer.supervised_token_sums = poisoned_sums
+    trainer._token_sums = poisoned_sums
 
 exit_process(main_train(sys.argv[1:]))

@@ -56,7 +56,7 @@ def test_zero2_run_trains_evaluates_and_saves(zero2_run: Path) -> None:
     assert [r["step"] for r in evals] == [4, 8]
     assert evals[1]["eval/oasst_export/loss"] < evals[0]["eval/oasst_export/loss"]
     assert 0.0 < evals[1]["eval/oasst_export/accuracy"] < 1.0
-    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["data_time"] > 0 for r in records if "loss" in r)
     assert (zero2_run / "config.yaml").read_text().startswith("model_name: null")
     assert resolve_checkpoint("latest", zero2_run).name == "checkpoint-000008"
     assert sorted(p.name for p in zero2_run.glob("checkpoint-*")) == ["checkpoint-000004", "checkpoint-000008"]

@@ -1,0 +1,629 @@
+"""Training throughput on one GPU: the transformers Trainer baseline against our trainer, and Falcon-7B rows.
+
+    python bench/throughput.py --out BENCH.md            # one GPU (scripts/gpu_check.sh runs it there)
+    python bench/throughput.py --smoke                   # the same plumbing on the CPU: tiny shapes, a few steps
+
+Rows, each a fresh process under `deepspeed --num_gpus 1`, so that its start-up and peak memory are its own:
+  baseline          Falcon-7B width cut to 8 of 32 layers (hidden 4544, 71 heads, multi-query, parallel
+                    attention, vocabulary 65024: 1.95B parameters, random weights), bf16, ZeRO-2
+                    (configs/zero_config.json), gradient checkpointing, SDPA, micro batch 4 x accumulation 4;
+                    `transformers.Trainer` with DeepSpeed, each micro-batch padded to its longest sample.
+  ours              the same model, data, batch and DeepSpeed config through our command line (trainer_sft.py
+                    --configs defaults falcon-7b ...), with its defaults (packing, chunked loss).
+  7b-zero3-offload  the full 32-layer Falcon-7B shape (6.9B parameters), our trainer on ZeRO-3 with the optimizer
+                    (fp32 master weights and Adam moments) in CPU memory: configs/zero3_offload_config.json less
+                    its parameter offload. Answers "can it be fine-tuned on one 80 GB GPU".
+  7b-qlora          the same shape, our trainer with section falcon-7b-qlora (LoRA r 64 on a 4-bit NF4 base,
+                    ZeRO-2), on the same data and max_length 2048; its peak memory is compared with the row above.
+
+Data: one synthetic set for every row, drawn from a seeded generator: sample lengths log-normal (median 300,
+sigma 0.8, redrawn outside 16..2048), each sample one prompt and one reply, the reply (and its closing eos)
+supervised, 35-75% of the tokens. Our trainer reads text, not ids, so the bench writes a `chat_jsonl` file
+whose words are the tokens of a word-level tokenizer it also writes (one word, one id; 65021 words + the 3 chat
+tokens the trainer adds = Falcon's 65024 rows): the trainer tokenizes the file into exactly the ids and labels
+drawn, which the bench checks (and so warms the tokenized-data cache), and the baseline reads those ids.
+
+Measures: real (non-pad) tokens per second over the steps after `--warmup` (wall clock between the ends of
+optimizer steps), MFU = 6 x parameters x real tokens/s / --peak-flops (790e12: H100 bf16 dense), peak GPU
+memory (torch.cuda.max_memory_allocated), peak host RSS of the rank, time to first step (from launching the
+process to the end of optimizer step 1, DeepSpeed's op builds excluded: they are built once before the rows).
+Our trainer's numbers come from its own metrics.jsonl (`tokens`), stamped with wall time by a thin wrapper
+around its command line (`--worker ours`); the trainer itself is not changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 2**30
+VOCAB = 65024
+"""Falcon's embedding rows; the synthetic tokenizer has this many ids once the chat tokens are added."""
+EOS = "<|endoftext|>"
+IGNORE_INDEX = -100
+DEFAULT_ROWS = ("baseline", "ours", "7b-zero3-offload", "7b-qlora")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Falcon-7B-style decoder: parallel attention, one K/V head, rotary, no biases."""
+
+    hidden: int
+    layers: int
+    heads: int
+
+    def model_config(self) -> dict[str, Any]:
+        return {
+            "model_type": "falcon", "hidden_size": self.hidden, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "multi_query": True, "parallel_attn": True,
+            "new_decoder_architecture": False, "bias": False, "alibi": False, "vocab_size": VOCAB,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run of the bench depends on; `--smoke` swaps in tiny values."""
+
+    small: Shape = Shape(4544, 8, 71)
+    full: Shape = Shape(4544, 32, 71)
+    median: int = 300
+    sigma: float = 0.8
+    min_length: int = 16
+    max_length: int = 2048
+    samples: int = 1024
+    micro_batch: int = 4
+    accumulation: int = 4
+    dtype: str = "bf16"
+    steps: int = 10
+    """Optimizer steps of the 8-layer rows; `warmup` of them are not timed."""
+    steps_7b: int = 5
+    warmup: int = 3
+    warmup_7b: int = 2
+    timeouts: dict[str, int] = field(default_factory=lambda: {
+        "baseline": 240, "ours": 240, "7b-zero3-offload": 420, "7b-qlora": 300,
+    })
+    """Seconds each row may take; a row that runs out is reported as timed out and the next one runs."""
+    smoke: bool = False
+
+
+SMOKE = Settings(
+    small=Shape(64, 2, 4), full=Shape(64, 4, 4), median=40, max_length=128, samples=128, micro_batch=2,
+    accumulation=2, dtype="fp32", steps=4, steps_7b=3, warmup=1, warmup_7b=1,
+    timeouts={"baseline": 300, "ours": 300, "7b-zero3-offload": 300, "7b-qlora": 300}, smoke=True,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def write_tokenizer(folder: Path, base_vocab: int) -> None:
+    """A word-level tokenizer: `w1`..`w{base_vocab-1}` are ids 1.., `<|endoftext|>` is 0 (eos and pad)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {EOS: 0, **{f"w{i}": i for i in range(1, base_vocab)}}
+    # An unknown word is an error (its unk token is not in the vocabulary), never a silent substitute.
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS).save_pretrained(folder)
+
+
+def draw_conversations(settings: Settings, base_vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids) pairs whose formatted lengths (the two texts plus 4 marker tokens) follow the
+    truncated log-normal of `settings`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    while len(lengths) < settings.samples:
+        draw = np.rint(settings.median * np.exp(settings.sigma * rng.standard_normal(settings.samples)))
+        lengths += [int(n) for n in draw if settings.min_length <= n <= settings.max_length]
+    conversations = []
+    for length in lengths[: settings.samples]:
+        text = length - 4  # <|prompter|> prompt <eos> <|assistant|> reply <eos>
+        reply = max(1, round(rng.uniform(0.35, 0.75) * text))
+        ids = rng.integers(1, base_vocab, text).tolist()
+        conversations.append((ids[: text - reply], ids[text - reply :]))
+    return conversations
+
+
+def expected_sample(prompt: list[int], reply: list[int], prompter: int, assistant: int) -> tuple[list[int], list[int]]:
+    """The ids and labels of the OpenAssistant format (model_training/data/formatting.py) for one pair."""
+    eos = 0
+    ids = [prompter, *prompt, eos, assistant, *reply, eos]
+    labels = [IGNORE_INDEX] * (len(prompt) + 3) + [*reply, eos]
+    return ids, labels
+
+
+@dataclass(frozen=True)
+class Dataset:
+    tokenizer: Path
+    chat_jsonl: Path
+    samples: Path
+    """npz: ids and labels concatenated, with offsets (the baseline's input)."""
+    real_tokens: int
+    supervised_share: float
+
+
+def make_dataset(settings: Settings, workdir: Path) -> Dataset:
+    """Write the tokenizer, the chat file our trainer reads and the ids the baseline reads."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from model_training.data.formatting import SPECIAL_TOKENS, prepare_tokenizer
+
+    base_vocab = VOCAB - len(SPECIAL_TOKENS)
+    tokenizer_dir = workdir / "tokenizer"
+    write_tokenizer(tokenizer_dir, base_vocab)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir))
+    assert len(tokenizer) == VOCAB, f"the synthetic tokenizer has {len(tokenizer)} ids, not {VOCAB}"
+    prompter, assistant = tokenizer.convert_tokens_to_ids(["<|prompter|>", "<|assistant|>"])
+
+    conversations = draw_conversations(settings, base_vocab)
+    chat_jsonl = workdir / "synthetic_chat.jsonl"
+    with open(chat_jsonl, "w", encoding="utf-8") as f:
+        for prompt, reply in conversations:
+            messages = [{"role": "user", "content": " ".join(f"w{i}" for i in prompt)},
+                        {"role": "assistant", "content": " ".join(f"w{i}" for i in reply)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    pairs = [expected_sample(p, r, prompter, assistant) for p, r in conversations]
+    offsets = np.cumsum([0] + [len(ids) for ids, _ in pairs])
+    samples = workdir / "synthetic_samples.npz"
+    np.savez(samples, ids=np.concatenate([ids for ids, _ in pairs]).astype(np.int32),
+             labels=np.concatenate([labels for _, labels in pairs]).astype(np.int32), offsets=offsets)
+    supervised = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in pairs)
+    return Dataset(tokenizer_dir, chat_jsonl, samples, int(offsets[-1]), supervised / int(offsets[-1]))
+
+
+def check_trainer_reads_the_drawn_samples(argv: list[str], dataset: Dataset) -> None:
+    """Our trainer's data path (config, tokenizer, registry) must give exactly the baseline's ids and labels.
+    Running it here also fills the trainer's tokenized-data cache, as the baseline's ids come ready-made."""
+    import numpy as np
+
+    from model_training.cli import parse_train_args
+    from model_training.data.registry import prepare_data
+    from model_training.models.builder import load_tokenizer
+
+    cfg = parse_train_args(argv).config
+    data = prepare_data(cfg, load_tokenizer(cfg))
+    got = [s for split in data.train for s in split.samples]
+    with np.load(dataset.samples) as arrays:
+        ids, labels, offsets = arrays["ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
+    want = [(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(offsets, offsets[1:])]
+    if [(s.input_ids, s.labels) for s in got] != want:
+        raise SystemExit("the trainer tokenizes the synthetic chat file into other ids than drawn; fix the bench")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    runner: str
+    """hf (transformers.Trainer) or ours (trainer_sft.py's command line)."""
+    shape: Shape
+    setup: str
+    steps: int
+    warmup: int
+    deepspeed_config: Path
+    overrides: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ("defaults", "falcon-7b")
+
+    def output_dir(self, workdir: Path) -> Path:
+        return workdir / "runs" / self.name
+
+
+def offload_optimizer_only(workdir: Path) -> Path:
+    """configs/zero3_offload_config.json with the optimizer in CPU memory and the parameters on the GPU."""
+    ds = json.loads((REPO / "configs" / "zero3_offload_config.json").read_text())
+    ds["zero_optimization"].pop("offload_param")
+    path = workdir / "zero3_offload_optimizer.json"
+    path.write_text(json.dumps(ds, indent=2))
+    return path
+
+
+def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
+    zero2 = REPO / "configs" / "zero_config.json"
+    compute = "fp32" if settings.dtype == "fp32" else "bf16"
+    return {
+        "baseline": Row("baseline", "hf", settings.small, "transformers.Trainer, padded, ZeRO-2", settings.steps,
+                        settings.warmup, zero2),
+        "ours": Row("ours", "ours", settings.small, "trainer_sft.py, ZeRO-2", settings.steps, settings.warmup, zero2),
+        "7b-zero3-offload": Row(
+            "7b-zero3-offload", "ours", settings.full, "trainer_sft.py, ZeRO-3, optimizer offloaded to CPU",
+            settings.steps_7b, settings.warmup_7b, offload_optimizer_only(workdir),
+        ),
+        "7b-qlora": Row(
+            "7b-qlora", "ours", settings.full, "trainer_sft.py, QLoRA (NF4 base, LoRA r 64), ZeRO-2",
+            settings.steps_7b, settings.warmup_7b, zero2,
+            # Section falcon-7b-qlora, on the bench's data: its format, length and batch are the other rows'.
+            overrides=("chat_format=openassistant", f"quantization.compute_dtype={compute}"),
+            sections=("defaults", "falcon-7b-qlora"),
+        ),
+    }
+
+
+def trainer_argv(row: Row, settings: Settings, dataset: Dataset, workdir: Path) -> list[str]:
+    """Our trainer's command line for `row`: a config section, then the bench's model, data and batch."""
+    model = [f"model_config.{key}={json.dumps(value)}" for key, value in row.shape.model_config().items()]
+    return [
+        "--configs", *row.sections,
+        "model_name=null", *model, f"tokenizer_name={dataset.tokenizer}",
+        f"datasets=[{{chat_jsonl: {{input_file_path: {dataset.chat_jsonl}, val_split: 0.0}}}}]",
+        f"data_cache_dir={workdir / 'tokenized'}", f"output_dir={row.output_dir(workdir)}",
+        f"max_length={settings.max_length}", f"max_steps={row.steps}", "logging_steps=1", "save_strategy=no",
+        "eval_steps=null", "residual_dropout=0.0", "generate_val_samples=0", "log_wandb=false",
+        f"dtype={settings.dtype}", "gradient_checkpointing=true", f"deepspeed_config={row.deepspeed_config}",
+        f"per_device_train_batch_size={settings.micro_batch}",
+        f"gradient_accumulation_steps={settings.accumulation}", *row.overrides,
+    ]
+
+
+def count_parameters(shape: Shape) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = shape.model_config()
+    config = AutoConfig.for_model(options.pop("model_type"), **options)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # the tied output head counts once
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers: run inside the deepspeed launcher, write what they measured to --result.
+
+
+def _peaks() -> dict[str, float]:
+    import torch
+
+    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"peak_gpu_bytes": peak_gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def worker_ours(result: Path, argv: list[str]) -> None:
+    """Our trainer's command line, its metrics records stamped with seconds since the bench launched it."""
+    from model_training.cli import exit_process, main_train
+    from model_training.training.metrics import MetricsLogger
+
+    launched = float(os.environ["BENCH_T0"])
+    log = MetricsLogger.log
+
+    def stamped(self: MetricsLogger, record: dict[str, Any]) -> None:
+        log(self, {**record, "wall_s": time.time() - launched})
+
+    MetricsLogger.log = stamped  # type: ignore[method-assign]
+    status = main_train(argv)
+    result.write_text(json.dumps({"status": status, **_peaks()}))
+    exit_process(status)
+
+
+def worker_baseline(result: Path, spec_path: Path) -> None:
+    """The baseline: transformers.Trainer with DeepSpeed on the bench's ids, micro-batches padded to the longest."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    launched = float(os.environ["BENCH_T0"])
+    spec = json.loads(spec_path.read_text())
+    with np.load(spec["samples"]) as arrays:
+        ids, labels, offsets = arrays["ids"], arrays["labels"], arrays["offsets"]
+    samples = [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def collate(batch: list[tuple[Any, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(i) for i, _ in batch)
+        out = {
+            "input_ids": torch.zeros(len(batch), longest, dtype=torch.long),  # pad = eos = 0
+            "attention_mask": torch.zeros(len(batch), longest, dtype=torch.long),
+            "labels": torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, (i, lab) in enumerate(batch):
+            out["input_ids"][row, : len(i)] = torch.from_numpy(i.astype(np.int64))
+            out["attention_mask"][row, : len(i)] = 1
+            out["labels"][row, : len(i)] = torch.from_numpy(lab.astype(np.int64))
+        return out
+
+    class CountingTrainer(Trainer):
+        """Counts the real tokens of every micro-batch it trains on (kept on the device: no extra sync)."""
+
+        real_tokens: Any = 0
+
+        def training_step(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN201 - Trainer's signature
+            self.real_tokens = self.real_tokens + inputs["attention_mask"].sum()
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    steps: list[dict[str, float]] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - callback signature
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            steps.append({"step": state.global_step, "tokens": int(trainer.real_tokens),
+                          "wall_s": time.time() - launched})
+
+    options = dict(spec["model_config"])
+    config = AutoConfig.for_model(options.pop("model_type"), **options)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    torch.manual_seed(42)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    args = TrainingArguments(
+        output_dir=spec["output_dir"], per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["accumulation"], max_steps=spec["steps"], learning_rate=1e-5,
+        weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="constant",
+        bf16=spec["dtype"] == "bf16", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, deepspeed=spec["deepspeed_config"],
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, seed=42, use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = CountingTrainer(model=model, args=args, train_dataset=samples, data_collator=collate,
+                              callbacks=[StepClock()])
+    if not trainer.is_deepspeed_enabled or model.config._attn_implementation != "sdpa":
+        raise SystemExit("the baseline must run on DeepSpeed with SDPA attention; transformers set up otherwise")
+    trainer.train()
+    result.write_text(json.dumps({"status": 0, "steps": steps, **_peaks()}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: data, rows, table.
+
+
+@dataclass
+class Outcome:
+    row: str
+    setup: str
+    parameters: int
+    status: str = "ok"
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_gpu_gib: float | None = None
+    peak_rss_gib: float | None = None
+    first_step_s: float | None = None
+    seconds: float = 0.0
+    log: str = ""
+
+
+def steady_rate(steps: list[dict[str, float]], warmup: int) -> tuple[float | None, float | None]:
+    """(real tokens/s after the first `warmup` steps (at least 1), seconds to the end of step 1) from per-step
+    records of cumulative `tokens` and `wall_s`."""
+    steps = sorted(steps, key=lambda s: s["step"])
+    if not steps:
+        return None, None
+    first = steps[0]["wall_s"]
+    if len(steps) <= warmup:
+        return None, first
+    start, end = steps[warmup - 1], steps[-1]
+    return (end["tokens"] - start["tokens"]) / (end["wall_s"] - start["wall_s"]), first
+
+
+def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: dict[str, str],
+            timeout: float, peak_flops: float, parameters: int) -> Outcome:
+    outcome = Outcome(row.name, row.setup, parameters)
+    result = workdir / f"{row.name}.result.json"
+    result.unlink(missing_ok=True)
+    output_dir = row.output_dir(workdir)
+    shutil.rmtree(output_dir, ignore_errors=True)  # metrics.jsonl appends: an earlier run's lines must go
+    if row.runner == "hf":
+        spec = workdir / f"{row.name}.spec.json"
+        spec.write_text(json.dumps({
+            "samples": str(dataset.samples), "model_config": row.shape.model_config(), "dtype": settings.dtype,
+            "micro_batch": settings.micro_batch, "accumulation": settings.accumulation, "steps": row.steps,
+            "deepspeed_config": str(row.deepspeed_config), "output_dir": str(output_dir),
+        }))
+        worker = ["--worker", "hf", "--result", str(result), "--", str(spec)]
+    else:
+        worker = ["--worker", "ours", "--result", str(result), "--", *trainer_argv(row, settings, dataset, workdir)]
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+               str(_free_port()), str(Path(__file__).resolve()), *worker]
+    log_path = workdir / f"{row.name}.log"
+    outcome.log = str(log_path)
+    start = time.time()
+    with open(log_path, "w") as log:
+        # A session of its own: on a timeout the launcher and its rank go together, and free the GPU.
+        process = subprocess.Popen(command, cwd=REPO, env={**env, "BENCH_T0": repr(start)}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode: int | None = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = None
+    outcome.seconds = time.time() - start
+    text = log_path.read_text(errors="replace")
+    if returncode is None:
+        outcome.status = f"timed out after {timeout:.0f} s"
+    elif returncode != 0 or not result.exists():
+        if "out of memory" in text.lower():
+            outcome.status = "out of memory"
+        elif "exits with return code = -9" in text:
+            outcome.status = "killed (SIGKILL: host memory?)"
+        else:
+            outcome.status = f"failed (exit {returncode})"
+    measured = json.loads(result.read_text()) if result.exists() else {}
+    # Our trainer's metrics are on disk step by step: a row stopped early still tells its rate so far.
+    steps = measured["steps"] if row.runner == "hf" and measured else _metrics_steps(output_dir / "metrics.jsonl")
+    outcome.tokens_per_s, outcome.first_step_s = steady_rate(steps, row.warmup)
+    if measured.get("peak_gpu_bytes") is not None:
+        outcome.peak_gpu_gib = measured["peak_gpu_bytes"] / GIB
+    if measured:
+        outcome.peak_rss_gib = measured["peak_rss_bytes"] / GIB
+    if outcome.tokens_per_s is not None:
+        outcome.mfu = 6 * parameters * outcome.tokens_per_s / peak_flops
+    return outcome
+
+
+def _metrics_steps(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "tokens" in r and "wall_s" in r]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prebuild_ops(env: dict[str, str]) -> str:
+    """Build DeepSpeed's Adam ops once before the rows, so no row's time to first step pays the JIT build."""
+    code = (
+        "from deepspeed.accelerator import get_accelerator\n"
+        "for name in ('FusedAdamBuilder', 'CPUAdamBuilder'):\n"
+        "    builder = get_accelerator().create_op_builder(name)\n"
+        "    if builder is not None and builder.is_compatible():\n"
+        "        builder.load()\n"
+    )
+    start = time.time()
+    process = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    status = "ok" if process.returncode == 0 else f"failed: {process.stderr.strip().splitlines()[-1:]}"
+    return f"{status}, {time.time() - start:.0f} s"
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    baseline = next((o.tokens_per_s for o in outcomes if o.row == "baseline"), None)
+    lines = [
+        "| row | setup | parameters | real tokens/s | MFU (real tokens) | peak GPU memory | peak host RSS "
+        "| time to first step | tokens/s vs baseline | status |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for o in outcomes:
+        ratio = o.tokens_per_s / baseline if o.tokens_per_s and baseline else None
+        lines.append(
+            f"| {o.row} | {o.setup} | {o.parameters / 1e9:.3f}B | {_fmt(o.tokens_per_s, '{:,.0f}')} "
+            f"| {_fmt(o.mfu and 100 * o.mfu, '{:.1f}%')} | {_fmt(o.peak_gpu_gib, '{:.1f} GiB')} "
+            f"| {_fmt(o.peak_rss_gib, '{:.1f} GiB')} | {_fmt(o.first_step_s, '{:.0f} s')} "
+            f"| {_fmt(ratio, '{:.2f}x')} | {o.status} |"
+        )
+    full = {o.row: o for o in outcomes}
+    offload, qlora = full.get("7b-zero3-offload"), full.get("7b-qlora")
+    if offload and qlora and offload.peak_gpu_gib and qlora.peak_gpu_gib:
+        lines.append(f"\nQLoRA peak GPU memory on the 32-layer Falcon-7B shape: {qlora.peak_gpu_gib:.1f} GiB, "
+                     f"{qlora.peak_gpu_gib / offload.peak_gpu_gib:.2f}x full fine-tuning's "
+                     f"{offload.peak_gpu_gib:.1f} GiB (ZeRO-3, optimizer offloaded).")
+    return "\n".join(lines)
+
+
+def environment(smoke: bool) -> str:
+    """Date, device and versions, for the record."""
+    versions = []
+    for name in ("torch", "transformers", "deepspeed", "peft", "bitsandbytes", "accelerate"):
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} missing")
+    device = "CPU (smoke: plumbing only, no figure means anything)" if smoke else _gpu_name()
+    return (f"{datetime.date.today().isoformat()}; {device}; Python {platform.python_version()}; "
+            + ", ".join(versions))
+
+
+def _gpu_name() -> str:
+    # nvidia-smi rather than torch.cuda: a CUDA context in this parent would hold GPU memory during the rows.
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "unknown GPU (nvidia-smi failed)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (DS_ACCELERATOR=cpu)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated, in order")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/throughput-bench"))
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) here, after every row")
+    parser.add_argument("--peak-flops", type=float, default=790e12, help="the device's dense bf16 FLOP/s")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for all rows; later rows get less")
+    parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)  # a row's own process
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    # The deepspeed launcher passes it to every rank; the workers read LOCAL_RANK from the environment instead.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    if args.worker == "ours":
+        worker_ours(args.result, rest)
+        return
+    if args.worker == "hf":
+        worker_baseline(args.result, Path(rest[0]))
+        return
+
+    started = time.time()
+    settings = SMOKE if args.smoke else Settings()
+    rows = [name.strip() for name in args.rows.split(",") if name.strip()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if settings.smoke:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    dataset = make_dataset(settings, args.workdir)
+    all_rows = make_rows(settings, args.workdir)
+    unknown = [r for r in rows if r not in all_rows]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(all_rows)}")
+    check_trainer_reads_the_drawn_samples(trainer_argv(all_rows["ours"], settings, dataset, args.workdir), dataset)
+    header = [
+        f"# Throughput ({'CPU smoke' if settings.smoke else 'GPU'})",
+        "",
+        environment(settings.smoke),
+        "",
+        f"Data: {settings.samples} synthetic samples, {settings.min_length}..{settings.max_length} tokens, "
+        f"log-normal (median {settings.median}, sigma {settings.sigma}), {dataset.real_tokens / settings.samples:.0f} "
+        f"tokens on average, {100 * dataset.supervised_share:.0f}% supervised; micro batch {settings.micro_batch} "
+        f"x accumulation {settings.accumulation}, {settings.dtype}; tokens/s over steps after the first "
+        f"{settings.warmup} ({settings.warmup_7b} for 7B rows) of {settings.steps} ({settings.steps_7b}); "
+        f"MFU = 6 x parameters x real tokens/s / {args.peak_flops:.3g} (for QLoRA too, whose frozen base gets no "
+        "weight gradients: there it overstates the work done).",
+        f"DeepSpeed op builds before the rows: {prebuild_ops(env)}.",
+        "",
+        "",
+    ]
+    outcomes: list[Outcome] = []
+    report = "\n".join(header)
+    for name in rows:
+        row = all_rows[name]
+        timeout = settings.timeouts[name]
+        if args.budget is not None:
+            timeout = min(timeout, args.budget - (time.time() - started))
+        if timeout < 30:
+            outcomes.append(Outcome(name, row.setup, count_parameters(row.shape), status="skipped (no time left)"))
+            continue
+        print(f"[bench] {name}: {row.setup} (at most {timeout:.0f} s)", flush=True)
+        outcome = run_row(row, settings, dataset, args.workdir, env, timeout, args.peak_flops,
+                          count_parameters(row.shape))
+        print(f"[bench] {name}: {outcome.status} in {outcome.seconds:.0f} s (log: {outcome.log})", flush=True)
+        outcomes.append(outcome)
+        report = "\n".join(header) + table(outcomes) + "\n"
+        if args.out:
+            args.out.write_text(report)
+            args.out.with_suffix(".json").write_text(json.dumps([asdict(o) for o in outcomes], indent=2))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
