@@ -85,9 +85,10 @@ def _library_versions() -> dict[str, str | None]:
     return versions
 
 
-def source_identity(source: str) -> dict[str, Any]:
+def source_identity(source: str) -> dict[str, Any] | None:
     """What identifies a dataset's input: a file's path, size and mtime_ns; each file of a folder likewise;
-    otherwise (a hub id) the id and the revision the local hub cache holds, when it holds one."""
+    otherwise (a hub id) the id and the revision the local hub cache holds; None when nothing identifies it
+    (a hub id not downloaded yet), and then the dataset is not cached."""
     path = Path(source)
     if path.is_file():
         stat = path.stat()
@@ -98,7 +99,10 @@ def source_identity(source: str) -> dict[str, Any]:
             "folder": str(path.resolve()),
             "files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
         }
-    return {"hub": source, "revision": _hub_revision(source)}
+    revision = _hub_revision(source)
+    if revision is None:
+        return None  # nothing identifies what the hub will serve: not cacheable
+    return {"hub": source, "revision": revision}
 
 
 def _hub_revision(repo_id: str) -> str | None:
@@ -119,7 +123,7 @@ def describe_dataset(name: str, options: DatasetConfig, source: str) -> dict[str
     return {"name": name, "source": source_identity(source), "options": shaping}
 
 
-def pack_samples(prefix: str, samples: list[FormattedSample]) -> dict[str, np.ndarray]:
+def samples_to_arrays(prefix: str, samples: list[FormattedSample]) -> dict[str, np.ndarray]:
     """Samples as flat arrays: ids and labels concatenated (int32), offsets into them, truncation flags."""
     lengths = [len(s.input_ids) for s in samples]
     return {
@@ -130,8 +134,8 @@ def pack_samples(prefix: str, samples: list[FormattedSample]) -> dict[str, np.nd
     }
 
 
-def unpack_samples(prefix: str, arrays: dict[str, np.ndarray]) -> list[FormattedSample]:
-    """The inverse of `pack_samples`; ValueError when the arrays do not fit together."""
+def arrays_to_samples(prefix: str, arrays: dict[str, np.ndarray]) -> list[FormattedSample]:
+    """The inverse of `samples_to_arrays`; ValueError when the arrays do not fit together."""
     ids, labels = arrays[f"{prefix}_ids"].tolist(), arrays[f"{prefix}_labels"].tolist()
     offsets, truncated = arrays[f"{prefix}_offsets"].tolist(), arrays[f"{prefix}_truncated"].tolist()
     if (

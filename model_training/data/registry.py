@@ -28,7 +28,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from model_training.config import ConfigError, DatasetConfig, TrainConfig, dataset_specs, resolve_input_path
-from model_training.data.cache import TokenizedCache, describe_dataset, pack_samples, unpack_samples
+from model_training.data.cache import TokenizedCache, arrays_to_samples, describe_dataset, samples_to_arrays
 from model_training.data.chat_formats import DEFAULT_CHAT_FORMAT
 from model_training.data.formatting import FormattedSample, format_conversation, format_text, truncate
 from model_training.data.oasst import load_oasst_export
@@ -213,18 +213,25 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
         raise ConfigError("no datasets configured: add a data section (e.g. --configs ... oasst-sample)")
     cache = TokenizedCache.for_config(cfg, tokenizer)
     seen: set[bytes] | None = set() if cfg.dedupe else None
-    described: list[dict[str, Any]] = []
+    described: list[dict[str, Any]] | None = []
     data = PreparedData(train=[], val=[])
     for index, (name, options) in enumerate(specs):
         key = f"datasets[{index}].{name}"
         display = name if sum(n == name for n, _ in specs) == 1 else f"{name}[{index}]"
         source = data_path(cfg, options.input_file_path)
         prepared, cache_key = None, None
-        if cache is not None:
-            described.append(describe_dataset(name, options, source))
-            # Dedupe crosses sources: with it, what a dataset keeps depends on every dataset before it.
-            cache_key = cache.key(described if cfg.dedupe else described[-1:])
-            prepared = cache.load(cache_key, partial(_decode, display))
+        if cache is not None and described is not None:
+            entry = describe_dataset(name, options, source)
+            if entry["source"] is None:
+                # Unidentifiable input (a hub id before its first download): not cached, and with dedupe
+                # neither is any dataset after it, whose samples depend on it.
+                logger.info("%s: not cached (its input has nothing to key it by)", display)
+                described = None if cfg.dedupe else described
+            else:
+                described.append(entry)
+                # Dedupe crosses sources: with it, what a dataset keeps depends on every dataset before it.
+                cache_key = cache.key(described if cfg.dedupe else [entry])
+                prepared = cache.load(cache_key, partial(_decode, display))
         if prepared is not None:
             logger.info("%s: tokenized cache hit (%s)", display, cache.path(cache_key))
             for split in (prepared.train, prepared.val):
@@ -234,7 +241,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
         else:
             start = time.perf_counter()
             prepared = _prepare_dataset(cfg, tokenizer, name, options, source, key, display, seen)
-            if cache is not None:
+            if cache_key is not None:
                 cache.store(cache_key, _encode(prepared))
                 logger.info("%s: tokenized cache miss; prepared in %.1f s, stored as %s", display,
                             time.perf_counter() - start, cache.path(cache_key))
@@ -287,7 +294,7 @@ def _encode(prepared: _Prepared) -> dict[str, np.ndarray]:
         "dedupe_keys": np.frombuffer(b"".join(prepared.dedupe_keys), dtype=np.uint8).reshape(-1, 16),
     }
     for side, split in (("train", prepared.train), ("val", prepared.val)):
-        arrays.update(pack_samples(side, split.samples))
+        arrays.update(samples_to_arrays(side, split.samples))
         arrays[f"{side}_counts"] = np.array([getattr(split, c) for c in _SPLIT_COUNTS], dtype=np.int64)
     return arrays
 
@@ -297,7 +304,7 @@ def _decode(display: str, arrays: dict[str, np.ndarray]) -> _Prepared:
     splits = {
         side: TokenizedSplit(
             name=display,
-            samples=unpack_samples(side, arrays),
+            samples=arrays_to_samples(side, arrays),
             **dict(zip(_SPLIT_COUNTS, arrays[f"{side}_counts"].tolist(), strict=True)),
         )
         for side in ("train", "val")

@@ -51,8 +51,9 @@ def write_adapter(
 ) -> int:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``; return the tensor count.
 
-    The folder loads with ``PeftModel.from_pretrained(base, folder)``; a chat format that added tokens needs
-    the base's embeddings resized to ``len(tokenizer)`` first, as for any adapter that trains new tokens.
+    The folder loads with ``PeftModel.from_pretrained(base, folder)`` once the base has the embedding rows
+    training had (``base.resize_token_embeddings(config.vocab_size)``): the adapter carries the rows the
+    resize added (the chat format's tokens and the padding to a multiple of 16).
     """
     from peft import get_peft_model, get_peft_model_state_dict
 
@@ -92,18 +93,25 @@ def merged_model(
         )
     except (OSError, ValueError) as exc:
         raise AdapterExportError(
-            f"cannot load the base model {source!r} to merge into: {str(exc).splitlines()[0]} (pass --base_model)"
+            f"cannot load the base model {source!r} to merge into: {first_line(exc)} (pass --base_model)"
         ) from exc
     if base.get_input_embeddings().weight.shape[0] != config.vocab_size:
         base.resize_token_embeddings(config.vocab_size)
     if run_config.quantization.load_in_4bit:
+        # On a GPU when there is one: training quantized there, and the CPU kernels may round differently.
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         with torch.no_grad():
             for _, linear in quantizable_layers(base):
-                linear.weight.copy_(dequantized_weight(linear.weight, run_config.quantization))
+                linear.weight.copy_(dequantized_weight(linear.weight.to(device), run_config.quantization))
         logger.info("merging into the 4-bit round trip of the base: what the adapter was trained against")
     model = get_peft_model(base, lora)
     _load_trained(model, trained, assign=False)
     return model.merge_and_unload()
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def _load_trained(model: nn.Module, trained: dict[str, torch.Tensor], assign: bool) -> None:

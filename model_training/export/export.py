@@ -27,18 +27,22 @@ from transformers import (
 )
 
 from model_training.config import ConfigError, read_run_config
-from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
+from model_training.export.adapter import (
+    AdapterExportError,
+    first_line,
+    is_adapter_checkpoint,
+    merged_model,
+    write_adapter,
+)
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, write_weights
+from model_training.models.dtypes import TORCH_DTYPES
 from model_training.training.checkpoint import resolve_checkpoint, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}
+DTYPES = {**TORCH_DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""--dtype: the config's names and torch's."""
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
@@ -195,7 +199,10 @@ def _export_lora_checkpoint(
         if not merge:
             count = write_adapter(folder, checkpoint, config, trained, dtype, trust_remote_code)
             tokenizer.save_pretrained(folder)
-            logger.info("adapter: %d tensors; load it with PeftModel.from_pretrained(base, folder)", count)
+            logger.info(
+                "adapter: %d tensors; load it with base.resize_token_embeddings(%d), then "
+                "PeftModel.from_pretrained(base, folder)", count, config.vocab_size,
+            )
             return
         model = merged_model(checkpoint, run_config, config, trained, base_model, trust_remote_code, cache_dir)
     except (ZeroCheckpointError, AdapterExportError, ConfigError) as exc:
@@ -263,7 +270,7 @@ def _resave_hf_folder(
         has_tokenizer = any((source / name).is_file() for name in _TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(source, **options) if has_tokenizer else None
     except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot load the Hugging Face model in {source}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"cannot load the Hugging Face model in {source}: {first_line(exc)}") from exc
     if tokenizer is None:
         logger.warning("%s has no tokenizer files: the export has no tokenizer either", source)
     else:

@@ -129,10 +129,7 @@ def build_model(
         # the resize added, padding included, since the output head scores those rows too. The adapter then
         # holds them all, and a base resized anywhere else (randomly) computes what was trained.
         format_tokens = tokenizer.convert_tokens_to_ids(list(get_chat_format(cfg.chat_format).special_tokens))
-        try:
-            model = apply_lora(model, cfg.peft, sorted({*format_tokens, *new_rows}))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        model = apply_lora(model, cfg.peft, sorted({*format_tokens, *new_rows}))
     return model
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_training.config import PEFT_DEFAULT_TARGETS, PeftConfig, QuantizationConfig
+from model_training.config import PEFT_DEFAULT_TARGETS, ConfigError, PeftConfig, QuantizationConfig
 from model_training.models.dtypes import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -72,12 +72,12 @@ def dequantized_weight(weight: torch.Tensor, qcfg: QuantizationConfig) -> torch.
 
 
 def lora_config(model_type: str, pcfg: PeftConfig, new_token_ids: list[int], embedding_name: str) -> Any:
-    """peft's LoraConfig for `pcfg`; raises ValueError when no target modules are known for `model_type`."""
+    """peft's LoraConfig for `pcfg`; raises ConfigError when no target modules are known for `model_type`."""
     from peft import LoraConfig
 
     targets = pcfg.target_modules or PEFT_DEFAULT_TARGETS.get(model_type)
     if not targets:
-        raise ValueError(
+        raise ConfigError(
             f"no default LoRA target modules for model type '{model_type}'; set peft.target_modules "
             f"(known defaults: {', '.join(PEFT_DEFAULT_TARGETS)})"
         )

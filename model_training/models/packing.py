@@ -62,18 +62,18 @@ def enable_packed_attention(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has no Falcon attention layers; packed attention is Falcon-only")
     if getattr(model.config, "alibi", False):
         raise ValueError("packed attention needs rotary positions; this Falcon uses ALiBi")
+    if getattr(model.config, "attention_dropout", 0.0):
+        raise ValueError("packed attention applies no attention dropout; this Falcon sets attention_dropout")
     if all(isinstance(module, PackedFalconAttention) for module in attentions):
         return
     for module in attentions:
         # The subclass adds no state: swapping the class keeps the parameter objects, which optimizers and
         # DeepSpeed may already hold.
         module.__class__ = PackedFalconAttention
-    signature = inspect.signature(model.forward)
-
-    def find_packing(_: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def find_packing(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         cu_seq_lens = kwargs.pop("cu_seq_lens", None)
         max_length = kwargs.pop("max_length", None) if cu_seq_lens is not None else None
-        arguments = signature.bind_partial(*args, **kwargs).arguments
+        arguments = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
         segments = _packed_segments(
             arguments.get("position_ids"),
             arguments.get("attention_mask"),
@@ -93,6 +93,20 @@ def enable_packed_attention(model: nn.Module) -> None:
         return args, kwargs
 
     model.register_forward_pre_hook(find_packing, with_kwargs=True)
+    # Also on the decoder, which the causal LM always calls as a module: a wrapper that calls the causal LM's
+    # forward() directly (older peft releases do) skips the hook above, and the samples would then attend to
+    # one another silently. Here the packing comes from the restarts of position_ids.
+    decoder = model.get_decoder()
+    if decoder is not model:
+
+        def find_packing_in_decoder(_: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+            arguments = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
+            position_ids = arguments.get("position_ids")
+            if position_ids is not None and id(position_ids) in _SEGMENTS:
+                return args, kwargs  # the causal LM's hook has filed this forward's packing already
+            return find_packing(decoder, args, kwargs)
+
+        decoder.register_forward_pre_hook(find_packing_in_decoder, with_kwargs=True)
 
 
 def _packed_segments(
@@ -124,10 +138,11 @@ def _packed_segments(
         raise ValueError("a packed forward takes no past_key_values")
     elif padded:
         raise ValueError("a packed row has no padding: pass attention_mask=None with cu_seq_lens")
+    tokens = position_ids.numel()
+    # Checked while still on the host: reading a device tensor's value would wait for the device.
+    if cu_seq_lens.device.type == "cpu" and int(cu_seq_lens[-1]) != tokens:
+        raise ValueError(f"cu_seq_lens ends at {int(cu_seq_lens[-1])} but position_ids hold {tokens} tokens")
     cu_seq_lens = cu_seq_lens.to(device=position_ids.device, dtype=torch.int32)
-    tokens = int(cu_seq_lens[-1])
-    if tokens != position_ids.numel():
-        raise ValueError(f"cu_seq_lens ends at {tokens} but position_ids hold {position_ids.numel()} tokens")
     if max_length is None:
         max_length = cu_seq_lens.diff().max()
     return PackedSegments(cu_seq_lens, int(max_length), tokens)
@@ -181,7 +196,8 @@ def packed_causal_attention(
     heads; `cu_seq_lens` (int32) the sample boundaries, `max_length` the longest sample. On CUDA this is
     torch's variable-length flash attention; elsewhere `reference_packed_attention`.
     """
-    if query.is_cuda:
+    # Flash kernels take fp16/bf16 only; an fp32 run on a GPU (the tiny model) takes the exact loop instead.
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         return _varlen_causal(query, key, value, cu_seq_lens, max_length)
     return reference_packed_attention(query, key, value, cu_seq_lens)
 

@@ -49,7 +49,9 @@ def sample_prompts(
     openings = {}
     for split in val_splits:
         for sample in split.samples:
-            openings.setdefault(tuple(_opening(sample)), split.name)
+            opening = _opening(sample)
+            if opening:  # plain text is supervised from its first token: it has no prompt to answer
+                openings.setdefault(tuple(opening), split.name)
     prompts += [SamplePrompt(f"val/{name}", list(ids)) for ids, name in list(openings.items())[:val_count]]
     return prompts
 
@@ -61,37 +63,48 @@ def _opening(sample: FormattedSample) -> list[int]:
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[SamplePrompt], max_new_tokens: int, partitioned: bool, is_main: bool
+    model: Any,
+    tokenizer: Any,
+    prompts: list[SamplePrompt],
+    max_new_tokens: int,
+    partitioned: bool,
+    rank: int,
+    world_size: int,
 ) -> list[dict[str, str]] | None:
-    """Greedy answers, as rows {source, prompt, answer}, on the main rank (None elsewhere).
+    """Greedy answers, as rows {source, prompt, answer} in the order of `prompts`, on rank 0 (None elsewhere).
 
-    With ZeRO-3 (`partitioned`) every forward gathers weights from all ranks, so every rank generates in
-    lockstep (`synced_gpus`); otherwise only the main rank generates, and the others wait at the barrier.
+    With ZeRO-3 (`partitioned`) every forward gathers weights from all ranks, so every rank generates every
+    prompt in lockstep (`synced_gpus`). Otherwise each rank holds the whole model: rank r answers prompts r,
+    r + world_size, ... and rank 0 gathers the rows, so no rank idles through all of them.
     """
-    rows = None
-    if partitioned or is_main:
-        was_training = model.training
-        model.eval()
-        device = next(p for p in model.parameters()).device
-        rows = []
-        for prompt in prompts:
-            ids = torch.tensor([prompt.input_ids], device=device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=partitioned,
-            )
-            answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            rows.append({"source": prompt.source, "prompt": tokenizer.decode(prompt.input_ids), "answer": answer})
-        model.train(was_training)
-    if dist.is_initialized():
-        dist.barrier()
-    return rows if is_main else None
+    mine = prompts if partitioned else prompts[rank::world_size]
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    rows = []
+    for prompt in mine:
+        ids = torch.tensor([prompt.input_ids], device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=partitioned,
+        )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        rows.append({"source": prompt.source, "prompt": tokenizer.decode(prompt.input_ids), "answer": answer})
+    model.train(was_training)
+    if partitioned or world_size == 1:
+        return rows if rank == 0 else None
+    parts: list[list[dict[str, str]]] | None = [[] for _ in range(world_size)] if rank == 0 else None
+    dist.gather_object(rows, parts, dst=0)
+    if parts is None:
+        return None
+    # Rank r answered prompts r, r + world_size, ...: interleave the parts back into prompt order.
+    return [parts[i % world_size][i // world_size] for i in range(len(prompts))]
 
 
 def write_samples(rows: list[dict[str, str]], output_dir: Path) -> tuple[Path, Path]:

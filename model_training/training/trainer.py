@@ -26,7 +26,6 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml
@@ -106,7 +105,8 @@ def _fingerprint_data(samples: list[FormattedSample], plan: StepPlan) -> str:
 def _fingerprint_model(cfg: TrainConfig) -> str:
     """Model source and shape, and what is trained (LoRA adapters on which base)."""
     source = cfg.model_name if cfg.model_config is None else repr(sorted(cfg.model_config.items()))
-    source += repr((asdict(cfg.peft), asdict(cfg.quantization)))
+    if cfg.peft.type is not None:  # full fine-tuning keeps the fingerprint its earlier checkpoints carry
+        source += repr((asdict(cfg.peft), asdict(cfg.quantization)))
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
@@ -251,9 +251,6 @@ def _loop(
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro_batch in plan.micro_batches(order, step_in_epoch):
-            # The copy to the device waits for the work already queued there (the last backward, the optimizer
-            # step); waiting for it first keeps that compute out of the data time.
-            get_accelerator().synchronize()
             data_start = time.perf_counter()
             # A short last step can leave this rank an empty micro-batch; it still runs one (ZeRO's forward
             # and backward are collective) whose loss weighs nothing.
@@ -345,9 +342,17 @@ def _uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
 def _device_batch(
     samples: list[FormattedSample], packing: bool, pad_id: int, device: torch.device
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """`collate`'s batch of `samples` on `device`: the model's keyword inputs, and the labels."""
+    """`collate`'s batch of `samples` on `device`: the model's keyword inputs, and the labels.
+
+    On a GPU the batch goes through pinned host memory, so the copy is queued behind the work in flight and
+    this returns at once: building the next batch never waits for the device (and `data_time` is host time).
+    """
     batch = collate(samples, packing, pad_id, PAD_TO_MULTIPLE_OF)
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    pin = device.type == "cuda"
+    inputs = {
+        k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
     return inputs, inputs.pop("labels")
 
 
@@ -427,7 +432,7 @@ def _generate_samples(
     prompts = sample_prompts(cfg.generate_samples, val_splits, cfg.generate_val_samples, tokenizer, cfg.chat_format)
     rows = generate_answers(
         engine.module, tokenizer, prompts, cfg.generate_max_new_tokens,
-        partitioned=zero_stage(engine.config) == 3, is_main=info.is_main,
+        partitioned=zero_stage(engine.config) == 3, rank=info.rank, world_size=info.world_size,
     )
     if rows is not None:
         write_samples(rows, Path(cfg.output_dir))

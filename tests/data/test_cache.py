@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from model_training.config import TrainConfig, load_config, parse_override
-from model_training.data.cache import TokenizedCache, pack_samples, unpack_samples
+from model_training.config import Oasst1Config, TrainConfig, load_config, parse_override
+from model_training.data.cache import (
+    TokenizedCache,
+    arrays_to_samples,
+    describe_dataset,
+    samples_to_arrays,
+    source_identity,
+)
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import PreparedData, prepare_data
 from model_training.models.builder import load_tokenizer
@@ -158,8 +164,13 @@ def test_caching_off(tmp_path: Path) -> None:
 def test_samples_round_trip_through_arrays_and_bad_offsets_are_refused() -> None:
     samples = [FormattedSample((5, 6, 7), (-100, 6, 7), False), FormattedSample((), (), False),
                FormattedSample((9,), (9,), True)]
-    arrays = pack_samples("train", samples)
-    assert unpack_samples("train", arrays) == samples
+    arrays = samples_to_arrays("train", samples)
+    assert arrays_to_samples("train", arrays) == samples
     arrays["train_offsets"] = np.array([0, 3, 1, 4])
     with pytest.raises(ValueError, match="do not fit together"):
-        unpack_samples("train", arrays)
+        arrays_to_samples("train", arrays)
+
+
+def test_a_hub_id_not_downloaded_yet_is_not_cached() -> None:
+    assert source_identity("someone/never-downloaded-dataset") is None
+    assert describe_dataset("oasst1", Oasst1Config(), "someone/never-downloaded-dataset")["source"] is None

@@ -53,7 +53,7 @@ def test_new_tokens_are_not_trained_when_switched_off() -> None:
 
 
 def test_unknown_model_type_needs_target_modules() -> None:
-    with pytest.raises(ValueError, match="no default LoRA target modules for model type 'mpt'; set peft.target_mod"):
+    with pytest.raises(ConfigError, match="no default LoRA target modules for model type 'mpt'; set peft.target_mod"):
         lora_config("mpt", PeftConfig(type="lora"), [], "wte")
     assert lora_config("mpt", PeftConfig(type="lora", target_modules=["Wqkv"]), [], "wte").target_modules == {"Wqkv"}
 
