@@ -143,13 +143,21 @@ def _hidden_sibling(folder: Path, purpose: str) -> Path:
     return sibling
 
 
-def _export_checkpoint(
-    checkpoint: Path, folder: Path, dtype: torch.dtype, max_shard_size: int, trust_remote_code: bool
-) -> None:
+def _open_checkpoint(
+    checkpoint: Path, trust_remote_code: bool
+) -> tuple[dict, PretrainedConfig, PreTrainedTokenizerBase]:
+    """The verified manifest, the model's transformers config and the tokenizer that a checkpoint holds."""
     manifest = verify_checkpoint(checkpoint)
     config = AutoConfig.from_pretrained(checkpoint / "model_config", trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer", trust_remote_code=trust_remote_code)
     _check_vocabulary(config.vocab_size, len(tokenizer))
+    return manifest, config, tokenizer
+
+
+def _export_checkpoint(
+    checkpoint: Path, folder: Path, dtype: torch.dtype, max_shard_size: int, trust_remote_code: bool
+) -> None:
+    manifest, config, tokenizer = _open_checkpoint(checkpoint, trust_remote_code)
     try:
         zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"])
     except ZeroCheckpointError as exc:
@@ -187,10 +195,7 @@ def _export_lora_checkpoint(
     base_model: str | None,
 ) -> None:
     """The adapter folder (tokenizer included), or with ``merge`` a full model folder like any export."""
-    manifest = verify_checkpoint(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint / "model_config", trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer", trust_remote_code=trust_remote_code)
-    _check_vocabulary(config.vocab_size, len(tokenizer))
+    manifest, config, tokenizer = _open_checkpoint(checkpoint, trust_remote_code)
     try:
         run_config = read_run_config(checkpoint / "config.yaml")
         zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"], trained_only=True)

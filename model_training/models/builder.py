@@ -113,7 +113,7 @@ def build_model(
             kept = min(len(layers), cfg.gradient_checkpointing_layers)
             logger.info("activation checkpointing on %d of %d layers", kept, len(layers))
     if cfg.packing:
-        # Before LoRA: the hook goes on the causal LM itself, which peft calls as a module with every keyword.
+        # Before LoRA wraps the model: the packing hooks go on the causal LM and its decoder themselves.
         try:
             enable_packed_attention(model)
         except ValueError as err:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -70,18 +71,33 @@ def enable_packed_attention(model: nn.Module) -> None:
         # The subclass adds no state: swapping the class keeps the parameter objects, which optimizers and
         # DeepSpeed may already hold.
         module.__class__ = PackedFalconAttention
-    def find_packing(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    model.register_forward_pre_hook(_packing_hook(model, outermost=True), with_kwargs=True)
+    # Also on the decoder, which the causal LM always calls as a module: a wrapper that calls the causal LM's
+    # forward() directly (older peft releases do) skips the hook above, and the samples would then attend to
+    # one another silently. Here the packing comes from the restarts of position_ids.
+    decoder = model.get_decoder()
+    if decoder is not model:
+        decoder.register_forward_pre_hook(_packing_hook(decoder, outermost=False), with_kwargs=True)
+
+
+def _packing_hook(module: nn.Module, outermost: bool) -> Callable:
+    """A forward pre-hook for `module` that files the packing of each forward under its `position_ids`.
+
+    The hook of an inner module (`outermost=False`) leaves a forward alone whose packing the outer hook has
+    filed already; the outer one always decides anew, since a live tensor can be reused for an unpacked forward.
+    """
+    signature = inspect.signature(module.forward)  # once: the hook runs on every forward
+
+    def find_packing(_: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         cu_seq_lens = kwargs.pop("cu_seq_lens", None)
         max_length = kwargs.pop("max_length", None) if cu_seq_lens is not None else None
-        arguments = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-        segments = _packed_segments(
-            arguments.get("position_ids"),
-            arguments.get("attention_mask"),
-            arguments.get("past_key_values"),
-            cu_seq_lens,
-            max_length,
-        )
+        arguments = signature.bind_partial(*args, **kwargs).arguments
         position_ids = arguments.get("position_ids")
+        if not outermost and position_ids is not None and id(position_ids) in _SEGMENTS:
+            return args, kwargs
+        segments = _packed_segments(
+            position_ids, arguments.get("attention_mask"), arguments.get("past_key_values"), cu_seq_lens, max_length
+        )
         if segments is not None:
             if id(position_ids) not in _SEGMENTS:  # else this live tensor has its finalizer already
                 weakref.finalize(position_ids, _SEGMENTS.pop, id(position_ids), None)
@@ -92,21 +108,7 @@ def enable_packed_attention(model: nn.Module) -> None:
             _SEGMENTS.pop(id(position_ids), None)  # the same tensor, reused for an unpacked forward
         return args, kwargs
 
-    model.register_forward_pre_hook(find_packing, with_kwargs=True)
-    # Also on the decoder, which the causal LM always calls as a module: a wrapper that calls the causal LM's
-    # forward() directly (older peft releases do) skips the hook above, and the samples would then attend to
-    # one another silently. Here the packing comes from the restarts of position_ids.
-    decoder = model.get_decoder()
-    if decoder is not model:
-
-        def find_packing_in_decoder(_: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-            arguments = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
-            position_ids = arguments.get("position_ids")
-            if position_ids is not None and id(position_ids) in _SEGMENTS:
-                return args, kwargs  # the causal LM's hook has filed this forward's packing already
-            return find_packing(decoder, args, kwargs)
-
-        decoder.register_forward_pre_hook(find_packing_in_decoder, with_kwargs=True)
+    return find_packing
 
 
 def _packed_segments(

@@ -23,12 +23,14 @@ PLAIN_FORMATS = [name for name, fmt in CHAT_FORMATS.items() if not fmt.segmented
 
 
 def export_threads() -> list[list[Message]]:
+    """Every thread of every language in the bundled export, through the project's loader."""
     threads, _ = load_oasst_export(DATA / "oasst_sample.jsonl.gz", lang="en,de,es,fr", val_split=0.0)
     return threads
 
 
 def padded(path: list[Message]) -> list[Message]:
-    """Texts with whitespace at their edges, where a format's markers and the texts could merge."""
+    """Texts with whitespace at their edges, where a format's markers and the texts could merge. The
+    export's texts are already stripped; real ones are not always."""
     edges = [(" ", "\n"), ("\n\n", "  "), ("\t", " \n "), ("  ", "")]
     return [replace(m, text=a + m.text + b) for m, (a, b) in zip(path, edges * len(path))]
 
@@ -51,7 +53,8 @@ def test_only_the_openassistant_format_adds_tokens() -> None:
 def test_template_renders_the_formatters_ids_on_the_export(fmt_tok) -> None:
     name, tok = fmt_tok
     threads = export_threads()
-    assert len(threads) > 300
+    assert len(threads) > 300 and max(map(len, threads)) >= 4
+    assert {thread[0].lang for thread in threads} == {"en", "de", "es", "fr"}
     for thread in threads:
         for messages, system in ((thread, None), (padded(thread), "\n You are a helpful assistant. ")):
             sample = format_conversation(messages, tok, max_length=None, system=system, chat_format=name)
@@ -61,7 +64,9 @@ def test_template_renders_the_formatters_ids_on_the_export(fmt_tok) -> None:
 
 def test_generation_prompt_matches_format_prompt(fmt_tok) -> None:
     name, tok = fmt_tok
-    prompts = [thread[: i + 1] for thread in export_threads()[:80] for i in range(0, len(thread), 2)]
+    # Each thread's prefixes that end with a prompter turn.
+    prompts = [thread[: i + 1] for thread in export_threads() for i in range(0, len(thread), 2)]
+    assert any(len(prompt) >= 3 for prompt in prompts)
     for prompt in prompts:
         for messages in (prompt, padded(prompt)):
             ids = format_prompt(messages, tok, chat_format=name)
@@ -69,6 +74,8 @@ def test_generation_prompt_matches_format_prompt(fmt_tok) -> None:
             assert ids == tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
             # The prompt ends with the assistant marker: what the model continues from.
             assert tok.decode(ids).endswith(get_chat_format(name).assistant[0])
+            if name == "openassistant":
+                assert ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
 
 
 def test_loss_is_on_each_reply_and_its_eos_only(fmt_tok) -> None:
