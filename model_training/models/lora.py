@@ -58,6 +58,11 @@ def quantize_linear_layers(model: nn.Module, qcfg: QuantizationConfig, device: t
         )
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        # bitsandbytes (0.49 on) runs a 4-bit layer in eval mode without grad on an AVX512-BF16 CPU through a
+        # fused kernel that computes in bf16 whatever compute_dtype says, and repacks the weights for it in
+        # place, so training after an evaluation would go on through that kernel too. Evaluation, training
+        # and the export's merge must all compute what training computes: de-quantize, then multiply.
+        quantized.support_avx512bf16_for_cpu = False
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, quantized.to(device))
     return len(layers)

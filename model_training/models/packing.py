@@ -1,15 +1,14 @@
 """Exact attention over packed rows for transformers' Falcon: every sample attends only to itself.
 
-A packed row (`model_training.data.packing.pack_samples`) lays samples end to end. Rotary positions restart
-through `position_ids`, but transformers' Falcon (5.x) with "sdpa" or "eager" still attends across samples:
-it builds a plain causal mask without passing `position_ids` to `create_causal_mask` (which could detect the
-restarts), and it never sees flash-attention-style `cu_seq_lens` keyword arguments, because
-`FalconForCausalLM.forward` does not pass `**kwargs` down to its layers. Only its "flash_attention_2" path
-reads `position_ids` for packing, and that needs the flash-attn package. Falcon also does not dispatch
-through `transformers.AttentionInterface` (it picks a class from its own table and tests
-`_attn_implementation == "sdpa"`), so a registered attention function would never be called.
+A packed row (`model_training.data.packing.pack_samples`) lays samples end to end, and rotary positions
+restart through `position_ids`. Whether transformers' own Falcon then keeps the samples apart depends on
+the release and the attention implementation (some build a plain causal mask over the whole row), and
+none of them takes the sample boundaries to a variable-length kernel without the flash-attn package:
+`FalconForCausalLM.forward` passes no `**kwargs` such as `cu_seq_lens` down to its layers, and Falcon picks
+its attention class from its own table instead of `transformers.AttentionInterface`, so a registered
+attention function would never be called. Our exactness therefore rests on our own code, in every release.
 
-`enable_packed_attention` therefore works at two points that every Falcon layer sees in transformers 5.x:
+`enable_packed_attention` works at two points that every Falcon layer sees:
   * a forward pre-hook on the model reads the packing (`cu_seq_lens`, `max_length`, or restarts in
     `position_ids`) once per forward and files it under the `position_ids` tensor, which the model hands
     unchanged to every attention layer, also when gradient checkpointing replays a layer in backward;
@@ -96,7 +95,7 @@ def _packing_hook(module: nn.Module, outermost: bool) -> Callable:
         if not outermost and position_ids is not None and id(position_ids) in _SEGMENTS:
             return args, kwargs
         segments = _packed_segments(
-            position_ids, arguments.get("attention_mask"), arguments.get("past_key_values"), cu_seq_lens, max_length
+            position_ids, arguments.get("attention_mask"), _kv_cache(arguments), cu_seq_lens, max_length
         )
         if segments is not None:
             if id(position_ids) not in _SEGMENTS:  # else this live tensor has its finalizer already
@@ -111,10 +110,16 @@ def _packing_hook(module: nn.Module, outermost: bool) -> Callable:
     return find_packing
 
 
+def _kv_cache(arguments: dict[str, Any]) -> Any:
+    """The KV cache a forward was given, under either name transformers has used for it, or None."""
+    given = {**arguments.get("kwargs", {}), **arguments}
+    return next((given[name] for name in ("past_key_values", "cache") if given.get(name) is not None), None)
+
+
 def _packed_segments(
     position_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
-    past_key_values: Any,
+    kv_cache: Any,
     cu_seq_lens: torch.Tensor | None,
     max_length: int | torch.Tensor | None,
 ) -> PackedSegments | None:
@@ -122,7 +127,7 @@ def _packed_segments(
     # Left-padded generation restarts positions at 0 after the padding too: padding means not packed.
     padded = attention_mask is not None and not bool(attention_mask.all())
     if cu_seq_lens is None:
-        if position_ids is None or padded or past_key_values is not None:
+        if position_ids is None or padded or kv_cache is not None:
             return None
         flat = position_ids.reshape(-1)
         starts = torch.nonzero(flat == 0).flatten()
@@ -136,8 +141,8 @@ def _packed_segments(
             raise ValueError("packed position_ids must count 0, 1, 2, ... within each sample")
     elif position_ids is None:
         raise ValueError("a packed forward needs position_ids that restart at 0 for each sample")
-    elif past_key_values is not None:
-        raise ValueError("a packed forward takes no past_key_values")
+    elif kv_cache is not None:
+        raise ValueError("a packed forward takes no KV cache")
     elif padded:
         raise ValueError("a packed row has no padding: pass attention_mask=None with cu_seq_lens")
     tokens = position_ids.numel()

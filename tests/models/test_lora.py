@@ -79,6 +79,21 @@ def test_4bit_base_computes_with_the_dequantized_weights(quant_type: str) -> Non
     assert (got - full).abs().max() > 1e-3  # and 4 bits do change the model
 
 
+def test_4bit_layers_compute_in_eval_as_in_training() -> None:
+    """bitsandbytes would run eval-mode 4-bit layers on an AVX512-BF16 CPU through a bf16 kernel (about 3e-3
+    off in fp32 compute) and keep their weights repacked for it afterwards; ours always de-quantize."""
+    model = tiny_falcon()
+    quantize_linear_layers(model, QuantizationConfig(load_in_4bit=True, compute_dtype="fp32"), torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 8 and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.randint(0, 2032, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trained = model.train()(ids).logits
+        evaluated = model.eval()(ids).logits
+        after = model.train()(ids).logits
+    assert torch.equal(evaluated, trained) and torch.equal(after, trained)
+
+
 def test_qlora_checkpoint_state_has_no_4bit_constants() -> None:
     model = tiny_falcon()
     quantize_linear_layers(model, QuantizationConfig(load_in_4bit=True, compute_dtype="fp32"), torch.device("cpu"))

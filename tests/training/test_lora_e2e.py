@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model_training.config import QuantizationConfig
-from model_training.models.lora import quantize_linear_layers
+from model_training.models.lora import dequantized_weight, quantize_linear_layers
 
 pytestmark = pytest.mark.slow
 
@@ -156,16 +156,33 @@ def test_qlora_trains_and_merges_into_the_4bit_base(base_dir: Path, tmp_path: Pa
     # human_bot adds no token; the rows padding the vocabulary to a multiple of 16 are trained all the same.
     indices = json.loads((adapter_dir / "adapter_config.json").read_text())["trainable_token_indices"]
     assert merged.config.vocab_size == 2032 and indices == {"word_embeddings": list(range(2023, 2032))}
-    # The training-time model: the base in 4 bits with the adapter on top.
+    # Each targeted weight is the 4-bit round trip of the base's, plus the update: bitsandbytes' quantization
+    # is deterministic, so this is the very de-quantized weight the 4-bit layer computed with in training.
+    qcfg = QuantizationConfig(load_in_4bit=True, compute_dtype="fp32")
+    base_weights = load_base(base_dir, merged.config.vocab_size).state_dict()
+    adapter = load_file(adapter_dir / "adapter_model.safetensors")
+    targeted = 0
+    for name, weight in merged.state_dict().items():
+        layer = "base_model.model." + name.removesuffix(".weight")
+        if f"{layer}.lora_A.weight" in adapter:
+            delta = SCALE * adapter[f"{layer}.lora_B.weight"] @ adapter[f"{layer}.lora_A.weight"]
+            expected = dequantized_weight(base_weights[name], qcfg) + delta
+            torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6)
+            targeted += 1
+    assert targeted == 8
+    # The training-time model, the base in 4 bits with the adapter on top, computes x W^T + s (x A^T) B^T with
+    # those same de-quantized W; the merged model x (W + s B A)^T. The de-quantization noise is the same on
+    # both sides and cancels: they differ only by the fp32 rounding of the reassociated sums (~1e-7 relative
+    # over 64-wide products, two layers), so 1e-5 holds with room on any machine.
     four_bit = load_base(base_dir, merged.config.vocab_size)
-    quantize_linear_layers(four_bit, QuantizationConfig(load_in_4bit=True, compute_dtype="fp32"), torch.device("cpu"))
+    quantize_linear_layers(four_bit, qcfg, torch.device("cpu"))
     trained = PeftModel.from_pretrained(four_bit, adapter_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                          tokenize=False) == "<human>: Hi\n<bot>:"
     ids = torch.tensor([tokenizer("<human>: How do I boil an egg?\n<bot>:")["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(trained(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(trained(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
