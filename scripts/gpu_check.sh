@@ -14,24 +14,36 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.wheels
-# Pinned to the versions the CPU test suite runs with (setup.cfg's ranges admit them).
+# What the GPU machine lacks, at the versions of the lock (scripts/constraints.txt) that CI tests with.
 PACKAGES=(
-    hjson==3.1.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5  # deepspeed
-    omegaconf==2.4.0                                     # config merging (2.4 no longer needs antlr4)
-    datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19   # the non-OASST data loaders
-    bitsandbytes==0.50.2                                 # QLoRA's 4-bit base
+    hjson pydantic pydantic-core annotated-types typing-inspection  # deepspeed
+    omegaconf                                                     # config merging
+    datasets dill multiprocess                                    # the non-OASST data loaders
+    bitsandbytes                                                  # QLoRA's 4-bit base
 )
-DEEPSPEED=deepspeed==0.19.8
+
+pinned() {  # name==version from the lock, for each name (pip writes pydantic_core where we write pydantic-core)
+    local name line
+    for name in "$@"; do
+        line=$(grep -i -E "^${name//-/[-_]}==" scripts/constraints.txt) || {
+            echo "$name is not pinned in scripts/constraints.txt" >&2
+            return 1
+        }
+        echo "$line"
+    done
+}
 
 download() {
-    local python=python3
+    local python=python3 wanted deepspeed
+    wanted=$(pinned "${PACKAGES[@]}")
+    deepspeed=$(pinned deepspeed)
     [ -x .venv/bin/python ] && python=.venv/bin/python
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
     "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHEELS" "${PACKAGES[@]}"
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHEELS" $wanted
     # DeepSpeed publishes only a source package: build a pure-Python wheel (its CUDA ops JIT-build there).
-    "$python" -m pip wheel -q --no-deps "$DEEPSPEED" -w "$WHEELS"
+    "$python" -m pip wheel -q --no-deps "$deepspeed" -w "$WHEELS"
     ls -l "$WHEELS"
     du -ch "$WHEELS"/*.whl | tail -1
 }

@@ -51,7 +51,7 @@ def pins(path):
     for line in open(path):
         if "==" in line and not line.startswith("#"):
             name, version = line.strip().split("==", 1)
-            found[re.sub(r"[-_.]+", "-", name).lower()] = version
+            found[re.sub(r"[-_.]+", "-", name).lower()] = version.split("+")[0]  # 2.13.0+cpu is torch==2.13.0
     return found
 lock, installed = pins(sys.argv[1]), pins(sys.argv[2])
 changed = [f"{n} {lock.get(n, '-')} -> {installed.get(n, '-')}" for n in sorted(lock.keys() | installed.keys())
