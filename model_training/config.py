@@ -206,6 +206,9 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     gradient_checkpointing_layers: int | None = None
     """Selective checkpointing: recompute only the first this many decoder layers (faster, more memory); null: all."""
+    torch_compile: bool = False
+    """Compile each decoder layer with torch.compile (fuses the work around the matrix products; ZeRO-0/1/2);
+    the first steps pay the compilation."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA instead of full fine-tuning (`peft.type=lora` on the command line turns it on)."""
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)

@@ -71,6 +71,8 @@ class PreparedData:
     val: list[TokenizedSplit]
     options: list[DatasetConfig] = field(default_factory=list)
     reports: list[FilterReport] = field(default_factory=list)
+    cached: list[bool] = field(default_factory=list)
+    """Per dataset: read from the tokenized-data cache rather than prepared."""
 
 
 def data_path(cfg: TrainConfig, path: str) -> str:
@@ -232,7 +234,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
                 # Dedupe crosses sources: with it, what a dataset keeps depends on every dataset before it.
                 cache_key = cache.key(described if cfg.dedupe else [entry])
                 prepared = cache.load(cache_key, partial(_decode, display))
-        if prepared is not None:
+        hit = prepared is not None
+        if hit:
             logger.info("%s: tokenized cache hit (%s)", display, cache.path(cache_key))
             for split in (prepared.train, prepared.val):
                 _warn_dropped(display, split.dropped)
@@ -254,6 +257,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
         data.val.append(prepared.val)
         data.options.append(options)
         data.reports.append(prepared.report)
+        data.cached.append(hit)
     return data
 
 

@@ -3,17 +3,27 @@
 The SFT config is the one place for hyperparameters. In the JSON those keys are "auto" (filled here) or
 absent (added here); an explicit value that disagrees with the SFT config is an error, not a silent winner.
 The learning-rate schedule is ours (model_training/training/schedule.py), so a JSON `scheduler` is refused.
+
+The optimizer: an Adam(W) that stays on the device is PyTorch's AdamW (`torch_adam`, fused on CUDA), not
+DeepSpeed's FusedAdam, whose CUDA op would be JIT-compiled at start (minutes, and it fails on some clusters'
+TORCH_CUDA_ARCH_LIST). Only an offloaded optimizer is DeepSpeed's: its CPU Adam, the one op still built, with
+the arch list cleaned first (`clean_cuda_arch_list`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 from model_training.config import ConfigError, TrainConfig, resolve_input_path
 
 AUTO = "auto"
+logger = logging.getLogger(__name__)
 
 
 def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
@@ -26,8 +36,11 @@ def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"DeepSpeed config {resolved} is not valid JSON: {err}") from None
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The JSON of `cfg.deepspeed_config` with every SFT-owned value filled and checked against `cfg`."""
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, cuda: bool = False) -> dict[str, Any]:
+    """The JSON of `cfg.deepspeed_config` with every SFT-owned value filled and checked against `cfg`.
+
+    `cuda`: the ranks train on GPUs, where PyTorch's AdamW runs fused.
+    """
     path, ds = read_deepspeed_json(cfg.deepspeed_config)
     if "scheduler" in ds:
         raise ConfigError(
@@ -48,10 +61,51 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     for dotted, value in owned.items():
         _fill(ds, dotted, value, path)
+    _choose_adam(ds, cuda)
     # A non-finite gradient must skip the update rather than corrupt the weights (see the training loop).
     if cfg.dtype == "bf16":
         ds["bf16"].setdefault("check_grad_overflow", True)
     return ds
+
+
+def _choose_adam(ds: dict[str, Any], cuda: bool) -> None:
+    """PyTorch's AdamW for an Adam(W) on the device (fused on CUDA); DeepSpeed's CPU Adam when offloaded.
+
+    A JSON that says `torch_adam: false` keeps DeepSpeed's FusedAdam, as asked.
+    """
+    optimizer = ds["optimizer"]
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or optimizer_offloaded(ds):
+        return
+    params = optimizer.setdefault("params", {})
+    if params.setdefault("torch_adam", True):
+        params.setdefault("fused", cuda)
+
+
+def optimizer_offloaded(ds: dict[str, Any]) -> bool:
+    """Whether the optimizer state lives in host memory (ZeRO-Offload), where DeepSpeed's CPU Adam steps it."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return str(device).lower() not in ("none", "")
+
+
+def clean_cuda_arch_list(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Drop variant suffixes from TORCH_CUDA_ARCH_LIST ("9.0a" -> "9.0") for DeepSpeed's op builds; log it.
+
+    PyTorch accepts the arch-specific variants that NVIDIA images and many clusters set; DeepSpeed 0.19 parses
+    each entry as int.int and its JIT build fails with "invalid literal for int()". The plain architecture
+    builds code that runs on the same GPUs. Returns the cleaned value when it changed anything.
+    """
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    entries = [entry for entry in re.split(r"[;\s]+", value.strip()) if entry]
+    plain = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", entry) for entry in entries]
+    if plain == entries:
+        return None
+    cleaned = ";".join(plain)
+    environ["TORCH_CUDA_ARCH_LIST"] = cleaned
+    logger.info("TORCH_CUDA_ARCH_LIST %r -> %r for DeepSpeed's op builds (it cannot parse variant suffixes)",
+                value, cleaned)
+    return cleaned
 
 
 def _fill(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:

@@ -24,12 +24,13 @@ from typing import Any
 
 import deepspeed
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml
-from model_training.data.collate import collate
+from model_training.data.collate import collate, to_device
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import TokenizedSplit, prepare_data
 from model_training.models.builder import BASE_MODEL_DIR, base_model_reference, build_model, load_tokenizer
@@ -42,7 +43,7 @@ from model_training.training.checkpoint import (
     save_checkpoint,
 )
 from model_training.training.distributed import DistInfo, init_distributed
-from model_training.training.ds_config import build_deepspeed_config, zero_stage
+from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list, zero_stage
 from model_training.training.loss import chunked_supervised_token_sums, count_supervised, supervised_token_sums
 from model_training.training.metrics import MetricsLogger
 from model_training.training.sampler import StepPlan, plan_sources
@@ -119,8 +120,10 @@ def _setup_logging(info: DistInfo) -> None:
 
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by `cfg`; return the run folder."""
+    clock = StartupClock()
     info = init_distributed(cfg.local_rank)
     _setup_logging(info)
+    clock.phase("process start, imports and distributed init")
     _seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
     if info.is_main:
@@ -128,8 +131,10 @@ def train(cfg: TrainConfig) -> Path:
         (output_dir / CONFIG_FILE_NAME).write_text(to_yaml(cfg))
 
     tokenizer = load_tokenizer(cfg)
+    clock.phase("tokenizer")
     data = prepare_data(cfg, tokenizer)
     train_samples = [s for split in data.train for s in split.samples]
+    clock.phase("data", f"{sum(data.cached)} of {len(data.cached)} datasets from the tokenized cache")
     plan = StepPlan(
         sources=plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options),
         world_size=info.world_size,
@@ -140,16 +145,19 @@ def train(cfg: TrainConfig) -> Path:
     )
     total_steps = cfg.max_steps or plan.steps_per_epoch * cfg.num_train_epochs
 
-    ds_config = build_deepspeed_config(cfg, info.world_size)
+    ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available())
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
     keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
     model = build_model(cfg, tokenizer, ds_config, output_dir / BASE_MODEL_DIR if keep_base and info.is_main else None)
+    clock.phase("model build")
+    clean_cuda_arch_list()  # before DeepSpeed builds an op (the offloaded optimizer's CPU Adam)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type),
     )
+    clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
 
     chunked = _uses_chunked_loss(cfg, engine)
     state = TrainerState(
@@ -157,6 +165,7 @@ def train(cfg: TrainConfig) -> Path:
     )
     if cfg.resume_from_checkpoint:
         _resume(cfg, engine, state, output_dir)
+        clock.phase("resume")
     logger.info(
         "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks; "
         "%s micro-batches, loss from %s",
@@ -166,7 +175,7 @@ def train(cfg: TrainConfig) -> Path:
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
-        _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info, chunked)
+        _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info, chunked, clock)
         if cfg.generate_samples or cfg.generate_val_samples:
             _generate_samples(cfg, engine, tokenizer, data.val, state, metrics, info)
     finally:
@@ -176,6 +185,19 @@ def train(cfg: TrainConfig) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return output_dir
+
+
+class StartupClock:
+    """Seconds of each startup phase, logged (by rank 0) as each one ends, so a slow start shows where."""
+
+    def __init__(self) -> None:
+        # The first phase counts from the process's start (the interpreter, the imports), which only the OS knows.
+        self.last = time.perf_counter() - (time.time() - psutil.Process().create_time())
+
+    def phase(self, name: str, detail: str = "") -> None:
+        now = time.perf_counter()
+        logger.info("startup: %s %.1f s%s", name, now - self.last, f" ({detail})" if detail else "")
+        self.last = now
 
 
 def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, output_dir: Path) -> None:
@@ -231,12 +253,16 @@ def _loop(
     metrics: MetricsLogger,
     info: DistInfo,
     chunked: bool,
+    clock: StartupClock,
 ) -> None:
     engine.train()
     device = engine.device
     pad_id = tokenizer.pad_token_id
+    guard_updates = not _skips_nonfinite_updates(engine)
     progress = tqdm(total=total_steps, initial=state.optimizer_step, disable=not info.is_main, dynamic_ncols=True)
     order, order_epoch = None, -1
+    pending = PendingLosses()
+    first_step = state.optimizer_step + 1
     window_tokens, window_steps, window_data_time, window_start = 0, 0, 0.0, time.perf_counter()
 
     while state.optimizer_step < total_steps:
@@ -263,34 +289,31 @@ def _loop(
             # DeepSpeed averages gradients over ranks; x world_size turns that into a sum, so the gradient is
             # that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
             engine.backward(micro_loss_sum * (info.world_size / step_supervised), scale_wrt_gas=False)
-            if engine.is_gradient_accumulation_boundary():
-                _check_finite_before_update(cfg, engine, loss_sum, state, step)
+            if guard_updates and engine.is_gradient_accumulation_boundary():
+                _refuse_nonfinite_update(cfg, engine, loss_sum, step)
             engine.step()
             state.micro_step += 1
-
-        # One all-reduce per step: the loss is reported as the step's exact token mean over all ranks.
-        dist.all_reduce(loss_sum)
-        loss = (loss_sum / step_supervised).item()
-        if math.isfinite(loss):
-            state.nonfinite_in_row = 0
-        else:
-            state.skipped_steps += 1
-            state.nonfinite_in_row += 1
-            logger.warning("non-finite loss at optimizer step %d: update skipped on every rank", step + 1)
-            if state.nonfinite_in_row >= cfg.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{state.nonfinite_in_row} optimizer steps in a row with a non-finite loss, the last "
-                    f"at step {step + 1}; lower the learning rate or check the data, then resume"
-                )
+        pending.add(step + 1, loss_sum, step_supervised)
         state.optimizer_step += 1
         state.tokens_seen += step_tokens
         window_tokens += step_tokens
         window_steps += 1
         progress.update(1)
+        if state.optimizer_step == first_step:
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # once: the phase ends when the device has finished the step
+            clock.phase("first optimizer step")
 
         step = state.optimizer_step
+        log_now = step % cfg.logging_steps == 0 or step == total_steps
+        eval_now = (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps
+        save_now = _should_save(cfg, step, total_steps, plan.steps_per_epoch)
+        if not (log_now or eval_now or save_now):
+            continue
+        # The losses are read only here (a host sync): the steps in between run back to back on the device.
+        loss = _count_nonfinite(cfg, state, pending.read())
         record: dict[str, Any] = {}
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if log_now:
             elapsed = time.perf_counter() - window_start
             record.update(
                 loss=loss,
@@ -307,12 +330,12 @@ def _loop(
                 epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
-        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps:
+        if eval_now:
             record.update(_evaluate(cfg, engine, pad_id, val_splits, info, chunked))
             engine.train()
         if record:
             metrics.log({"step": step, **record})
-        if _should_save(cfg, step, total_steps, plan.steps_per_epoch):
+        if save_now:
             save_checkpoint(
                 engine,
                 Path(cfg.output_dir),
@@ -323,6 +346,50 @@ def _loop(
                 trained_only=is_lora_model(engine.module),
             )
     progress.close()
+
+
+class PendingLosses:
+    """The losses of the steps not read yet, kept on the device.
+
+    Reading a loss waits for the device (and all-reduces it); at every step that would leave the GPU idle
+    between steps. The steps since the last read are read together, with one all-reduce, where a value is
+    needed: logging, evaluation, checkpoints and the last step.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[int, torch.Tensor, int]] = []
+
+    def add(self, step: int, loss_sum: torch.Tensor, supervised: int) -> None:
+        """Step `step`'s summed token losses on this rank (a device tensor), and the step's supervised tokens."""
+        self._steps.append((step, loss_sum, supervised))
+
+    def read(self) -> list[tuple[int, float]]:
+        """(step, loss) of every pending step, oldest first: the token mean of the whole step, all ranks."""
+        if not self._steps:
+            return []
+        sums = torch.stack([loss_sum for _, loss_sum, _ in self._steps])
+        dist.all_reduce(sums)
+        losses = [(step, total / supervised) for (step, _, supervised), total in zip(self._steps, sums.tolist())]
+        self._steps.clear()
+        return losses
+
+
+def _count_nonfinite(cfg: TrainConfig, state: TrainerState, losses: list[tuple[int, float]]) -> float:
+    """Count the steps among `losses` whose loss was not finite (their updates were skipped); stop the run
+    after `max_nonfinite_steps` in a row. Returns the last step's loss."""
+    for step, loss in losses:
+        if math.isfinite(loss):
+            state.nonfinite_in_row = 0
+            continue
+        state.skipped_steps += 1
+        state.nonfinite_in_row += 1
+        logger.warning("non-finite loss at optimizer step %d: update skipped on every rank", step)
+        if state.nonfinite_in_row >= cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"{state.nonfinite_in_row} optimizer steps in a row with a non-finite loss, the last "
+                f"at step {step}; lower the learning rate or check the data, then resume"
+            )
+    return losses[-1][1]
 
 
 def _uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
@@ -342,18 +409,16 @@ def _uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
 def _device_batch(
     samples: list[FormattedSample], packing: bool, pad_id: int, device: torch.device
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """`collate`'s batch of `samples` on `device`: the model's keyword inputs, and the labels.
+    """`collate`'s batch of `samples`: the model's keyword inputs on `device`, and the labels on the host.
 
-    On a GPU the batch goes through pinned host memory, so the copy is queued behind the work in flight and
-    this returns at once: building the next batch never waits for the device (and `data_time` is host time).
+    The labels stay on the host, where the loss finds the supervised positions (and counts them) without
+    waiting for the device; the inputs are queued behind the work in flight, so building the next batch never
+    waits for the device either (and `data_time` is host time).
     """
     batch = collate(samples, packing, pad_id, PAD_TO_MULTIPLE_OF)
-    pin = device.type == "cuda"
-    inputs = {
-        k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
-    return inputs, inputs.pop("labels")
+    labels = batch.pop("labels")
+    inputs = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return inputs, labels
 
 
 def _token_sums(
@@ -365,25 +430,27 @@ def _token_sums(
     # Still the engine's forward, so DeepSpeed's hooks run; an empty `logits_to_keep` projects no position, and
     # the hidden states after the final norm, the head's input, come back instead of (tokens, vocabulary) logits.
     outputs = engine(
-        **inputs, output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long, device=labels.device)
+        **inputs, output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long, device=engine.device)
     )
     head = engine.module.get_output_embeddings().weight
     return chunked_supervised_token_sums(outputs.hidden_states[-1], head, labels)
 
 
-def _check_finite_before_update(
-    cfg: TrainConfig, engine: Any, loss_sum: torch.Tensor, state: TrainerState, step: int
-) -> None:
-    """Refuse an update that DeepSpeed would apply despite a non-finite loss on some rank.
+def _skips_nonfinite_updates(engine: Any) -> bool:
+    """Whether DeepSpeed itself skips an update whose gradients are not finite.
 
     ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow), and
-    fp16's loss scaler skips it at any stage; ZeRO-0 and ZeRO-3 in bf16/fp32 do not, so there the run stops
-    before the update reaches the weights.
+    fp16's loss scaler skips it at any stage; ZeRO-0 and ZeRO-3 in bf16/fp32 do not.
     """
-    flag = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0], device=loss_sum.device)
+    return engine.fp16_enabled() or zero_stage(engine.config) in (1, 2)
+
+
+def _refuse_nonfinite_update(cfg: TrainConfig, engine: Any, loss_sum: torch.Tensor, step: int) -> None:
+    """Stop before an update that DeepSpeed would apply despite a non-finite loss on some rank (a host sync
+    on every step, paid only where DeepSpeed does not skip such updates itself)."""
+    flag = (~torch.isfinite(loss_sum)).float().reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    skips_itself = engine.fp16_enabled() or zero_stage(engine.config) in (1, 2)
-    if flag.item() and not skips_itself:
+    if flag.item():
         raise TrainingError(
             f"non-finite loss at optimizer step {step + 1}; ZeRO stage {zero_stage(engine.config)} in {cfg.dtype} "
             "cannot skip the update, so training stops before it is applied; resume from the last checkpoint"

@@ -97,6 +97,36 @@ def test_loss_does_not_depend_on_how_the_step_is_split(tmp_path: Path) -> None:
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def adam_states(ckpt: Path) -> list[dict[str, torch.Tensor]]:
+    """Each rank's Adam state in a ZeRO-1/2 checkpoint (the fp32 state of rank r's slice of the flat
+    parameters): exp_avg, exp_avg_sq and step, the groups concatenated."""
+    states = []
+    for rank in range(2):
+        (path,) = ckpt.glob(f"global_step*/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        groups = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        per_group = list(groups["base_optimizer_state"]["state"].values())
+        states.append({key: torch.cat([g[key].flatten() for g in per_group]) for key in per_group[0]})
+    return states
+
+
+def test_one_micro_batch_gives_the_gradient_of_four_accumulated(tmp_path: Path) -> None:
+    """The loss is normalized by the supervised tokens of the whole optimizer step: 2 ranks x 8 samples in one
+    micro-batch each (one packed row) give the gradient of 2 ranks x 4 accumulated micro-batches of 2."""
+    common = [*TINY, "max_steps=1", "save_steps=1", "logging_steps=1", "learning_rate=0.0", "warmup_steps=0",
+              "max_grad_norm=0.0"]
+    one, four = tmp_path / "one", tmp_path / "four"
+    check_ok(run_deepspeed([*common, f"output_dir={one}", "per_device_train_batch_size=8",
+                            "gradient_accumulation_steps=1"]))
+    check_ok(run_deepspeed([*common, f"output_dir={four}", "per_device_train_batch_size=2",
+                            "gradient_accumulation_steps=4"]))
+    # With beta1 0.9 and no clipping, the first moment after step 1 is exactly 0.1 x the gradient.
+    for rank_one, rank_four in zip(adam_states(one / "checkpoint-000001"), adam_states(four / "checkpoint-000001"),
+                                   strict=True):
+        a, b = rank_one["exp_avg"], rank_four["exp_avg"]
+        assert a.abs().max() > 0
+        assert torch.linalg.vector_norm(a - b) <= 1e-6 * torch.linalg.vector_norm(b)
+
+
 def test_killed_run_resumes_exactly(tmp_path: Path, zero2_run: Path) -> None:
     """SIGKILL one rank right after checkpoint 4; the resumed run matches the uninterrupted one bit for bit."""
     run = tmp_path / "run"
@@ -111,6 +141,11 @@ def test_killed_run_resumes_exactly(tmp_path: Path, zero2_run: Path) -> None:
     after = step_losses(run)  # the resumed run appends; later lines for a step win
     assert {s: after[s] for s in range(5, 9)} == {s: reference[s] for s in range(5, 9)}
     assert_same_weights(module_weights(run / "checkpoint-000008"), module_weights(zero2_run / "checkpoint-000008"))
+    # The optimizer state (PyTorch's AdamW: moments and step count) went through the checkpoint bit for bit.
+    for resumed_rank, reference_rank in zip(adam_states(run / "checkpoint-000008"),
+                                            adam_states(zero2_run / "checkpoint-000008"), strict=True):
+        assert resumed_rank.keys() == reference_rank.keys() == {"exp_avg", "exp_avg_sq", "step"}
+        assert all(torch.equal(resumed_rank[k], reference_rank[k]) for k in resumed_rank)
 
 
 def test_resume_refuses_other_data_and_other_world_size(zero2_run: Path, tmp_path: Path) -> None:
