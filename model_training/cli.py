@@ -18,8 +18,7 @@ from model_training.config import (
     parse_override,
     to_yaml,
 )
-from model_training.data.oasst import OasstFormatError
-from model_training.data.sources import DatasetFormatError
+from model_training.data.oasst import FileFormatError
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -113,7 +112,7 @@ def main_train(argv: list[str]) -> int:
             return 0
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
-    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
+    except (ConfigError, FileFormatError) as err:
         return report_user_error(err)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
@@ -121,7 +120,7 @@ def main_train(argv: list[str]) -> int:
 
     try:
         return run_or_exit(args.config)
-    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
+    except (ConfigError, FileFormatError) as err:
         return report_user_error(err)
 
 
