@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,7 @@ from model_training.config import (
     parse_override,
     to_yaml,
 )
-from model_training.data.oasst import OasstFormatError
-from model_training.data.sources import DatasetFormatError
+from model_training.data.oasst import FileFormatError
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -98,9 +98,11 @@ def parse_train_args(argv: list[str]) -> TrainArgs:
     return TrainArgs(config=config, show_config=args.show_config)
 
 
-def report_user_error(err: Exception) -> int:
-    """One line on stderr and exit status 2: the user's input was wrong, the message says where."""
-    print(f"error: {err}", file=sys.stderr)
+def report_user_error(err: Exception, quiet: bool = False) -> int:
+    """One line on stderr and exit status 2: the user's input was wrong, the message says where. `quiet`: exit 2
+    without the line, which another process prints."""
+    if not quiet:
+        print(f"error: {err}", file=sys.stderr)
     return 2
 
 
@@ -113,16 +115,41 @@ def main_train(argv: list[str]) -> int:
             return 0
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
-    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
-        return report_user_error(err)
+        _check_writable_folder(Path(args.config.output_dir), "output_dir")
+    except (ConfigError, FileFormatError) as err:
+        # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
+        return report_user_error(err, quiet=_launcher_rank() != 0)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
     from model_training.training.trainer import run_or_exit
 
     try:
         return run_or_exit(args.config)
-    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
+    except (ConfigError, FileFormatError) as err:
         return report_user_error(err)
+
+
+def _launcher_rank() -> int:
+    """The global rank the launcher gave this process (torchrun and deepspeed: RANK; srun: SLURM_PROCID)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _check_writable_folder(folder: Path, key: str) -> None:
+    """ConfigError unless `folder` is a folder this process can write into, or one it can create, checked before
+    any process group starts: a run that cannot save must not get that far. Creates nothing."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"key '{key}' is '{folder}', but {existing} is a file; expected a folder, or a path where "
+                          "one can be created")
+    try:
+        # An unnamed file where the OS allows it (O_TMPFILE), else one removed at once: nothing is left behind.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"key '{key}' is '{folder}', but {existing} cannot be written ({err.strerror}); expected "
+                          "a folder this user can write") from None
 
 
 def _show_dataset_stats(cfg: TrainConfig) -> int:

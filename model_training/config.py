@@ -9,11 +9,20 @@ key, where it came from and the closest valid name; the CLI turns it into exit s
 Paths: inputs (the DeepSpeed config, `data_dir`, a local tokenizer or model folder) given relative resolve
 against the project root, so a run does not depend on the working directory; dataset files resolve against
 `data_dir`. Outputs (`output_dir`, `log_dir`) are relative to the working directory, as users expect.
+
+`model_name` and `tokenizer_name` are hub ids when they have a hub id's form, `name` or `owner/name`, and
+are local folders otherwise: anything that starts with `/`, `.` or `~`, ends with `/` or has a second `/`,
+and any name whose first part is a file or folder under the project root (`data/tokenizr` is the folder
+`data/` and a typo, never a hub id). A local folder must exist when the config is validated.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import importlib.util
+import json
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -333,10 +342,19 @@ _POSITIVE = (
 )
 
 
-def closest_name(name: str, candidates: list[str]) -> str:
-    """'; did you mean 'x'?' for the candidate closest to a mistyped name, or '' when none is close."""
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
+def closest_name(name: str, candidates: list[str], n: int = 1) -> str:
+    """'; did you mean 'x'?' for the candidate closest to a mistyped name ("'x', 'y' or 'z'" for up to `n` of
+    them), or '' when none is close."""
+    matches = [f"'{match}'" for match in difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)]
+    if not matches:
+        return ""
+    listed = matches[0] if len(matches) == 1 else f"{', '.join(matches[:-1])} or {matches[-1]}"
+    return f"; did you mean {listed}?"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def _describe_omegaconf_error(err: OmegaConfBaseException, schema: type, where: str) -> str:
@@ -402,14 +420,22 @@ def _display_path(path: Path) -> str:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`key=value` (dotted keys reach nested values) -> (key, value parsed as YAML, so `1e-5` is a float)."""
+    """`key=value` (dotted keys reach nested values) -> (key, value parsed as YAML, so `1e-5` is a float).
+
+    A value that YAML cannot parse is taken as a plain string (a prompt such as `What is: this?`), unless it
+    opens with YAML syntax (`[`, `{` or a quote): then the user meant YAML, and the error says where it broke."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"command-line override '{item}' must look like key=value")
     try:
         value = yaml.load(raw, Loader=_YamlLoader) if raw else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as err:
+        if not raw.lstrip().startswith(("[", "{", '"', "'")):
+            return key.strip(), raw
+        mark = getattr(err, "problem_mark", None)
+        where = f" at column {len(key) + 2 + mark.column} of the override" if mark else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise ConfigError(f"command-line override '{item}' is not valid YAML: {problem}{where}") from None
     return key.strip(), value
 
 
@@ -475,6 +501,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("key 'model_config' needs a 'model_type' (e.g. falcon)")
     if cfg.model_config is not None and cfg.tokenizer_name is None:
         raise ConfigError("a model built from 'model_config' needs 'tokenizer_name' (a folder or hub id)")
+    if cfg.model_config is not None:
+        _check_model_type(cfg.model_config["model_type"])
+    _check_local_folders(cfg)
+    read_deepspeed_json(cfg.deepspeed_config)
     dataset_specs(cfg)
 
 
@@ -483,6 +513,90 @@ def _get(cfg: TrainConfig, dotted_key: str) -> Any:
     for part in dotted_key.split("."):
         value = getattr(value, part)
     return value
+
+
+def _check_model_type(model_type: Any) -> None:
+    name = str(model_type)
+    if name in _generated_model_types():
+        return
+    # Slow (it imports torch), so only for a name the generated list lacks: the library adds a few by hand.
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if name not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(
+            f"key 'model_config.model_type' is {model_type!r}, which transformers does not know (expected a model "
+            f"type such as falcon, llama or gpt_neox){closest_name(name, list(CONFIG_MAPPING_NAMES), 3)}"
+        )
+
+
+@functools.cache
+def _generated_model_types() -> tuple[str, ...]:
+    """transformers' model types, read from its generated mapping without importing the library (that takes
+    seconds, which `--show_config` must not); empty where a release has no such file or another layout."""
+    spec = importlib.util.find_spec("transformers")
+    path = Path(spec.origin).parent / "models" / "auto" / "auto_mappings.py" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        return ()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        targets = [getattr(t, "id", None) for t in getattr(node, "targets", [])]
+        if "CONFIG_MAPPING_NAMES" in targets and isinstance(node.value, ast.Call) and node.value.args:
+            return tuple(name for name, _ in ast.literal_eval(node.value.args[0]))
+    return ()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""Files of a saved tokenizer: a folder with none of them holds no tokenizer."""
+
+
+def is_hub_id(name: str, root: Path) -> bool:
+    """Whether `name` is a Hugging Face hub id (`name` or `owner/name`) rather than a path: see the module
+    docstring for the rule; `root` is the folder relative paths start from."""
+    return bool(_HUB_ID.fullmatch(name)) and not (root / name.split("/")[0]).exists()
+
+
+def _check_local_folders(cfg: TrainConfig) -> None:
+    """A local model or tokenizer folder must exist and hold what transformers loads from it."""
+    model = _local_folder(cfg, "model_name")
+    if model is not None and not (model / "config.json").is_file():
+        raise ConfigError(f"key 'model_name': the folder {model} has no config.json; expected a model folder "
+                          "saved by save_pretrained")
+    tokenizer_key = "tokenizer_name" if cfg.tokenizer_name is not None else "model_name"
+    tokenizer = _local_folder(cfg, tokenizer_key)
+    if tokenizer is not None and not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"key '{tokenizer_key}': the folder {tokenizer} holds no tokenizer; expected one of "
+                          f"{', '.join(TOKENIZER_FILES)}, as save_pretrained writes them")
+
+
+def _local_folder(cfg: TrainConfig, key: str) -> Path | None:
+    """The existing folder that `key` names; None for null or a hub id."""
+    name = getattr(cfg, key)
+    if name is None or is_hub_id(name, PROJECT_ROOT):
+        return None
+    folder = resolve_input_path(name)
+    if not folder.is_dir():
+        raise ConfigError(f"key '{key}' is the local path {name!r}, but the folder {folder} does not exist; "
+                          "expected a folder saved by save_pretrained, or a hub id such as tiiuae/falcon-7b")
+    return folder
+
+
+def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
+    """The DeepSpeed config file named by `deepspeed_config`, parsed; ConfigError when it is missing or is not a
+    JSON object."""
+    resolved = resolve_input_path(path)
+    try:
+        ds = json.loads(resolved.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"key 'deepspeed_config': the DeepSpeed config {resolved} does not exist; expected a JSON "
+                          "file such as configs/zero_config.json") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"key 'deepspeed_config': cannot read {resolved}: {first_line(err)}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"key 'deepspeed_config': {resolved} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"key 'deepspeed_config': {resolved} holds a JSON {type(ds).__name__}; expected an object "
+                          "of DeepSpeed settings")
+    return resolved, ds
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

@@ -64,6 +64,11 @@ class FilterReport:
     too_short: int = 0
     too_long: int = 0
 
+    def add_other_language(self, count: int) -> None:
+        """Records a loader left out for their language itself (OASST filters whole trees): read, then dropped."""
+        self.records += count
+        self.other_language += count
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -85,7 +90,10 @@ def data_path(cfg: TrainConfig, path: str) -> str:
     return str(local) if local.exists() or p.suffix else path
 
 
-def _load_oasst_export(options: Any, source: str, key: str) -> tuple[list[Record], list[Record]]:
+def _load_oasst_export(
+    options: Any, source: str, key: str, report: FilterReport
+) -> tuple[list[Record], list[Record]]:
+    stats: dict[str, int] = {}
     train, val = load_oasst_export(
         source,
         lang=options.lang,
@@ -94,26 +102,34 @@ def _load_oasst_export(options: Any, source: str, key: str) -> tuple[list[Record
         manual_seed=options.manual_seed,
         skip_invalid=options.skip_invalid,
         config_key=f"{key}.input_file_path",
+        stats=stats,
     )
+    report.add_other_language(stats["other_language"])
     return [Conversation(messages=tuple(t)) for t in train], [Conversation(messages=tuple(t)) for t in val]
 
 
-def _load_source(name: str) -> Callable[[Any, str, str], tuple[list[Record], list[Record]]]:
-    def load(options: Any, source: str, key: str) -> tuple[list[Record], list[Record]]:
+Loader = Callable[[Any, str, str, FilterReport], tuple[list[Record], list[Record]]]
+
+
+def _load_source(name: str) -> Loader:
+    def load(options: Any, source: str, key: str, report: FilterReport) -> tuple[list[Record], list[Record]]:
         extra = {"lang": options.lang, "top_k": options.top_k} if name == "oasst1" else {}
+        stats: dict[str, int] = {}
         records = SOURCE_LOADERS[name](
-            source, skip_invalid=options.skip_invalid, config_key=f"{key}.input_file_path", **extra
+            source, skip_invalid=options.skip_invalid, config_key=f"{key}.input_file_path", stats=stats, **extra
         )
+        report.add_other_language(stats.get("other_language", 0))
         return split_records(records, options.val_split, options.manual_seed)
 
     return load
 
 
-LOADERS: dict[str, Callable[[Any, str, str], tuple[list[Record], list[Record]]]] = {
+LOADERS: dict[str, Loader] = {
     "oasst_export": _load_oasst_export,
     **{name: _load_source(name) for name in SOURCE_LOADERS},
 }
-"""Dataset name -> loader returning (train, val) records; every name in DATASET_CONFIGS has one."""
+"""Dataset name -> loader returning (train, val) records (and counting in the report what it filtered itself);
+every name in DATASET_CONFIGS has one."""
 
 
 def split_records(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -272,12 +288,12 @@ def _prepare_dataset(
     seen: set[bytes] | None,
 ) -> _Prepared:
     """Load, split, filter and tokenize one dataset; adds the dedupe keys of what it keeps to `seen`."""
-    try:
-        train, val = LOADERS[name](options, source, key)
-    except FileNotFoundError as err:
-        # The loader's message names the path and the config key; a user fixes it in the config.
-        raise ConfigError(str(err)) from None
     report = FilterReport(display)
+    try:
+        train, val = LOADERS[name](options, source, key, report)
+    except (FileNotFoundError, ConnectionError) as err:
+        # The loader's message names the path (or hub id) and the config key; a user fixes it in the config.
+        raise ConfigError(str(err)) from None
     train, val = _keep(train, options, seen, report), _keep(val, options, seen, report)
     return _Prepared(
         train=tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format),

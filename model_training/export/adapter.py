@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from model_training.config import TrainConfig
+from model_training.config import TrainConfig, first_line
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import ADAPTER_CONFIG_DIR, dequantized_weight, quantizable_layers
 
@@ -107,11 +107,6 @@ def merged_model(
     model = get_peft_model(base, lora)
     _load_trained(model, trained, assign=False)
     return model.merge_and_unload()
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, or its type when the message is empty."""
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def _load_trained(model: nn.Module, trained: dict[str, torch.Tensor], assign: bool) -> None:

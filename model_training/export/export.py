@@ -26,14 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from model_training.config import ConfigError, read_run_config
-from model_training.export.adapter import (
-    AdapterExportError,
-    first_line,
-    is_adapter_checkpoint,
-    merged_model,
-    write_adapter,
-)
+from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read_run_config
+from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, write_weights
 from model_training.models.dtypes import TORCH_DTYPES
@@ -43,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {**TORCH_DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """--dtype: the config's names and torch's."""
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 class ExportError(ValueError):
@@ -272,7 +265,7 @@ def _resave_hf_folder(
     options = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
-        has_tokenizer = any((source / name).is_file() for name in _TOKENIZER_FILES)
+        has_tokenizer = any((source / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(source, **options) if has_tokenizer else None
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load the Hugging Face model in {source}: {first_line(exc)}") from exc

@@ -14,7 +14,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from model_training.config import ConfigError, TrainConfig, resolve_input_path
+from model_training.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    TrainConfig,
+    first_line,
+    is_hub_id,
+    resolve_input_path,
+)
 from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
 from model_training.models.dtypes import TORCH_DTYPES
@@ -44,17 +51,20 @@ def base_model_reference(cfg: TrainConfig, run_dir: Path) -> str:
 
 
 def _hub_or_local(name: str) -> str:
-    """A name that exists as a folder under the project root is local; anything else is a hub id."""
-    local = resolve_input_path(name)
-    return str(local) if local.is_dir() else name
+    """A hub id as it is, a local folder resolved against the project root (the rule: model_training/config.py)."""
+    return name if is_hub_id(name, PROJECT_ROOT) else str(resolve_input_path(name))
 
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """The tokenizer with the chat tokens added in their fixed order and pad/eos set for the model family."""
-    name = cfg.tokenizer_name or cfg.model_name  # validate() guarantees one of them
-    tokenizer = AutoTokenizer.from_pretrained(
-        _hub_or_local(name), cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
-    )
+    key = "tokenizer_name" if cfg.tokenizer_name is not None else "model_name"  # validate() ensures one is set
+    name = getattr(cfg, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            _hub_or_local(name), cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:  # a hub id out of reach, or a folder with broken tokenizer files
+        raise ConfigError(f"key '{key}': cannot load the tokenizer {name!r}: {first_line(err)}") from None
     return prepare_tokenizer(tokenizer, cfg.chat_format)
 
 

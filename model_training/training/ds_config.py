@@ -12,7 +12,6 @@ the arch list cleaned first (`clean_cuda_arch_list`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,20 +19,10 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from model_training.config import ConfigError, TrainConfig, resolve_input_path
+from model_training.config import ConfigError, TrainConfig, read_deepspeed_json
 
 AUTO = "auto"
 logger = logging.getLogger(__name__)
-
-
-def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
-    resolved = resolve_input_path(path)
-    try:
-        return resolved, json.loads(resolved.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config not found: {resolved} (key 'deepspeed_config')") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"DeepSpeed config {resolved} is not valid JSON: {err}") from None
 
 
 def build_deepspeed_config(cfg: TrainConfig, world_size: int, cuda: bool = False) -> dict[str, Any]:

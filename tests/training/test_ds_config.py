@@ -57,12 +57,15 @@ def test_a_json_scheduler_is_refused(tmp_path: Path) -> None:
         build_deepspeed_config(config(f"deepspeed_config={path}"), world_size=1)
 
 
-def test_missing_and_broken_json_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"DeepSpeed config not found: .*nope.json \(key 'deepspeed_config'\)"):
-        build_deepspeed_config(config(f"deepspeed_config={tmp_path / 'nope.json'}"), world_size=1)
+def test_missing_and_broken_json_are_refused_with_the_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'deepspeed_config': the DeepSpeed config .*nope.json does not exist"):
+        config(f"deepspeed_config={tmp_path / 'nope.json'}")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ConfigError, match=r"bad.json is not valid JSON"):
-        build_deepspeed_config(config(f"deepspeed_config={tmp_path / 'bad.json'}"), world_size=1)
+    with pytest.raises(ConfigError, match=r"key 'deepspeed_config': .*bad.json is not valid JSON"):
+        config(f"deepspeed_config={tmp_path / 'bad.json'}")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"list.json holds a JSON list; expected an object of DeepSpeed settings"):
+        config(f"deepspeed_config={tmp_path / 'list.json'}")
 
 
 def test_the_optimizer_needs_no_cuda_op_build_unless_it_is_offloaded(tmp_path: Path) -> None:
