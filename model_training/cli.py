@@ -20,6 +20,7 @@ from model_training.config import (
     to_yaml,
 )
 from model_training.data.oasst import FileFormatError
+from model_training.layout import earlier_run
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -116,6 +117,7 @@ def main_train(argv: list[str]) -> int:
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
         _check_writable_folder(Path(args.config.output_dir), "output_dir")
+        _refuse_to_overwrite_a_run(args.config)
     except (ConfigError, FileFormatError) as err:
         # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
         return report_user_error(err, quiet=_launcher_rank() != 0)
@@ -126,7 +128,23 @@ def main_train(argv: list[str]) -> int:
     try:
         return run_or_exit(args.config)
     except (ConfigError, FileFormatError) as err:
-        return report_user_error(err)
+        # Every rank found the same mistake (a resume that does not fit, a model the config cannot build).
+        return report_user_error(err, quiet=_launcher_rank() != 0)
+
+
+def _refuse_to_overwrite_a_run(cfg: TrainConfig) -> None:
+    """ConfigError when `output_dir` holds an earlier run that this one, neither resuming it nor asked to
+    overwrite it, would mix with or replace: checked before anything is written."""
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ConfigError("set either 'resume_from_checkpoint' (continue the run in output_dir) or "
+                          "'overwrite_output_dir' (replace it), not both")
+    found = earlier_run(Path(cfg.output_dir))
+    if found and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(
+            f"key 'output_dir' is '{cfg.output_dir}', which holds an earlier run ({shown}); resume it with "
+            "--resume_from_checkpoint, choose another output_dir, or set overwrite_output_dir=true to replace it"
+        )
 
 
 def _launcher_rank() -> int:

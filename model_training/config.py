@@ -285,6 +285,9 @@ class TrainConfig:
     """Keep at most this many checkpoints (oldest removed after a new one is complete); null: keep all."""
     output_dir: str = "output"
     """Run folder: checkpoints, metrics.jsonl, the merged config."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir that holds an earlier one, deleting its checkpoints and metrics; without
+    it, such a run is refused (resume the earlier one with resume_from_checkpoint, or choose another folder)."""
     log_dir: str = "logs"
     """Folder for wandb's local files."""
     logging_steps: int = 10
@@ -313,6 +316,9 @@ class TrainConfig:
     """Set by launchers that pass --local_rank; the LOCAL_RANK environment variable wins when present."""
     resume_from_checkpoint: str | None = None
     """"latest" (the newest complete checkpoint in output_dir) or a checkpoint folder to continue from."""
+    verify_checkpoint_hashes: bool = True
+    """Before resuming, check every file of the checkpoint against the hash its manifest recorded (the ranks
+    share the reading); false skips it, and a corrupted file would then be trained on."""
     rng_seed: int = 42
     """Seed of weight initialization, dropout and data order."""
     max_nonfinite_steps: int = 3

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -41,6 +42,8 @@ class Fault:
     """Folders the command reads besides the scratch folder (which is always protected)."""
     ranks: int = 1
     """1: `python SCRIPT ...`; more: the deepspeed launcher with this many CPU ranks."""
+    on_a_run: bool = False
+    """The scratch folder holds `run/`, a copy of a finished 2-rank run (8 steps, checkpoints 4 and 8)."""
 
 
 def trainer(*args: str) -> list[str]:
@@ -95,6 +98,69 @@ def exported_into_a_full_folder(scratch: Path) -> list[str]:
     (scratch / "out").mkdir()
     (scratch / "out" / "keep.txt").write_text("results of an earlier export")
     return [str(EXPORTER), str(scratch / "model"), "--output_folder", str(scratch / "out")]
+
+
+def flip_bytes(relative: str) -> Callable[[Path], None]:
+    """64 bytes in the middle of a file of the copied run, inverted: its size stays, its content does not."""
+
+    def flip(scratch: Path) -> None:
+        path = scratch / "run" / relative
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+        path.write_bytes(bytes(data))
+
+    return flip
+
+
+def on_run(*args: str) -> Callable[[Path], list[str]]:
+    """The tiny run's command line on the copied run folder, with `args`."""
+    return lambda scratch: trainer(f"output_dir={scratch / 'run'}", "max_steps=10", *args)
+
+
+def export_run(*args: str) -> Callable[[Path], list[str]]:
+    return lambda scratch: [str(EXPORTER), str(scratch / "run"), "--output_folder", str(scratch / "out"), *args]
+
+
+CHECKPOINT_8 = "checkpoint-000008/global_step8"
+
+RUN_FAULTS = [
+    Fault("a new run into a finished run's folder", on_run("learning_rate=1e-3"),
+          r"key 'output_dir' is '\S+/run', which holds an earlier run \(checkpoint-000004, checkpoint-000008, latest, "
+          r"metrics\.jsonl\); resume it with --resume_from_checkpoint, .* or set overwrite_output_dir=true",
+          on_a_run=True),
+    Fault("resume and overwrite at once", on_run("--resume_from_checkpoint", "overwrite_output_dir=true"),
+          r"set either 'resume_from_checkpoint' .* or 'overwrite_output_dir' .*, not both", on_a_run=True),
+    pytest.param(
+        Fault("resume from a checkpoint whose model states changed",
+              made(flip_bytes(f"{CHECKPOINT_8}/mp_rank_00_model_states.pt"), on_run("--resume_from_checkpoint")),
+              r"cannot resume from \S+/checkpoint-000008: Checkpoint \S+ is damaged: "
+              r"global_step8/mp_rank_00_model_states\.pt does not match its xxh3_128 \(changed after the save\)",
+              ranks=2, on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Fault("resume on other data", on_run("--resume_from_checkpoint", "max_length=32"),
+              r"cannot resume from \S+/checkpoint-000008: the training data or its order differs", ranks=2,
+              on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Fault("a launch that fails once the ranks run", lambda scratch: trainer(
+                  f"output_dir={scratch / 'new-run'}", "peft.type=lora", "deepspeed_config=configs/zero3_config.json"),
+              r"LoRA runs on ZeRO-2, not ZeRO-3", ranks=2),
+        marks=pytest.mark.slow,
+    ),
+    Fault("export of a checkpoint whose optimizer shard changed",
+          made(flip_bytes(f"{CHECKPOINT_8}/zero_pp_rank_0_mp_rank_00_optim_states.pt"), export_run()),
+          r"^export_model\.py: error: Checkpoint \S+/checkpoint-000008 is damaged: "
+          r"global_step8/zero_pp_rank_0_mp_rank_00_optim_states\.pt does not match its xxh3_128", on_a_run=True),
+    Fault("export of a run whose newest checkpoint is damaged",
+          made(lambda scratch: (scratch / "run" / "checkpoint-000008" / "manifest.json").write_text("{ torn"),
+               export_run()),
+          r"^export_model\.py: error: the newest checkpoint of \S+/run, checkpoint-000008, is unusable: .*pass "
+          r"--allow_older", on_a_run=True),
+]
 
 
 CHAT_OK = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
@@ -188,10 +254,14 @@ def snapshot(folders: list[Path]) -> dict[str, str]:
     return state
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.name)
-def test_a_mistake_exits_2_with_one_line_and_changes_nothing(fault: Fault, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", FAULTS + RUN_FAULTS, ids=lambda fault: fault.name)
+def test_a_mistake_exits_2_with_one_line_and_changes_nothing(
+    fault: Fault, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     scratch = tmp_path / "scratch"
     scratch.mkdir()
+    if fault.on_a_run:
+        shutil.copytree(request.getfixturevalue("zero2_run"), scratch / "run")
     command = fault.command(scratch)
     folders = [scratch, *fault.protect]
     before = snapshot(folders)

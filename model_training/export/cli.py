@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="LoRA checkpoints: write the base with the adapter merged in (default: the adapter alone)")
     parser.add_argument("--base_model", help="LoRA checkpoints: the base to merge into (hub id or folder), instead of "
                         "the one the checkpoint names")
+    parser.add_argument("--allow_older", action="store_true",
+                        help="a run folder whose newest checkpoint is damaged: export the newest whole one instead "
+                        "of refusing")
+    parser.add_argument("--skip_hash_check", action="store_true",
+                        help="do not check each file of the checkpoint against its manifest's hash (faster; a "
+                        "corrupted file then goes into the export unnoticed)")
     return parser
 
 
@@ -72,7 +78,8 @@ def main_export(argv: list[str]) -> int:
             export_model(
                 args.checkpoint, folder, dtype, max_shard_size,
                 trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir, overwrite=args.overwrite,
-                merge_adapter=args.merge_adapter, base_model=args.base_model,
+                merge_adapter=args.merge_adapter, base_model=args.base_model, allow_older=args.allow_older,
+                check_hashes=not args.skip_hash_check,
             )
             if args.output_folder is not None:
                 print(f"exported {args.checkpoint} to {folder}")

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -30,8 +31,14 @@ from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read
 from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, write_weights
+from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR
 from model_training.models.dtypes import TORCH_DTYPES
-from model_training.training.checkpoint import resolve_checkpoint, verify_checkpoint
+from model_training.training.checkpoint import (
+    NewestCheckpointUnusable,
+    checkpoint_bytes,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,8 @@ def export_model(
     overwrite: bool = False,
     merge_adapter: bool = False,
     base_model: str | None = None,
+    allow_older: bool = False,
+    check_hashes: bool = True,
 ) -> Path:
     """Export ``source`` into ``output_folder``; return the folder.
 
@@ -67,17 +76,20 @@ def export_model(
     a Hugging Face model folder (config.json and weights), which is loaded and saved again. An existing
     ``output_folder`` must be empty unless ``overwrite``. A LoRA checkpoint gives the adapter alone (a peft
     folder), or with ``merge_adapter`` the base with the adapter merged in (``base_model`` overrides the base
-    it names). Raises ExportError (or CheckpointError) for input
-    that cannot be exported; the output folder is then left as it was.
+    it names). A run folder whose newest checkpoint does not verify is refused unless ``allow_older``, which
+    takes the newest that does. With ``check_hashes`` every file of the checkpoint must match the hash its
+    manifest recorded. Raises ExportError (or CheckpointError) for input that cannot be exported; the output
+    folder is then left as it was.
     """
     source, output_folder = Path(source), Path(output_folder)
     hf_folder = (source / "config.json").is_file()
-    checkpoint = None if hf_folder else _resolve(source)
+    checkpoint = None if hf_folder else _resolve(source, allow_older, check_hashes)
     if merge_adapter and (checkpoint is None or not is_adapter_checkpoint(checkpoint)):
         raise ExportError(f"--merge_adapter: {source} is not a LoRA checkpoint (it has no adapter/ folder)")
     _check_output_folder(output_folder, source, overwrite)
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(output_folder)
     partial = _hidden_sibling(output_folder, "partial")
     try:
         if checkpoint is None:
@@ -95,15 +107,31 @@ def export_model(
     return output_folder
 
 
-def _resolve(source: Path) -> Path:
+def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
     if not source.is_dir():
         raise ExportError(f"{source} does not exist or is not a folder")
-    checkpoint = resolve_checkpoint(source, source.parent)
+    try:
+        checkpoint = resolve_checkpoint(source, source.parent, allow_older=allow_older)
+    except NewestCheckpointUnusable as err:
+        raise ExportError(
+            f"{err}; export an older checkpoint by naming its folder, or pass --allow_older to take the newest one "
+            "that is whole"
+        ) from None
     logger.info("exporting checkpoint %s", checkpoint)
-    for needed in ("model_config", "tokenizer"):
+    for needed in (MODEL_CONFIG_DIR, TOKENIZER_DIR):
         if not (checkpoint / needed).is_dir():
             raise ExportError(f"checkpoint {checkpoint} has no {needed}/ folder (was it saved by this trainer?)")
+    if check_hashes:
+        start = time.perf_counter()
+        verify_checkpoint(checkpoint, check_hashes=True, threads=_HASH_THREADS)
+        seconds, gigabytes = time.perf_counter() - start, checkpoint_bytes(checkpoint) / 1e9
+        logger.info("every file matches its manifest's hash: %.2f GB in %.1f s (%.2f s/GB, %d threads)",
+                    gigabytes, seconds, seconds / max(gigabytes, 1e-9), _HASH_THREADS)
     return checkpoint
+
+
+_HASH_THREADS = 4
+"""Files hashed side by side while verifying a checkpoint before its export."""
 
 
 def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> None:
@@ -129,6 +157,15 @@ def _move_into_place(partial: Path, output_folder: Path) -> None:
     shutil.rmtree(replaced)
 
 
+def _clear_leftovers(output_folder: Path) -> None:
+    """Remove what an earlier export into ``output_folder`` left when it was killed: its hidden partial and
+    replaced siblings. Two exports into one folder at the same time are not supported."""
+    for leftover in output_folder.parent.glob(f".{output_folder.name}.*-*"):
+        if leftover.is_dir() and leftover.name.split(".")[-1].split("-")[0] in ("partial", "replaced"):
+            logger.info("removing %s, left by an export that did not finish", leftover)
+            shutil.rmtree(leftover)
+
+
 def _hidden_sibling(folder: Path, purpose: str) -> Path:
     """A new empty folder next to ``folder`` (same filesystem, so renames are atomic), with the usual mode."""
     sibling = folder.parent / f".{folder.name}.{purpose}-{uuid.uuid4().hex[:12]}"
@@ -141,8 +178,8 @@ def _open_checkpoint(
 ) -> tuple[dict, PretrainedConfig, PreTrainedTokenizerBase]:
     """The verified manifest, the model's transformers config and the tokenizer that a checkpoint holds."""
     manifest = verify_checkpoint(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint / "model_config", trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer", trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(checkpoint / MODEL_CONFIG_DIR, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, trust_remote_code=trust_remote_code)
     _check_vocabulary(config.vocab_size, len(tokenizer))
     return manifest, config, tokenizer
 
@@ -171,7 +208,7 @@ def _write_inference_files(
     config.use_cache = True  # training turned it off; generation needs the KV cache
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     config.save_pretrained(folder)
-    generation = GenerationConfig.from_pretrained(checkpoint / "model_config")
+    generation = GenerationConfig.from_pretrained(checkpoint / MODEL_CONFIG_DIR)
     generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     generation.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -190,7 +227,7 @@ def _export_lora_checkpoint(
     """The adapter folder (tokenizer included), or with ``merge`` a full model folder like any export."""
     manifest, config, tokenizer = _open_checkpoint(checkpoint, trust_remote_code)
     try:
-        run_config = read_run_config(checkpoint / "config.yaml")
+        run_config = read_run_config(checkpoint / RUN_CONFIG)
         zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"], trained_only=True)
         # Only the adapters: small enough to read whole.
         trained = {name: tensor.load(torch.float32) for name, tensor in zero.tensors.items()}

@@ -24,6 +24,7 @@ from model_training.config import (
 )
 from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
+from model_training.layout import BASE_MODEL_DIR
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packing import enable_packed_attention
@@ -32,8 +33,6 @@ from model_training.training.ds_config import zero_stage
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_DIR = "base_model"
-"""Folder of a LoRA run's random-weight base inside the run folder."""
 EMBEDDING_MULTIPLE = 16
 """Embedding rows are padded to a multiple of this: tensor cores and sharding like round sizes."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model_training.config import TrainConfig
+from model_training.layout import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def public_config(cfg: TrainConfig) -> dict[str, Any]:
 class MetricsLogger:
     def __init__(self, cfg: TrainConfig, output_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS
         self.wandb_run = None
         if enabled and cfg.log_wandb:
             self.wandb_run = _start_wandb(cfg)

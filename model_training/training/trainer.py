@@ -33,14 +33,24 @@ from model_training.config import ConfigError, TrainConfig, to_yaml
 from model_training.data.collate import collate, to_device
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import TokenizedSplit, prepare_data
-from model_training.models.builder import BASE_MODEL_DIR, base_model_reference, build_model, load_tokenizer
-from model_training.models.lora import ADAPTER_CONFIG_DIR, ADAPTER_NAME, is_lora_model
+from model_training.layout import (
+    ADAPTER_DIR,
+    BASE_MODEL_DIR,
+    MODEL_CONFIG_DIR,
+    RUN_CONFIG,
+    TOKENIZER_DIR,
+    remove_run,
+)
+from model_training.models.builder import base_model_reference, build_model, load_tokenizer
+from model_training.models.lora import ADAPTER_NAME, is_lora_model
 from model_training.training.checkpoint import (
     CheckpointError,
+    checkpoint_bytes,
     load_checkpoint,
     read_trainer_state,
     resolve_checkpoint,
     save_checkpoint,
+    verify_hashes_on_ranks,
 )
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list, zero_stage
@@ -52,7 +62,6 @@ from model_training.training.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE_NAME = "config.yaml"
 PAD_TO_MULTIPLE_OF = 8
 
 
@@ -126,9 +135,6 @@ def train(cfg: TrainConfig) -> Path:
     clock.phase("process start, imports and distributed init")
     _seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
-    if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / CONFIG_FILE_NAME).write_text(to_yaml(cfg))
 
     tokenizer = load_tokenizer(cfg)
     clock.phase("tokenizer")
@@ -144,6 +150,13 @@ def train(cfg: TrainConfig) -> Path:
         seed=cfg.rng_seed,
     )
     total_steps = cfg.max_steps or plan.steps_per_epoch * cfg.num_train_epochs
+    state = TrainerState(
+        data_fingerprint=_fingerprint_data(train_samples, plan), model_fingerprint=_fingerprint_model(cfg)
+    )
+    # A resume that does not fit is refused before anything is built or written.
+    resume_from = _checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
+    if info.is_main and cfg.overwrite_output_dir:
+        _remove_earlier_run(output_dir)
 
     ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available())
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
@@ -158,13 +171,14 @@ def train(cfg: TrainConfig) -> Path:
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type),
     )
     clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
+    if info.is_main:
+        # Written once the run has started: a launch that fails earlier leaves no run folder behind.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
 
     chunked = _uses_chunked_loss(cfg, engine)
-    state = TrainerState(
-        data_fingerprint=_fingerprint_data(train_samples, plan), model_fingerprint=_fingerprint_model(cfg)
-    )
-    if cfg.resume_from_checkpoint:
-        _resume(cfg, engine, state, output_dir)
+    if resume_from is not None:
+        _resume(cfg, engine, state, resume_from)
         clock.phase("resume")
     logger.info(
         "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks; "
@@ -200,8 +214,17 @@ class StartupClock:
         self.last = now
 
 
-def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, output_dir: Path) -> None:
-    """Continue from a committed checkpoint; anything that makes it the wrong one is refused before loading."""
+def _remove_earlier_run(output_dir: Path) -> None:
+    """`overwrite_output_dir`: the earlier run in output_dir goes before anything of this one is written."""
+    removed = remove_run(output_dir)
+    if removed:
+        logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), output_dir)
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, state: TrainerState, output_dir: Path) -> Path:
+    """The committed checkpoint to continue from, checked before anything is built: it must exist and verify
+    (every file against its manifest's hash, the ranks sharing the work, unless `verify_checkpoint_hashes` is
+    off), have been saved by as many ranks, and train the same model on the same data in the same order."""
     try:
         ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
     except CheckpointError as err:
@@ -216,8 +239,23 @@ def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, output_dir: Path
                 f"cannot resume from {ckpt}: the {what} differs from the checkpoint's "
                 f"({saved[key]} there, {getattr(state, key)} now); start a new run in another output_dir"
             )
+    if cfg.verify_checkpoint_hashes:
+        try:
+            seconds = verify_hashes_on_ranks(ckpt)
+        except CheckpointError as err:
+            raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
+        gigabytes = checkpoint_bytes(ckpt) / 1e9
+        logger.info(
+            "every file of %s matches its manifest's hash: %.2f GB in %.1f s on %d ranks (%.2f s/GB of checkpoint)",
+            ckpt, gigabytes, seconds, dist.get_world_size(), seconds / max(gigabytes, 1e-9),
+        )
+    return ckpt
+
+
+def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, ckpt: Path) -> None:
+    """Load the engine, data position and RNG states of a checkpoint `_checkpoint_to_resume` accepted."""
     try:
-        load_checkpoint(engine, ckpt, trained_only=is_lora_model(engine.module))
+        saved = load_checkpoint(engine, ckpt, trained_only=is_lora_model(engine.module))
     except CheckpointError as err:
         raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     state.load_state_dict(saved)
@@ -476,14 +514,14 @@ def _write_extra(cfg: TrainConfig, tokenizer: Any, model: Any, folder: Path) -> 
     """What export and inspection need beside the engine state: the merged config, the tokenizer with its
     chat template, the model's transformers config (vocabulary size after the resize included) and, for a
     LoRA run, the adapter's peft config with the base it applies to."""
-    (folder / CONFIG_FILE_NAME).write_text(to_yaml(cfg))
-    tokenizer.save_pretrained(folder / "tokenizer")
-    model.config.save_pretrained(folder / "model_config")
-    model.generation_config.save_pretrained(folder / "model_config")
+    (folder / RUN_CONFIG).write_text(to_yaml(cfg))
+    tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+    model.config.save_pretrained(folder / MODEL_CONFIG_DIR)
+    model.generation_config.save_pretrained(folder / MODEL_CONFIG_DIR)
     if is_lora_model(model):
         adapter = model.peft_config[ADAPTER_NAME]
         adapter.base_model_name_or_path = base_model_reference(cfg, Path(cfg.output_dir))
-        adapter.save_pretrained(folder / ADAPTER_CONFIG_DIR)
+        adapter.save_pretrained(folder / ADAPTER_DIR)
 
 
 def _generate_samples(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,17 @@ def test_killed_run_resumes_exactly(tmp_path: Path, zero2_run: Path) -> None:
                                             adam_states(zero2_run / "checkpoint-000008"), strict=True):
         assert resumed_rank.keys() == reference_rank.keys() == {"exp_avg", "exp_avg_sq", "step"}
         assert all(torch.equal(resumed_rank[k], reference_rank[k]) for k in resumed_rank)
+
+
+def test_overwrite_output_dir_replaces_an_earlier_run_and_nothing_else(zero2_run: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(zero2_run, tmp_path / "run"))
+    (run / "notes.txt").write_text("the user's own file")
+    result = check_ok(run_deepspeed([*TINY, f"output_dir={run}", "max_steps=2", "save_steps=2", "logging_steps=1",
+                                     "overwrite_output_dir=true"]))
+    assert "overwrite_output_dir: removed the earlier run's checkpoint-000004, checkpoint-000008" in result.stdout
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000002"]
+    assert sorted(step_losses(run)) == [1, 2]
+    assert (run / "notes.txt").read_text() == "the user's own file"
 
 
 def test_resume_refuses_other_data_and_other_world_size(zero2_run: Path, tmp_path: Path) -> None:
