@@ -190,6 +190,7 @@ def train(cfg: TrainConfig) -> Path:
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
         _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info, chunked, clock)
+        metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
         if cfg.generate_samples or cfg.generate_val_samples:
             _generate_samples(cfg, engine, tokenizer, data.val, state, metrics, info)
     finally:
