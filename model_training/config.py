@@ -54,7 +54,7 @@ class DatasetConfig:
     input_file_path: str = ""
     """A file (relative paths resolve against `data_dir`), a `datasets` save_to_disk folder, or a hub id."""
     val_split: float = 0.05
-    """Fraction held out for validation (by message tree for OASST sources, by record otherwise)."""
+    """Fraction held out for validation (OASST: by message tree, as the OpenAssistant trainer; others: by record)."""
     manual_seed: int = 287631038922
     """Seed of the train/validation split (the OpenAssistant trainer's value, so splits match its runs)."""
     skip_invalid: bool = False
