@@ -1,9 +1,10 @@
 """The datasets a config names: loaded, split, deduplicated, filtered and tokenized into formatted samples.
 
 For each entry of `datasets` + `datasets_extra`, in config order:
-  1. load its records (model_training/data/oasst.py for `oasst_export`, model_training/data/sources.py for
-     the others) and split them into train and validation with `manual_seed` (OASST by message tree, as the
-     OpenAssistant trainer splits; the others by record);
+  1. find its input (`data_path`: a relative path in `cache_dir`, then in `data_dir`), load its records
+     (model_training/data/oasst.py for `oasst_export`, model_training/data/sources.py for the others) and split
+     them into train and validation with `manual_seed` (OASST by message tree, as the OpenAssistant trainer
+     splits; the others by record);
   2. drop exact duplicates of conversations seen earlier, in this or an earlier dataset (`dedupe`), and
      records in other languages (`lang`, where the source gives one);
   3. format each conversation (model_training/data/formatting.py) or cut each text into pieces, drop samples
@@ -34,7 +35,7 @@ from model_training.data.formatting import FormattedSample, format_conversation,
 from model_training.data.oasst import load_oasst_export
 from model_training.data.selection import held_out_groups, parse_languages, split_like_openassistant
 from model_training.data.sources import LOADERS as SOURCE_LOADERS
-from model_training.data.sources import Conversation, TextDocument, load_oasst1_trees
+from model_training.data.sources import Conversation, TextDocument, is_hub_dataset, load_oasst1_trees
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,30 @@ class PreparedData:
     """Per dataset: read from the tokenized-data cache rather than prepared."""
 
 
-def data_path(cfg: TrainConfig, path: str) -> str:
-    """A dataset source: an absolute path stays; a relative one resolves against `data_dir` when it exists
-    there, and is otherwise left as it is (a hub id such as OpenAssistant/oasst1)."""
+def dataset_folders(cfg: TrainConfig) -> list[Path]:
+    """Where a relative `input_file_path` is looked up, in order: `cache_dir`, where the OpenAssistant trainer
+    reads its datasets (so its published commands find their files), then `data_dir`."""
+    folders = [Path(cfg.cache_dir).expanduser().absolute()] if cfg.cache_dir else []
+    return [*folders, resolve_input_path(cfg.data_dir)]
+
+
+def data_path(cfg: TrainConfig, name: str, path: str, config_key: str) -> str:
+    """A dataset's source: an absolute path stays; a relative one becomes the first of it under `dataset_folders`
+    that exists, or stays as it is when it is a hub id (never for `oasst_export`, which reads files only).
+    ConfigError otherwise, naming every place tried and `config_key`."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return str(p)
-    local = resolve_input_path(cfg.data_dir) / p
-    return str(local) if local.exists() or p.suffix else path
+    folders = dataset_folders(cfg)
+    tried = [folder / p for folder in folders]
+    found = next((candidate for candidate in tried if candidate.exists()), None)
+    if found is not None:
+        return str(found)
+    if name != "oasst_export" and all(is_hub_dataset(path, folder) for folder in folders):
+        return path
+    places = " or ".join(str(candidate) for candidate in tried)
+    raise ConfigError(f"dataset file {path!r} (set by {config_key}) not found: tried {places}; a relative path is "
+                      "looked up in cache_dir (when set), then in data_dir")
 
 
 def _load_oasst_export(
@@ -248,7 +265,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
     for index, (name, options) in enumerate(specs):
         key = f"datasets[{index}].{name}"
         display = name if sum(n == name for n, _ in specs) == 1 else f"{name}[{index}]"
-        source = data_path(cfg, options.input_file_path)
+        source = data_path(cfg, name, options.input_file_path, f"{key}.input_file_path")
         prepared, cache_key = None, None
         if cache is not None and described is not None:
             entry = describe_dataset(name, options, source)

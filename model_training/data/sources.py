@@ -344,7 +344,7 @@ def _read(source: str | Path, split: str, cache_dir: str | Path | None, config_k
         return _Table(source, loaded, "row")
     origin = f" (set by {config_key})" if config_key else ""
     if not path.exists():
-        if _is_hub_id(source):
+        if is_hub_dataset(source):
             return _Table(source, _read_hub(str(source), split, cache_dir, origin), "row")
         raise FileNotFoundError(f"dataset file not found: {path}{origin}")
     builder = _BUILDERS.get(_suffix(path))
@@ -399,12 +399,14 @@ def _read_hub(source: str, split: str, cache_dir: str | Path | None, origin: str
         ) from None
 
 
-def _is_hub_id(source: str | Path) -> bool:
-    """Datasets on the hub are `owner/name` here, and a name with a file suffix is a missing file."""
+def is_hub_dataset(source: str | Path, root: Path | None = None) -> bool:
+    """Whether `source` names a hub dataset rather than a local path: `owner/name` whose owner is no file or
+    folder in `root` (default: the working directory), without a data file's suffix (a name with one is a
+    missing file)."""
     return (
         isinstance(source, str)
         and "/" in source
-        and is_hub_id(source, Path())
+        and is_hub_id(source, root or Path())
         and not any(source.endswith(suffix) for suffix in _BUILDERS)
     )
 
