@@ -7,8 +7,9 @@ the command line's `key=value` overrides. Every user mistake becomes a `ConfigEr
 key, where it came from and the closest valid name; the CLI turns it into exit status 2, never a traceback.
 
 Paths: inputs (the DeepSpeed config, `data_dir`, a local tokenizer or model folder) given relative resolve
-against the project root, so a run does not depend on the working directory; dataset files resolve against
-`data_dir`. Outputs (`output_dir`, `log_dir`) are relative to the working directory, as users expect.
+against the project root, so a run does not depend on the working directory; a relative dataset file is looked
+up in `cache_dir` (when set, as the OpenAssistant trainer reads its datasets there), then in `data_dir`. Outputs
+(`output_dir`, `log_dir`) and `cache_dir` are relative to the working directory, as users expect.
 
 `model_name` and `tokenizer_name` are hub ids when they have a hub id's form, `name` or `owner/name`, and
 are local folders otherwise: anything that starts with `/`, `.` or `~`, ends with `/` or has a second `/`,
@@ -52,9 +53,10 @@ class DatasetConfig:
     """Options every source takes: the split, how much of it an epoch draws, and filters."""
 
     input_file_path: str = ""
-    """A file (relative paths resolve against `data_dir`), a `datasets` save_to_disk folder, or a hub id."""
+    """A file (a relative path is looked up in `cache_dir`, then in `data_dir`), a `datasets` save_to_disk
+    folder, or a hub id."""
     val_split: float = 0.05
-    """Fraction held out for validation (by message tree for OASST sources, by record otherwise)."""
+    """Fraction held out for validation (OASST: by message tree, as the OpenAssistant trainer; others: by record)."""
     manual_seed: int = 287631038922
     """Seed of the train/validation split (the OpenAssistant trainer's value, so splits match its runs)."""
     skip_invalid: bool = False
@@ -78,7 +80,7 @@ class OasstExportConfig(DatasetConfig):
     """An OpenAssistant export: message trees (or the flat `oasst1` rows) in `.jsonl`, `.jsonl.gz` or `.parquet`."""
 
     input_file_path: str = "oasst_sample.jsonl.gz"
-    """The export file; a relative path resolves against `data_dir`."""
+    """The export file; a relative path is looked up in `cache_dir`, then in `data_dir`."""
     lang: str = "en"
     """Comma-separated languages of the prompts to keep, e.g. "en,de"."""
     top_k: int | None = None
@@ -206,7 +208,8 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub; off, because Falcon, LLaMA and GPT-NeoX are in transformers."""
     cache_dir: str | None = None
-    """Hugging Face cache folder for downloaded models; null: the library's default."""
+    """Hugging Face cache folder for downloaded models; null: the library's default. Also the first folder relative
+    dataset paths are looked up in, as in the OpenAssistant trainer."""
     residual_dropout: float = 0.0
     """Dropout on the output of each attention and MLP sublayer before the residual add."""
     residual_dropout_lima: bool = False
@@ -229,7 +232,7 @@ class TrainConfig:
     datasets_extra: list[Any] = field(default_factory=list)
     """Appended to `datasets`, so the command line can add a source without repeating a section's list."""
     data_dir: str = "data"
-    """Folder that relative dataset paths resolve against; itself relative to the project root."""
+    """Folder relative dataset paths are looked up in (after `cache_dir`); itself relative to the project root."""
     max_length: int = 2048
     """Longest sample in tokens; longer conversations are cut (see model_training/data/formatting.py)."""
     chat_format: str = "openassistant"

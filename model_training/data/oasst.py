@@ -19,10 +19,12 @@ the other trees are not kept.
 Trees in other languages than `lang` are built like kept trees but only their threads are counted (the
 `other_language` count of `--show_dataset_stats`, in threads like the count of every other source).
 
-Train/validation split: trees, never threads, are split. The ids of the trees that yield at least one
-thread are sorted, shuffled with `random.Random(manual_seed)`, and the first `round(n * val_split)` of them
-form the validation set. The split is thus a pure function of the seed and the set of trees, whatever the
-order of the file. Threads keep file order within each side.
+Train/validation split: trees, never threads, are split, as the OpenAssistant trainer splits them
+(`split_like_openassistant` in model_training/data/selection.py): the list of every tree that passes the tree
+filter, in file order (for flat rows: the order in which the trees first appear), trees that yield no thread
+included, is drawn from by torch's `random_split` with a generator seeded with `manual_seed`. The same export,
+`lang`, `val_split` and `manual_seed` thus give the same validation trees as its runs; reordering the file
+changes them. Threads keep file order within each side.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model_training.data.selection import held_out_groups, parse_languages
+from model_training.data.selection import parse_languages, split_like_openassistant
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,8 @@ def load_oasst_export(
     With `skip_invalid`, malformed lines are skipped and counted instead of raising OasstFormatError (in the
     flat form the whole tree of a malformed row is dropped). When `stats` is given, it is filled with
     `records`, `skipped_lines`, `other_language` (threads of trees that pass every filter but the language),
-    `train_trees`, `val_trees`, `train_threads` and `val_threads`.
+    `train_trees`, `val_trees` (the trees in `lang` that pass the tree filter, those without threads included),
+    `train_threads` and `val_threads`.
     `config_key` names the setting the path came from, for the message of a missing file.
     """
     if mode != "sft":
@@ -131,16 +134,16 @@ def load_oasst_export(
     counts = {"records": 0, "skipped_lines": 0, "other_language": 0}
     unit = "row" if path.suffix == ".parquet" else "line"
     trees = _read_trees(_records(path), path, unit, parse_languages(lang), skip_invalid, counts)
-    threads_by_tree = _threads_by_tree(trees, top_k, counts)
+    threads_per_tree = [threads for _, threads in _tree_threads(trees, top_k, counts)]
     if counts["skipped_lines"]:
         logger.warning("skipped %d invalid line(s) in OASST export %s", counts["skipped_lines"], path)
-    val_trees = held_out_groups(threads_by_tree, val_split, manual_seed)
-    train = [t for tree_id, threads in threads_by_tree.items() if tree_id not in val_trees for t in threads]
-    val = [t for tree_id, threads in threads_by_tree.items() if tree_id in val_trees for t in threads]
+    train_trees, val_trees = split_like_openassistant(threads_per_tree, val_split, manual_seed)
+    train = [thread for threads in train_trees for thread in threads]
+    val = [thread for threads in val_trees for thread in threads]
     if stats is not None:
         stats.update(
             counts,
-            train_trees=len(threads_by_tree) - len(val_trees),
+            train_trees=len(train_trees),
             val_trees=len(val_trees),
             train_threads=len(train),
             val_threads=len(val),
@@ -148,16 +151,18 @@ def load_oasst_export(
     return train, val
 
 
-def threads_from_rows(
+def trees_from_rows(
     rows: Iterable[dict],
     source: str | Path,
     lang: str = "en",
     top_k: int | None = None,
     skip_invalid: bool = False,
     stats: dict[str, int] | None = None,
-) -> list[tuple[str, Thread]]:
-    """(message tree id, thread) for flat `oasst1` rows (one message per row, as the `datasets` library yields
-    them), trees in row order, with the filters of `load_oasst_export` and no train/validation split.
+) -> list[tuple[str, list[Thread]]]:
+    """(message tree id, its threads) for flat `oasst1` rows (one message per row, as the `datasets` library
+    yields them), with the filters of `load_oasst_export` and no train/validation split: every tree in `lang`
+    that passes the tree filter, in the order the trees first appear in the rows, with no threads for a tree
+    that yields none (the list `split_like_openassistant` draws from).
 
     `source` names the rows in error messages, which count rows from 1. `stats` gets `records`, `skipped_lines`
     (the malformed rows skipped with `skip_invalid`; their whole tree is dropped) and `other_language`.
@@ -166,11 +171,10 @@ def threads_from_rows(
     counts = {"records": 0, "skipped_lines": 0, "other_language": 0}
     langs = parse_languages(lang)
     trees = _read_trees(enumerate(rows, start=1), source, "row", langs, skip_invalid, counts, _FlatTrees(langs))
-    threads_by_tree = _threads_by_tree(trees, top_k, counts)
-    pairs = [(tree_id, thread) for tree_id, threads in threads_by_tree.items() for thread in threads]
+    tree_threads = _tree_threads(trees, top_k, counts)
     if stats is not None:
         stats.update(counts)
-    return pairs
+    return tree_threads
 
 
 def _check_top_k(top_k: int | None) -> None:
@@ -178,17 +182,17 @@ def _check_top_k(top_k: int | None) -> None:
         raise ValueError(f"top_k must be at least 1 or None, got {top_k}")
 
 
-def _threads_by_tree(trees: Iterable[_Tree], top_k: int | None, counts: dict[str, int]) -> dict[str, list[Thread]]:
-    """Tree id -> its threads, for the trees in the asked languages that yield at least one, in tree order; the
-    threads of the other trees are counted in `counts["other_language"]`."""
-    threads_by_tree: dict[str, list[Thread]] = {}
+def _tree_threads(trees: Iterable[_Tree], top_k: int | None, counts: dict[str, int]) -> list[tuple[str, list[Thread]]]:
+    """(tree id, threads) for the trees in the asked languages, in tree order, those without threads included;
+    the threads of the other trees are counted in `counts["other_language"]`."""
+    kept = []
     for tree in trees:
         threads = list(_sft_threads(tree.root, top_k))
-        if not tree.in_language:
+        if tree.in_language:
+            kept.append((tree.tree_id, threads))
+        else:
             counts["other_language"] += len(threads)
-        elif threads:
-            threads_by_tree.setdefault(tree.tree_id, []).extend(threads)
-    return threads_by_tree
+    return kept
 
 
 def _read_trees(

@@ -1,9 +1,10 @@
 """The datasets a config names: loaded, split, deduplicated, filtered and tokenized into formatted samples.
 
 For each entry of `datasets` + `datasets_extra`, in config order:
-  1. load its records (model_training/data/oasst.py for `oasst_export`, model_training/data/sources.py for
-     the others) and split them into train and validation (by message tree for OASST, by record otherwise;
-     a pure function of `manual_seed`);
+  1. find its input (`data_path`: a relative path in `cache_dir`, then in `data_dir`), load its records
+     (model_training/data/oasst.py for `oasst_export`, model_training/data/sources.py for the others) and split
+     them into train and validation with `manual_seed` (OASST by message tree, as the OpenAssistant trainer
+     splits; the others by record);
   2. drop exact duplicates of conversations seen earlier, in this or an earlier dataset (`dedupe`), and
      records in other languages (`lang`, where the source gives one);
   3. format each conversation (model_training/data/formatting.py) or cut each text into pieces, drop samples
@@ -32,9 +33,9 @@ from model_training.data.cache import TokenizedCache, arrays_to_samples, describ
 from model_training.data.chat_formats import DEFAULT_CHAT_FORMAT
 from model_training.data.formatting import FormattedSample, format_conversation, format_text, truncate
 from model_training.data.oasst import load_oasst_export
-from model_training.data.selection import held_out_groups, parse_languages
+from model_training.data.selection import held_out_groups, parse_languages, split_like_openassistant
 from model_training.data.sources import LOADERS as SOURCE_LOADERS
-from model_training.data.sources import Conversation, TextDocument
+from model_training.data.sources import Conversation, TextDocument, is_hub_dataset, load_oasst1_trees
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,30 @@ class PreparedData:
     """Per dataset: read from the tokenized-data cache rather than prepared."""
 
 
-def data_path(cfg: TrainConfig, path: str) -> str:
-    """A dataset source: an absolute path stays; a relative one resolves against `data_dir` when it exists
-    there, and is otherwise left as it is (a hub id such as OpenAssistant/oasst1)."""
+def dataset_folders(cfg: TrainConfig) -> list[Path]:
+    """Where a relative `input_file_path` is looked up, in order: `cache_dir`, where the OpenAssistant trainer
+    reads its datasets (so its published commands find their files), then `data_dir`."""
+    folders = [Path(cfg.cache_dir).expanduser().absolute()] if cfg.cache_dir else []
+    return [*folders, resolve_input_path(cfg.data_dir)]
+
+
+def data_path(cfg: TrainConfig, name: str, path: str, config_key: str) -> str:
+    """A dataset's source: an absolute path stays; a relative one becomes the first of it under `dataset_folders`
+    that exists, or stays as it is when it is a hub id (never for `oasst_export`, which reads files only).
+    ConfigError otherwise, naming every place tried and `config_key`."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return str(p)
-    local = resolve_input_path(cfg.data_dir) / p
-    return str(local) if local.exists() or p.suffix else path
+    folders = dataset_folders(cfg)
+    tried = [folder / p for folder in folders]
+    found = next((candidate for candidate in tried if candidate.exists()), None)
+    if found is not None:
+        return str(found)
+    if name != "oasst_export" and all(is_hub_dataset(path, folder) for folder in folders):
+        return path
+    places = " or ".join(str(candidate) for candidate in tried)
+    raise ConfigError(f"dataset file {path!r} (set by {config_key}) not found: tried {places}; a relative path is "
+                      "looked up in cache_dir (when set), then in data_dir")
 
 
 def _load_oasst_export(
@@ -108,28 +125,40 @@ def _load_oasst_export(
     return [Conversation(messages=tuple(t)) for t in train], [Conversation(messages=tuple(t)) for t in val]
 
 
+def _load_oasst1(options: Any, source: str, key: str, report: FilterReport) -> tuple[list[Record], list[Record]]:
+    stats: dict[str, int] = {}
+    trees = load_oasst1_trees(
+        source,
+        lang=options.lang,
+        top_k=options.top_k,
+        skip_invalid=options.skip_invalid,
+        config_key=f"{key}.input_file_path",
+        stats=stats,
+    )
+    report.add_other_language(stats["other_language"])
+    train, val = split_like_openassistant(trees, options.val_split, options.manual_seed)
+    return [c for tree in train for c in tree], [c for tree in val for c in tree]
+
+
 Loader = Callable[[Any, str, str, FilterReport], tuple[list[Record], list[Record]]]
 
 
 def _load_source(name: str) -> Loader:
     def load(options: Any, source: str, key: str, report: FilterReport) -> tuple[list[Record], list[Record]]:
-        extra = {"lang": options.lang, "top_k": options.top_k} if name == "oasst1" else {}
-        stats: dict[str, int] = {}
-        records = SOURCE_LOADERS[name](
-            source, skip_invalid=options.skip_invalid, config_key=f"{key}.input_file_path", stats=stats, **extra
-        )
-        report.add_other_language(stats.get("other_language", 0))
+        records = SOURCE_LOADERS[name](source, skip_invalid=options.skip_invalid, config_key=f"{key}.input_file_path")
         return split_records(records, options.val_split, options.manual_seed)
 
     return load
 
 
 LOADERS: dict[str, Loader] = {
-    "oasst_export": _load_oasst_export,
     **{name: _load_source(name) for name in SOURCE_LOADERS},
+    "oasst_export": _load_oasst_export,
+    "oasst1": _load_oasst1,
 }
 """Dataset name -> loader returning (train, val) records (and counting in the report what it filtered itself);
-every name in DATASET_CONFIGS has one."""
+every name in DATASET_CONFIGS has one. The OASST sources split as the OpenAssistant trainer does, the others by
+`split_records`."""
 
 
 def split_records(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -236,7 +265,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
     for index, (name, options) in enumerate(specs):
         key = f"datasets[{index}].{name}"
         display = name if sum(n == name for n, _ in specs) == 1 else f"{name}[{index}]"
-        source = data_path(cfg, options.input_file_path)
+        source = data_path(cfg, name, options.input_file_path, f"{key}.input_file_path")
         prepared, cache_key = None, None
         if cache is not None and described is not None:
             entry = describe_dataset(name, options, source)

@@ -14,8 +14,8 @@ All of them are read through the `datasets` library. Local files are converted i
 is deleted after the load (unless `cache_dir` is given), so nothing lands in the repository or in the
 user's home; hub downloads use `cache_dir` or the library's usual cache, since they are worth keeping.
 
-Records come back in source order, with no split and no shuffle: the caller splits (by `Conversation.group`
-when it is set, so that one OASST message tree stays on one side). A malformed record raises
+Records come back in source order, with no split and no shuffle: the caller splits (the OASST rows come as one
+list per message tree, so that a tree stays on one side). A malformed record raises
 DatasetFormatError naming the source, the record (1-based line of a JSON Lines or text file, record of a JSON
 array, row of a parquet file, saved folder or hub dataset) and what is wrong. With `skip_invalid` such
 records are skipped instead, counted, and reported in one warning. A file that the library cannot parse
@@ -49,7 +49,7 @@ from model_training.data.oasst import (
     invalid_json,
     json_line,
     text_lines,
-    threads_from_rows,
+    trees_from_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class _Turn:
     where: str  # the turn in the source's terms, for messages: "turn 2 (Assistant)", "field 'response'"
 
 
-def load_oasst1(
+def load_oasst1_trees(
     source: str | Path,
     *,
     lang: str = "en",
@@ -143,34 +143,43 @@ def load_oasst1(
     skip_invalid: bool = False,
     stats: dict[str, int] | None = None,
     config_key: str | None = None,
-    split: str = "train",
+    split: str = "train+validation",
     cache_dir: str | Path | None = None,
-) -> list[Conversation]:
-    """The released flat OASST dataset ("OpenAssistant/oasst1"): one message per row.
+) -> list[list[Conversation]]:
+    """The released flat OASST dataset ("OpenAssistant/oasst1"): one message per row, read as message trees.
 
     Fields: `message_id`, `text`, `role` ("prompter" | "assistant") and `message_tree_id` are required;
     `parent_id`, `lang`, `review_result`, `deleted`, `synthetic`, `rank`, `labels` and `tree_state` are
     read when present (null otherwise); the rest (`user_id`, `emojis`, `detoxify`, ...) is ignored. A parent
     row must come before its children. Trees and threads are filtered exactly as `load_oasst_export` does
-    (ready trees, reviewed prompts in `lang`, no deleted or synthetic messages, `top_k`); one Conversation per
-    thread, with `group` = the message tree id and `lang` = the prompt's language. A malformed row drops its
-    whole tree under `skip_invalid`.
+    (ready trees, reviewed prompts in `lang`, no deleted or synthetic messages, `top_k`). One list per tree
+    that passes the tree filter, in the order the trees first appear in the rows, holding one Conversation per
+    thread (`group` = the message tree id, `lang` = the prompt's language; none for a tree without threads):
+    the list OpenAssistant splits. A malformed row drops its whole tree under `skip_invalid`.
+
+    `split` may join splits with "+": the OpenAssistant trainer reads the hub dataset's "train+validation".
     """
     table = _read(source, split, cache_dir, config_key)
     counts: dict[str, int] = {}
     try:
-        pairs = threads_from_rows(table.rows, table.source, lang, top_k, skip_invalid, counts)
+        tree_threads = trees_from_rows(table.rows, table.source, lang, top_k, skip_invalid, counts)
     except OasstFormatError as error:
         raise table.error(error.line, error.reason) from None
     if counts["skipped_lines"]:
         logger.warning("skipped %d invalid row(s) in %s", counts["skipped_lines"], table.source)
-    conversations = [
-        Conversation(messages=tuple(thread), lang=thread[0].lang, group=tree_id) for tree_id, thread in pairs
+    trees = [
+        [Conversation(messages=tuple(thread), lang=thread[0].lang, group=tree_id) for thread in threads]
+        for tree_id, threads in tree_threads
     ]
     if stats is not None:
-        stats.update(records=counts["records"], skipped_invalid=counts["skipped_lines"], kept=len(conversations),
-                     other_language=counts["other_language"])
-    return conversations
+        stats.update(records=counts["records"], skipped_invalid=counts["skipped_lines"],
+                     kept=sum(map(len, trees)), other_language=counts["other_language"])
+    return trees
+
+
+def load_oasst1(source: str | Path, **options: Any) -> list[Conversation]:
+    """The conversations of `load_oasst1_trees` (which takes the same options), tree after tree."""
+    return [conversation for tree in load_oasst1_trees(source, **options) for conversation in tree]
 
 
 def load_dolly15k(
@@ -331,13 +340,11 @@ def _read(source: str | Path, split: str, cache_dir: str | Path | None, config_k
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{path} has no split {split!r}; its splits are {', '.join(loaded)}")
-            loaded = loaded[split]
+            loaded = _joined_splits(loaded, split, path)
         return _Table(source, loaded, "row")
     origin = f" (set by {config_key})" if config_key else ""
     if not path.exists():
-        if _is_hub_id(source):
+        if is_hub_dataset(source):
             return _Table(source, _read_hub(str(source), split, cache_dir, origin), "row")
         raise FileNotFoundError(f"dataset file not found: {path}{origin}")
     builder = _BUILDERS.get(_suffix(path))
@@ -362,6 +369,17 @@ def _read(source: str | Path, split: str, cache_dir: str | Path | None, config_k
     return _Table(source, rows, "line", json_lines=path)
 
 
+def _joined_splits(loaded: Any, split: str, path: Path) -> Any:
+    """The rows of `split` ("train", or "train+validation" as the hub reads it) of a saved DatasetDict."""
+    import datasets
+
+    names = split.split("+")
+    missing = [name for name in names if name not in loaded]
+    if missing:
+        raise ValueError(f"{path} has no split {missing[0]!r}; its splits are {', '.join(loaded)}")
+    return datasets.concatenate_datasets([loaded[name] for name in names])
+
+
 def _suffix(path: Path) -> str:
     suffixes = path.suffixes
     return "".join(suffixes[-2:]) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
@@ -381,12 +399,14 @@ def _read_hub(source: str, split: str, cache_dir: str | Path | None, origin: str
         ) from None
 
 
-def _is_hub_id(source: str | Path) -> bool:
-    """Datasets on the hub are `owner/name` here, and a name with a file suffix is a missing file."""
+def is_hub_dataset(source: str | Path, root: Path | None = None) -> bool:
+    """Whether `source` names a hub dataset rather than a local path: `owner/name` whose owner is no file or
+    folder in `root` (default: the working directory), without a data file's suffix (a name with one is a
+    missing file)."""
     return (
         isinstance(source, str)
         and "/" in source
-        and is_hub_id(source, Path())
+        and is_hub_id(source, root or Path())
         and not any(source.endswith(suffix) for suffix in _BUILDERS)
     )
 
