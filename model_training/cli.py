@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from model_training.config import (
-    DEFAULT_CONFIG_FILE,
     ConfigError,
     TrainConfig,
     closest_name,
@@ -39,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--configs", nargs="+", default=["defaults"], help="config sections to merge, in order")
-    parser.add_argument("--config_file", type=Path, default=DEFAULT_CONFIG_FILE, help="YAML file of sections")
+    parser.add_argument("--config_file", type=Path, default=None,
+                        help="a YAML file of sections to read instead of every configs/*.yaml")
     parser.add_argument("--show_config", action="store_true", help="print the merged config as YAML and exit")
     # The flags users of the OpenAssistant trainer know; each one is a config key.
     parser.add_argument("--deepspeed", action="store_true", default=None, help="accepted; always on")
@@ -178,7 +178,7 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
 
     data = prepare_data(cfg, load_tokenizer(cfg))
     draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
-    print(format_stats(data, [d.per_epoch for d in draws]))
+    print(format_stats(data, [d.per_epoch for d in draws], cfg.max_length, cfg.val_max_length or cfg.max_length))
     return 0
 
 

@@ -24,6 +24,7 @@ import difflib
 import functools
 import importlib.util
 import json
+import logging
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -33,10 +34,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from model_training import openassistant_keys
 from model_training.data.chat_formats import CHAT_FORMATS
 
+logger = logging.getLogger(__name__)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configs" / "config.yaml"
+CONFIG_DIR = PROJECT_ROOT / "configs"
+"""Every `*.yaml` file here contributes config sections."""
+DEFAULT_CONFIG_FILE = CONFIG_DIR / "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -216,6 +222,9 @@ class TrainConfig:
     """LIMA schedule: layer i of L drops with residual_dropout * i / (L - 1) instead of a flat rate."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    freeze_layer: int | None = None
+    """Freeze the input embeddings (and an output head tied to them) and the first this many decoder layers
+    (OpenAssistant's); null: train every layer."""
     gradient_checkpointing_layers: int | None = None
     """Selective checkpointing: recompute only the first this many decoder layers (faster, more memory); null: all."""
     torch_compile: bool = False
@@ -234,7 +243,21 @@ class TrainConfig:
     data_dir: str = "data"
     """Folder relative dataset paths are looked up in (after `cache_dir`); itself relative to the project root."""
     max_length: int = 2048
-    """Longest sample in tokens; longer conversations are cut (see model_training/data/formatting.py)."""
+    """Longest training sample in tokens; a longer conversation is cut to this (random_offset_probability)."""
+    val_max_length: int | None = None
+    """Longest validation sample in tokens; null: max_length."""
+    random_offset_probability: float = 0.8
+    """A conversation longer than the limit trains on a window at a random offset with this probability (drawn
+    anew each epoch, seeded), else on its first tokens; validation windows stay the same (OpenAssistant's 0.8)."""
+    label_masking: bool = True
+    """Loss on the assistant's replies only; false: on every token of the conversation."""
+    use_system_prefix: bool = False
+    """Put `system_prefix` before every sample as the chat format's system turn, without loss, outside the cut."""
+    system_prefix: str | None = None
+    """The system text `use_system_prefix` puts before every sample."""
+    sort_by_length: bool = False
+    """Order each epoch's draw by sample length (ties at random), shuffled within runs of 200 samples, as
+    OpenAssistant's sampler does: micro-batches of like lengths pad less when packing=false."""
     chat_format: str = "openassistant"
     """How conversations are written: openassistant (<|prompter|> tokens), human_bot (<human>: / <bot>:),
     falcon_instruct (User: / Assistant:) or falcon_chat (User: / Falcon:); see data/chat_formats.py."""
@@ -258,16 +281,18 @@ class TrainConfig:
     """AdamW beta1."""
     adam_beta2: float = 0.95
     """AdamW beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    lr_scheduler_type: str = "cosine"
-    """Decay after the warmup: cosine (to 10% of the peak), linear (to 0) or constant."""
+    adam_epsilon: float = 1e-12
+    """AdamW epsilon (OpenAssistant's)."""
+    max_grad_norm: float = 2.0
+    """Clip the global gradient norm to this value (OpenAssistant's 2.0); 0 disables clipping."""
+    lr_scheduler_type: str = "warmup_decay"
+    """warmup_decay: DeepSpeed's WarmupDecayLR as OpenAssistant ran it (log warmup, linear decay to 0); or a
+    linear warmup, then cosine (to 10% of the peak), linear (to 0) or constant (training/schedule.py)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `learning_rate`."""
-    num_train_epochs: int = 1
-    """Passes over the training data (ignored when `max_steps` is set)."""
+    num_train_epochs: float = 1
+    """Passes over the training data; a fraction trains that share of the first epoch's steps (ignored when
+    `max_steps` is set)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps instead of `num_train_epochs`."""
     per_device_train_batch_size: int = 1
@@ -280,6 +305,8 @@ class TrainConfig:
     # --- evaluation, checkpoints, logging ---
     eval_steps: int | None = None
     """Evaluate every this many optimizer steps (and always at the end); null: only at the end."""
+    eval_size: int | None = None
+    """Evaluate on the first this many samples of each validation set (OpenAssistant's); null: all of them."""
     save_strategy: str = "steps"
     """When to save checkpoints: steps (every `save_steps`), epoch, or no."""
     save_steps: int = 500
@@ -322,8 +349,8 @@ class TrainConfig:
     verify_checkpoint_hashes: bool = True
     """Before resuming, check every file of the checkpoint against the hash its manifest recorded (the ranks
     share the reading); false skips it, and a corrupted file would then be trained on."""
-    rng_seed: int = 42
-    """Seed of weight initialization, dropout and data order."""
+    rng_seed: int = 0xA1221F97
+    """Seed of weight initialization, dropout and data order (OpenAssistant's default, 0xa1221f97)."""
     max_nonfinite_steps: int = 3
     """Stop with an error after this many optimizer steps in a row with a non-finite loss (each is skipped)."""
 
@@ -334,7 +361,7 @@ _CHOICES = {
     "peft.type": (None, "lora"),
     "quantization.quant_type": ("nf4", "fp4"),
     "quantization.compute_dtype": ("bf16", "fp16", "fp32"),
-    "lr_scheduler_type": ("cosine", "linear", "constant"),
+    "lr_scheduler_type": ("warmup_decay", "cosine", "linear", "constant"),
     "save_strategy": ("steps", "epoch", "no"),
 }
 _POSITIVE = (
@@ -344,7 +371,6 @@ _POSITIVE = (
     "gradient_accumulation_steps",
     "save_steps",
     "logging_steps",
-    "num_train_epochs",
     "max_nonfinite_steps",
     "generate_max_new_tokens",
     "peft.r",
@@ -415,9 +441,24 @@ def read_sections(config_file: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {config_file}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{config_file} is not valid YAML: {err}") from None
+    if sections is None:
+        return {}
     if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
         raise ConfigError(f"{config_file} must be a mapping of section names to mappings of keys")
     return sections
+
+
+def read_config_folder(folder: Path = CONFIG_DIR) -> dict[str, tuple[dict[str, Any], Path]]:
+    """Every section of every `*.yaml` in `folder` (as the OpenAssistant trainer reads its configs/), with the
+    file it came from; a section defined in two files is an error that names both."""
+    found: dict[str, tuple[dict[str, Any], Path]] = {}
+    for config_file in sorted(folder.glob("*.yaml")):
+        for name, section in read_sections(config_file).items():
+            if name in found:
+                raise ConfigError(f"config section '{name}' is defined twice: in {_display_path(found[name][1])} "
+                                  f"and in {_display_path(config_file)}; rename one of them")
+            found[name] = (section, config_file)
+    return found
 
 
 def _display_path(path: Path) -> str:
@@ -458,23 +499,36 @@ def _nest(dotted_key: str, value: Any) -> dict[str, Any]:
 def load_config(
     section_names: list[str],
     overrides: list[tuple[str, Any]] | None = None,
-    config_file: Path = DEFAULT_CONFIG_FILE,
+    config_file: Path | None = None,
 ) -> TrainConfig:
-    """Merge the schema's defaults, the named sections in order, then the overrides, and validate."""
-    sections = read_sections(config_file)
-    shown = _display_path(config_file)
+    """Merge the schema's defaults, the named sections in order, then the overrides, and validate.
+
+    The sections come from every `configs/*.yaml`, or from `config_file` alone. OpenAssistant trainer keys the
+    schema lacks are read or dropped with one warning each (model_training/openassistant_keys.py).
+    """
+    if config_file is None:
+        sections = read_config_folder()
+    else:
+        sections = {name: (section, config_file) for name, section in read_sections(config_file).items()}
     merged = OmegaConf.structured(TrainConfig)
+    warnings: dict[str, str] = {}
     for name in section_names:
         if name not in sections:
+            shown = _display_path(config_file) if config_file else f"{_display_path(CONFIG_DIR)}/*.yaml"
             raise ConfigError(f"unknown config section '{name}' in {shown}{closest_name(name, list(sections))}")
-        where = f"in section '{name}' of {shown}"
-        merged = _merge(merged, sections[name], TrainConfig, where)
+        section, origin = sections[name]
+        where = f"in section '{name}' of {_display_path(origin)}"
+        section = openassistant_keys.translate(section, where, warnings)
+        merged = _merge(merged, section, TrainConfig, where)
         # Dataset options are checked here too, so that a mistake in them names the section and file.
         for key in ("datasets", "datasets_extra"):
-            if key in sections[name]:
-                _parse_dataset_entries(sections[name][key], key, f" {where}")
+            if key in section:
+                _parse_dataset_entries(section[key], key, f" {where}")
     for key, value in overrides or []:
-        merged = _merge(merged, _nest(key, value), TrainConfig, "on the command line")
+        override = openassistant_keys.translate(_nest(key, value), "on the command line", warnings)
+        merged = _merge(merged, override, TrainConfig, "on the command line")
+    for message in warnings.values():
+        logger.warning("%s", message)
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
@@ -492,6 +546,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.gradient_checkpointing_layers is not None and cfg.gradient_checkpointing_layers < 0:
         raise ConfigError(f"key 'gradient_checkpointing_layers' must be at least 0 or null, got "
                           f"{cfg.gradient_checkpointing_layers}")
+    _validate_openassistant_options(cfg)
     if cfg.generate_val_samples < 0:
         raise ConfigError(f"key 'generate_val_samples' must be at least 0, got {cfg.generate_val_samples}")
     _validate_peft(cfg)
@@ -606,6 +661,23 @@ def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"key 'deepspeed_config': {resolved} holds a JSON {type(ds).__name__}; expected an object "
                           "of DeepSpeed settings")
     return resolved, ds
+
+
+def _validate_openassistant_options(cfg: TrainConfig) -> None:
+    if cfg.num_train_epochs <= 0:
+        raise ConfigError(f"key 'num_train_epochs' must be positive, got {cfg.num_train_epochs}")
+    if not 0.0 <= cfg.random_offset_probability <= 1.0:
+        raise ConfigError(f"key 'random_offset_probability' must be in [0, 1], got {cfg.random_offset_probability}")
+    for key in ("val_max_length", "eval_size", "freeze_layer"):
+        value = getattr(cfg, key)
+        if value is not None and value < (0 if key == "freeze_layer" else 1):
+            raise ConfigError(f"key '{key}' must be {'at least 0' if key == 'freeze_layer' else 'positive'} or "
+                              f"null, got {value}")
+    if cfg.freeze_layer is not None and cfg.peft.type is not None:
+        raise ConfigError("key 'freeze_layer' freezes layers of a full fine-tuning; with peft.type=lora the whole "
+                          "base is frozen already: set freeze_layer=null")
+    if cfg.use_system_prefix and not cfg.system_prefix:
+        raise ConfigError("key 'use_system_prefix' is true but 'system_prefix' is empty; give the system text")
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

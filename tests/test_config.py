@@ -170,7 +170,7 @@ def test_none_default_keys_keep_their_type() -> None:
 def test_unknown_section_suggests_the_closest() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(["defaults", "falcon-7bb"])
-    assert str(err.value) == "unknown config section 'falcon-7bb' in configs/config.yaml; did you mean 'falcon-7b'?"
+    assert str(err.value) == "unknown config section 'falcon-7bb' in configs/*.yaml; did you mean 'falcon-7b'?"
 
 
 def test_unknown_key_in_a_section_names_section_file_and_suggestion(tmp_path: Path) -> None:

@@ -165,7 +165,9 @@ class TokenizedCache:
             "libraries": _library_versions(),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": cfg.max_length,
+            "val_max_length": cfg.val_max_length,
             "chat_format": cfg.chat_format,
+            "label_masking": cfg.label_masking,
             "dedupe": cfg.dedupe,
         }
 

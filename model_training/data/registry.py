@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from model_training.config import ConfigError, DatasetConfig, TrainConfig, dataset_specs, resolve_input_path
 from model_training.data.cache import TokenizedCache, arrays_to_samples, describe_dataset, samples_to_arrays
 from model_training.data.chat_formats import DEFAULT_CHAT_FORMAT
-from model_training.data.formatting import FormattedSample, format_conversation, format_text, truncate
+from model_training.data.formatting import FormattedSample, format_conversation, format_text, supervise_every_token
 from model_training.data.oasst import load_oasst_export
 from model_training.data.selection import held_out_groups, parse_languages, split_like_openassistant
 from model_training.data.sources import LOADERS as SOURCE_LOADERS
@@ -208,9 +208,12 @@ def tokenize_records(
     options: DatasetConfig | None = None,
     report: FilterReport | None = None,
     chat_format: str = DEFAULT_CHAT_FORMAT,
+    label_masking: bool = True,
 ) -> TokenizedSplit:
-    """Format records into samples in `chat_format`; length filters first (on the whole sample), then the
-    global cut."""
+    """Format records into whole samples in `chat_format` (plain text into pieces of `max_length` tokens);
+    the dataset's length filters apply to the whole sample. A conversation is cut to `max_length` only when a
+    batch is built (model_training/data/windows.py); here it counts as truncated when it is longer. A sample
+    without a supervised token cannot train and is dropped."""
     report = report or FilterReport(name)
     min_length = options.min_length if options else 0
     longest = options.max_length if options else None
@@ -220,18 +223,19 @@ def tokenize_records(
             pieces = format_text(record.text, tokenizer, max_length)
         else:
             pieces = [format_conversation(record.messages, tokenizer, None, record.system, chat_format)]
-        for full in pieces:
-            if len(full.input_ids) < min_length:
+        for sample in pieces:
+            if len(sample.input_ids) < min_length:
                 report.too_short += 1
                 continue
-            if longest is not None and len(full.input_ids) > longest:
+            if longest is not None and len(sample.input_ids) > longest:
                 report.too_long += 1
                 continue
-            sample = truncate(full, max_length)
-            if sample is None:
+            if not label_masking:
+                sample = supervise_every_token(sample)
+            if sample.num_supervised == 0:
                 dropped += 1
                 continue
-            truncated += sample.truncated
+            truncated += len(sample.input_ids) > max_length
             samples.append(sample)
     _warn_dropped(name, dropped)
     return TokenizedSplit(
@@ -325,8 +329,10 @@ def _prepare_dataset(
         raise ConfigError(str(err)) from None
     train, val = _keep(train, options, seen, report), _keep(val, options, seen, report)
     return _Prepared(
-        train=tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format),
-        val=tokenize_records(display, val, tokenizer, cfg.max_length, options, report, cfg.chat_format),
+        train=tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format,
+                               cfg.label_masking),
+        val=tokenize_records(display, val, tokenizer, cfg.val_max_length or cfg.max_length, options, report,
+                             cfg.chat_format, cfg.label_masking),
         report=report,
         dedupe_keys=[_dedupe_key(r) for r in train + val] if seen is not None else [],
     )
@@ -369,7 +375,7 @@ def _decode(display: str, arrays: dict[str, np.ndarray]) -> _Prepared:
 
 def _warn_dropped(name: str, dropped: int) -> None:
     if dropped:
-        logger.warning("%s: dropped %d conversations left with no supervised token by max_length", name, dropped)
+        logger.warning("%s: dropped %d samples without a supervised token", name, dropped)
 
 
 def _describe(options: Any) -> str:

@@ -120,6 +120,8 @@ def build_model(
         # Gathered under ZeRO-3 by transformers itself; new rows start near the mean of the old ones.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
     new_rows = range(rows_before, model.get_input_embeddings().num_embeddings)
+    if cfg.freeze_layer is not None:
+        _freeze_layers(model, cfg.freeze_layer, len(new_rows))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -132,7 +134,7 @@ def build_model(
         # Non-reentrant checkpointing also works when no input of a block requires grad (a frozen base).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.gradient_checkpointing_layers is not None:
-            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            layers = decoder_layers(model)
             for layer in layers[cfg.gradient_checkpointing_layers :]:
                 layer.gradient_checkpointing = False
             kept = min(len(layers), cfg.gradient_checkpointing_layers)
@@ -167,12 +169,35 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     and the model's own Python (hooks, packing, the loss) stays eager. Inside a layer the elementwise work
     around the matrix products (norms, rotary positions, activations, residual adds) fuses into few kernels.
     """
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     for layer in layers:
         # Dynamic from the start: a packed row's length changes every step, so static sizes would only cost a
         # first compilation that the second step throws away.
         layer.compile(backend=backend, dynamic=True)
     return len(layers)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, in order (transformers builds each as a GradientCheckpointingLayer)."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _freeze_layers(model: torch.nn.Module, count: int, new_rows: int) -> None:
+    """OpenAssistant's freeze_layer: the input embeddings (with an output head tied to them) and the first
+    `count` decoder layers stop training."""
+    if new_rows:
+        raise ConfigError(
+            f"freeze_layer freezes the input embeddings, but the {new_rows} rows the resize added for this "
+            "tokenizer (the chat format's tokens, the padding to a multiple of 16) would then never train; start "
+            "from a model whose vocabulary has them (an earlier SFT export), or set freeze_layer=null"
+        )
+    frozen = [*model.get_input_embeddings().parameters()]
+    for layer in decoder_layers(model)[:count]:
+        frozen += layer.parameters()
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    logger.info("freeze_layer: the embeddings and the first %d decoder layers are frozen (%d parameters)",
+                count, sum(p.numel() for p in frozen))
 
 
 def _training_device() -> torch.device:

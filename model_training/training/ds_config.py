@@ -2,7 +2,9 @@
 
 The SFT config is the one place for hyperparameters. In the JSON those keys are "auto" (filled here) or
 absent (added here); an explicit value that disagrees with the SFT config is an error, not a silent winner.
-The learning-rate schedule is ours (model_training/training/schedule.py), so a JSON `scheduler` is refused.
+The learning-rate schedule is the trainer's (model_training/training/schedule.py). A JSON `scheduler` is read
+only as the OpenAssistant trainer's configs/zero_config.json writes it, WarmupDecayLR, which is our
+`warmup_decay` schedule: its values must agree with the config's, and it is then taken out of the JSON.
 
 The optimizer: an Adam(W) that stays on the device is PyTorch's AdamW (`torch_adam`, fused on CUDA), not
 DeepSpeed's FusedAdam, whose CUDA op would be JIT-compiled at start (minutes, and it fails on some clusters'
@@ -25,16 +27,17 @@ AUTO = "auto"
 logger = logging.getLogger(__name__)
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, cuda: bool = False) -> dict[str, Any]:
+def build_deepspeed_config(
+    cfg: TrainConfig, world_size: int, cuda: bool = False, total_steps: int | None = None
+) -> dict[str, Any]:
     """The JSON of `cfg.deepspeed_config` with every SFT-owned value filled and checked against `cfg`.
 
-    `cuda`: the ranks train on GPUs, where PyTorch's AdamW runs fused.
+    `cuda`: the ranks train on GPUs, where PyTorch's AdamW runs fused. `total_steps`: the run's optimizer
+    steps, which an explicit `total_num_steps` of the JSON's scheduler must equal.
     """
     path, ds = read_deepspeed_json(cfg.deepspeed_config)
     if "scheduler" in ds:
-        raise ConfigError(
-            f"{path} has a 'scheduler' section; the schedule is set by 'lr_scheduler_type' and 'warmup_steps'"
-        )
+        _check_scheduler(ds.pop("scheduler"), cfg, total_steps, path)
     owned = {
         "bf16.enabled": cfg.dtype == "bf16",
         "fp16.enabled": cfg.dtype == "fp16",
@@ -55,6 +58,31 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, cuda: bool = False
     if cfg.dtype == "bf16":
         ds["bf16"].setdefault("check_grad_overflow", True)
     return ds
+
+
+def _check_scheduler(scheduler: Any, cfg: TrainConfig, total_steps: int | None, path: Path) -> None:
+    """A JSON scheduler must be the one `lr_scheduler_type=warmup_decay` runs, with the config's values."""
+    kind = scheduler.get("type") if isinstance(scheduler, dict) else None
+    if kind != "WarmupDecayLR":
+        raise ConfigError(
+            f"{path} has a scheduler of type {kind!r}; the schedule is set by 'lr_scheduler_type' and "
+            "'warmup_steps' (a JSON scheduler is read only as WarmupDecayLR, the OpenAssistant trainer's)"
+        )
+    if cfg.lr_scheduler_type != "warmup_decay":
+        raise ConfigError(
+            f"{path} schedules WarmupDecayLR but 'lr_scheduler_type' is '{cfg.lr_scheduler_type}'; set "
+            "lr_scheduler_type=warmup_decay, or remove the JSON's scheduler section"
+        )
+    expected = {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.learning_rate, "warmup_num_steps": cfg.warmup_steps,
+                "total_num_steps": total_steps, "warmup_type": "log"}
+    for key, value in (scheduler.get("params") or {}).items():
+        if key not in expected:
+            raise ConfigError(f"{path}: scheduler parameter '{key}' is not one of WarmupDecayLR's")
+        if value != AUTO and expected[key] is not None and not _same(value, expected[key]):
+            raise ConfigError(
+                f"{path} sets 'scheduler.params.{key}' to {value!r} but the training config gives "
+                f"{expected[key]!r}; set it to \"auto\" in the JSON and change the training config instead"
+            )
 
 
 def _choose_adam(ds: dict[str, Any], cuda: bool) -> None:

@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml
 from model_training.data.collate import collate, to_device
-from model_training.data.formatting import FormattedSample
-from model_training.data.registry import TokenizedSplit, prepare_data
+from model_training.data.formatting import FormattedSample, format_system_prefix
+from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
+from model_training.data.windows import EVALUATION, LengthRule
 from model_training.layout import (
     ADAPTER_DIR,
     BASE_MODEL_DIR,
@@ -103,10 +104,46 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _fingerprint_data(samples: list[FormattedSample], plan: StepPlan) -> str:
-    """The training samples and the plan that orders them: a resume must read the same data in the same order."""
-    digest = hashlib.sha256(repr((plan.sources, plan.samples_per_step, plan.seed)).encode())
-    for sample in samples:
+@dataclass(frozen=True)
+class RunData:
+    """What the loop reads: the training samples in one pool, the plan that orders them, how a sample is cut
+    to the length limit, and the validation sets with their own rule."""
+
+    samples: list[FormattedSample]
+    plan: StepPlan
+    train_rule: LengthRule
+    val: list[TokenizedSplit]
+    val_rule: LengthRule
+
+
+def _run_data(cfg: TrainConfig, tokenizer: Any, data: PreparedData, info: DistInfo) -> RunData:
+    samples = [s for split in data.train for s in split.samples]
+    prefix = format_system_prefix(cfg.system_prefix, tokenizer, cfg.chat_format) if cfg.use_system_prefix else None
+    try:
+        train_rule = LengthRule(cfg.max_length, cfg.random_offset_probability, cfg.rng_seed, prefix)
+        val_rule = LengthRule(cfg.val_max_length or cfg.max_length, cfg.random_offset_probability, cfg.rng_seed,
+                              prefix)
+    except ValueError as err:
+        raise ConfigError(f"key 'system_prefix': {err}") from None
+    plan = StepPlan(
+        sources=plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options),
+        world_size=info.world_size,
+        rank=info.rank,
+        micro_batch_size=cfg.per_device_train_batch_size,
+        accumulation_steps=cfg.gradient_accumulation_steps,
+        seed=cfg.rng_seed,
+        lengths=tuple(min(len(s.input_ids), cfg.max_length) for s in samples) if cfg.sort_by_length else None,
+    )
+    return RunData(samples, plan, train_rule, data.val, val_rule)
+
+
+def _fingerprint_data(data: RunData) -> str:
+    """The training samples, the plan that orders them and the rule that cuts them: a resume must read the same
+    data in the same order."""
+    plan = data.plan
+    digest = hashlib.sha256(repr((plan.sources, plan.samples_per_step, plan.seed, plan.lengths is not None,
+                                  data.train_rule.fingerprint())).encode())
+    for sample in data.samples:
         digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
         digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
@@ -138,27 +175,19 @@ def train(cfg: TrainConfig) -> Path:
 
     tokenizer = load_tokenizer(cfg)
     clock.phase("tokenizer")
-    data = prepare_data(cfg, tokenizer)
-    train_samples = [s for split in data.train for s in split.samples]
-    clock.phase("data", f"{sum(data.cached)} of {len(data.cached)} datasets from the tokenized cache")
-    plan = StepPlan(
-        sources=plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options),
-        world_size=info.world_size,
-        rank=info.rank,
-        micro_batch_size=cfg.per_device_train_batch_size,
-        accumulation_steps=cfg.gradient_accumulation_steps,
-        seed=cfg.rng_seed,
-    )
-    total_steps = cfg.max_steps or plan.steps_per_epoch * cfg.num_train_epochs
-    state = TrainerState(
-        data_fingerprint=_fingerprint_data(train_samples, plan), model_fingerprint=_fingerprint_model(cfg)
-    )
+    prepared = prepare_data(cfg, tokenizer)
+    clock.phase("data", f"{sum(prepared.cached)} of {len(prepared.cached)} datasets from the tokenized cache")
+    data = _run_data(cfg, tokenizer, prepared, info)
+    plan = data.plan
+    # A fraction of an epoch trains that share of the first epoch's steps (OpenAssistant's num_train_epochs: 0.2).
+    total_steps = cfg.max_steps or math.ceil(plan.steps_per_epoch * cfg.num_train_epochs)
+    state = TrainerState(data_fingerprint=_fingerprint_data(data), model_fingerprint=_fingerprint_model(cfg))
     # A resume that does not fit is refused before anything is built or written.
     resume_from = _checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
     if info.is_main and cfg.overwrite_output_dir:
         _remove_earlier_run(output_dir)
 
-    ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available())
+    ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available(), total_steps=total_steps)
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
     keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
     model = build_model(cfg, tokenizer, ds_config, output_dir / BASE_MODEL_DIR if keep_base and info.is_main else None)
@@ -183,13 +212,13 @@ def train(cfg: TrainConfig) -> Path:
     logger.info(
         "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks; "
         "%s micro-batches, loss from %s",
-        len(train_samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps, zero_stage(ds_config),
+        len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps, zero_stage(ds_config),
         info.world_size, "packed" if cfg.packing else "padded", "hidden states in chunks" if chunked else "logits",
     )
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
-        _loop(cfg, engine, tokenizer, plan, train_samples, data.val, state, total_steps, metrics, info, chunked, clock)
+        _loop(cfg, engine, tokenizer, data, state, total_steps, metrics, info, chunked, clock)
         metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
         if cfg.generate_samples or cfg.generate_val_samples:
             _generate_samples(cfg, engine, tokenizer, data.val, state, metrics, info)
@@ -284,9 +313,7 @@ def _loop(
     cfg: TrainConfig,
     engine: Any,
     tokenizer: Any,
-    plan: StepPlan,
-    samples: list[FormattedSample],
-    val_splits: list[TokenizedSplit],
+    data: RunData,
     state: TrainerState,
     total_steps: int,
     metrics: MetricsLogger,
@@ -297,6 +324,7 @@ def _loop(
     engine.train()
     device = engine.device
     pad_id = tokenizer.pad_token_id
+    plan = data.plan
     guard_updates = not _skips_nonfinite_updates(engine)
     progress = tqdm(total=total_steps, initial=state.optimizer_step, disable=not info.is_main, dynamic_ncols=True)
     order, order_epoch = None, -1
@@ -309,17 +337,21 @@ def _loop(
         epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
         if epoch != order_epoch:
             order, order_epoch = plan.epoch_order(epoch), epoch
-        # Every rank knows every sample, so the step's token counts need no communication.
-        step_samples = [samples[i] for i in plan.global_step_samples(order, step_in_epoch)]
-        step_supervised = sum(s.num_supervised for s in step_samples)
-        step_tokens = sum(len(s.input_ids) for s in step_samples)
+        # Every rank knows every sample and how it is cut this epoch, so the step's token counts need no
+        # communication.
+        step_samples = {i: data.train_rule.apply(data.samples[i], epoch, i)
+                        for i in plan.global_step_samples(order, step_in_epoch)}
+        # A step whose windows hold no supervised token at all has nothing to learn; 1 keeps the division finite.
+        step_supervised = max(1, sum(s.num_supervised for s in step_samples.values()))
+        step_tokens = sum(len(s.input_ids) for s in step_samples.values())
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro_batch in plan.micro_batches(order, step_in_epoch):
             data_start = time.perf_counter()
             # A short last step can leave this rank an empty micro-batch; it still runs one (ZeRO's forward
             # and backward are collective) whose loss weighs nothing.
-            inputs, labels = _device_batch([samples[i] for i in micro_batch or [0]], cfg.packing, pad_id, device)
+            batch = [step_samples[i] for i in micro_batch] or [data.train_rule.apply(data.samples[0], epoch, 0)]
+            inputs, labels = _device_batch(batch, cfg.packing, pad_id, device)
             window_data_time += time.perf_counter() - data_start
             micro_loss_sum = _token_sums(engine, inputs, labels, chunked)[0]
             if not micro_batch:
@@ -370,7 +402,7 @@ def _loop(
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
         if eval_now:
-            record.update(_evaluate(cfg, engine, pad_id, val_splits, info, chunked))
+            record.update(_evaluate(cfg, engine, pad_id, data, info, chunked))
             engine.train()
         if record:
             metrics.log({"step": step, **record})
@@ -548,25 +580,27 @@ def _generate_samples(
 
 @torch.no_grad()
 def _evaluate(
-    cfg: TrainConfig, engine: Any, pad_id: int, splits: list[TokenizedSplit], info: DistInfo, chunked: bool
+    cfg: TrainConfig, engine: Any, pad_id: int, data: RunData, info: DistInfo, chunked: bool
 ) -> dict[str, float]:
     """Loss and next-token accuracy on supervised tokens of each validation set, in a fixed order.
 
-    Rank r takes samples r, r + world, ...; every rank runs the same number of batches (a rank short of
-    samples runs one more batch and does not count it), since ZeRO-3 forwards are collective.
+    Each set is its first `eval_size` samples (all without it), each cut by the validation rule, alike at every
+    evaluation. Rank r takes samples r, r + world, ...; every rank runs the same number of batches (a rank
+    short of samples runs one more batch and does not count it), since ZeRO-3 forwards are collective.
     """
     engine.eval()
     results: dict[str, float] = {}
-    for split in splits:
-        if not split.samples:
+    for split in data.val:
+        samples = [data.val_rule.apply(s, EVALUATION, j) for j, s in enumerate(split.samples[: cfg.eval_size])]
+        if not samples:
             continue
-        mine = split.samples[info.rank :: info.world_size]
-        per_rank = math.ceil(len(split.samples) / info.world_size)
+        mine = samples[info.rank :: info.world_size]
+        per_rank = math.ceil(len(samples) / info.world_size)
         num_batches = math.ceil(per_rank / cfg.per_device_eval_batch_size)
         sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, correct, supervised tokens
         for b in range(num_batches):
             chunk = mine[b * cfg.per_device_eval_batch_size : (b + 1) * cfg.per_device_eval_batch_size]
-            inputs, labels = _device_batch(chunk or split.samples[:1], cfg.packing, pad_id, engine.device)
+            inputs, labels = _device_batch(chunk or samples[:1], cfg.packing, pad_id, engine.device)
             loss_sum, correct = _token_sums(engine, inputs, labels, chunked)
             if chunk:
                 supervised = torch.tensor(count_supervised(labels), dtype=torch.float64, device=engine.device)
