@@ -559,9 +559,48 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, trained_only: bool = False) -> 
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load tag {tag!r} from {ckpt_dir}")
+    # DeepSpeed's CPU Adam keeps part of its state outside the checkpoint (see there).
+    replay_cpu_adam_steps(engine.basic_optimizer)
     # Last, so that nothing the engine does while loading draws from the restored generators.
     _restore_rng_state(ckpt_dir, _rank())
     return trainer_state
+
+
+def replay_cpu_adam_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Bring DeepSpeed's C++ CPU Adam to the restored step the way an uninterrupted run got there.
+
+    DeepSpeedCPUAdam (the offloaded optimizer), and FusedAdam on the CPU accelerator, keep beta1^t and beta2^t
+    for the bias corrections inside the C++ op, outside the optimizer state that a checkpoint holds. A running
+    op multiplies them by beta once per step in float32; one that first runs at step t, as after a resume,
+    starts from pow(beta, t). The rounding the product gathers makes the two differ in the last bit (beta2 0.95:
+    0.3405615 against 0.34056154 at step 21), and where that bit survives into the float32 1/sqrt(1 - beta2^t),
+    an update changes: resumed at step 20, the tiny run's updates 34, 41, 59 and 63 differed. Running steps
+    1..t through the op (lr 0, a one-element scratch tensor, every group in the optimizer's own order) rebuilds
+    the products bit for bit, at one small call per step and group (about a second for 100k steps).
+    """
+    # Imported here: export reads checkpoints without paying for DeepSpeed's start-up.
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    param, grad, exp_avg, exp_avg_sq = (torch.zeros(1) for _ in range(4))
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        def run_step(step: int, group: dict) -> None:
+            optimizer.ds_opt_adam.adam_update(
+                optimizer.opt_id, step, 0.0, *group["betas"], group["eps"], 0.0, group["bias_correction"],
+                param, grad, exp_avg, exp_avg_sq,
+            )
+    elif isinstance(optimizer, FusedAdam) and get_accelerator().device_name() == "cpu":
+        def run_step(step: int, group: dict) -> None:
+            optimizer.multi_tensor_adam(
+                1, optimizer._dummy_overflow_buf, [[grad], [param], [exp_avg], [exp_avg_sq]], 0.0,
+                *group["betas"], group["eps"], step, optimizer.adam_w_mode, int(group["bias_correction"]), 0.0,
+            )
+    else:  # torch's optimizers and the CUDA kernels compute the corrections from the step alone
+        return
+    steps = max((int(state["step"]) for state in optimizer.state.values() if "step" in state), default=0)
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            run_step(step, group)
 
 
 # --- distributed helpers ----------------------------------------------------------------------------------

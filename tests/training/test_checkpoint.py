@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 import os
@@ -8,13 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import xxhash
+from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from helpers import cpu_env, free_port
 
 from model_training.training.checkpoint import (
     CheckpointError,
     NewestCheckpointUnusable,
     checkpoint_name,
+    replay_cpu_adam_steps,
     resolve_checkpoint,
     rotate_checkpoints,
     verify_checkpoint,
@@ -182,6 +187,47 @@ def test_rotation_never_deletes_the_only_or_the_pointed_checkpoint(tmp_path):
     make_checkpoint(tmp_path, 8)
     point_latest(tmp_path, 5)
     assert rotate_checkpoints(tmp_path, 1) == []
+
+
+# --- DeepSpeed's C++ CPU Adam after a load ----------------------------------------------------------------
+
+
+def cpu_adam(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return DeepSpeedCPUAdam(params, lr=3e-3, betas=(0.9, 0.95))
+
+
+def fused_adam_on_cpu(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("FusedAdam runs DeepSpeed's C++ CPU Adam only on the CPU accelerator")
+    return FusedAdam(params, lr=3e-3, betas=(0.9, 0.95))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_optimizer", [cpu_adam, fused_adam_on_cpu], ids=["DeepSpeedCPUAdam", "FusedAdam"])
+def test_cpu_adam_loaded_at_step_20_continues_bit_for_bit(make_optimizer):
+    """The C++ op keeps beta^t outside the state dict (see replay_cpu_adam_steps): without the replay, a fresh
+    optimizer given the state of step 20 updates differently at steps 34, 41, 59 and 63 of these 80."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(4096, generator=generator) * 0.02
+    grads = torch.randn(80, 4096, generator=generator) * 1e-3
+
+    def train(optimizer: torch.optim.Optimizer, param: torch.Tensor, steps: range) -> None:
+        for step in steps:
+            param.grad = grads[step].clone()
+            optimizer.step()
+
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = make_optimizer([reference])
+    train(optimizer, reference, range(20))
+    saved_state, saved_weights = copy.deepcopy(optimizer.state_dict()), reference.detach().clone()
+    train(optimizer, reference, range(20, 80))
+
+    resumed = torch.nn.Parameter(saved_weights)
+    optimizer = make_optimizer([resumed])
+    optimizer.load_state_dict(saved_state)
+    replay_cpu_adam_steps(optimizer)
+    train(optimizer, resumed, range(20, 80))
+    assert torch.equal(resumed, reference), f"{(resumed != reference).sum()} of 4096 weights differ"
 
 
 # --- real DeepSpeed runs: 2 CPU ranks ---------------------------------------------------------------------
