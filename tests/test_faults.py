@@ -8,7 +8,6 @@ under them is hashed before and after the command; a row needs nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY, cpu_env, run_deepspeed
+from helpers import REPO, TINY, cpu_env, run_deepspeed, snapshot
 
 TRAINER = REPO / "trainer_sft.py"
 EXPORTER = REPO / "export_model.py"
@@ -243,15 +242,6 @@ def run(command: list[str], ranks: int) -> tuple[int, str]:
         [sys.executable, script, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300
     )
     return result.returncode, result.stderr
-
-
-def snapshot(folders: list[Path]) -> dict[str, str]:
-    """Every file (its sha256) and folder under `folders`: a change, a deletion and a new file all show."""
-    state = {}
-    for folder in folders:
-        for path in [folder, *folder.rglob("*")]:
-            state[str(path)] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
 
 
 @pytest.mark.parametrize("fault", FAULTS + RUN_FAULTS, ids=lambda fault: fault.name)

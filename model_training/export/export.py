@@ -10,9 +10,11 @@ is complete or absent, never half-written.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -44,10 +46,20 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {**TORCH_DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """--dtype: the config's names and torch's."""
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+"""How safetensors headers name the dtypes an export writes."""
 
 
 class ExportError(ValueError):
     """The input cannot be exported as asked; the message says why."""
+
+
+class OutputFolderNotEmptyError(ExportError):
+    """The output folder holds files and replacing them was not asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(f"the output folder {folder} exists and is not empty; pass --overwrite to replace it")
+        self.folder = folder
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -82,8 +94,7 @@ def export_model(
     folder is then left as it was.
     """
     source, output_folder = Path(source), Path(output_folder)
-    hf_folder = (source / "config.json").is_file()
-    checkpoint = None if hf_folder else _resolve(source, allow_older, check_hashes)
+    checkpoint = None if is_model_folder(source) else _resolve(source, allow_older, check_hashes)
     if merge_adapter and (checkpoint is None or not is_adapter_checkpoint(checkpoint)):
         raise ExportError(f"--merge_adapter: {source} is not a LoRA checkpoint (it has no adapter/ folder)")
     _check_output_folder(output_folder, source, overwrite)
@@ -105,6 +116,58 @@ def export_model(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return output_folder
+
+
+def is_model_folder(path: Path) -> bool:
+    """A Hugging Face model folder (config.json beside the weights) rather than a run or checkpoint folder."""
+    return (Path(path) / "config.json").is_file()
+
+
+def check_upload_as_is(folder: Path, dtype: torch.dtype | None, max_shard_size: int | None) -> None:
+    """Make sure the model folder ``folder`` needs no conversion to be uploaded; read only the weights' headers.
+
+    Its safetensors weights (``model.safetensors``, or every shard its index names) must be whole, their
+    floating-point tensors in ``dtype`` and every shard that holds more than one tensor within
+    ``max_shard_size`` bytes of tensors, as an export writes them; None accepts any. Raises ExportError.
+    """
+    for shard in _weight_files(folder):
+        floats, size, count = _shard_contents(shard)
+        if dtype is not None and floats not in ([], [SAFETENSORS_DTYPES[dtype]]):
+            raise ExportError(f"{shard} holds {'/'.join(floats)} weights, not {SAFETENSORS_DTYPES[dtype]}: give "
+                              "--output_folder for a converted copy")
+        if max_shard_size is not None and size > max_shard_size and count > 1:
+            raise ExportError(f"{shard} holds {size} bytes of tensors, more than --max_shard_size: give "
+                              "--output_folder for a copy in smaller shards")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return [folder / "model.safetensors"]
+    try:
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        raise ExportError(f"{index} is not a safetensors index ({type(exc).__name__}: {first_line(exc)})") from exc
+
+
+def _shard_contents(shard: Path) -> tuple[list[str], int, int]:
+    """The floating-point dtypes, the tensors' bytes and the number of tensors of a safetensors file, from its
+    header; the file must be whole. The format: the header's length (8 bytes, little-endian), the header
+    (JSON: each tensor's dtype, shape and data_offsets), then the tensors' bytes."""
+    try:
+        with open(shard, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, file_size)))
+        header.pop("__metadata__", None)
+        spans = [(start, end) for start, end in (t["data_offsets"] for t in header.values())]  # pairs, checked here
+        floats = sorted({t["dtype"] for t in header.values() if t["dtype"].startswith(("F", "BF"))})
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, struct.error) as exc:
+        raise ExportError(f"{shard} is not readable as safetensors weights ({first_line(exc)})") from exc
+    covered = 8 + length + max((end for _, end in spans), default=0)
+    if covered != file_size:
+        raise ExportError(f"{shard} is incomplete: its header describes {covered} bytes, the file has {file_size}")
+    return floats, sum(end - start for start, end in spans), len(spans)
 
 
 def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
@@ -142,7 +205,7 @@ def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> 
     if source.resolve().is_relative_to(output_folder.resolve()):
         raise ExportError(f"the output folder {output_folder} holds the model to export; choose another folder")
     if any(output_folder.iterdir()) and not overwrite:
-        raise ExportError(f"the output folder {output_folder} exists and is not empty; pass --overwrite to replace it")
+        raise OutputFolderNotEmptyError(output_folder)
 
 
 def _move_into_place(partial: Path, output_folder: Path) -> None:

@@ -396,10 +396,21 @@ def resolve_checkpoint(spec: str | Path, output_dir: Path, allow_older: bool = T
         path = output_dir / path
     if not path.is_dir():
         raise CheckpointError(f"No checkpoint or run folder at {spec!r} (also looked in {output_dir})")
-    if (path / MANIFEST).exists() or CHECKPOINT_RE.fullmatch(path.name) or _is_transient(path):
+    if _is_checkpoint_folder(path):
         verify_checkpoint(path)
         return path
     return _latest_in(path, allow_older)
+
+
+def run_folder(path: Path) -> Path:
+    """The run folder that ``path`` (a run folder or one of its checkpoint folders) belongs to."""
+    path = Path(path)
+    return path.parent if _is_checkpoint_folder(path) else path
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    """One checkpoint folder, committed or not, rather than a run folder."""
+    return (path / MANIFEST).exists() or CHECKPOINT_RE.fullmatch(path.name) is not None or _is_transient(path)
 
 
 def verify_checkpoint(ckpt_dir: Path, check_hashes: bool = False, threads: int = 1) -> dict:
