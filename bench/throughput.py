@@ -5,11 +5,16 @@
 
 Rows, each a fresh process under `deepspeed --num_gpus 1`, so that its start-up and peak memory are its own:
   baseline          Falcon-7B width cut to 8 of 32 layers (hidden 4544, 71 heads, multi-query, parallel
-                    attention, vocabulary 65024: 1.95B parameters, random weights), bf16, ZeRO-2
-                    (configs/zero_config.json), gradient checkpointing, SDPA, micro batch 4 x accumulation 4;
+                    attention, vocabulary 65024: 1.95B parameters, random weights built on the GPU), bf16, ZeRO-2
+                    (configs/zero_config.json less its optimizer section, so that the Trainer's fused PyTorch
+                    AdamW steps it, as ours), gradient checkpointing, SDPA, micro batch 4 x accumulation 4;
                     `transformers.Trainer` with DeepSpeed, each micro-batch padded to its longest sample.
   ours              the same model, data, batch and DeepSpeed config through our command line (trainer_sft.py
-                    --configs defaults falcon-7b ...), with its defaults (packing, chunked loss).
+                    --configs defaults falcon-7b ...), with its defaults (packing, chunked loss): like for like.
+  baseline-best     the baseline at its fastest setting that fits: micro batch 16 x accumulation 1, no
+                    checkpointing (the same 16 samples per optimizer step).
+  ours-best         ours at its fastest: micro batch 16 x accumulation 1 (one packed row per step), no
+                    checkpointing, decoder layers compiled (torch_compile).
   7b-zero3-offload  the full 32-layer Falcon-7B shape (6.9B parameters), our trainer on ZeRO-3 with the optimizer
                     (fp32 master weights and Adam moments) in CPU memory: configs/zero3_offload_config.json less
                     its parameter offload. Answers "can it be fine-tuned on one 80 GB GPU".
@@ -28,7 +33,9 @@ optimizer steps), MFU = 6 x parameters x real tokens/s / --peak-flops (790e12: H
 memory (torch.cuda.max_memory_allocated), peak host RSS of the rank, time to first step (from launching the
 process to the end of optimizer step 1, DeepSpeed's op builds excluded: they are built once before the rows).
 Our trainer's numbers come from its own metrics.jsonl (`tokens`), stamped with wall time by a thin wrapper
-around its command line (`--worker ours`); the trainer itself is not changed.
+around its command line (`--worker ours`); the trainer itself is not changed. While a row runs, its startup
+phases (the lines with "startup:" that both workers log) are printed as they happen, so a row that runs out
+of time shows where the time went.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ VOCAB = 65024
 """Falcon's embedding rows; the synthetic tokenizer has this many ids once the chat tokens are added."""
 EOS = "<|endoftext|>"
 IGNORE_INDEX = -100
-DEFAULT_ROWS = ("baseline", "ours", "7b-zero3-offload", "7b-qlora")
+DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "7b-zero3-offload", "7b-qlora")
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ class Settings:
     warmup: int = 3
     warmup_7b: int = 2
     timeouts: dict[str, int] = field(default_factory=lambda: {
-        "baseline": 240, "ours": 240, "7b-zero3-offload": 420, "7b-qlora": 300,
+        "baseline": 90, "ours": 60, "baseline-best": 90, "ours-best": 120, "7b-zero3-offload": 150, "7b-qlora": 90,
     })
     """Seconds each row may take; a row that runs out is reported as timed out and the next one runs."""
     smoke: bool = False
@@ -104,7 +111,7 @@ class Settings:
 SMOKE = Settings(
     small=Shape(64, 2, 4), full=Shape(64, 4, 4), median=40, max_length=128, samples=128, micro_batch=2,
     accumulation=2, dtype="fp32", steps=4, steps_7b=3, warmup=1, warmup_7b=1,
-    timeouts={"baseline": 300, "ours": 300, "7b-zero3-offload": 300, "7b-qlora": 300}, smoke=True,
+    timeouts=dict.fromkeys(DEFAULT_ROWS, 300), smoke=True,
 )
 
 
@@ -224,6 +231,9 @@ class Row:
     steps: int
     warmup: int
     deepspeed_config: Path
+    micro_batch: int
+    accumulation: int
+    checkpointing: bool = True
     overrides: tuple[str, ...] = ()
     sections: tuple[str, ...] = ("defaults", "falcon-7b")
 
@@ -240,25 +250,42 @@ def offload_optimizer_only(workdir: Path) -> Path:
     return path
 
 
+def without_optimizer(workdir: Path) -> Path:
+    """configs/zero_config.json less its optimizer section: the Trainer then steps its own optimizer (fused
+    PyTorch AdamW, as ours) instead of DeepSpeed's FusedAdam, whose CUDA op would be JIT-built."""
+    ds = json.loads((REPO / "configs" / "zero_config.json").read_text())
+    ds.pop("optimizer")
+    path = workdir / "zero2_trainer_optimizer.json"
+    path.write_text(json.dumps(ds, indent=2))
+    return path
+
+
 def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
     zero2 = REPO / "configs" / "zero_config.json"
+    trainer_optimizer = without_optimizer(workdir)
     compute = "fp32" if settings.dtype == "fp32" else "bf16"
-    return {
-        "baseline": Row("baseline", "hf", settings.small, "transformers.Trainer, padded, ZeRO-2", settings.steps,
-                        settings.warmup, zero2),
-        "ours": Row("ours", "ours", settings.small, "trainer_sft.py, ZeRO-2", settings.steps, settings.warmup, zero2),
-        "7b-zero3-offload": Row(
-            "7b-zero3-offload", "ours", settings.full, "trainer_sft.py, ZeRO-3, optimizer offloaded to CPU",
-            settings.steps_7b, settings.warmup_7b, offload_optimizer_only(workdir),
-        ),
-        "7b-qlora": Row(
-            "7b-qlora", "ours", settings.full, "trainer_sft.py, QLoRA (NF4 base, LoRA r 64), ZeRO-2",
-            settings.steps_7b, settings.warmup_7b, zero2,
-            # Section falcon-7b-qlora, on the bench's data: its format, length and batch are the other rows'.
+    # Like for like: the reference batch with checkpointing. Best: the same samples per optimizer step in one
+    # micro-batch, no recomputation (each side's fastest setting that fits).
+    like = {"micro_batch": settings.micro_batch, "accumulation": settings.accumulation, "checkpointing": True}
+    best = {"micro_batch": settings.micro_batch * settings.accumulation, "accumulation": 1, "checkpointing": False}
+    proxy = {"shape": settings.small, "steps": settings.steps, "warmup": settings.warmup}
+    seven_b = {"shape": settings.full, "steps": settings.steps_7b, "warmup": settings.warmup_7b}
+    rows = [
+        Row("baseline", "hf", setup="transformers.Trainer, padded, ZeRO-2", deepspeed_config=trainer_optimizer,
+            **proxy, **like),
+        Row("ours", "ours", setup="trainer_sft.py, ZeRO-2", deepspeed_config=zero2, **proxy, **like),
+        Row("baseline-best", "hf", setup="transformers.Trainer, padded, ZeRO-2, one micro-batch a step, no "
+            "checkpointing", deepspeed_config=trainer_optimizer, **proxy, **best),
+        Row("ours-best", "ours", setup="trainer_sft.py, ZeRO-2, one micro-batch a step, no checkpointing, "
+            "compiled layers", deepspeed_config=zero2, overrides=("torch_compile=true",), **proxy, **best),
+        Row("7b-zero3-offload", "ours", setup="trainer_sft.py, ZeRO-3, optimizer offloaded to CPU",
+            deepspeed_config=offload_optimizer_only(workdir), **seven_b, **like),
+        # Section falcon-7b-qlora, on the bench's data: its format, length and batch are the other rows'.
+        Row("7b-qlora", "ours", setup="trainer_sft.py, QLoRA (NF4 base, LoRA r 64), ZeRO-2", deepspeed_config=zero2,
             overrides=("chat_format=openassistant", f"quantization.compute_dtype={compute}"),
-            sections=("defaults", "falcon-7b-qlora"),
-        ),
-    }
+            sections=("defaults", "falcon-7b-qlora"), **seven_b, **like),
+    ]
+    return {row.name: row for row in rows}
 
 
 def trainer_argv(row: Row, settings: Settings, dataset: Dataset, workdir: Path) -> list[str]:
@@ -271,9 +298,9 @@ def trainer_argv(row: Row, settings: Settings, dataset: Dataset, workdir: Path) 
         f"data_cache_dir={workdir / 'tokenized'}", f"output_dir={row.output_dir(workdir)}",
         f"max_length={settings.max_length}", f"max_steps={row.steps}", "logging_steps=1", "save_strategy=no",
         "eval_steps=null", "residual_dropout=0.0", "generate_val_samples=0", "log_wandb=false",
-        f"dtype={settings.dtype}", "gradient_checkpointing=true", f"deepspeed_config={row.deepspeed_config}",
-        f"per_device_train_batch_size={settings.micro_batch}",
-        f"gradient_accumulation_steps={settings.accumulation}", *row.overrides,
+        f"dtype={settings.dtype}", f"gradient_checkpointing={str(row.checkpointing).lower()}",
+        f"deepspeed_config={row.deepspeed_config}", f"per_device_train_batch_size={row.micro_batch}",
+        f"gradient_accumulation_steps={row.accumulation}", *row.overrides,
     ]
 
 
@@ -351,6 +378,12 @@ def worker_baseline(result: Path, spec_path: Path) -> None:
             return super().training_step(model, inputs, *args, **kwargs)
 
     steps: list[dict[str, float]] = []
+    phase_start = time.time()
+
+    def phase(name: str) -> None:
+        nonlocal phase_start
+        print(f"startup: {name} {time.time() - phase_start:.1f} s", flush=True)
+        phase_start = time.time()
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - callback signature
@@ -358,26 +391,34 @@ def worker_baseline(result: Path, spec_path: Path) -> None:
                 torch.cuda.synchronize()
             steps.append({"step": state.global_step, "tokens": int(trainer.real_tokens),
                           "wall_s": time.time() - launched})
+            if state.global_step == 1:
+                phase("first optimizer step")
 
+    print(f"startup: process start and imports {time.time() - launched:.1f} s", flush=True)
     options = dict(spec["model_config"])
     config = AutoConfig.for_model(options.pop("model_type"), **options)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
     torch.manual_seed(42)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    cuda = torch.cuda.is_available()
+    # Built on the GPU, as ours: the rows compare steady rates, not how long a CPU takes to initialize.
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
+    phase("model build")
     args = TrainingArguments(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["accumulation"], max_steps=spec["steps"], learning_rate=1e-5,
         weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="constant",
-        bf16=spec["dtype"] == "bf16", gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, deepspeed=spec["deepspeed_config"],
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, seed=42, use_cpu=not torch.cuda.is_available(),
+        optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=spec["dtype"] == "bf16",
+        gradient_checkpointing=spec["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=spec["deepspeed_config"], logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=42, use_cpu=not cuda,
     )
     trainer = CountingTrainer(model=model, args=args, train_dataset=samples, data_collator=collate,
                               callbacks=[StepClock()])
     if not trainer.is_deepspeed_enabled or model.config._attn_implementation != "sdpa":
         raise SystemExit("the baseline must run on DeepSpeed with SDPA attention; transformers set up otherwise")
+    phase("trainer init")
     trainer.train()
     result.write_text(json.dumps({"status": 0, "steps": steps, **_peaks()}))
 
@@ -425,7 +466,8 @@ def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: 
         spec = workdir / f"{row.name}.spec.json"
         spec.write_text(json.dumps({
             "samples": str(dataset.samples), "model_config": row.shape.model_config(), "dtype": settings.dtype,
-            "micro_batch": settings.micro_batch, "accumulation": settings.accumulation, "steps": row.steps,
+            "micro_batch": row.micro_batch, "accumulation": row.accumulation, "checkpointing": row.checkpointing,
+            "steps": row.steps,
             "deepspeed_config": str(row.deepspeed_config), "output_dir": str(output_dir),
         }))
         worker = ["--worker", "hf", "--result", str(result), "--", str(spec)]
@@ -440,12 +482,7 @@ def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: 
         # A session of its own: on a timeout the launcher and its rank go together, and free the GPU.
         process = subprocess.Popen(command, cwd=REPO, env={**env, "BENCH_T0": repr(start)}, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode: int | None = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            returncode = None
+        returncode = _wait_printing_phases(process, log_path, row.name, start + timeout)
     outcome.seconds = time.time() - start
     text = log_path.read_text(errors="replace")
     if returncode is None:
@@ -470,6 +507,30 @@ def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: 
     return outcome
 
 
+def _wait_printing_phases(process: subprocess.Popen, log_path: Path, row: str, deadline: float) -> int | None:
+    """Wait for a row's process, printing its startup phases as they reach its log; kill it at `deadline`.
+
+    Returns its exit status, or None when it ran out of time.
+    """
+    printed = 0
+    while True:
+        try:
+            returncode: int | None = process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        lines = log_path.read_text(errors="replace").splitlines()
+        for line in lines[printed:]:
+            if "startup:" in line:
+                print(f"[bench] {row}: {line[line.index('startup:'):]}", flush=True)
+        printed = len(lines)
+        if returncode is not None:
+            return returncode
+        if time.time() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return None
+
+
 def _metrics_steps(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
@@ -486,13 +547,16 @@ def _free_port() -> int:
 
 
 def prebuild_ops(env: dict[str, str]) -> str:
-    """Build DeepSpeed's Adam ops once before the rows, so no row's time to first step pays the JIT build."""
+    """Build DeepSpeed's CPU Adam (the offloaded optimizer's; the others step PyTorch's AdamW) once before the
+    rows, so that no row's time to first step pays the JIT build, with the arch list the trainer would use."""
+    from model_training.training.ds_config import clean_cuda_arch_list
+
+    clean_cuda_arch_list(env)
     code = (
         "from deepspeed.accelerator import get_accelerator\n"
-        "for name in ('FusedAdamBuilder', 'CPUAdamBuilder'):\n"
-        "    builder = get_accelerator().create_op_builder(name)\n"
-        "    if builder is not None and builder.is_compatible():\n"
-        "        builder.load()\n"
+        "builder = get_accelerator().create_op_builder('CPUAdamBuilder')\n"
+        "if builder is not None and builder.is_compatible():\n"
+        "    builder.load()\n"
     )
     start = time.time()
     process = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
@@ -520,9 +584,16 @@ def table(outcomes: list[Outcome]) -> str:
             f"| {_fmt(ratio, '{:.2f}x')} | {o.status} |"
         )
     full = {o.row: o for o in outcomes}
+    lines.append("")
+    for ours, theirs, what in (("ours", "baseline", "like for like (micro batch 4 x accumulation 4, checkpointing)"),
+                               ("ours-best", "baseline-best", "each side's best setting")):
+        a, b = full.get(ours), full.get(theirs)
+        if a and b and a.tokens_per_s and b.tokens_per_s:
+            lines.append(f"- {what}: {ours} {a.tokens_per_s / b.tokens_per_s:.2f}x {theirs}'s real tokens/s "
+                         f"(target 4x), at {100 * a.mfu:.1f}% MFU (target 40%).")
     offload, qlora = full.get("7b-zero3-offload"), full.get("7b-qlora")
     if offload and qlora and offload.peak_gpu_gib and qlora.peak_gpu_gib:
-        lines.append(f"\nQLoRA peak GPU memory on the 32-layer Falcon-7B shape: {qlora.peak_gpu_gib:.1f} GiB, "
+        lines.append(f"- QLoRA peak GPU memory on the 32-layer Falcon-7B shape: {qlora.peak_gpu_gib:.1f} GiB, "
                      f"{qlora.peak_gpu_gib / offload.peak_gpu_gib:.2f}x full fine-tuning's "
                      f"{offload.peak_gpu_gib:.1f} GiB (ZeRO-3, optimizer offloaded).")
     return "\n".join(lines)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from model_training.config import (
-    DEFAULT_CONFIG_FILE,
     ConfigError,
     TrainConfig,
     closest_name,
@@ -18,8 +18,8 @@ from model_training.config import (
     parse_override,
     to_yaml,
 )
-from model_training.data.oasst import OasstFormatError
-from model_training.data.sources import DatasetFormatError
+from model_training.data.oasst import FileFormatError
+from model_training.layout import earlier_run
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--configs", nargs="+", default=["defaults"], help="config sections to merge, in order")
-    parser.add_argument("--config_file", type=Path, default=DEFAULT_CONFIG_FILE, help="YAML file of sections")
+    parser.add_argument("--config_file", type=Path, default=None,
+                        help="a YAML file of sections to read instead of every configs/*.yaml")
     parser.add_argument("--show_config", action="store_true", help="print the merged config as YAML and exit")
     # The flags users of the OpenAssistant trainer know; each one is a config key.
     parser.add_argument("--deepspeed", action="store_true", default=None, help="accepted; always on")
@@ -98,9 +99,11 @@ def parse_train_args(argv: list[str]) -> TrainArgs:
     return TrainArgs(config=config, show_config=args.show_config)
 
 
-def report_user_error(err: Exception) -> int:
-    """One line on stderr and exit status 2: the user's input was wrong, the message says where."""
-    print(f"error: {err}", file=sys.stderr)
+def report_user_error(err: Exception, quiet: bool = False) -> int:
+    """One line on stderr and exit status 2: the user's input was wrong, the message says where. `quiet`: exit 2
+    without the line, which another process prints."""
+    if not quiet:
+        print(f"error: {err}", file=sys.stderr)
     return 2
 
 
@@ -113,16 +116,58 @@ def main_train(argv: list[str]) -> int:
             return 0
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
-    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
-        return report_user_error(err)
+        _check_writable_folder(Path(args.config.output_dir), "output_dir")
+        _refuse_to_overwrite_a_run(args.config)
+    except (ConfigError, FileFormatError) as err:
+        # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
+        return report_user_error(err, quiet=_launcher_rank() != 0)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
     from model_training.training.trainer import run_or_exit
 
     try:
         return run_or_exit(args.config)
-    except (ConfigError, OasstFormatError, DatasetFormatError) as err:
-        return report_user_error(err)
+    except (ConfigError, FileFormatError) as err:
+        # Every rank found the same mistake (a resume that does not fit, a model the config cannot build).
+        return report_user_error(err, quiet=_launcher_rank() != 0)
+
+
+def _refuse_to_overwrite_a_run(cfg: TrainConfig) -> None:
+    """ConfigError when `output_dir` holds an earlier run that this one, neither resuming it nor asked to
+    overwrite it, would mix with or replace: checked before anything is written."""
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ConfigError("set either 'resume_from_checkpoint' (continue the run in output_dir) or "
+                          "'overwrite_output_dir' (replace it), not both")
+    found = earlier_run(Path(cfg.output_dir))
+    if found and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(
+            f"key 'output_dir' is '{cfg.output_dir}', which holds an earlier run ({shown}); resume it with "
+            "--resume_from_checkpoint, choose another output_dir, or set overwrite_output_dir=true to replace it"
+        )
+
+
+def _launcher_rank() -> int:
+    """The global rank the launcher gave this process (torchrun and deepspeed: RANK; srun: SLURM_PROCID)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _check_writable_folder(folder: Path, key: str) -> None:
+    """ConfigError unless `folder` is a folder this process can write into, or one it can create, checked before
+    any process group starts: a run that cannot save must not get that far. Creates nothing."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"key '{key}' is '{folder}', but {existing} is a file; expected a folder, or a path where "
+                          "one can be created")
+    try:
+        # An unnamed file where the OS allows it (O_TMPFILE), else one removed at once: nothing is left behind.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"key '{key}' is '{folder}', but {existing} cannot be written ({err.strerror}); expected "
+                          "a folder this user can write") from None
 
 
 def _show_dataset_stats(cfg: TrainConfig) -> int:
@@ -133,7 +178,7 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
 
     data = prepare_data(cfg, load_tokenizer(cfg))
     draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
-    print(format_stats(data, [d.per_epoch for d in draws]))
+    print(format_stats(data, [d.per_epoch for d in draws], cfg.max_length, cfg.val_max_length or cfg.max_length))
     return 0
 
 

@@ -7,13 +7,24 @@ the command line's `key=value` overrides. Every user mistake becomes a `ConfigEr
 key, where it came from and the closest valid name; the CLI turns it into exit status 2, never a traceback.
 
 Paths: inputs (the DeepSpeed config, `data_dir`, a local tokenizer or model folder) given relative resolve
-against the project root, so a run does not depend on the working directory; dataset files resolve against
-`data_dir`. Outputs (`output_dir`, `log_dir`) are relative to the working directory, as users expect.
+against the project root, so a run does not depend on the working directory; a relative dataset file is looked
+up in `cache_dir` (when set, as the OpenAssistant trainer reads its datasets there), then in `data_dir`. Outputs
+(`output_dir`, `log_dir`) and `cache_dir` are relative to the working directory, as users expect.
+
+`model_name` and `tokenizer_name` are hub ids when they have a hub id's form, `name` or `owner/name`, and
+are local folders otherwise: anything that starts with `/`, `.` or `~`, ends with `/` or has a second `/`,
+and any name whose first part is a file or folder under the project root (`data/tokenizr` is the folder
+`data/` and a typo, never a hub id). A local folder must exist when the config is validated.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import importlib.util
+import json
+import logging
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -23,10 +34,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from model_training import openassistant_keys
 from model_training.data.chat_formats import CHAT_FORMATS
 
+logger = logging.getLogger(__name__)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configs" / "config.yaml"
+CONFIG_DIR = PROJECT_ROOT / "configs"
+"""Every `*.yaml` file here contributes config sections."""
+DEFAULT_CONFIG_FILE = CONFIG_DIR / "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -43,9 +59,10 @@ class DatasetConfig:
     """Options every source takes: the split, how much of it an epoch draws, and filters."""
 
     input_file_path: str = ""
-    """A file (relative paths resolve against `data_dir`), a `datasets` save_to_disk folder, or a hub id."""
+    """A file (a relative path is looked up in `cache_dir`, then in `data_dir`), a `datasets` save_to_disk
+    folder, or a hub id."""
     val_split: float = 0.05
-    """Fraction held out for validation (by message tree for OASST sources, by record otherwise)."""
+    """Fraction held out for validation (OASST: by message tree, as the OpenAssistant trainer; others: by record)."""
     manual_seed: int = 287631038922
     """Seed of the train/validation split (the OpenAssistant trainer's value, so splits match its runs)."""
     skip_invalid: bool = False
@@ -69,7 +86,7 @@ class OasstExportConfig(DatasetConfig):
     """An OpenAssistant export: message trees (or the flat `oasst1` rows) in `.jsonl`, `.jsonl.gz` or `.parquet`."""
 
     input_file_path: str = "oasst_sample.jsonl.gz"
-    """The export file; a relative path resolves against `data_dir`."""
+    """The export file; a relative path is looked up in `cache_dir`, then in `data_dir`."""
     lang: str = "en"
     """Comma-separated languages of the prompts to keep, e.g. "en,de"."""
     top_k: int | None = None
@@ -197,15 +214,22 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub; off, because Falcon, LLaMA and GPT-NeoX are in transformers."""
     cache_dir: str | None = None
-    """Hugging Face cache folder for downloaded models; null: the library's default."""
+    """Hugging Face cache folder for downloaded models; null: the library's default. Also the first folder relative
+    dataset paths are looked up in, as in the OpenAssistant trainer."""
     residual_dropout: float = 0.0
     """Dropout on the output of each attention and MLP sublayer before the residual add."""
     residual_dropout_lima: bool = False
     """LIMA schedule: layer i of L drops with residual_dropout * i / (L - 1) instead of a flat rate."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    freeze_layer: int | None = None
+    """Freeze the input embeddings (and an output head tied to them) and the first this many decoder layers
+    (OpenAssistant's); null: train every layer."""
     gradient_checkpointing_layers: int | None = None
     """Selective checkpointing: recompute only the first this many decoder layers (faster, more memory); null: all."""
+    torch_compile: bool = False
+    """Compile each decoder layer with torch.compile (fuses the work around the matrix products; ZeRO-0/1/2);
+    the first steps pay the compilation."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA instead of full fine-tuning (`peft.type=lora` on the command line turns it on)."""
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -217,9 +241,23 @@ class TrainConfig:
     datasets_extra: list[Any] = field(default_factory=list)
     """Appended to `datasets`, so the command line can add a source without repeating a section's list."""
     data_dir: str = "data"
-    """Folder that relative dataset paths resolve against; itself relative to the project root."""
+    """Folder relative dataset paths are looked up in (after `cache_dir`); itself relative to the project root."""
     max_length: int = 2048
-    """Longest sample in tokens; longer conversations are cut (see model_training/data/formatting.py)."""
+    """Longest training sample in tokens; a longer conversation is cut to this (random_offset_probability)."""
+    val_max_length: int | None = None
+    """Longest validation sample in tokens; null: max_length."""
+    random_offset_probability: float = 0.8
+    """A conversation longer than the limit trains on a window at a random offset with this probability (drawn
+    anew each epoch, seeded), else on its first tokens; validation windows stay the same (OpenAssistant's 0.8)."""
+    label_masking: bool = True
+    """Loss on the assistant's replies only; false: on every token of the conversation."""
+    use_system_prefix: bool = False
+    """Put `system_prefix` before every sample as the chat format's system turn, without loss, outside the cut."""
+    system_prefix: str | None = None
+    """The system text `use_system_prefix` puts before every sample."""
+    sort_by_length: bool = False
+    """Order each epoch's draw by sample length (ties at random), shuffled within runs of 200 samples, as
+    OpenAssistant's sampler does: micro-batches of like lengths pad less when packing=false."""
     chat_format: str = "openassistant"
     """How conversations are written: openassistant (<|prompter|> tokens), human_bot (<human>: / <bot>:),
     falcon_instruct (User: / Assistant:) or falcon_chat (User: / Falcon:); see data/chat_formats.py."""
@@ -243,16 +281,18 @@ class TrainConfig:
     """AdamW beta1."""
     adam_beta2: float = 0.95
     """AdamW beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    lr_scheduler_type: str = "cosine"
-    """Decay after the warmup: cosine (to 10% of the peak), linear (to 0) or constant."""
+    adam_epsilon: float = 1e-12
+    """AdamW epsilon (OpenAssistant's)."""
+    max_grad_norm: float = 2.0
+    """Clip the global gradient norm to this value (OpenAssistant's 2.0); 0 disables clipping."""
+    lr_scheduler_type: str = "warmup_decay"
+    """warmup_decay: DeepSpeed's WarmupDecayLR as OpenAssistant ran it (log warmup, linear decay to 0); or a
+    linear warmup, then cosine (to 10% of the peak), linear (to 0) or constant (training/schedule.py)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `learning_rate`."""
-    num_train_epochs: int = 1
-    """Passes over the training data (ignored when `max_steps` is set)."""
+    num_train_epochs: float = 1
+    """Passes over the training data; a fraction trains that share of the first epoch's steps (ignored when
+    `max_steps` is set)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps instead of `num_train_epochs`."""
     per_device_train_batch_size: int = 1
@@ -265,6 +305,8 @@ class TrainConfig:
     # --- evaluation, checkpoints, logging ---
     eval_steps: int | None = None
     """Evaluate every this many optimizer steps (and always at the end); null: only at the end."""
+    eval_size: int | None = None
+    """Evaluate on the first this many samples of each validation set (OpenAssistant's); null: all of them."""
     save_strategy: str = "steps"
     """When to save checkpoints: steps (every `save_steps`), epoch, or no."""
     save_steps: int = 500
@@ -273,6 +315,9 @@ class TrainConfig:
     """Keep at most this many checkpoints (oldest removed after a new one is complete); null: keep all."""
     output_dir: str = "output"
     """Run folder: checkpoints, metrics.jsonl, the merged config."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir that holds an earlier one, deleting its checkpoints and metrics; without
+    it, such a run is refused (resume the earlier one with resume_from_checkpoint, or choose another folder)."""
     log_dir: str = "logs"
     """Folder for wandb's local files."""
     logging_steps: int = 10
@@ -301,8 +346,11 @@ class TrainConfig:
     """Set by launchers that pass --local_rank; the LOCAL_RANK environment variable wins when present."""
     resume_from_checkpoint: str | None = None
     """"latest" (the newest complete checkpoint in output_dir) or a checkpoint folder to continue from."""
-    rng_seed: int = 42
-    """Seed of weight initialization, dropout and data order."""
+    verify_checkpoint_hashes: bool = True
+    """Before resuming, check every file of the checkpoint against the hash its manifest recorded (the ranks
+    share the reading); false skips it, and a corrupted file would then be trained on."""
+    rng_seed: int = 0xA1221F97
+    """Seed of weight initialization, dropout and data order (OpenAssistant's default, 0xa1221f97)."""
     max_nonfinite_steps: int = 3
     """Stop with an error after this many optimizer steps in a row with a non-finite loss (each is skipped)."""
 
@@ -313,7 +361,7 @@ _CHOICES = {
     "peft.type": (None, "lora"),
     "quantization.quant_type": ("nf4", "fp4"),
     "quantization.compute_dtype": ("bf16", "fp16", "fp32"),
-    "lr_scheduler_type": ("cosine", "linear", "constant"),
+    "lr_scheduler_type": ("warmup_decay", "cosine", "linear", "constant"),
     "save_strategy": ("steps", "epoch", "no"),
 }
 _POSITIVE = (
@@ -323,17 +371,25 @@ _POSITIVE = (
     "gradient_accumulation_steps",
     "save_steps",
     "logging_steps",
-    "num_train_epochs",
     "max_nonfinite_steps",
     "generate_max_new_tokens",
     "peft.r",
 )
 
 
-def closest_name(name: str, candidates: list[str]) -> str:
-    """'; did you mean 'x'?' for the candidate closest to a mistyped name, or '' when none is close."""
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
+def closest_name(name: str, candidates: list[str], n: int = 1) -> str:
+    """'; did you mean 'x'?' for the candidate closest to a mistyped name ("'x', 'y' or 'z'" for up to `n` of
+    them), or '' when none is close."""
+    matches = [f"'{match}'" for match in difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)]
+    if not matches:
+        return ""
+    listed = matches[0] if len(matches) == 1 else f"{', '.join(matches[:-1])} or {matches[-1]}"
+    return f"; did you mean {listed}?"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def _describe_omegaconf_error(err: OmegaConfBaseException, schema: type, where: str) -> str:
@@ -385,9 +441,24 @@ def read_sections(config_file: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {config_file}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{config_file} is not valid YAML: {err}") from None
+    if sections is None:
+        return {}
     if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
         raise ConfigError(f"{config_file} must be a mapping of section names to mappings of keys")
     return sections
+
+
+def read_config_folder(folder: Path = CONFIG_DIR) -> dict[str, tuple[dict[str, Any], Path]]:
+    """Every section of every `*.yaml` in `folder` (as the OpenAssistant trainer reads its configs/), with the
+    file it came from; a section defined in two files is an error that names both."""
+    found: dict[str, tuple[dict[str, Any], Path]] = {}
+    for config_file in sorted(folder.glob("*.yaml")):
+        for name, section in read_sections(config_file).items():
+            if name in found:
+                raise ConfigError(f"config section '{name}' is defined twice: in {_display_path(found[name][1])} "
+                                  f"and in {_display_path(config_file)}; rename one of them")
+            found[name] = (section, config_file)
+    return found
 
 
 def _display_path(path: Path) -> str:
@@ -399,14 +470,22 @@ def _display_path(path: Path) -> str:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`key=value` (dotted keys reach nested values) -> (key, value parsed as YAML, so `1e-5` is a float)."""
+    """`key=value` (dotted keys reach nested values) -> (key, value parsed as YAML, so `1e-5` is a float).
+
+    A value that YAML cannot parse is taken as a plain string (a prompt such as `What is: this?`), unless it
+    opens with YAML syntax (`[`, `{` or a quote): then the user meant YAML, and the error says where it broke."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"command-line override '{item}' must look like key=value")
     try:
         value = yaml.load(raw, Loader=_YamlLoader) if raw else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as err:
+        if not raw.lstrip().startswith(("[", "{", '"', "'")):
+            return key.strip(), raw
+        mark = getattr(err, "problem_mark", None)
+        where = f" at column {len(key) + 2 + mark.column} of the override" if mark else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise ConfigError(f"command-line override '{item}' is not valid YAML: {problem}{where}") from None
     return key.strip(), value
 
 
@@ -420,23 +499,36 @@ def _nest(dotted_key: str, value: Any) -> dict[str, Any]:
 def load_config(
     section_names: list[str],
     overrides: list[tuple[str, Any]] | None = None,
-    config_file: Path = DEFAULT_CONFIG_FILE,
+    config_file: Path | None = None,
 ) -> TrainConfig:
-    """Merge the schema's defaults, the named sections in order, then the overrides, and validate."""
-    sections = read_sections(config_file)
-    shown = _display_path(config_file)
+    """Merge the schema's defaults, the named sections in order, then the overrides, and validate.
+
+    The sections come from every `configs/*.yaml`, or from `config_file` alone. OpenAssistant trainer keys the
+    schema lacks are read or dropped with one warning each (model_training/openassistant_keys.py).
+    """
+    if config_file is None:
+        sections = read_config_folder()
+    else:
+        sections = {name: (section, config_file) for name, section in read_sections(config_file).items()}
     merged = OmegaConf.structured(TrainConfig)
+    warnings: dict[str, str] = {}
     for name in section_names:
         if name not in sections:
+            shown = _display_path(config_file) if config_file else f"{_display_path(CONFIG_DIR)}/*.yaml"
             raise ConfigError(f"unknown config section '{name}' in {shown}{closest_name(name, list(sections))}")
-        where = f"in section '{name}' of {shown}"
-        merged = _merge(merged, sections[name], TrainConfig, where)
+        section, origin = sections[name]
+        where = f"in section '{name}' of {_display_path(origin)}"
+        section = openassistant_keys.translate(section, where, warnings)
+        merged = _merge(merged, section, TrainConfig, where)
         # Dataset options are checked here too, so that a mistake in them names the section and file.
         for key in ("datasets", "datasets_extra"):
-            if key in sections[name]:
-                _parse_dataset_entries(sections[name][key], key, f" {where}")
+            if key in section:
+                _parse_dataset_entries(section[key], key, f" {where}")
     for key, value in overrides or []:
-        merged = _merge(merged, _nest(key, value), TrainConfig, "on the command line")
+        override = openassistant_keys.translate(_nest(key, value), "on the command line", warnings)
+        merged = _merge(merged, override, TrainConfig, "on the command line")
+    for message in warnings.values():
+        logger.warning("%s", message)
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
@@ -454,6 +546,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.gradient_checkpointing_layers is not None and cfg.gradient_checkpointing_layers < 0:
         raise ConfigError(f"key 'gradient_checkpointing_layers' must be at least 0 or null, got "
                           f"{cfg.gradient_checkpointing_layers}")
+    _validate_openassistant_options(cfg)
     if cfg.generate_val_samples < 0:
         raise ConfigError(f"key 'generate_val_samples' must be at least 0, got {cfg.generate_val_samples}")
     _validate_peft(cfg)
@@ -472,6 +565,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("key 'model_config' needs a 'model_type' (e.g. falcon)")
     if cfg.model_config is not None and cfg.tokenizer_name is None:
         raise ConfigError("a model built from 'model_config' needs 'tokenizer_name' (a folder or hub id)")
+    if cfg.model_config is not None:
+        _check_model_type(cfg.model_config["model_type"])
+    _check_local_folders(cfg)
+    read_deepspeed_json(cfg.deepspeed_config)
     dataset_specs(cfg)
 
 
@@ -480,6 +577,107 @@ def _get(cfg: TrainConfig, dotted_key: str) -> Any:
     for part in dotted_key.split("."):
         value = getattr(value, part)
     return value
+
+
+def _check_model_type(model_type: Any) -> None:
+    name = str(model_type)
+    if name in _generated_model_types():
+        return
+    # Slow (it imports torch), so only for a name the generated list lacks: the library adds a few by hand.
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if name not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(
+            f"key 'model_config.model_type' is {model_type!r}, which transformers does not know (expected a model "
+            f"type such as falcon, llama or gpt_neox){closest_name(name, list(CONFIG_MAPPING_NAMES), 3)}"
+        )
+
+
+@functools.cache
+def _generated_model_types() -> tuple[str, ...]:
+    """transformers' model types, read from its generated mapping without importing the library (that takes
+    seconds, which `--show_config` must not); empty where a release has no such file or another layout."""
+    spec = importlib.util.find_spec("transformers")
+    path = Path(spec.origin).parent / "models" / "auto" / "auto_mappings.py" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        return ()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        targets = [getattr(t, "id", None) for t in getattr(node, "targets", [])]
+        if "CONFIG_MAPPING_NAMES" in targets and isinstance(node.value, ast.Call) and node.value.args:
+            return tuple(name for name, _ in ast.literal_eval(node.value.args[0]))
+    return ()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""Files of a saved tokenizer: a folder with none of them holds no tokenizer."""
+
+
+def is_hub_id(name: str, root: Path) -> bool:
+    """Whether `name` is a Hugging Face hub id (`name` or `owner/name`) rather than a path: see the module
+    docstring for the rule; `root` is the folder relative paths start from."""
+    return bool(_HUB_ID.fullmatch(name)) and not (root / name.split("/")[0]).exists()
+
+
+def _check_local_folders(cfg: TrainConfig) -> None:
+    """A local model or tokenizer folder must exist and hold what transformers loads from it."""
+    model = _local_folder(cfg, "model_name")
+    if model is not None and not (model / "config.json").is_file():
+        raise ConfigError(f"key 'model_name': the folder {model} has no config.json; expected a model folder "
+                          "saved by save_pretrained")
+    tokenizer_key = "tokenizer_name" if cfg.tokenizer_name is not None else "model_name"
+    tokenizer = _local_folder(cfg, tokenizer_key)
+    if tokenizer is not None and not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"key '{tokenizer_key}': the folder {tokenizer} holds no tokenizer; expected one of "
+                          f"{', '.join(TOKENIZER_FILES)}, as save_pretrained writes them")
+
+
+def _local_folder(cfg: TrainConfig, key: str) -> Path | None:
+    """The existing folder that `key` names; None for null or a hub id."""
+    name = getattr(cfg, key)
+    if name is None or is_hub_id(name, PROJECT_ROOT):
+        return None
+    folder = resolve_input_path(name)
+    if not folder.is_dir():
+        raise ConfigError(f"key '{key}' is the local path {name!r}, but the folder {folder} does not exist; "
+                          "expected a folder saved by save_pretrained, or a hub id such as tiiuae/falcon-7b")
+    return folder
+
+
+def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
+    """The DeepSpeed config file named by `deepspeed_config`, parsed; ConfigError when it is missing or is not a
+    JSON object."""
+    resolved = resolve_input_path(path)
+    try:
+        ds = json.loads(resolved.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"key 'deepspeed_config': the DeepSpeed config {resolved} does not exist; expected a JSON "
+                          "file such as configs/zero_config.json") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"key 'deepspeed_config': cannot read {resolved}: {first_line(err)}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"key 'deepspeed_config': {resolved} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"key 'deepspeed_config': {resolved} holds a JSON {type(ds).__name__}; expected an object "
+                          "of DeepSpeed settings")
+    return resolved, ds
+
+
+def _validate_openassistant_options(cfg: TrainConfig) -> None:
+    if cfg.num_train_epochs <= 0:
+        raise ConfigError(f"key 'num_train_epochs' must be positive, got {cfg.num_train_epochs}")
+    if not 0.0 <= cfg.random_offset_probability <= 1.0:
+        raise ConfigError(f"key 'random_offset_probability' must be in [0, 1], got {cfg.random_offset_probability}")
+    for key in ("val_max_length", "eval_size", "freeze_layer"):
+        value = getattr(cfg, key)
+        if value is not None and value < (0 if key == "freeze_layer" else 1):
+            raise ConfigError(f"key '{key}' must be {'at least 0' if key == 'freeze_layer' else 'positive'} or "
+                              f"null, got {value}")
+    if cfg.freeze_layer is not None and cfg.peft.type is not None:
+        raise ConfigError("key 'freeze_layer' freezes layers of a full fine-tuning; with peft.type=lora the whole "
+                          "base is frozen already: set freeze_layer=null")
+    if cfg.use_system_prefix and not cfg.system_prefix:
+        raise ConfigError("key 'use_system_prefix' is true but 'system_prefix' is empty; give the system text")
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

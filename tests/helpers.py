@@ -4,6 +4,7 @@ Importable as `helpers` from every test module (tests/ is on sys.path through te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -70,3 +71,12 @@ def step_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
 
 
+
+
+def snapshot(folders: list[Path]) -> dict[str, str]:
+    """Every file (its sha256) and folder under `folders`: a change, a deletion and a new file all show."""
+    state = {}
+    for folder in folders:
+        for path in [folder, *folder.rglob("*")]:
+            state[str(path)] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,11 +114,29 @@ def test_truncation_is_counted_in_the_stats() -> None:
     assert int(train[9]) <= 24  # max
 
 
-def test_missing_data_file_names_the_path_and_the_key() -> None:
-    result = run_cli(*TINY, "datasets=[{oasst_export: {input_file_path: nowhere.jsonl}}]", "--show_dataset_stats")
+def test_the_model_card_command_finds_the_export_in_cache_dir(tmp_path: Path) -> None:
+    """`deepspeed trainer_sft.py --configs defaults falcon-7b oasst-top1 --cache_dir <data_cache_dir> ...`, the
+    published command, with the export in <data_cache_dir> as the OpenAssistant trainer expects it; the tiny model
+    stands in for Falcon-7B."""
+    data = tmp_path / "data_cache_dir"
+    data.mkdir()
+    shutil.copy(REPO / "data" / "oasst_sample.jsonl.gz", data / "2023-06-02_oasst_all_labels.jsonl.gz")
+    command = ["--configs", "defaults", "tiny-falcon", "oasst-top1", "--cache_dir", str(data), "--output_dir",
+               str(tmp_path / "out"), "--deepspeed", f"data_cache_dir={tmp_path / 'tokenized'}"]
+    result = run_cli(*command, "--show_dataset_stats")
+    assert result.returncode == 0, result.stderr
+    assert "oasst_export" in result.stdout
+
+    (data / "2023-06-02_oasst_all_labels.jsonl.gz").unlink()
+    result = run_cli(*command, "--show_dataset_stats")
     assert result.returncode == 2
-    assert "nowhere.jsonl" in result.stderr and "datasets[0].oasst_export.input_file_path" in result.stderr
-    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    tried = [data / "2023-06-02_oasst_all_labels.jsonl.gz", REPO / "data" / "2023-06-02_oasst_all_labels.jsonl.gz"]
+    assert line == (
+        "error: dataset file '2023-06-02_oasst_all_labels.jsonl.gz' (set by datasets[0].oasst_export.input_file_path) "
+        f"not found: tried {tried[0]} or {tried[1]}; a relative path is looked up in cache_dir (when set), then in "
+        "data_dir"
+    )
 
 
 def test_empty_dataset_after_filters_is_an_error() -> None:

@@ -14,7 +14,9 @@ from model_training.config import (
     ConfigError,
     OasstExportConfig,
     TrainConfig,
+    closest_name,
     dataset_specs,
+    is_hub_id,
     load_config,
     parse_override,
     read_sections,
@@ -168,7 +170,7 @@ def test_none_default_keys_keep_their_type() -> None:
 def test_unknown_section_suggests_the_closest() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(["defaults", "falcon-7bb"])
-    assert str(err.value) == "unknown config section 'falcon-7bb' in configs/config.yaml; did you mean 'falcon-7b'?"
+    assert str(err.value) == "unknown config section 'falcon-7bb' in configs/*.yaml; did you mean 'falcon-7b'?"
 
 
 def test_unknown_key_in_a_section_names_section_file_and_suggestion(tmp_path: Path) -> None:
@@ -272,3 +274,32 @@ def test_yes_no_on_off_stay_strings() -> None:
     cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override("save_strategy=no")])
     assert cfg.save_strategy == "no"
     assert parse_override("log_wandb=true") == ("log_wandb", True)
+
+
+@pytest.mark.parametrize(
+    ("name", "hub"),
+    [
+        ("tiiuae/falcon-7b", True),
+        ("gpt2", True),
+        ("data/tokenizr", False),  # data/ is a folder of the project: a typo, not the hub user "data"
+        ("data", False),
+        ("/models/falcon", False),
+        ("./falcon", False),
+        ("~/falcon", False),
+        ("falcon/", False),
+        ("runs/falcon/export", False),
+    ],
+)
+def test_model_and_tokenizer_names_that_look_like_paths_are_folders(name: str, hub: bool) -> None:
+    assert is_hub_id(name, PROJECT_ROOT) is hub
+
+
+def test_an_override_that_is_not_yaml_is_a_string_unless_it_opens_like_yaml() -> None:
+    assert parse_override("wandb_entity=@team") == ("wandb_entity", "@team")
+    with pytest.raises(ConfigError, match=r"'generate_samples=\[.Hi' is not valid YAML: .* at column 22 of the"):
+        parse_override('generate_samples=["Hi')
+
+
+def test_closest_name_lists_up_to_n_names() -> None:
+    assert closest_name("falconx", ["falcon", "falcon_h1", "llama"], n=3) == "; did you mean 'falcon' or 'falcon_h1'?"
+    assert closest_name("xyz", ["falcon"]) == ""

@@ -10,8 +10,9 @@ depend on (`TokenizedCache.key`):
 - the global `max_length`, `chat_format` and `dedupe`;
 - the tokenizer: sha256 of its full JSON serialization (vocabulary, merges, added tokens, normalizer,
   pre-tokenizer) and of its special tokens and chat template;
-- the source text of the modules that turn records into samples and the versions of transformers,
-  tokenizers and datasets, so that a change in how samples are built never reads an old entry.
+- the source text of the modules that turn records into samples (the split included) and the versions of
+  transformers, tokenizers, datasets and torch (whose generator draws the OASST split), so that a change in how
+  samples are built never reads an old entry.
 
 A file is an uncompressed numpy `.npz` of plain integer arrays (per split: the concatenated ids and labels,
 offsets, truncation flags, counts; the filter counts; the dedupe digests the dataset added), read with
@@ -52,7 +53,8 @@ SAMPLING_ONLY_OPTIONS = ("fraction", "size", "share", "replace")
 """Dataset options that change what an epoch draws, not the samples: changing them keeps the cache entry."""
 _SAMPLE_MODULES = ("cache.py", "chat_formats.py", "formatting.py", "oasst.py", "registry.py", "selection.py",
                    "sources.py")
-_LIBRARIES = ("transformers", "tokenizers", "datasets")
+# torch: the OASST split is drawn by its random generator.
+_LIBRARIES = ("transformers", "tokenizers", "datasets", "torch")
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -163,7 +165,9 @@ class TokenizedCache:
             "libraries": _library_versions(),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": cfg.max_length,
+            "val_max_length": cfg.val_max_length,
             "chat_format": cfg.chat_format,
+            "label_masking": cfg.label_masking,
             "dedupe": cfg.dedupe,
         }
 

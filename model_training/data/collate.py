@@ -55,3 +55,13 @@ def collate(
     if packing:
         return pack_samples(samples)
     return pad_batch(samples, pad_token_id, pad_to_multiple_of)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor bound for a GPU goes through pinned memory, asynchronously, so the
+    copy queues behind the work in flight and the host does not wait for the device."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

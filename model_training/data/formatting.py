@@ -134,6 +134,19 @@ def format_conversation(
     return truncate(FormattedSample(tuple(input_ids), tuple(labels), truncated=False), max_length)
 
 
+def format_system_prefix(
+    text: str, tokenizer: PreTrainedTokenizerBase, chat_format: str = DEFAULT_CHAT_FORMAT
+) -> FormattedSample:
+    """The format's system turn holding `text`, without loss: what `use_system_prefix` puts before a sample."""
+    input_ids, labels = _build([], tokenizer, text, get_chat_format(chat_format), generation_prompt=False)
+    return FormattedSample(tuple(input_ids), tuple(labels), truncated=False)
+
+
+def supervise_every_token(sample: FormattedSample) -> FormattedSample:
+    """`sample` with loss on every token (label_masking off): the prompts and role markers too."""
+    return FormattedSample(sample.input_ids, sample.input_ids, sample.truncated)
+
+
 def truncate(sample: FormattedSample, max_length: int | None) -> FormattedSample | None:
     """`sample` cut by the rule of `format_conversation`; None when no supervised token is left."""
     if max_length is not None and max_length < 1:

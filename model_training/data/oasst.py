@@ -11,15 +11,20 @@ Two input layouts are accepted, detected per file from its first readable record
 Only `message_id`, `text` and `role` are required on a message (and `message_tree_id` on a flat row, which
 is how rows name their tree); every other field may be missing and then means null. Every message of a
 tree-form line is checked for the required fields and for alternating roles, including trees that the
-filters drop; the optional fields (rank, labels) are converted, and so checked, only for kept trees. Flat
-rows are each checked for their own fields; the checks that need the parent (it exists on an earlier row,
-roles alternate) run only for trees that pass the tree filter, because the rows of dropped trees are not
-kept.
+filters drop; the optional fields (rank, labels) are converted, and so checked, only for trees that are
+ready for export with a reviewed prompt. Flat rows are each checked for their own fields; the checks that
+need the parent (it exists on an earlier row, roles alternate) run only for such trees, because the rows of
+the other trees are not kept.
 
-Train/validation split: trees, never threads, are split. The ids of the trees that yield at least one
-thread are sorted, shuffled with `random.Random(manual_seed)`, and the first `round(n * val_split)` of them
-form the validation set. The split is thus a pure function of the seed and the set of trees, whatever the
-order of the file. Threads keep file order within each side.
+Trees in other languages than `lang` are built like kept trees but only their threads are counted (the
+`other_language` count of `--show_dataset_stats`, in threads like the count of every other source).
+
+Train/validation split: trees, never threads, are split, as the OpenAssistant trainer splits them
+(`split_like_openassistant` in model_training/data/selection.py): the list of every tree that passes the tree
+filter, in file order (for flat rows: the order in which the trees first appear), trees that yield no thread
+included, is drawn from by torch's `random_split` with a generator seeded with `manual_seed`. The same export,
+`lang`, `val_split` and `manual_seed` thus give the same validation trees as its runs; reordering the file
+changes them. Threads keep file order within each side.
 """
 
 from __future__ import annotations
@@ -27,12 +32,12 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
-from model_training.data.selection import held_out_groups, parse_languages
+from model_training.data.selection import parse_languages, split_like_openassistant
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +46,19 @@ REQUIRED_FIELDS = ("message_id", "text", "role")
 READY_STATE = "ready_for_export"
 
 
-class OasstFormatError(ValueError):
-    """A record of an export is malformed; the message names the file, the 1-based line (or parquet row)
-    and what was wrong."""
+class FileFormatError(ValueError):
+    """A data file does not hold what its format promises; the message names the file, the 1-based line (or
+    record, or row) and what was wrong."""
 
     def __init__(self, path: str | Path, line: int, reason: str, unit: str = "line") -> None:
         super().__init__(f"{path}, {unit} {line}: {reason}")
         self.path = path
         self.line = line
         self.reason = reason
+
+
+class OasstFormatError(FileFormatError):
+    """A record of an export is malformed."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,8 @@ class _Node:
 class _Tree:
     tree_id: str
     root: _Node
+    # False for a tree whose prompt is in none of the languages asked for: its threads are only counted.
+    in_language: bool = True
 
 
 class _InvalidRecord(Exception):
@@ -105,7 +116,9 @@ def load_oasst_export(
 
     With `skip_invalid`, malformed lines are skipped and counted instead of raising OasstFormatError (in the
     flat form the whole tree of a malformed row is dropped). When `stats` is given, it is filled with
-    `records`, `skipped_lines`, `train_trees`, `val_trees`, `train_threads` and `val_threads`.
+    `records`, `skipped_lines`, `other_language` (threads of trees that pass every filter but the language),
+    `train_trees`, `val_trees` (the trees in `lang` that pass the tree filter, those without threads included),
+    `train_threads` and `val_threads`.
     `config_key` names the setting the path came from, for the message of a missing file.
     """
     if mode != "sft":
@@ -118,19 +131,19 @@ def load_oasst_export(
         origin = f" (set by {config_key})" if config_key else ""
         raise FileNotFoundError(f"OASST export file not found: {path}{origin}")
 
-    counts = {"records": 0, "skipped_lines": 0}
+    counts = {"records": 0, "skipped_lines": 0, "other_language": 0}
     unit = "row" if path.suffix == ".parquet" else "line"
     trees = _read_trees(_records(path), path, unit, parse_languages(lang), skip_invalid, counts)
-    threads_by_tree = _threads_by_tree(trees, top_k)
+    threads_per_tree = [threads for _, threads in _tree_threads(trees, top_k, counts)]
     if counts["skipped_lines"]:
         logger.warning("skipped %d invalid line(s) in OASST export %s", counts["skipped_lines"], path)
-    val_trees = held_out_groups(threads_by_tree, val_split, manual_seed)
-    train = [t for tree_id, threads in threads_by_tree.items() if tree_id not in val_trees for t in threads]
-    val = [t for tree_id, threads in threads_by_tree.items() if tree_id in val_trees for t in threads]
+    train_trees, val_trees = split_like_openassistant(threads_per_tree, val_split, manual_seed)
+    train = [thread for threads in train_trees for thread in threads]
+    val = [thread for threads in val_trees for thread in threads]
     if stats is not None:
         stats.update(
             counts,
-            train_trees=len(threads_by_tree) - len(val_trees),
+            train_trees=len(train_trees),
             val_trees=len(val_trees),
             train_threads=len(train),
             val_threads=len(val),
@@ -138,28 +151,30 @@ def load_oasst_export(
     return train, val
 
 
-def threads_from_rows(
+def trees_from_rows(
     rows: Iterable[dict],
     source: str | Path,
     lang: str = "en",
     top_k: int | None = None,
     skip_invalid: bool = False,
     stats: dict[str, int] | None = None,
-) -> list[tuple[str, Thread]]:
-    """(message tree id, thread) for flat `oasst1` rows (one message per row, as the `datasets` library yields
-    them), trees in row order, with the filters of `load_oasst_export` and no train/validation split.
+) -> list[tuple[str, list[Thread]]]:
+    """(message tree id, its threads) for flat `oasst1` rows (one message per row, as the `datasets` library
+    yields them), with the filters of `load_oasst_export` and no train/validation split: every tree in `lang`
+    that passes the tree filter, in the order the trees first appear in the rows, with no threads for a tree
+    that yields none (the list `split_like_openassistant` draws from).
 
-    `source` names the rows in error messages, which count rows from 1. `stats` gets `records` and
-    `skipped_lines` (the malformed rows skipped with `skip_invalid`; their whole tree is dropped).
+    `source` names the rows in error messages, which count rows from 1. `stats` gets `records`, `skipped_lines`
+    (the malformed rows skipped with `skip_invalid`; their whole tree is dropped) and `other_language`.
     """
     _check_top_k(top_k)
-    counts = {"records": 0, "skipped_lines": 0}
+    counts = {"records": 0, "skipped_lines": 0, "other_language": 0}
     langs = parse_languages(lang)
     trees = _read_trees(enumerate(rows, start=1), source, "row", langs, skip_invalid, counts, _FlatTrees(langs))
-    pairs = [(tree_id, thread) for tree_id, threads in _threads_by_tree(trees, top_k).items() for thread in threads]
+    tree_threads = _tree_threads(trees, top_k, counts)
     if stats is not None:
         stats.update(counts)
-    return pairs
+    return tree_threads
 
 
 def _check_top_k(top_k: int | None) -> None:
@@ -167,14 +182,17 @@ def _check_top_k(top_k: int | None) -> None:
         raise ValueError(f"top_k must be at least 1 or None, got {top_k}")
 
 
-def _threads_by_tree(trees: Iterable[_Tree], top_k: int | None) -> dict[str, list[Thread]]:
-    """Tree id -> its threads, for the trees that yield at least one, in tree order."""
-    threads_by_tree: dict[str, list[Thread]] = {}
+def _tree_threads(trees: Iterable[_Tree], top_k: int | None, counts: dict[str, int]) -> list[tuple[str, list[Thread]]]:
+    """(tree id, threads) for the trees in the asked languages, in tree order, those without threads included;
+    the threads of the other trees are counted in `counts["other_language"]`."""
+    kept = []
     for tree in trees:
         threads = list(_sft_threads(tree.root, top_k))
-        if threads:
-            threads_by_tree.setdefault(tree.tree_id, []).extend(threads)
-    return threads_by_tree
+        if tree.in_language:
+            kept.append((tree.tree_id, threads))
+        else:
+            counts["other_language"] += len(threads)
+    return kept
 
 
 def _read_trees(
@@ -229,32 +247,57 @@ def _records(path: Path) -> Iterator[tuple[int, str | dict]]:
                 row_no += 1
                 yield row_no, row
         return
-    with _open_text(path) as lines:
-        for line_no, line in enumerate(lines, start=1):
-            if line.strip():
-                yield line_no, line
+    for line_no, line in enumerate(text_lines(path), start=1):
+        if line.strip():
+            yield line_no, line
 
 
-def _open_text(path: Path) -> TextIO:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, gunzipped when the name ends in .gz. A file that is not what its name
+    says raises FileFormatError at the line where reading failed: the first for data that is not gzip, the
+    one after the last whole line for a gzip stream cut short."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    read = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as lines:
+            for line in lines:
+                yield line
+                read += 1
+    except gzip.BadGzipFile:
+        raise FileFormatError(path, read + 1, "not gzip data; expected a gzip-compressed file (.gz)") from None
+    except (EOFError, zlib.error):
+        reason = "the gzip data ends early or is damaged (an interrupted copy?); expected a whole .gz file"
+        raise FileFormatError(path, read + 1, reason) from None
+    except UnicodeDecodeError as error:
+        raise FileFormatError(path, read + 1, f"not UTF-8 text ({error.reason}); expected UTF-8") from None
+
+
+def json_line(line: str) -> object:
+    """One JSON Lines record; a decoder error's column then counts from the start of that line."""
+    return json.loads(line.rstrip("\n"))
+
+
+def invalid_json(error: json.JSONDecodeError) -> str:
+    """What is wrong with a record that is not JSON, at the decoder's column. Messages that end in "at" ("Unterminated
+    string starting at") name the column where the broken token starts."""
+    return f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
 
 
 def _decode(record: str | dict) -> dict:
     if isinstance(record, dict):
         return record
     try:
-        row = json.loads(record)
+        row = json_line(record)
     except json.JSONDecodeError as error:
-        raise _InvalidRecord(f"invalid JSON ({error.msg} at column {error.colno})") from None
+        raise _InvalidRecord(invalid_json(error)) from None
     if not isinstance(row, dict):
         raise _InvalidRecord(f"expected a JSON object, got {type(row).__name__}")
     return row
 
 
-def _wanted(tree_state: object, prompt: dict, langs: set[str]) -> bool:
-    return tree_state == READY_STATE and prompt.get("review_result") is True and prompt.get("lang") in langs
+def _eligible(tree_state: object, prompt: dict) -> bool:
+    """The tree filter but for the language, which decides only whether the tree's threads are kept or counted."""
+    return tree_state == READY_STATE and prompt.get("review_result") is True
 
 
 def _check_fields(raw: object) -> None:
@@ -316,10 +359,11 @@ def _parse_tree(row: dict, langs: set[str]) -> _Tree | None:
         raise _InvalidRecord("lacks required field 'prompt' (expected one message tree per line)")
     prompt = row["prompt"]
     _check_fields(prompt)  # the tree filter reads the prompt's fields
-    wanted = _wanted(row.get("tree_state"), prompt, langs)
-    # Dropped trees are checked without building their messages: most of a full export is dropped.
-    root = _parse_node(prompt, None, wanted)
-    return _Tree(str(row.get("message_tree_id") or prompt["message_id"]), root) if root is not None else None
+    # Trees not ready or not reviewed are checked without building their messages: most of a full export is.
+    root = _parse_node(prompt, None, _eligible(row.get("tree_state"), prompt))
+    if root is None:
+        return None
+    return _Tree(str(row.get("message_tree_id") or prompt["message_id"]), root, prompt.get("lang") in langs)
 
 
 def _parse_node(raw: object, parent: dict | None, build: bool) -> _Node | None:
@@ -343,6 +387,7 @@ class _FlatTrees:
         self.roots: dict[str, _Node] = {}  # tree id -> root, in file order
         self.nodes: dict[str, _Node] = {}  # message id -> node, for kept trees only
         self.dropped: set[str] = set()  # trees that failed the filter or had a malformed row
+        self.other_language: set[str] = set()  # kept only to count their threads
 
     def add(self, row: dict) -> None:
         _check_fields(row)
@@ -355,9 +400,11 @@ class _FlatTrees:
             _check_alternation(row, None, None)
             if tree_id in self.roots:
                 raise _InvalidRecord(f"tree {tree_id} has a second root message {message_id}")
-            if not _wanted(row.get("tree_state"), row, self.langs):
+            if not _eligible(row.get("tree_state"), row):
                 self.dropped.add(tree_id)
                 return
+            if row.get("lang") not in self.langs:
+                self.other_language.add(tree_id)
             node = self.roots[tree_id] = _Node(_message(row), [])
         else:
             parent = self.nodes.get(parent_id)
@@ -377,7 +424,7 @@ class _FlatTrees:
 
     def trees(self) -> Iterator[_Tree]:
         for tree_id, root in self.roots.items():
-            yield _Tree(tree_id, root)
+            yield _Tree(tree_id, root, tree_id not in self.other_language)
 
 
 def _acceptable(node: _Node, parent: _Node | None, top_k: int | None) -> bool:

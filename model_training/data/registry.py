@@ -1,9 +1,10 @@
 """The datasets a config names: loaded, split, deduplicated, filtered and tokenized into formatted samples.
 
 For each entry of `datasets` + `datasets_extra`, in config order:
-  1. load its records (model_training/data/oasst.py for `oasst_export`, model_training/data/sources.py for
-     the others) and split them into train and validation (by message tree for OASST, by record otherwise;
-     a pure function of `manual_seed`);
+  1. find its input (`data_path`: a relative path in `cache_dir`, then in `data_dir`), load its records
+     (model_training/data/oasst.py for `oasst_export`, model_training/data/sources.py for the others) and split
+     them into train and validation with `manual_seed` (OASST by message tree, as the OpenAssistant trainer
+     splits; the others by record);
   2. drop exact duplicates of conversations seen earlier, in this or an earlier dataset (`dedupe`), and
      records in other languages (`lang`, where the source gives one);
   3. format each conversation (model_training/data/formatting.py) or cut each text into pieces, drop samples
@@ -30,11 +31,11 @@ from transformers import PreTrainedTokenizerBase
 from model_training.config import ConfigError, DatasetConfig, TrainConfig, dataset_specs, resolve_input_path
 from model_training.data.cache import TokenizedCache, arrays_to_samples, describe_dataset, samples_to_arrays
 from model_training.data.chat_formats import DEFAULT_CHAT_FORMAT
-from model_training.data.formatting import FormattedSample, format_conversation, format_text, truncate
+from model_training.data.formatting import FormattedSample, format_conversation, format_text, supervise_every_token
 from model_training.data.oasst import load_oasst_export
-from model_training.data.selection import held_out_groups, parse_languages
+from model_training.data.selection import held_out_groups, parse_languages, split_like_openassistant
 from model_training.data.sources import LOADERS as SOURCE_LOADERS
-from model_training.data.sources import Conversation, TextDocument
+from model_training.data.sources import Conversation, TextDocument, is_hub_dataset, load_oasst1_trees
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class FilterReport:
     too_short: int = 0
     too_long: int = 0
 
+    def add_other_language(self, count: int) -> None:
+        """Records a loader left out for their language itself (OASST filters whole trees): read, then dropped."""
+        self.records += count
+        self.other_language += count
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -71,19 +77,40 @@ class PreparedData:
     val: list[TokenizedSplit]
     options: list[DatasetConfig] = field(default_factory=list)
     reports: list[FilterReport] = field(default_factory=list)
+    cached: list[bool] = field(default_factory=list)
+    """Per dataset: read from the tokenized-data cache rather than prepared."""
 
 
-def data_path(cfg: TrainConfig, path: str) -> str:
-    """A dataset source: an absolute path stays; a relative one resolves against `data_dir` when it exists
-    there, and is otherwise left as it is (a hub id such as OpenAssistant/oasst1)."""
+def dataset_folders(cfg: TrainConfig) -> list[Path]:
+    """Where a relative `input_file_path` is looked up, in order: `cache_dir`, where the OpenAssistant trainer
+    reads its datasets (so its published commands find their files), then `data_dir`."""
+    folders = [Path(cfg.cache_dir).expanduser().absolute()] if cfg.cache_dir else []
+    return [*folders, resolve_input_path(cfg.data_dir)]
+
+
+def data_path(cfg: TrainConfig, name: str, path: str, config_key: str) -> str:
+    """A dataset's source: an absolute path stays; a relative one becomes the first of it under `dataset_folders`
+    that exists, or stays as it is when it is a hub id (never for `oasst_export`, which reads files only).
+    ConfigError otherwise, naming every place tried and `config_key`."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return str(p)
-    local = resolve_input_path(cfg.data_dir) / p
-    return str(local) if local.exists() or p.suffix else path
+    folders = dataset_folders(cfg)
+    tried = [folder / p for folder in folders]
+    found = next((candidate for candidate in tried if candidate.exists()), None)
+    if found is not None:
+        return str(found)
+    if name != "oasst_export" and all(is_hub_dataset(path, folder) for folder in folders):
+        return path
+    places = " or ".join(str(candidate) for candidate in tried)
+    raise ConfigError(f"dataset file {path!r} (set by {config_key}) not found: tried {places}; a relative path is "
+                      "looked up in cache_dir (when set), then in data_dir")
 
 
-def _load_oasst_export(options: Any, source: str, key: str) -> tuple[list[Record], list[Record]]:
+def _load_oasst_export(
+    options: Any, source: str, key: str, report: FilterReport
+) -> tuple[list[Record], list[Record]]:
+    stats: dict[str, int] = {}
     train, val = load_oasst_export(
         source,
         lang=options.lang,
@@ -92,26 +119,46 @@ def _load_oasst_export(options: Any, source: str, key: str) -> tuple[list[Record
         manual_seed=options.manual_seed,
         skip_invalid=options.skip_invalid,
         config_key=f"{key}.input_file_path",
+        stats=stats,
     )
+    report.add_other_language(stats["other_language"])
     return [Conversation(messages=tuple(t)) for t in train], [Conversation(messages=tuple(t)) for t in val]
 
 
-def _load_source(name: str) -> Callable[[Any, str, str], tuple[list[Record], list[Record]]]:
-    def load(options: Any, source: str, key: str) -> tuple[list[Record], list[Record]]:
-        extra = {"lang": options.lang, "top_k": options.top_k} if name == "oasst1" else {}
-        records = SOURCE_LOADERS[name](
-            source, skip_invalid=options.skip_invalid, config_key=f"{key}.input_file_path", **extra
-        )
+def _load_oasst1(options: Any, source: str, key: str, report: FilterReport) -> tuple[list[Record], list[Record]]:
+    stats: dict[str, int] = {}
+    trees = load_oasst1_trees(
+        source,
+        lang=options.lang,
+        top_k=options.top_k,
+        skip_invalid=options.skip_invalid,
+        config_key=f"{key}.input_file_path",
+        stats=stats,
+    )
+    report.add_other_language(stats["other_language"])
+    train, val = split_like_openassistant(trees, options.val_split, options.manual_seed)
+    return [c for tree in train for c in tree], [c for tree in val for c in tree]
+
+
+Loader = Callable[[Any, str, str, FilterReport], tuple[list[Record], list[Record]]]
+
+
+def _load_source(name: str) -> Loader:
+    def load(options: Any, source: str, key: str, report: FilterReport) -> tuple[list[Record], list[Record]]:
+        records = SOURCE_LOADERS[name](source, skip_invalid=options.skip_invalid, config_key=f"{key}.input_file_path")
         return split_records(records, options.val_split, options.manual_seed)
 
     return load
 
 
-LOADERS: dict[str, Callable[[Any, str, str], tuple[list[Record], list[Record]]]] = {
-    "oasst_export": _load_oasst_export,
+LOADERS: dict[str, Loader] = {
     **{name: _load_source(name) for name in SOURCE_LOADERS},
+    "oasst_export": _load_oasst_export,
+    "oasst1": _load_oasst1,
 }
-"""Dataset name -> loader returning (train, val) records; every name in DATASET_CONFIGS has one."""
+"""Dataset name -> loader returning (train, val) records (and counting in the report what it filtered itself);
+every name in DATASET_CONFIGS has one. The OASST sources split as the OpenAssistant trainer does, the others by
+`split_records`."""
 
 
 def split_records(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -161,9 +208,12 @@ def tokenize_records(
     options: DatasetConfig | None = None,
     report: FilterReport | None = None,
     chat_format: str = DEFAULT_CHAT_FORMAT,
+    label_masking: bool = True,
 ) -> TokenizedSplit:
-    """Format records into samples in `chat_format`; length filters first (on the whole sample), then the
-    global cut."""
+    """Format records into whole samples in `chat_format` (plain text into pieces of `max_length` tokens);
+    the dataset's length filters apply to the whole sample. A conversation is cut to `max_length` only when a
+    batch is built (model_training/data/windows.py); here it counts as truncated when it is longer. A sample
+    without a supervised token cannot train and is dropped."""
     report = report or FilterReport(name)
     min_length = options.min_length if options else 0
     longest = options.max_length if options else None
@@ -173,18 +223,19 @@ def tokenize_records(
             pieces = format_text(record.text, tokenizer, max_length)
         else:
             pieces = [format_conversation(record.messages, tokenizer, None, record.system, chat_format)]
-        for full in pieces:
-            if len(full.input_ids) < min_length:
+        for sample in pieces:
+            if len(sample.input_ids) < min_length:
                 report.too_short += 1
                 continue
-            if longest is not None and len(full.input_ids) > longest:
+            if longest is not None and len(sample.input_ids) > longest:
                 report.too_long += 1
                 continue
-            sample = truncate(full, max_length)
-            if sample is None:
+            if not label_masking:
+                sample = supervise_every_token(sample)
+            if sample.num_supervised == 0:
                 dropped += 1
                 continue
-            truncated += sample.truncated
+            truncated += len(sample.input_ids) > max_length
             samples.append(sample)
     _warn_dropped(name, dropped)
     return TokenizedSplit(
@@ -218,7 +269,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
     for index, (name, options) in enumerate(specs):
         key = f"datasets[{index}].{name}"
         display = name if sum(n == name for n, _ in specs) == 1 else f"{name}[{index}]"
-        source = data_path(cfg, options.input_file_path)
+        source = data_path(cfg, name, options.input_file_path, f"{key}.input_file_path")
         prepared, cache_key = None, None
         if cache is not None and described is not None:
             entry = describe_dataset(name, options, source)
@@ -232,7 +283,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
                 # Dedupe crosses sources: with it, what a dataset keeps depends on every dataset before it.
                 cache_key = cache.key(described if cfg.dedupe else [entry])
                 prepared = cache.load(cache_key, partial(_decode, display))
-        if prepared is not None:
+        hit = prepared is not None
+        if hit:
             logger.info("%s: tokenized cache hit (%s)", display, cache.path(cache_key))
             for split in (prepared.train, prepared.val):
                 _warn_dropped(display, split.dropped)
@@ -254,6 +306,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
         data.val.append(prepared.val)
         data.options.append(options)
         data.reports.append(prepared.report)
+        data.cached.append(hit)
     return data
 
 
@@ -268,16 +321,18 @@ def _prepare_dataset(
     seen: set[bytes] | None,
 ) -> _Prepared:
     """Load, split, filter and tokenize one dataset; adds the dedupe keys of what it keeps to `seen`."""
-    try:
-        train, val = LOADERS[name](options, source, key)
-    except FileNotFoundError as err:
-        # The loader's message names the path and the config key; a user fixes it in the config.
-        raise ConfigError(str(err)) from None
     report = FilterReport(display)
+    try:
+        train, val = LOADERS[name](options, source, key, report)
+    except (FileNotFoundError, ConnectionError) as err:
+        # The loader's message names the path (or hub id) and the config key; a user fixes it in the config.
+        raise ConfigError(str(err)) from None
     train, val = _keep(train, options, seen, report), _keep(val, options, seen, report)
     return _Prepared(
-        train=tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format),
-        val=tokenize_records(display, val, tokenizer, cfg.max_length, options, report, cfg.chat_format),
+        train=tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format,
+                               cfg.label_masking),
+        val=tokenize_records(display, val, tokenizer, cfg.val_max_length or cfg.max_length, options, report,
+                             cfg.chat_format, cfg.label_masking),
         report=report,
         dedupe_keys=[_dedupe_key(r) for r in train + val] if seen is not None else [],
     )
@@ -320,7 +375,7 @@ def _decode(display: str, arrays: dict[str, np.ndarray]) -> _Prepared:
 
 def _warn_dropped(name: str, dropped: int) -> None:
     if dropped:
-        logger.warning("%s: dropped %d conversations left with no supervised token by max_length", name, dropped)
+        logger.warning("%s: dropped %d samples without a supervised token", name, dropped)
 
 
 def _describe(options: Any) -> str:

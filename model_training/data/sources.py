@@ -5,38 +5,52 @@ Every loader takes a `source`, which is one of
   (for the `text` loader; other loaders would find only a `text` field in it);
 - a local folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`: `split` picks one);
 - a Hugging Face hub id such as "databricks/databricks-dolly-15k", read with `datasets.load_dataset(source,
-  split=split)`; this needs network. A string is taken for a hub id only when no such local path exists, it
-  has the form "owner/name" without a known file suffix, and "owner" is not a local folder; anything else
-  that does not exist is a FileNotFoundError.
+  split=split)`; this needs network, or the dataset in the hub cache. A string is taken for a hub id only
+  when no such local path exists, it has the form "owner/name" without a known file suffix, and "owner" is
+  not a local file or folder; anything else that does not exist is a FileNotFoundError. A hub id that can
+  be neither downloaded nor found in the cache (offline) is a ConnectionError that names the config key.
 
 All of them are read through the `datasets` library. Local files are converted into a temporary cache that
 is deleted after the load (unless `cache_dir` is given), so nothing lands in the repository or in the
 user's home; hub downloads use `cache_dir` or the library's usual cache, since they are worth keeping.
 
-Records come back in source order, with no split and no shuffle: the caller splits (by `Conversation.group`
-when it is set, so that one OASST message tree stays on one side). A malformed record raises
+Records come back in source order, with no split and no shuffle: the caller splits (the OASST rows come as one
+list per message tree, so that a tree stays on one side). A malformed record raises
 DatasetFormatError naming the source, the record (1-based line of a JSON Lines or text file, record of a JSON
 array, row of a parquet file, saved folder or hub dataset) and what is wrong. With `skip_invalid` such
 records are skipped instead, counted, and reported in one warning. A file that the library cannot parse
-at all (broken JSON) is always an error: there is no record to skip.
+at all (broken JSON, a .gz file that is not gzip or is cut short) is always an error: there is no record
+to skip; the library reads a file that is one JSON object as one record, and the error about that record
+says that a JSON list or JSON Lines was expected. Errors about a file's content are FileFormatErrors
+(DatasetFormatError is one).
 
 `stats`, when given, is filled with `records` (rows read; lines for a `.txt` file), `skipped_invalid` and
-`kept` (the records returned).
+`kept` (the records returned), and for `oasst1` with `other_language` (threads left out for their language).
 """
 
 from __future__ import annotations
 
-import gzip
+import itertools
 import json
 import logging
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model_training.data.oasst import ROLES, Message, OasstFormatError, threads_from_rows
+from model_training.config import is_hub_id
+from model_training.data.oasst import (
+    ROLES,
+    FileFormatError,
+    Message,
+    OasstFormatError,
+    invalid_json,
+    json_line,
+    text_lines,
+    trees_from_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +63,6 @@ _BUILDERS = {
     ".parquet": "parquet",
     ".txt": "text",
 }
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # A turn marker of an hh-rlhf dialogue: only at the start or after a blank line, so that a "Human:" quoted
 # inside a turn does not split it.
 _HH_MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
@@ -78,15 +91,14 @@ class TextDocument:
     text: str
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(FileFormatError):
     """A record of a dataset is malformed; the message names the source, the 1-based record and the fault,
     e.g. "data/dolly.jsonl, line 7: missing field 'response'"."""
 
     def __init__(self, source: str | Path, number: int, reason: str, unit: str = "line") -> None:
-        super().__init__(f"{source}, {unit} {number}: {reason}")
+        super().__init__(source, number, reason, unit)
         self.source = source
         self.number = number
-        self.reason = reason
 
 
 class _InvalidRecord(Exception):
@@ -107,8 +119,12 @@ class _Table:
         number = index
         if self.json_lines is not None:
             # Found again only for the error: row i is the i-th non-blank line.
-            nonblank = (n for n, line in enumerate(_text_lines(self.json_lines), start=1) if line.strip())
+            nonblank = (n for n, line in enumerate(text_lines(self.json_lines), start=1) if line.strip())
             number = next(n for i, n in enumerate(nonblank, start=1) if i == index)
+            if len(self.rows) == 1 and _one_json_object(self.json_lines):
+                keys = ", ".join(repr(k) for k in self.rows.column_names)
+                reason = (f"the file is a single JSON object (keys {keys}), not records ({reason}); expected a "
+                          "JSON list of records or JSON Lines, one record per line")
         return DatasetFormatError(self.source, number, reason, self.unit)
 
 
@@ -119,7 +135,7 @@ class _Turn:
     where: str  # the turn in the source's terms, for messages: "turn 2 (Assistant)", "field 'response'"
 
 
-def load_oasst1(
+def load_oasst1_trees(
     source: str | Path,
     *,
     lang: str = "en",
@@ -127,33 +143,43 @@ def load_oasst1(
     skip_invalid: bool = False,
     stats: dict[str, int] | None = None,
     config_key: str | None = None,
-    split: str = "train",
+    split: str = "train+validation",
     cache_dir: str | Path | None = None,
-) -> list[Conversation]:
-    """The released flat OASST dataset ("OpenAssistant/oasst1"): one message per row.
+) -> list[list[Conversation]]:
+    """The released flat OASST dataset ("OpenAssistant/oasst1"): one message per row, read as message trees.
 
     Fields: `message_id`, `text`, `role` ("prompter" | "assistant") and `message_tree_id` are required;
     `parent_id`, `lang`, `review_result`, `deleted`, `synthetic`, `rank`, `labels` and `tree_state` are
     read when present (null otherwise); the rest (`user_id`, `emojis`, `detoxify`, ...) is ignored. A parent
     row must come before its children. Trees and threads are filtered exactly as `load_oasst_export` does
-    (ready trees, reviewed prompts in `lang`, no deleted or synthetic messages, `top_k`); one Conversation per
-    thread, with `group` = the message tree id and `lang` = the prompt's language. A malformed row drops its
-    whole tree under `skip_invalid`.
+    (ready trees, reviewed prompts in `lang`, no deleted or synthetic messages, `top_k`). One list per tree
+    that passes the tree filter, in the order the trees first appear in the rows, holding one Conversation per
+    thread (`group` = the message tree id, `lang` = the prompt's language; none for a tree without threads):
+    the list OpenAssistant splits. A malformed row drops its whole tree under `skip_invalid`.
+
+    `split` may join splits with "+": the OpenAssistant trainer reads the hub dataset's "train+validation".
     """
     table = _read(source, split, cache_dir, config_key)
     counts: dict[str, int] = {}
     try:
-        pairs = threads_from_rows(table.rows, table.source, lang, top_k, skip_invalid, counts)
+        tree_threads = trees_from_rows(table.rows, table.source, lang, top_k, skip_invalid, counts)
     except OasstFormatError as error:
         raise table.error(error.line, error.reason) from None
     if counts["skipped_lines"]:
         logger.warning("skipped %d invalid row(s) in %s", counts["skipped_lines"], table.source)
-    conversations = [
-        Conversation(messages=tuple(thread), lang=thread[0].lang, group=tree_id) for tree_id, thread in pairs
+    trees = [
+        [Conversation(messages=tuple(thread), lang=thread[0].lang, group=tree_id) for thread in threads]
+        for tree_id, threads in tree_threads
     ]
     if stats is not None:
-        stats.update(records=counts["records"], skipped_invalid=counts["skipped_lines"], kept=len(conversations))
-    return conversations
+        stats.update(records=counts["records"], skipped_invalid=counts["skipped_lines"],
+                     kept=sum(map(len, trees)), other_language=counts["other_language"])
+    return trees
+
+
+def load_oasst1(source: str | Path, **options: Any) -> list[Conversation]:
+    """The conversations of `load_oasst1_trees` (which takes the same options), tree after tree."""
+    return [conversation for tree in load_oasst1_trees(source, **options) for conversation in tree]
 
 
 def load_dolly15k(
@@ -314,18 +340,18 @@ def _read(source: str | Path, split: str, cache_dir: str | Path | None, config_k
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{path} has no split {split!r}; its splits are {', '.join(loaded)}")
-            loaded = loaded[split]
+            loaded = _joined_splits(loaded, split, path)
         return _Table(source, loaded, "row")
+    origin = f" (set by {config_key})" if config_key else ""
     if not path.exists():
-        if _is_hub_id(source):
-            return _Table(source, datasets.load_dataset(str(source), split=split, cache_dir=cache_dir), "row")
-        origin = f" (set by {config_key})" if config_key else ""
+        if is_hub_dataset(source):
+            return _Table(source, _read_hub(str(source), split, cache_dir, origin), "row")
         raise FileNotFoundError(f"dataset file not found: {path}{origin}")
     builder = _BUILDERS.get(_suffix(path))
     if builder is None:
         raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(_BUILDERS)} or a folder")
+    # The library logs its own line about a JSON file it cannot parse; `_explain_json_error` says where.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="sources-cache-") as tmp:
         try:
             # keep_in_memory: the rows must outlive the temporary cache.
@@ -343,16 +369,46 @@ def _read(source: str | Path, split: str, cache_dir: str | Path | None, config_k
     return _Table(source, rows, "line", json_lines=path)
 
 
+def _joined_splits(loaded: Any, split: str, path: Path) -> Any:
+    """The rows of `split` ("train", or "train+validation" as the hub reads it) of a saved DatasetDict."""
+    import datasets
+
+    names = split.split("+")
+    missing = [name for name in names if name not in loaded]
+    if missing:
+        raise ValueError(f"{path} has no split {missing[0]!r}; its splits are {', '.join(loaded)}")
+    return datasets.concatenate_datasets([loaded[name] for name in names])
+
+
 def _suffix(path: Path) -> str:
     suffixes = path.suffixes
     return "".join(suffixes[-2:]) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
 
 
-def _is_hub_id(source: str | Path) -> bool:
-    if not isinstance(source, str) or not _HUB_ID.fullmatch(source):
-        return False
-    owner, name = source.split("/")
-    return not Path(owner).is_dir() and not any(name.endswith(suffix) for suffix in _BUILDERS)
+def _read_hub(source: str, split: str, cache_dir: str | Path | None, origin: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    except ConnectionError:
+        offline = datasets.config.HF_HUB_OFFLINE
+        reason = "the hub is offline (HF_HUB_OFFLINE is set)" if offline else "the hub is out of reach"
+        raise ConnectionError(
+            f"dataset {source!r}{origin} is a hub id, but {reason} and the hub cache has no copy; point "
+            "input_file_path at a local copy: a .jsonl, .json or .parquet file, or a folder written by save_to_disk"
+        ) from None
+
+
+def is_hub_dataset(source: str | Path, root: Path | None = None) -> bool:
+    """Whether `source` names a hub dataset rather than a local path: `owner/name` whose owner is no file or
+    folder in `root` (default: the working directory), without a data file's suffix (a name with one is a
+    missing file)."""
+    return (
+        isinstance(source, str)
+        and "/" in source
+        and is_hub_id(source, root or Path())
+        and not any(source.endswith(suffix) for suffix in _BUILDERS)
+    )
 
 
 def _explain_json_error(path: Path, source: str | Path) -> None:
@@ -360,35 +416,37 @@ def _explain_json_error(path: Path, source: str | Path) -> None:
     library's own error does not say where the file is broken."""
     if _is_json_array(path):
         try:
-            records = json.loads("".join(_text_lines(path)))
+            records = json.loads("".join(text_lines(path)))
         except json.JSONDecodeError as bad:
-            raise DatasetFormatError(source, bad.lineno, f"invalid JSON ({bad.msg} at column {bad.colno})") from None
+            raise DatasetFormatError(source, bad.lineno, invalid_json(bad)) from None
         for number, record in enumerate(records if isinstance(records, list) else [], start=1):
             if not isinstance(record, dict):
                 raise DatasetFormatError(source, number, "expected a JSON object", "record")
         return
-    for number, line in enumerate(_text_lines(path), start=1):
+    for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_line(line)
         except json.JSONDecodeError as bad:
-            raise DatasetFormatError(source, number, f"invalid JSON ({bad.msg} at column {bad.colno})") from None
+            raise DatasetFormatError(source, number, invalid_json(bad)) from None
         if not isinstance(record, dict):
             raise DatasetFormatError(source, number, f"expected a JSON object, got {type(record).__name__}")
 
 
+def _one_json_object(path: Path) -> bool:
+    """Whether a file the library read as a single record is one JSON object ({"data": [...]}, or one record
+    spread over several lines) rather than JSON Lines with one record: the name says JSON, or the record takes
+    more than one line."""
+    nonblank = (line for line in text_lines(path) if line.strip())
+    return _suffix(path) in (".json", ".json.gz") or len(list(itertools.islice(nonblank, 2))) > 1
+
+
 def _is_json_array(path: Path) -> bool:
-    for line in _text_lines(path):
+    for line in text_lines(path):
         if line.strip():
             return line.lstrip().startswith("[")
     return False
-
-
-def _text_lines(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        yield from lines
 
 
 def _convert(

@@ -1,10 +1,14 @@
-"""`--show_dataset_stats`: what each dataset contributes once filtered, formatted and truncated."""
+"""`--show_dataset_stats`: what each dataset contributes once filtered, formatted and cut to its length limit.
+
+A sample longer than the limit is counted as its first `limit` tokens (the cut when no random window is drawn,
+model_training/data/windows.py); `truncated` counts those samples."""
 
 from __future__ import annotations
 
 import math
 
 from model_training.data.registry import PreparedData, TokenizedSplit
+from model_training.data.windows import EVALUATION, LengthRule
 
 _COLUMNS = (
     "dataset", "split", "threads", "turns", "samples", "tokens", "p50", "p90", "p99", "max",
@@ -20,10 +24,11 @@ def _percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[rank - 1]
 
 
-def split_row(split: TokenizedSplit, side: str) -> dict[str, object]:
-    lengths = sorted(len(s.input_ids) for s in split.samples)
+def split_row(split: TokenizedSplit, side: str, limit: int) -> dict[str, object]:
+    cut = [LengthRule(limit).apply(sample, EVALUATION, index) for index, sample in enumerate(split.samples)]
+    lengths = sorted(len(s.input_ids) for s in cut)
     tokens = sum(lengths)
-    supervised = sum(s.num_supervised for s in split.samples)
+    supervised = sum(s.num_supervised for s in cut)
     return {
         "dataset": split.name,
         "split": side,
@@ -50,10 +55,12 @@ def _table(columns: tuple[str, ...], rows: list[dict[str, object]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table)
 
 
-def format_stats(data: PreparedData, per_epoch: list[int]) -> str:
-    """Two plain-text tables: one row per dataset and split; then what each dataset's filters removed and
-    how many of its training samples an epoch draws (`per_epoch`, from the mixture options)."""
-    rows = [split_row(s, "train") for s in data.train] + [split_row(s, "val") for s in data.val]
+def format_stats(data: PreparedData, per_epoch: list[int], max_length: int, val_max_length: int) -> str:
+    """Two plain-text tables: one row per dataset and split, its samples cut to `max_length` (training) or
+    `val_max_length`; then what each dataset's filters removed and how many of its training samples an epoch
+    draws (`per_epoch`, from the mixture options)."""
+    rows = [split_row(s, "train", max_length) for s in data.train]
+    rows += [split_row(s, "val", val_max_length) for s in data.val]
     removed = [
         {"dataset": r.name, "records": r.records, "other_language": r.other_language, "duplicates": r.duplicates,
          "too_short": r.too_short, "too_long": r.too_long, "per_epoch": n}

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from model_training.config import TrainConfig
+from model_training.config import TrainConfig, first_line
+from model_training.layout import ADAPTER_DIR
 from model_training.models.dtypes import TORCH_DTYPES
-from model_training.models.lora import ADAPTER_CONFIG_DIR, dequantized_weight, quantizable_layers
+from model_training.models.lora import dequantized_weight, quantizable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,13 @@ class AdapterExportError(ValueError):
 
 
 def is_adapter_checkpoint(checkpoint: Path) -> bool:
-    return (checkpoint / ADAPTER_CONFIG_DIR / "adapter_config.json").is_file()
+    return (checkpoint / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
 def read_lora_config(checkpoint: Path):  # noqa: ANN201 - peft's LoraConfig, imported lazily
     from peft import LoraConfig
 
-    return LoraConfig.from_pretrained(str(checkpoint / ADAPTER_CONFIG_DIR))
+    return LoraConfig.from_pretrained(str(checkpoint / ADAPTER_DIR))
 
 
 def write_adapter(
@@ -107,11 +108,6 @@ def merged_model(
     model = get_peft_model(base, lora)
     _load_trained(model, trained, assign=False)
     return model.merge_and_unload()
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, or its type when the message is empty."""
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def _load_trained(model: nn.Module, trained: dict[str, torch.Tensor], assign: bool) -> None:

@@ -10,9 +10,12 @@ is complete or absent, never half-written.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
+import struct
+import time
 import uuid
 from pathlib import Path
 
@@ -26,28 +29,37 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from model_training.config import ConfigError, read_run_config
-from model_training.export.adapter import (
-    AdapterExportError,
-    first_line,
-    is_adapter_checkpoint,
-    merged_model,
-    write_adapter,
-)
+from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read_run_config
+from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, write_weights
+from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR
 from model_training.models.dtypes import TORCH_DTYPES
-from model_training.training.checkpoint import resolve_checkpoint, verify_checkpoint
+from model_training.training.checkpoint import (
+    NewestCheckpointUnusable,
+    checkpoint_bytes,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {**TORCH_DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """--dtype: the config's names and torch's."""
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+"""How safetensors headers name the dtypes an export writes."""
 
 
 class ExportError(ValueError):
     """The input cannot be exported as asked; the message says why."""
+
+
+class OutputFolderNotEmptyError(ExportError):
+    """The output folder holds files and replacing them was not asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(f"the output folder {folder} exists and is not empty; pass --overwrite to replace it")
+        self.folder = folder
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -67,6 +79,8 @@ def export_model(
     overwrite: bool = False,
     merge_adapter: bool = False,
     base_model: str | None = None,
+    allow_older: bool = False,
+    check_hashes: bool = True,
 ) -> Path:
     """Export ``source`` into ``output_folder``; return the folder.
 
@@ -74,17 +88,19 @@ def export_model(
     a Hugging Face model folder (config.json and weights), which is loaded and saved again. An existing
     ``output_folder`` must be empty unless ``overwrite``. A LoRA checkpoint gives the adapter alone (a peft
     folder), or with ``merge_adapter`` the base with the adapter merged in (``base_model`` overrides the base
-    it names). Raises ExportError (or CheckpointError) for input
-    that cannot be exported; the output folder is then left as it was.
+    it names). A run folder whose newest checkpoint does not verify is refused unless ``allow_older``, which
+    takes the newest that does. With ``check_hashes`` every file of the checkpoint must match the hash its
+    manifest recorded. Raises ExportError (or CheckpointError) for input that cannot be exported; the output
+    folder is then left as it was.
     """
     source, output_folder = Path(source), Path(output_folder)
-    hf_folder = (source / "config.json").is_file()
-    checkpoint = None if hf_folder else _resolve(source)
+    checkpoint = None if is_model_folder(source) else _resolve(source, allow_older, check_hashes)
     if merge_adapter and (checkpoint is None or not is_adapter_checkpoint(checkpoint)):
         raise ExportError(f"--merge_adapter: {source} is not a LoRA checkpoint (it has no adapter/ folder)")
     _check_output_folder(output_folder, source, overwrite)
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(output_folder)
     partial = _hidden_sibling(output_folder, "partial")
     try:
         if checkpoint is None:
@@ -102,15 +118,83 @@ def export_model(
     return output_folder
 
 
-def _resolve(source: Path) -> Path:
+def is_model_folder(path: Path) -> bool:
+    """A Hugging Face model folder (config.json beside the weights) rather than a run or checkpoint folder."""
+    return (Path(path) / "config.json").is_file()
+
+
+def check_upload_as_is(folder: Path, dtype: torch.dtype | None, max_shard_size: int | None) -> None:
+    """Make sure the model folder ``folder`` needs no conversion to be uploaded; read only the weights' headers.
+
+    Its safetensors weights (``model.safetensors``, or every shard its index names) must be whole, their
+    floating-point tensors in ``dtype`` and every shard that holds more than one tensor within
+    ``max_shard_size`` bytes of tensors, as an export writes them; None accepts any. Raises ExportError.
+    """
+    for shard in _weight_files(folder):
+        floats, size, count = _shard_contents(shard)
+        if dtype is not None and floats not in ([], [SAFETENSORS_DTYPES[dtype]]):
+            raise ExportError(f"{shard} holds {'/'.join(floats)} weights, not {SAFETENSORS_DTYPES[dtype]}: give "
+                              "--output_folder for a converted copy")
+        if max_shard_size is not None and size > max_shard_size and count > 1:
+            raise ExportError(f"{shard} holds {size} bytes of tensors, more than --max_shard_size: give "
+                              "--output_folder for a copy in smaller shards")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return [folder / "model.safetensors"]
+    try:
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        raise ExportError(f"{index} is not a safetensors index ({type(exc).__name__}: {first_line(exc)})") from exc
+
+
+def _shard_contents(shard: Path) -> tuple[list[str], int, int]:
+    """The floating-point dtypes, the tensors' bytes and the number of tensors of a safetensors file, from its
+    header; the file must be whole. The format: the header's length (8 bytes, little-endian), the header
+    (JSON: each tensor's dtype, shape and data_offsets), then the tensors' bytes."""
+    try:
+        with open(shard, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, file_size)))
+        header.pop("__metadata__", None)
+        spans = [(start, end) for start, end in (t["data_offsets"] for t in header.values())]  # pairs, checked here
+        floats = sorted({t["dtype"] for t in header.values() if t["dtype"].startswith(("F", "BF"))})
+    except (OSError, ValueError, LookupError, TypeError, AttributeError, struct.error) as exc:
+        raise ExportError(f"{shard} is not readable as safetensors weights ({first_line(exc)})") from exc
+    covered = 8 + length + max((end for _, end in spans), default=0)
+    if covered != file_size:
+        raise ExportError(f"{shard} is incomplete: its header describes {covered} bytes, the file has {file_size}")
+    return floats, sum(end - start for start, end in spans), len(spans)
+
+
+def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
     if not source.is_dir():
         raise ExportError(f"{source} does not exist or is not a folder")
-    checkpoint = resolve_checkpoint(source, source.parent)
+    try:
+        checkpoint = resolve_checkpoint(source, source.parent, allow_older=allow_older)
+    except NewestCheckpointUnusable as err:
+        raise ExportError(
+            f"{err}; export an older checkpoint by naming its folder, or pass --allow_older to take the newest one "
+            "that is whole"
+        ) from None
     logger.info("exporting checkpoint %s", checkpoint)
-    for needed in ("model_config", "tokenizer"):
+    for needed in (MODEL_CONFIG_DIR, TOKENIZER_DIR):
         if not (checkpoint / needed).is_dir():
             raise ExportError(f"checkpoint {checkpoint} has no {needed}/ folder (was it saved by this trainer?)")
+    if check_hashes:
+        start = time.perf_counter()
+        verify_checkpoint(checkpoint, check_hashes=True, threads=_HASH_THREADS)
+        seconds, gigabytes = time.perf_counter() - start, checkpoint_bytes(checkpoint) / 1e9
+        logger.info("every file matches its manifest's hash: %.2f GB in %.1f s (%.2f s/GB, %d threads)",
+                    gigabytes, seconds, seconds / max(gigabytes, 1e-9), _HASH_THREADS)
     return checkpoint
+
+
+_HASH_THREADS = 4
+"""Files hashed side by side while verifying a checkpoint before its export."""
 
 
 def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> None:
@@ -121,7 +205,7 @@ def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> 
     if source.resolve().is_relative_to(output_folder.resolve()):
         raise ExportError(f"the output folder {output_folder} holds the model to export; choose another folder")
     if any(output_folder.iterdir()) and not overwrite:
-        raise ExportError(f"the output folder {output_folder} exists and is not empty; pass --overwrite to replace it")
+        raise OutputFolderNotEmptyError(output_folder)
 
 
 def _move_into_place(partial: Path, output_folder: Path) -> None:
@@ -136,6 +220,15 @@ def _move_into_place(partial: Path, output_folder: Path) -> None:
     shutil.rmtree(replaced)
 
 
+def _clear_leftovers(output_folder: Path) -> None:
+    """Remove what an earlier export into ``output_folder`` left when it was killed: its hidden partial and
+    replaced siblings. Two exports into one folder at the same time are not supported."""
+    for leftover in output_folder.parent.glob(f".{output_folder.name}.*-*"):
+        if leftover.is_dir() and leftover.name.split(".")[-1].split("-")[0] in ("partial", "replaced"):
+            logger.info("removing %s, left by an export that did not finish", leftover)
+            shutil.rmtree(leftover)
+
+
 def _hidden_sibling(folder: Path, purpose: str) -> Path:
     """A new empty folder next to ``folder`` (same filesystem, so renames are atomic), with the usual mode."""
     sibling = folder.parent / f".{folder.name}.{purpose}-{uuid.uuid4().hex[:12]}"
@@ -148,8 +241,8 @@ def _open_checkpoint(
 ) -> tuple[dict, PretrainedConfig, PreTrainedTokenizerBase]:
     """The verified manifest, the model's transformers config and the tokenizer that a checkpoint holds."""
     manifest = verify_checkpoint(checkpoint)
-    config = AutoConfig.from_pretrained(checkpoint / "model_config", trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer", trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(checkpoint / MODEL_CONFIG_DIR, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR, trust_remote_code=trust_remote_code)
     _check_vocabulary(config.vocab_size, len(tokenizer))
     return manifest, config, tokenizer
 
@@ -178,7 +271,7 @@ def _write_inference_files(
     config.use_cache = True  # training turned it off; generation needs the KV cache
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     config.save_pretrained(folder)
-    generation = GenerationConfig.from_pretrained(checkpoint / "model_config")
+    generation = GenerationConfig.from_pretrained(checkpoint / MODEL_CONFIG_DIR)
     generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     generation.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -197,7 +290,7 @@ def _export_lora_checkpoint(
     """The adapter folder (tokenizer included), or with ``merge`` a full model folder like any export."""
     manifest, config, tokenizer = _open_checkpoint(checkpoint, trust_remote_code)
     try:
-        run_config = read_run_config(checkpoint / "config.yaml")
+        run_config = read_run_config(checkpoint / RUN_CONFIG)
         zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"], trained_only=True)
         # Only the adapters: small enough to read whole.
         trained = {name: tensor.load(torch.float32) for name, tensor in zero.tensors.items()}
@@ -272,7 +365,7 @@ def _resave_hf_folder(
     options = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
-        has_tokenizer = any((source / name).is_file() for name in _TOKENIZER_FILES)
+        has_tokenizer = any((source / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(source, **options) if has_tokenizer else None
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load the Hugging Face model in {source}: {first_line(exc)}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -9,14 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from model_training.config import ConfigError, TrainConfig, resolve_input_path
+from model_training.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    TrainConfig,
+    first_line,
+    is_hub_id,
+    resolve_input_path,
+)
 from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
+from model_training.layout import BASE_MODEL_DIR
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packing import enable_packed_attention
@@ -25,8 +33,6 @@ from model_training.training.ds_config import zero_stage
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_DIR = "base_model"
-"""Folder of a LoRA run's random-weight base inside the run folder."""
 EMBEDDING_MULTIPLE = 16
 """Embedding rows are padded to a multiple of this: tensor cores and sharding like round sizes."""
 
@@ -44,17 +50,20 @@ def base_model_reference(cfg: TrainConfig, run_dir: Path) -> str:
 
 
 def _hub_or_local(name: str) -> str:
-    """A name that exists as a folder under the project root is local; anything else is a hub id."""
-    local = resolve_input_path(name)
-    return str(local) if local.is_dir() else name
+    """A hub id as it is, a local folder resolved against the project root (the rule: model_training/config.py)."""
+    return name if is_hub_id(name, PROJECT_ROOT) else str(resolve_input_path(name))
 
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """The tokenizer with the chat tokens added in their fixed order and pad/eos set for the model family."""
-    name = cfg.tokenizer_name or cfg.model_name  # validate() guarantees one of them
-    tokenizer = AutoTokenizer.from_pretrained(
-        _hub_or_local(name), cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
-    )
+    key = "tokenizer_name" if cfg.tokenizer_name is not None else "model_name"  # validate() ensures one is set
+    name = getattr(cfg, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            _hub_or_local(name), cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:  # a hub id out of reach, or a folder with broken tokenizer files
+        raise ConfigError(f"key '{key}': cannot load the tokenizer {name!r}: {first_line(err)}") from None
     return prepare_tokenizer(tokenizer, cfg.chat_format)
 
 
@@ -73,28 +82,46 @@ def build_model(
     LoRA run whose base exists nowhere else (random weights from `model_config`).
     """
     global _hf_deepspeed_config
-    _check_peft_fits_zero(cfg, zero_stage(ds_config))
-    if zero_stage(ds_config) == 3:
+    stage = zero_stage(ds_config)
+    _check_fits_zero(cfg, stage)
+    if stage == 3:
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = TORCH_DTYPES[cfg.dtype]
-    # The same seed on every rank: random weights must be identical across data-parallel replicas.
-    transformers.set_seed(cfg.rng_seed)
+    device = _training_device()
+    # The same seed on every rank: random weights must be identical across data-parallel replicas. torch's
+    # generators (every device's) are all that initialization draws from; transformers.set_seed would also
+    # import its trainer utilities, and peft with them: seconds of startup.
+    torch.manual_seed(cfg.rng_seed)
     if cfg.model_config is not None:
         options = dict(cfg.model_config)
         config = AutoConfig.for_model(options.pop("model_type"), **options)
-        config.vocab_size = _padded(len(tokenizer))
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        config.vocab_size = _padded(len(tokenizer))  # sized for the tokenizer: no resize afterwards
+        # Initialized where it trains: on a GPU in a second, where the CPU takes most of a minute for 2B
+        # parameters. Under ZeRO-3, zero.Init (through the HfDeepSpeedConfig) partitions it onto the GPUs.
+        with contextlib.nullcontext() if stage == 3 else device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     else:
+        # Straight onto the GPU, except under ZeRO-3 (partitioned as it loads) and for a 4-bit base, which is
+        # quantized onto the GPU a layer at a time and so never has to fit there in 16 bits.
+        onto_device = stage != 3 and not cfg.quantization.load_in_4bit and device.type == "cuda"
         model = AutoModelForCausalLM.from_pretrained(
             _hub_or_local(cfg.model_name),
             dtype=dtype,
             cache_dir=cfg.cache_dir,
             trust_remote_code=cfg.trust_remote_code,
+            device_map={"": device} if onto_device else None,
         )
+        if cfg.quantization.load_in_4bit and device.type == "cuda":
+            # The resize's mean and covariance of the old rows, computed on the GPU, not the CPU.
+            model.get_input_embeddings().to(device)
+            model.get_output_embeddings().to(device)
     rows_before = model.get_input_embeddings().num_embeddings
-    # Gathered under ZeRO-3 by transformers itself; new rows start near the mean of the old ones.
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
+    if rows_before != _padded(len(tokenizer)):
+        # Gathered under ZeRO-3 by transformers itself; new rows start near the mean of the old ones.
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
     new_rows = range(rows_before, model.get_input_embeddings().num_embeddings)
+    if cfg.freeze_layer is not None:
+        _freeze_layers(model, cfg.freeze_layer, len(new_rows))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -107,7 +134,7 @@ def build_model(
         # Non-reentrant checkpointing also works when no input of a block requires grad (a frozen base).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.gradient_checkpointing_layers is not None:
-            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            layers = decoder_layers(model)
             for layer in layers[cfg.gradient_checkpointing_layers :]:
                 layer.gradient_checkpointing = False
             kept = min(len(layers), cfg.gradient_checkpointing_layers)
@@ -121,7 +148,6 @@ def build_model(
     if save_base_to is not None:
         _save_base(model, save_base_to)
     if cfg.quantization.load_in_4bit:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         count = quantize_linear_layers(model, cfg.quantization, device)
         logger.info("base quantized to 4 bits (%s): %d linear layers", cfg.quantization.quant_type, count)
     if cfg.peft.type == "lora":
@@ -130,7 +156,53 @@ def build_model(
         # holds them all, and a base resized anywhere else (randomly) computes what was trained.
         format_tokens = tokenizer.convert_tokens_to_ids(list(get_chat_format(cfg.chat_format).special_tokens))
         model = apply_lora(model, cfg.peft, sorted({*format_tokens, *new_rows}))
+    if cfg.torch_compile:
+        count = compile_decoder_layers(model)
+        logger.info("torch.compile: %d decoder layers (compiled at their first forward)", count)
     return model
+
+
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile each decoder layer in place with torch.compile; return how many.
+
+    A layer at a time rather than the whole model: the layers are alike, so one compilation serves them all,
+    and the model's own Python (hooks, packing, the loss) stays eager. Inside a layer the elementwise work
+    around the matrix products (norms, rotary positions, activations, residual adds) fuses into few kernels.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        # Dynamic from the start: a packed row's length changes every step, so static sizes would only cost a
+        # first compilation that the second step throws away.
+        layer.compile(backend=backend, dynamic=True)
+    return len(layers)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers, in order (transformers builds each as a GradientCheckpointingLayer)."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _freeze_layers(model: torch.nn.Module, count: int, new_rows: int) -> None:
+    """OpenAssistant's freeze_layer: the input embeddings (with an output head tied to them) and the first
+    `count` decoder layers stop training."""
+    if new_rows:
+        raise ConfigError(
+            f"freeze_layer freezes the input embeddings, but the {new_rows} rows the resize added for this "
+            "tokenizer (the chat format's tokens, the padding to a multiple of 16) would then never train; start "
+            "from a model whose vocabulary has them (an earlier SFT export), or set freeze_layer=null"
+        )
+    frozen = [*model.get_input_embeddings().parameters()]
+    for layer in decoder_layers(model)[:count]:
+        frozen += layer.parameters()
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    logger.info("freeze_layer: the embeddings and the first %d decoder layers are frozen (%d parameters)",
+                count, sum(p.numel() for p in frozen))
+
+
+def _training_device() -> torch.device:
+    """This rank's GPU (init_distributed selected it) or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _save_base(model: torch.nn.Module, folder: Path) -> None:
@@ -143,13 +215,18 @@ def _save_base(model: torch.nn.Module, folder: Path) -> None:
     logger.info("LoRA base model (random weights) saved to %s for export", folder)
 
 
-def _check_peft_fits_zero(cfg: TrainConfig, stage: int) -> None:
+def _check_fits_zero(cfg: TrainConfig, stage: int) -> None:
     """LoRA and a 4-bit base run on ZeRO-0/1/2: ZeRO-3 would partition weights that bitsandbytes packs and
-    peft wraps, and LoRA's few trained weights gain nothing from it."""
+    peft wraps, and LoRA's few trained weights gain nothing from it. torch.compile does not trace ZeRO-3."""
     if stage == 3 and cfg.quantization.load_in_4bit:
         raise ConfigError(
             f"a 4-bit base (quantization.load_in_4bit) cannot be partitioned by ZeRO-3 ({cfg.deepspeed_config}); "
             "use configs/zero_config.json (ZeRO-2): the 4-bit base fits on each GPU"
+        )
+    if stage == 3 and cfg.torch_compile:
+        raise ConfigError(
+            f"torch_compile=true does not work with ZeRO-3 ({cfg.deepspeed_config}), whose parameters are gathered "
+            "by hooks torch.compile cannot trace; set torch_compile=false or use ZeRO-2"
         )
     if stage == 3 and cfg.peft.type is not None:
         raise ConfigError(

@@ -24,8 +24,6 @@ from model_training.models.dtypes import TORCH_DTYPES
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
-ADAPTER_CONFIG_DIR = "adapter"
-"""Checkpoint folder of a LoRA run's peft config (adapter_config.json, with the base it applies to)."""
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:

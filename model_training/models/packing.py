@@ -15,6 +15,8 @@ attention function would never be called. Our exactness therefore rests on our o
   * every `FalconAttention` becomes a `PackedFalconAttention` (same parameters, same weights), which on a
     packed row attends per sample (`varlen_attn` on CUDA, a loop of causal SDPA per sample elsewhere) and
     otherwise runs Falcon's own forward unchanged (padded batches, `attention_mask`, generation).
+On a packed forward the decoder's hook also hands it a stand-in 4D mask, so that transformers does not build
+(and sync the host for) a tokens x tokens mask that the packed attention would never read.
 The config keeps `_attn_implementation` as it was, so saved and exported models load anywhere.
 """
 
@@ -82,8 +84,9 @@ def enable_packed_attention(model: nn.Module) -> None:
 def _packing_hook(module: nn.Module, outermost: bool) -> Callable:
     """A forward pre-hook for `module` that files the packing of each forward under its `position_ids`.
 
-    The hook of an inner module (`outermost=False`) leaves a forward alone whose packing the outer hook has
-    filed already; the outer one always decides anew, since a live tensor can be reused for an unpacked forward.
+    The hook of an inner module (`outermost=False`, the decoder) leaves a forward alone whose packing the outer
+    hook has filed already, and hands a packed forward a stand-in attention mask; the outer one always decides
+    anew, since a live tensor can be reused for an unpacked forward.
     """
     signature = inspect.signature(module.forward)  # once: the hook runs on every forward
 
@@ -92,22 +95,39 @@ def _packing_hook(module: nn.Module, outermost: bool) -> Callable:
         max_length = kwargs.pop("max_length", None) if cu_seq_lens is not None else None
         arguments = signature.bind_partial(*args, **kwargs).arguments
         position_ids = arguments.get("position_ids")
-        if not outermost and position_ids is not None and id(position_ids) in _SEGMENTS:
-            return args, kwargs
-        segments = _packed_segments(
-            position_ids, arguments.get("attention_mask"), _kv_cache(arguments), cu_seq_lens, max_length
-        )
-        if segments is not None:
-            if id(position_ids) not in _SEGMENTS:  # else this live tensor has its finalizer already
-                weakref.finalize(position_ids, _SEGMENTS.pop, id(position_ids), None)
-            _SEGMENTS[id(position_ids)] = segments
-            # A cache filled from a packed row would mix samples; nothing should read one.
-            kwargs["use_cache"] = False
-        elif position_ids is not None:
-            _SEGMENTS.pop(id(position_ids), None)  # the same tensor, reused for an unpacked forward
+        packed = position_ids is not None and id(position_ids) in _SEGMENTS
+        if outermost or not packed:
+            segments = _packed_segments(
+                position_ids, arguments.get("attention_mask"), _kv_cache(arguments), cu_seq_lens, max_length
+            )
+            packed = segments is not None
+            if packed:
+                if id(position_ids) not in _SEGMENTS:  # else this live tensor has its finalizer already
+                    weakref.finalize(position_ids, _SEGMENTS.pop, id(position_ids), None)
+                _SEGMENTS[id(position_ids)] = segments
+                # A cache filled from a packed row would mix samples; nothing should read one.
+                kwargs["use_cache"] = False
+            elif position_ids is not None:
+                _SEGMENTS.pop(id(position_ids), None)  # the same tensor, reused for an unpacked forward
+        if packed and not outermost:
+            _hand_stand_in_mask(kwargs, arguments, position_ids)
         return args, kwargs
 
     return find_packing
+
+
+def _hand_stand_in_mask(kwargs: dict[str, Any], arguments: dict[str, Any], position_ids: torch.Tensor) -> None:
+    """Give a packed forward of the decoder a 4D attention mask that costs nothing and that nothing reads.
+
+    transformers returns a 4D mask as it is given. Otherwise it builds a (tokens x tokens) causal mask that
+    packed attention never reads, and some releases first look for packed rows in `position_ids` with a host
+    sync. The stand-in is one element expanded to the mask's shape: no memory, no kernel but its fill.
+    """
+    if "attention_mask" in arguments and "attention_mask" not in kwargs:
+        return  # given positionally: not ours to replace
+    batch, length = position_ids.shape
+    stand_in = torch.ones((), dtype=torch.bool, device=position_ids.device)
+    kwargs["attention_mask"] = stand_in.expand(batch, 1, length, length)
 
 
 def _kv_cache(arguments: dict[str, Any]) -> Any:
@@ -155,13 +175,23 @@ def _packed_segments(
     return PackedSegments(cu_seq_lens, int(max_length), tokens)
 
 
+@torch.compiler.disable
+def _segments_of(position_ids: torch.Tensor | None) -> PackedSegments | None:
+    """The packing filed for this forward, if it is packed.
+
+    Never compiled: torch.compile would guard on the identity of `position_ids`, a new tensor every step, and
+    recompile the layer each time; left out, the lookup is one graph break and the rest of the layer compiles
+    once (the samples' lengths vary from step to step, so `max_length` becomes a dynamic size).
+    """
+    return None if position_ids is None else _SEGMENTS.get(id(position_ids))
+
+
 class PackedFalconAttention(FalconAttention):
     """Falcon attention that, on a packed forward, attends within each sample only; else Falcon's own."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         """Falcon's forward, with the attention restricted to each sample when this forward is packed."""
-        position_ids = kwargs.get("position_ids")
-        segments = None if position_ids is None else _SEGMENTS.get(id(position_ids))
+        segments = _segments_of(kwargs.get("position_ids"))
         if segments is None:
             return super().forward(hidden_states, *args, **kwargs)
         batch, length, _ = hidden_states.shape

@@ -1,17 +1,4 @@
-"""Atomic, verifiable training checkpoints for DeepSpeed runs.
-
-On-disk layout of a run folder (``output_dir``)::
-
-    output_dir/
-        latest                      pointer: the name of the newest committed checkpoint, updated last
-        checkpoint-000080/          one committed checkpoint per save
-            manifest.json           written last, before the commit: files, sizes, sha256, step, world size
-            trainer_state.json      the caller's counters and data position (rank 0)
-            rng/rank-00000.pt       python, numpy, torch (and CUDA) RNG states, one file per rank
-            global_step80/...       DeepSpeed engine state: model, optimizer shards, lr scheduler
-            ...                     files the caller's ``write_extra`` wrote (merged config, tokenizer)
-        .staging-checkpoint-000100/ a save in progress or a crashed one; cleared by the next save
-        .deleting-checkpoint-000040/ a checkpoint being removed; never loaded
+"""Atomic, verifiable training checkpoints for DeepSpeed runs (the layout: model_training/layout.py).
 
 A save writes everything into the staging folder, makes every rank agree that its writes succeeded, writes
 the manifest, and commits with one atomic rename. A folder is *committed* when it holds ``manifest.json``
@@ -30,9 +17,10 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,31 +28,34 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import xxhash
+
+from model_training.layout import (
+    CHECKPOINT_RE,
+    DELETING_PREFIX,
+    MANIFEST,
+    POINTER,
+    RNG_DIR,
+    STAGING_PREFIX,
+    TRAINER_STATE,
+    TRANSIENT_RE,
+    checkpoint_name,
+)
 
 logger = logging.getLogger(__name__)
 
-POINTER_NAME = "latest"
-MANIFEST_NAME = "manifest.json"
-TRAINER_STATE_NAME = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1 recorded sha256 per file; 2 records xxh3_128, which reads at disk speed (both still verify)."""
 
-_CHECKPOINT_RE = re.compile(r"checkpoint-(\d{6,})")
-_STAGING_PREFIX = ".staging-"
-_DELETING_PREFIX = ".deleting-"
-# Our folders in transit; only these are ever cleared without being a committed checkpoint.
-_TRANSIENT_RE = re.compile(r"\.(staging|deleting)-checkpoint-\d{6,}")
-_HASH_CHUNK = 1 << 20
+_HASH_CHUNK = 1 << 24
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved, found or loaded."""
 
 
-def checkpoint_name(step: int) -> str:
-    """Folder name of the checkpoint of ``step``; zero-padded so that names sort like steps."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"checkpoint-{step:06d}"
+class NewestCheckpointUnusable(CheckpointError):
+    """The newest checkpoint of a run does not verify, and no fallback to an older one was allowed."""
 
 
 def deepspeed_tag(step: int) -> str:
@@ -99,7 +90,7 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     rank = _rank()
     name = checkpoint_name(step)
-    staging = output_dir / (_STAGING_PREFIX + name)
+    staging = output_dir / (STAGING_PREFIX + name)
     final = output_dir / name
 
     def fail_if_any(reports: list[tuple[str | None, Any]], what: str, cause: BaseException | None) -> None:
@@ -141,7 +132,7 @@ def save_checkpoint(
             written.append(_save_rng_state(staging, rank))
             if rank == 0:
                 state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
-                (staging / TRAINER_STATE_NAME).write_text(state_text + "\n")
+                (staging / TRAINER_STATE).write_text(state_text + "\n")
                 if write_extra is not None:
                     write_extra(staging)
             digests = {_relative(path, staging): _digest(path) for path in written}
@@ -254,7 +245,7 @@ def _restore_rng_state(ckpt_dir: Path, rank: int) -> None:
 
 
 def _rng_path(ckpt_dir: Path, rank: int) -> Path:
-    return ckpt_dir / "rng" / f"rank-{rank:05d}.pt"
+    return ckpt_dir / RNG_DIR / f"rank-{rank:05d}.pt"
 
 
 def _build_manifest(engine: Any, step: int, staging: Path, digests: dict[str, dict]) -> dict:
@@ -276,18 +267,37 @@ def _build_manifest(engine: Any, step: int, staging: Path, digests: dict[str, di
 
 
 def _digest(path: Path) -> dict:
-    """Size and sha256 of ``path``; the fsync makes the bytes durable before the manifest vouches for them."""
-    sha = hashlib.sha256()
+    """Size and hash of ``path``; the fsync makes the bytes durable before the manifest vouches for them."""
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            sha.update(chunk)
+        digest = _hash_file(f, "xxh3_128")
         os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+    return {"size": path.stat().st_size, "xxh3_128": digest}
+
+
+# xxh3_128 (format 2) finds corruption and reads at about a GB/s per core, several times sha256's speed; it is
+# no defence against someone forging a checkpoint, which no hash stored beside the data would be either.
+_HASHES: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
+def _hash_file(f: Any, kind: str) -> str:
+    hasher = _HASHES[kind]()
+    while chunk := f.read(_HASH_CHUNK):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _hash_mismatch(ckpt_dir: Path, relative: str, expected: dict) -> str | None:
+    """A message when the file's content does not match the hash its manifest recorded, else None."""
+    kind = next(k for k in _HASHES if k in expected)
+    with open(ckpt_dir / relative, "rb") as f:
+        if _hash_file(f, kind) == expected[kind]:
+            return None
+    return f"Checkpoint {ckpt_dir} is damaged: {relative} does not match its {kind} (changed after the save)"
 
 
 def _commit(staging: Path, final: Path, manifest: dict) -> None:
     """Write the manifest into ``staging`` and rename it to ``final``: the checkpoint appears whole or not."""
-    _write_durably(staging / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    _write_durably(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
         _fsync_dir(directory)
     _fsync_dir(staging)
@@ -295,7 +305,7 @@ def _commit(staging: Path, final: Path, manifest: dict) -> None:
     if final.exists():
         # A run resumed from an earlier step saves this step again. rename cannot replace a non-empty folder:
         # move the old one aside (the resolver falls back to an older checkpoint for that instant).
-        replaced = final.parent / (_DELETING_PREFIX + final.name)
+        replaced = final.parent / (DELETING_PREFIX + final.name)
         os.rename(final, replaced)
     os.rename(staging, final)
     _fsync_dir(final.parent)
@@ -305,9 +315,9 @@ def _commit(staging: Path, final: Path, manifest: dict) -> None:
 
 def _write_pointer(output_dir: Path, name: str) -> None:
     """Point ``output_dir/latest`` at ``name``; readers see the old or the new pointer, never a torn one."""
-    temporary = output_dir / f".{POINTER_NAME}.tmp"
+    temporary = output_dir / f".{POINTER}.tmp"
     _write_durably(temporary, name + "\n")
-    os.replace(temporary, output_dir / POINTER_NAME)
+    os.replace(temporary, output_dir / POINTER)
     _fsync_dir(output_dir)
 
 
@@ -336,7 +346,7 @@ def _clear_leftovers(output_dir: Path) -> None:
 def _discard(path: Path) -> None:
     """Delete a checkpoint folder; the rename first takes it out of view at once, so that a crash during
     the slow delete cannot leave a half-deleted folder that still looks committed."""
-    doomed = path.parent / (_DELETING_PREFIX + path.name)
+    doomed = path.parent / (DELETING_PREFIX + path.name)
     if doomed.exists():
         shutil.rmtree(doomed)
     os.rename(path, doomed)
@@ -369,36 +379,49 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: int) -> list[Path]:
     return deleted
 
 
-def resolve_checkpoint(spec: str | Path, output_dir: Path) -> Path:
+def resolve_checkpoint(spec: str | Path, output_dir: Path, allow_older: bool = True) -> Path:
     """Find the committed checkpoint folder that ``spec`` names.
 
-    ``"latest"`` or a run folder: the checkpoint its ``latest`` pointer names if that is committed and
-    verifies, else the committed checkpoint with the highest step that verifies. A checkpoint folder: that
-    folder, which must be committed and verify. A relative path that does not exist is tried under
+    ``"latest"`` or a run folder: the checkpoint its ``latest`` pointer names, else the one with the highest
+    step, if it verifies. When that one does not (a damaged or half-written folder), ``allow_older`` falls back
+    to the next one that does, with a warning for each skipped; otherwise it is an error. A checkpoint folder:
+    that folder, which must be committed and verify. A relative path that does not exist is tried under
     ``output_dir``.
     """
     output_dir = Path(output_dir)
-    if str(spec) == POINTER_NAME:
-        return _latest_in(output_dir)
+    if str(spec) == POINTER:
+        return _latest_in(output_dir, allow_older)
     path = Path(spec)
     if not path.exists() and not path.is_absolute():
         path = output_dir / path
     if not path.is_dir():
         raise CheckpointError(f"No checkpoint or run folder at {spec!r} (also looked in {output_dir})")
-    if (path / MANIFEST_NAME).exists() or _CHECKPOINT_RE.fullmatch(path.name) or _is_transient(path):
+    if _is_checkpoint_folder(path):
         verify_checkpoint(path)
         return path
-    return _latest_in(path)
+    return _latest_in(path, allow_older)
 
 
-def verify_checkpoint(ckpt_dir: Path, check_hashes: bool = False) -> dict:
+def run_folder(path: Path) -> Path:
+    """The run folder that ``path`` (a run folder or one of its checkpoint folders) belongs to."""
+    path = Path(path)
+    return path.parent if _is_checkpoint_folder(path) else path
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    """One checkpoint folder, committed or not, rather than a run folder."""
+    return (path / MANIFEST).exists() or CHECKPOINT_RE.fullmatch(path.name) is not None or _is_transient(path)
+
+
+def verify_checkpoint(ckpt_dir: Path, check_hashes: bool = False, threads: int = 1) -> dict:
     """Check that ``ckpt_dir`` is committed and every file of its manifest exists with the recorded size
-    (and sha256 with ``check_hashes``, which reads the whole checkpoint); return the manifest."""
+    (and content hash with ``check_hashes``, on ``threads`` threads: it reads the whole checkpoint); return
+    the manifest."""
     ckpt_dir = Path(ckpt_dir)
     manifest = _read_manifest(ckpt_dir)
     if manifest is None:
         raise CheckpointError(
-            f"{ckpt_dir} is not a committed checkpoint: it has no readable {MANIFEST_NAME} or is a staging "
+            f"{ckpt_dir} is not a committed checkpoint: it has no readable {MANIFEST} or is a staging "
             "folder (the save did not finish)"
         )
     for relative, expected in manifest["files"].items():
@@ -411,44 +434,88 @@ def verify_checkpoint(ckpt_dir: Path, check_hashes: bool = False) -> dict:
                 f"Checkpoint {ckpt_dir} is damaged: {relative} has {size} bytes, the manifest says "
                 f"{expected['size']}"
             )
-        if check_hashes and _digest(path)["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"Checkpoint {ckpt_dir} is damaged: {relative} does not match its sha256")
+    if check_hashes:
+        _raise_first(_mismatches(ckpt_dir, manifest, list(manifest["files"]), threads))
     return manifest
 
 
-def _latest_in(run_dir: Path) -> Path:
-    committed = _committed_checkpoints(run_dir) if run_dir.is_dir() else []
+def verify_hashes_on_ranks(ckpt_dir: Path) -> float:
+    """Check every file of a committed checkpoint against its manifest's hash, the files dealt out over the
+    ranks so that each hashes a share (largest files first, to the least loaded rank), all in parallel.
+    Raises CheckpointError naming every file that does not match, on every rank. Call on every rank; returns
+    the seconds it took this rank."""
+    start = time.perf_counter()
+    manifest = verify_checkpoint(ckpt_dir)
+    files = sorted(manifest["files"], key=lambda r: (-manifest["files"][r]["size"], r))
+    load = [0] * _world_size()
+    mine = []
+    for relative in files:
+        owner = load.index(min(load))
+        load[owner] += manifest["files"][relative]["size"]
+        if owner == _rank():
+            mine.append(relative)
+    reports = _gather(_mismatches(Path(ckpt_dir), manifest, mine, threads=4))
+    _raise_first([message for report in reports for message in report])
+    return time.perf_counter() - start
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """The bytes of every file a committed checkpoint's manifest lists."""
+    manifest = _read_manifest(Path(ckpt_dir)) or {"files": {}}
+    return sum(entry["size"] for entry in manifest["files"].values())
+
+
+def _mismatches(ckpt_dir: Path, manifest: dict, relatives: list[str], threads: int) -> list[str]:
+    # hashlib and xxhash release the GIL on large buffers: threads hash files side by side.
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = pool.map(lambda relative: _hash_mismatch(ckpt_dir, relative, manifest["files"][relative]), relatives)
+        return [message for message in found if message is not None]
+
+
+def _raise_first(messages: list[str]) -> None:
+    if messages:
+        more = f" (and {len(messages) - 1} more files)" if len(messages) > 1 else ""
+        raise CheckpointError(messages[0] + more)
+
+
+def _latest_in(run_dir: Path, allow_older: bool) -> Path:
+    folders = _checkpoint_folders(run_dir) if run_dir.is_dir() else []
     pointed = _pointer_target(run_dir)
-    candidates = ([pointed] if pointed in committed else []) + [p for p in committed[::-1] if p != pointed]
+    candidates = ([pointed] if pointed in folders else []) + [p for p in folders[::-1] if p != pointed]
     for path in candidates:
         try:
             verify_checkpoint(path)
             return path
         except CheckpointError as exc:
-            logger.warning("skipping checkpoint: %s", exc)
+            if not allow_older:
+                newest = f"the newest checkpoint of {run_dir}, {path.name}"
+                raise NewestCheckpointUnusable(f"{newest}, is unusable: {exc}") from None
+            logger.warning("skipping checkpoint %s: %s", path.name, exc)
+    committed = len(_committed_checkpoints(run_dir)) if run_dir.is_dir() else 0
     raise CheckpointError(
-        f"No usable committed checkpoint in {run_dir}: searched its {POINTER_NAME} pointer and folders named "
-        f"checkpoint-<step> holding {MANIFEST_NAME} (found {len(committed)} committed, none verified)"
+        f"No usable committed checkpoint in {run_dir}: searched its {POINTER} pointer and folders named "
+        f"checkpoint-<step> holding {MANIFEST} (found {committed} committed, none verified)"
     )
+
+
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every ``checkpoint-<step>`` folder of ``run_dir``, committed or not, oldest step first."""
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
 
 
 def _committed_checkpoints(run_dir: Path) -> list[Path]:
     """Committed ``checkpoint-<step>`` folders of ``run_dir``, oldest step first."""
-    found = []
-    for path in run_dir.iterdir():
-        match = _CHECKPOINT_RE.fullmatch(path.name)
-        if match and path.is_dir() and _read_manifest(path) is not None:
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    return [path for path in _checkpoint_folders(run_dir) if _read_manifest(path) is not None]
 
 
 def _pointer_target(run_dir: Path) -> Path | None:
     try:
-        name = (run_dir / POINTER_NAME).read_text().strip()
+        name = (run_dir / POINTER).read_text().strip()
     except OSError:
         return None
     # Only a checkpoint name is followed: the pointer can never lead outside the run folder.
-    return run_dir / name if _CHECKPOINT_RE.fullmatch(name) else None
+    return run_dir / name if CHECKPOINT_RE.fullmatch(name) else None
 
 
 def _read_manifest(ckpt_dir: Path) -> dict | None:
@@ -456,7 +523,7 @@ def _read_manifest(ckpt_dir: Path) -> dict | None:
     if _is_transient(ckpt_dir):
         return None
     try:
-        manifest = json.loads((ckpt_dir / MANIFEST_NAME).read_text())
+        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     required = {"format_version", "step", "world_size", "deepspeed_tag", "files"}
@@ -466,7 +533,7 @@ def _read_manifest(ckpt_dir: Path) -> dict | None:
 
 
 def _is_transient(path: Path) -> bool:
-    return _TRANSIENT_RE.fullmatch(path.name) is not None
+    return TRANSIENT_RE.fullmatch(path.name) is not None
 
 
 # --- loading ----------------------------------------------------------------------------------------------
@@ -484,7 +551,7 @@ def read_trainer_state(ckpt_dir: Path) -> dict:
             f"state (ZeRO stage {manifest.get('zero_stage')}) is sharded per rank, so resuming on a "
             f"different number of ranks is not supported for this checkpoint: resume with {saved} ranks."
         )
-    return json.loads((ckpt_dir / TRAINER_STATE_NAME).read_text())
+    return json.loads((ckpt_dir / TRAINER_STATE).read_text())
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path, trained_only: bool = False) -> dict:
@@ -503,9 +570,48 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, trained_only: bool = False) -> 
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load tag {tag!r} from {ckpt_dir}")
+    # DeepSpeed's CPU Adam keeps part of its state outside the checkpoint (see there).
+    replay_cpu_adam_steps(engine.basic_optimizer)
     # Last, so that nothing the engine does while loading draws from the restored generators.
     _restore_rng_state(ckpt_dir, _rank())
     return trainer_state
+
+
+def replay_cpu_adam_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Bring DeepSpeed's C++ CPU Adam to the restored step the way an uninterrupted run got there.
+
+    DeepSpeedCPUAdam (the offloaded optimizer), and FusedAdam on the CPU accelerator, keep beta1^t and beta2^t
+    for the bias corrections inside the C++ op, outside the optimizer state that a checkpoint holds. A running
+    op multiplies them by beta once per step in float32; one that first runs at step t, as after a resume,
+    starts from pow(beta, t). The rounding the product gathers makes the two differ in the last bit (beta2 0.95:
+    0.3405615 against 0.34056154 at step 21), and where that bit survives into the float32 1/sqrt(1 - beta2^t),
+    an update changes: resumed at step 20, the tiny run's updates 34, 41, 59 and 63 differed. Running steps
+    1..t through the op (lr 0, a one-element scratch tensor, every group in the optimizer's own order) rebuilds
+    the products bit for bit, at one small call per step and group (about a second for 100k steps).
+    """
+    # Imported here: export reads checkpoints without paying for DeepSpeed's start-up.
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    param, grad, exp_avg, exp_avg_sq = (torch.zeros(1) for _ in range(4))
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        def run_step(step: int, group: dict) -> None:
+            optimizer.ds_opt_adam.adam_update(
+                optimizer.opt_id, step, 0.0, *group["betas"], group["eps"], 0.0, group["bias_correction"],
+                param, grad, exp_avg, exp_avg_sq,
+            )
+    elif isinstance(optimizer, FusedAdam) and get_accelerator().device_name() == "cpu":
+        def run_step(step: int, group: dict) -> None:
+            optimizer.multi_tensor_adam(
+                1, optimizer._dummy_overflow_buf, [[grad], [param], [exp_avg], [exp_avg_sq]], 0.0,
+                *group["betas"], group["eps"], step, optimizer.adam_w_mode, int(group["bias_correction"]), 0.0,
+            )
+    else:  # torch's optimizers and the CUDA kernels compute the corrections from the step alone
+        return
+    steps = max((int(state["step"]) for state in optimizer.state.values() if "step" in state), default=0)
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            run_step(step, group)
 
 
 # --- distributed helpers ----------------------------------------------------------------------------------

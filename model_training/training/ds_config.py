@@ -2,37 +2,42 @@
 
 The SFT config is the one place for hyperparameters. In the JSON those keys are "auto" (filled here) or
 absent (added here); an explicit value that disagrees with the SFT config is an error, not a silent winner.
-The learning-rate schedule is ours (model_training/training/schedule.py), so a JSON `scheduler` is refused.
+The learning-rate schedule is the trainer's (model_training/training/schedule.py). A JSON `scheduler` is read
+only as the OpenAssistant trainer's configs/zero_config.json writes it, WarmupDecayLR, which is our
+`warmup_decay` schedule: its values must agree with the config's, and it is then taken out of the JSON.
+
+The optimizer: an Adam(W) that stays on the device is PyTorch's AdamW (`torch_adam`, fused on CUDA), not
+DeepSpeed's FusedAdam, whose CUDA op would be JIT-compiled at start (minutes, and it fails on some clusters'
+TORCH_CUDA_ARCH_LIST). Only an offloaded optimizer is DeepSpeed's: its CPU Adam, the one op still built, with
+the arch list cleaned first (`clean_cuda_arch_list`).
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import os
+import re
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from model_training.config import ConfigError, TrainConfig, resolve_input_path
+from model_training.config import ConfigError, TrainConfig, read_deepspeed_json
 
 AUTO = "auto"
+logger = logging.getLogger(__name__)
 
 
-def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
-    resolved = resolve_input_path(path)
-    try:
-        return resolved, json.loads(resolved.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config not found: {resolved} (key 'deepspeed_config')") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"DeepSpeed config {resolved} is not valid JSON: {err}") from None
+def build_deepspeed_config(
+    cfg: TrainConfig, world_size: int, cuda: bool = False, total_steps: int | None = None
+) -> dict[str, Any]:
+    """The JSON of `cfg.deepspeed_config` with every SFT-owned value filled and checked against `cfg`.
 
-
-def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The JSON of `cfg.deepspeed_config` with every SFT-owned value filled and checked against `cfg`."""
+    `cuda`: the ranks train on GPUs, where PyTorch's AdamW runs fused. `total_steps`: the run's optimizer
+    steps, which an explicit `total_num_steps` of the JSON's scheduler must equal.
+    """
     path, ds = read_deepspeed_json(cfg.deepspeed_config)
     if "scheduler" in ds:
-        raise ConfigError(
-            f"{path} has a 'scheduler' section; the schedule is set by 'lr_scheduler_type' and 'warmup_steps'"
-        )
+        _check_scheduler(ds.pop("scheduler"), cfg, total_steps, path)
     owned = {
         "bf16.enabled": cfg.dtype == "bf16",
         "fp16.enabled": cfg.dtype == "fp16",
@@ -48,10 +53,76 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     for dotted, value in owned.items():
         _fill(ds, dotted, value, path)
+    _choose_adam(ds, cuda)
     # A non-finite gradient must skip the update rather than corrupt the weights (see the training loop).
     if cfg.dtype == "bf16":
         ds["bf16"].setdefault("check_grad_overflow", True)
     return ds
+
+
+def _check_scheduler(scheduler: Any, cfg: TrainConfig, total_steps: int | None, path: Path) -> None:
+    """A JSON scheduler must be the one `lr_scheduler_type=warmup_decay` runs, with the config's values."""
+    kind = scheduler.get("type") if isinstance(scheduler, dict) else None
+    if kind != "WarmupDecayLR":
+        raise ConfigError(
+            f"{path} has a scheduler of type {kind!r}; the schedule is set by 'lr_scheduler_type' and "
+            "'warmup_steps' (a JSON scheduler is read only as WarmupDecayLR, the OpenAssistant trainer's)"
+        )
+    if cfg.lr_scheduler_type != "warmup_decay":
+        raise ConfigError(
+            f"{path} schedules WarmupDecayLR but 'lr_scheduler_type' is '{cfg.lr_scheduler_type}'; set "
+            "lr_scheduler_type=warmup_decay, or remove the JSON's scheduler section"
+        )
+    expected = {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.learning_rate, "warmup_num_steps": cfg.warmup_steps,
+                "total_num_steps": total_steps, "warmup_type": "log"}
+    for key, value in (scheduler.get("params") or {}).items():
+        if key not in expected:
+            raise ConfigError(f"{path}: scheduler parameter '{key}' is not one of WarmupDecayLR's")
+        if value != AUTO and expected[key] is not None and not _same(value, expected[key]):
+            raise ConfigError(
+                f"{path} sets 'scheduler.params.{key}' to {value!r} but the training config gives "
+                f"{expected[key]!r}; set it to \"auto\" in the JSON and change the training config instead"
+            )
+
+
+def _choose_adam(ds: dict[str, Any], cuda: bool) -> None:
+    """PyTorch's AdamW for an Adam(W) on the device (fused on CUDA); DeepSpeed's CPU Adam when offloaded.
+
+    A JSON that says `torch_adam: false` keeps DeepSpeed's FusedAdam, as asked.
+    """
+    optimizer = ds["optimizer"]
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or optimizer_offloaded(ds):
+        return
+    params = optimizer.setdefault("params", {})
+    if params.setdefault("torch_adam", True):
+        params.setdefault("fused", cuda)
+
+
+def optimizer_offloaded(ds: dict[str, Any]) -> bool:
+    """Whether the optimizer state lives in host memory (ZeRO-Offload), where DeepSpeed's CPU Adam steps it."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return str(device).lower() not in ("none", "")
+
+
+def clean_cuda_arch_list(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Drop variant suffixes from TORCH_CUDA_ARCH_LIST ("9.0a" -> "9.0") for DeepSpeed's op builds; log it.
+
+    PyTorch accepts the arch-specific variants that NVIDIA images and many clusters set; DeepSpeed 0.19 parses
+    each entry as int.int and its JIT build fails with "invalid literal for int()". The plain architecture
+    builds code that runs on the same GPUs. Returns the cleaned value when it changed anything.
+    """
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    entries = [entry for entry in re.split(r"[;\s]+", value.strip()) if entry]
+    plain = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", entry) for entry in entries]
+    if plain == entries:
+        return None
+    cleaned = ";".join(plain)
+    environ["TORCH_CUDA_ARCH_LIST"] = cleaned
+    logger.info("TORCH_CUDA_ARCH_LIST %r -> %r for DeepSpeed's op builds (it cannot parse variant suffixes)",
+                value, cleaned)
+    return cleaned
 
 
 def _fill(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:

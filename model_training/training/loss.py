@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model_training.data.collate import to_device
 from model_training.data.formatting import IGNORE_INDEX
 
 
@@ -19,12 +20,12 @@ def supervised_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     every token weighs the same however the step is split into micro-batches and ranks.
     """
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    shift_labels = to_device(labels[:, 1:], shift_logits.device)
     flat_logits = shift_logits.reshape(-1, shift_logits.size(-1))
     flat_labels = shift_labels.reshape(-1)
     loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    supervised = flat_labels != IGNORE_INDEX
-    correct = (flat_logits.argmax(dim=-1)[supervised] == flat_labels[supervised]).sum()
+    # IGNORE_INDEX never equals an argmax; a boolean index instead would wait for the device (data-dependent size).
+    correct = (flat_logits.argmax(dim=-1) == flat_labels).sum()
     return loss_sum, correct
 
 
@@ -49,17 +50,24 @@ def chunked_supervised_token_sums(
     projection. Only supervised positions are projected, `chunk_size` of them at a time, in forward and in
     backward, so the largest temporary is one chunk's (chunk_size, V) logits instead of (batch, T, V). The
     logits are reduced in fp32 like `supervised_token_sums`, or in the inputs' dtype where it is wider (fp64).
+
+    The supervised positions are found where `labels` are: on the host when the caller keeps them there (the
+    trainer does), so that the chunks' sizes are known without waiting for the device.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     batch, length, width = hidden_states.shape
-    targets = labels[:, 1:].to(hidden_states.device)
+    targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
     # Position t of row b predicts labels[b, t + 1]: the rows of the flattened (batch * T, H) hidden states.
     rows = supervised.nonzero()
     rows = rows[:, 0] * length + rows[:, 1]
     return _ChunkedLinearCrossEntropy.apply(
-        hidden_states.reshape(batch * length, width), lm_head_weight, rows, targets[supervised], chunk_size
+        hidden_states.reshape(batch * length, width),
+        lm_head_weight,
+        to_device(rows, hidden_states.device),
+        to_device(targets[supervised], hidden_states.device),
+        chunk_size,
     )
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from model_training.config import TrainConfig
+from model_training.layout import METRICS
+from model_training.training.plot import plot_run
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def public_config(cfg: TrainConfig) -> dict[str, Any]:
 class MetricsLogger:
     def __init__(self, cfg: TrainConfig, output_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS
         self.wandb_run = None
         if enabled and cfg.log_wandb:
             self.wandb_run = _start_wandb(cfg)
@@ -64,6 +66,25 @@ class MetricsLogger:
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
         except Exception as err:  # noqa: BLE001 - wandb must never stop training
             logger.warning("wandb table %s failed (%s)", name, err)
+
+    def plot_curves(self, step: int) -> None:
+        """training_curves.png of the run folder (see plot.py), and to wandb as an image at `step`. The run has
+        finished when this is called: a plot that fails costs a warning, never the run."""
+        if not self.enabled:
+            return
+        try:
+            path = plot_run(self.path.parent)
+        except Exception as err:  # noqa: BLE001 - matplotlib missing or broken, a full disk: the run stays good
+            logger.warning("could not plot %s: %s", self.path, err)
+            return
+        logger.info("training curves in %s", path)
+        if self.wandb_run is not None:
+            try:
+                import wandb
+
+                self.wandb_run.log({"training_curves": wandb.Image(str(path))}, step=step)
+            except Exception as err:  # noqa: BLE001 - wandb must never stop training
+                logger.warning("wandb image %s failed (%s)", path, err)
 
     def close(self) -> None:
         if self.wandb_run is not None:

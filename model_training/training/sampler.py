@@ -38,6 +38,11 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+SORT_RUN = 200
+"""With `sort_by_length`, the epoch's samples sorted by length are shuffled within runs of this many, as
+OpenAssistant's sampler does: micro-batches of like lengths, in an order that still changes every epoch."""
+
+
 @dataclass(frozen=True)
 class StepPlan:
     sources: tuple[SourceDraw, ...]
@@ -46,6 +51,8 @@ class StepPlan:
     micro_batch_size: int
     accumulation_steps: int
     seed: int
+    lengths: tuple[int, ...] | None = None
+    """With `sort_by_length`: each pool sample's length as it trains (capped at max_length)."""
 
     @property
     def samples_per_step(self) -> int:
@@ -69,8 +76,15 @@ class StepPlan:
             else:
                 picks = torch.randperm(source.length, generator=generator)[: source.per_epoch]
             drawn.extend(source.offset + int(i) for i in picks)
-        order = torch.randperm(len(drawn), generator=_generator(self.seed, epoch, 0))
-        return [drawn[i] for i in order]
+        generator = _generator(self.seed, epoch, 0)
+        order = torch.randperm(len(drawn), generator=generator)
+        shuffled = [drawn[i] for i in order]
+        if self.lengths is None:
+            return shuffled
+        # A stable sort of the shuffled draw: ties keep a random order.
+        by_length = sorted(shuffled, key=lambda i: self.lengths[i])
+        runs = [by_length[start : start + SORT_RUN] for start in range(0, len(by_length), SORT_RUN)]
+        return [run[int(i)] for run in runs for i in torch.randperm(len(run), generator=generator)]
 
     def global_step_samples(self, order: list[int], step_in_epoch: int) -> list[int]:
         """Every sample of one optimizer step, all ranks together (for counting supervised tokens)."""

@@ -1,4 +1,12 @@
-"""Learning-rate schedule: linear warmup from 0 to the peak, then cosine, linear or constant decay."""
+"""Learning-rate schedules: each a multiplier of the peak learning rate for every optimizer step.
+
+- `warmup_decay` (the default): DeepSpeed's `WarmupDecayLR` exactly as the OpenAssistant trainer ran it
+  (its configs/zero_config.json, with DeepSpeed's default logarithmic warmup): 0 for the first two updates,
+  then log(k) / log(W) up to the peak over W = max(2, warmup_steps) updates, then a linear decay (the last
+  update of a run gets 2 / (total_steps - W) of the peak; DeepSpeed's curve reaches 0 just after it).
+- `cosine`, `linear`, `constant`: a linear warmup from 0 to the peak over `warmup_steps`, then a cosine decay
+  to 10% of the peak, a linear decay to 0, or none.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,13 @@ import torch
 COSINE_FLOOR = 0.1
 """Cosine decays to this fraction of the peak rather than to 0, so the last steps still learn."""
 
+KINDS = ("warmup_decay", "cosine", "linear", "constant")
+
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
     """Multiplier of the peak learning rate for the update made at optimizer step `step` (0-based)."""
+    if kind == "warmup_decay":
+        return _deepspeed_warmup_decay(step, warmup_steps, total_steps)
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     decay_steps = max(1, total_steps - warmup_steps)
@@ -23,6 +35,20 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> 
     if kind == "cosine":
         return COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr_scheduler_type '{kind}'")
+
+
+def _deepspeed_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """WarmupDecayLR(warmup_min_lr=0, warmup_num_steps=warmup_steps, total_num_steps=total_steps, log warmup).
+
+    DeepSpeed sets the rate of an update from the scheduler's position before it: -1 before the first update
+    (the minimum, 0), then i = step - 1. It clamps the warmup to at least 2 steps.
+    """
+    if step == 0:
+        return 0.0
+    position, warmup = step - 1, max(2, warmup_steps)
+    if position < warmup:
+        return math.log(position + 1) / math.log(warmup)
+    return max(0.0, (total_steps - position) / max(1.0, total_steps - warmup))
 
 
 def build_scheduler(

@@ -44,7 +44,10 @@ def test_every_source_loads_its_bundled_sample(tokenizer, name: str) -> None:
     assert train.name == val.name == name
     assert len(train.samples) > 10 and len(val.samples) >= 1
     assert all(s.num_supervised > 0 and len(s.input_ids) <= 256 for s in train.samples + val.samples)
-    assert data.reports[0].records == train.threads + val.threads + data.reports[0].duplicates
+    report = data.reports[0]
+    # The OASST loaders leave out other languages themselves; the count is the same as for the other sources.
+    assert report.records == train.threads + val.threads + report.other_language + report.duplicates
+    assert (report.other_language > 0) == name.startswith("oasst")  # the OASST samples hold other languages
 
 
 def test_text_is_fully_supervised_and_cut_to_max_length(tokenizer) -> None:
@@ -97,6 +100,28 @@ def test_a_source_with_nothing_left_is_an_error(tokenizer) -> None:
 def test_missing_source_file_names_path_and_key(tokenizer) -> None:
     with pytest.raises(ConfigError, match=r"nope.jsonl.*datasets\[0\].dolly15k.input_file_path"):
         prepared(tokenizer, "[{dolly15k: {input_file_path: nope.jsonl}}]")
+
+
+def test_a_relative_input_is_looked_up_in_cache_dir_then_data_dir(tokenizer, tmp_path: Path) -> None:
+    # A shorter file under the bundled sample's name: the one in cache_dir is read.
+    rows = (REPO / "data" / "dolly_sample.jsonl").read_text(encoding="utf-8").splitlines()[:12]
+    (tmp_path / "dolly_sample.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    both = "[{dolly15k: {input_file_path: dolly_sample.jsonl}}, {alpaca: {input_file_path: alpaca_sample.json}}]"
+    data = prepared(tokenizer, both, f"cache_dir={tmp_path}", "data_cache_dir=null")
+    assert [report.records for report in data.reports] == [12, 45]  # alpaca is in data_dir only
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    # oasst_export reads files only, so a name of the hub's form is a missing file too.
+    [("dolly15k", "nope.jsonl"), ("oasst_export", "OpenAssistant/oasst1")],
+)
+def test_a_missing_input_names_every_place_tried(tokenizer, tmp_path: Path, name: str, path: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        prepared(tokenizer, f"[{{{name}: {{input_file_path: {path}}}}}]", f"cache_dir={tmp_path}")
+    message = str(caught.value)
+    assert f"(set by datasets[0].{name}.input_file_path)" in message
+    assert f"tried {tmp_path / path} or {REPO / 'data' / path};" in message
 
 
 def test_a_malformed_record_stops_the_cli_with_file_line_and_field(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model_training.data.oasst import Message, load_oasst_export
+from model_training.data.oasst import FileFormatError, Message, load_oasst_export
 from model_training.data.sources import (
     LOADERS,
     Conversation,
@@ -170,7 +171,7 @@ def test_oasst1_reads_flat_jsonl_and_names_the_line_of_a_bad_row(tmp_path: Path)
         load_oasst1(path)
     stats: dict[str, int] = {}
     assert load_oasst1(path, skip_invalid=True, stats=stats) == []  # the bad row drops its whole tree
-    assert stats == {"records": 3, "skipped_invalid": 1, "kept": 0}
+    assert stats == {"records": 3, "skipped_invalid": 1, "kept": 0, "other_language": 0}
 
 
 # --- format rules ----------------------------------------------------------------------------------------------
@@ -332,6 +333,42 @@ def test_broken_json_names_its_line(tmp_path: Path) -> None:
         out.write(json.dumps(GOOD["dolly15k"]) + "\n\n" + '{"instruction": "Hi.", "response": \n')
     with pytest.raises(DatasetFormatError, match=r"dolly\.jsonl\.gz, line 3: invalid JSON"):
         load_dolly15k(path)
+
+
+def test_a_file_that_is_one_json_object_is_not_taken_for_records(tmp_path: Path) -> None:
+    wrapped = tmp_path / "alpaca.json"
+    wrapped.write_text(json.dumps({"data": [GOOD["alpaca"]]}, indent=2))
+    with pytest.raises(DatasetFormatError, match=r"alpaca\.json, line 1: the file is a single JSON object \(keys "
+                       r"'data'\), not records \(missing field 'instruction'\); expected a JSON list of records or "
+                       r"JSON Lines"):
+        load_alpaca(wrapped)
+    one_record = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi."}])
+    with pytest.raises(DatasetFormatError, match=r"alpaca\.jsonl, line 1: missing field 'output'$"):
+        load_alpaca(one_record)
+
+
+def cut_gzip(path: Path) -> bytes:
+    """The first half of `path` gzipped, as an interrupted copy leaves a .gz file."""
+    data = gzip.compress(path.read_bytes())
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("name", sorted(LOADERS))
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda: b"not gzip at all\n", r", line 1: not gzip data; expected a gzip-compressed file \(\.gz\)$"),
+        (lambda: cut_gzip(DATA / "dolly_sample.jsonl"), r", line \d+: the gzip data ends early or is damaged"),
+    ],
+    ids=["not gzip", "cut short"],
+)
+def test_a_damaged_gz_file_names_the_file_and_what_was_expected(
+    tmp_path: Path, name: str, damage: Callable[[], bytes], reason: str
+) -> None:
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(damage())
+    with pytest.raises(FileFormatError, match=re.escape(str(path)) + reason):
+        LOADERS[name](path)
 
 
 def test_skip_invalid_counts_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -8,6 +8,7 @@ from transformers import DynamicCache, FalconConfig, FalconForCausalLM
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
 from model_training.data.packing import pack_samples
+from model_training.models.builder import compile_decoder_layers
 from model_training.models.packing import enable_packed_attention
 from model_training.training.loss import supervised_token_sums
 
@@ -148,6 +149,26 @@ def test_the_exactness_check_catches_samples_that_attend_to_each_other(shape: st
         assert abs(later - alone) > 10 * 1e-5 * abs(alone), "ten times the tolerance of the exactness test"
 
 
+def test_packed_forwards_build_no_attention_mask() -> None:
+    """transformers would build a tokens x tokens mask (some releases after a host sync) that packed attention
+    never reads; the attention layers get a one-element stand-in, and padded batches still get a real mask."""
+    model = tiny_falcon("7b")
+    enable_packed_attention(model)
+    masks = []
+    model.transformer.h[0].self_attention.register_forward_pre_hook(
+        lambda _, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    batch = pack_samples(random_samples())
+    model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seq_lens=batch["cu_seq_lens"],
+          max_length=batch["max_length"])
+    tokens = batch["input_ids"].shape[1]
+    assert masks[0].shape == (1, 1, tokens, tokens) and masks[0].untyped_storage().nbytes() == 1
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[0, 5:] = 0
+    model(input_ids=torch.randint(0, VOCAB, (2, 9)), attention_mask=attention_mask)
+    assert masks[1].untyped_storage().nbytes() >= 2 * 9 * 9
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_packed_gradients_match_under_gradient_checkpointing(use_reentrant: bool) -> None:
     """Checkpointed layers replay their forward in backward; the replay must attend per sample too."""
@@ -228,6 +249,53 @@ def test_packing_holds_when_a_wrapper_calls_forward_directly(shape: str) -> None
         for start, end in zip(bounds[:-1], bounds[1:])
     ]
     torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=1e-5, atol=0)
+
+
+def _compiled_matches_eager(backend: str, shape: str = "7b") -> None:
+    """Packed rows of varying lengths through compiled decoder layers: the losses and gradients of eager."""
+    eager, compiled = tiny_falcon(shape), tiny_falcon(shape)
+    enable_packed_attention(eager)
+    enable_packed_attention(compiled)
+    assert compile_decoder_layers(compiled, backend=backend) == 2
+    for seed, lengths in enumerate([(7, 13, 4, 10), (9, 3, 12), (5, 16, 8, 2, 6)]):
+        samples = random_samples(lengths, seed=seed)
+        expected, expected_row = packed_losses(eager, samples)
+        expected_grads = gradients(eager, expected_row)
+        actual, actual_row = packed_losses(compiled, samples)
+        torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=1e-5, atol=0)
+        assert_gradients_match(gradients(compiled, actual_row), expected_grads, rtol=1e-5)
+
+
+def test_packed_attention_holds_in_compiled_layers() -> None:
+    """What torch.compile traces (graph breaks, guards, sizes that change every step) keeps the packing exact;
+    dynamo's eager backend checks the tracing in seconds, the heavy twin the generated kernels too."""
+    _compiled_matches_eager("eager")
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_attention_holds_in_layers_compiled_by_inductor(shape: str) -> None:
+    _compiled_matches_eager("inductor", shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_layers_compiled_by_inductor_match_eager_in_bf16_on_cuda() -> None:
+    """The compiled layers of the GPU runs (varlen attention, fused elementwise kernels), within bf16 tolerances."""
+    eager = tiny_falcon("7b", hidden=256, heads=4).cuda().bfloat16()
+    compiled = tiny_falcon("7b", hidden=256, heads=4).cuda().bfloat16()
+    enable_packed_attention(eager)
+    enable_packed_attention(compiled)
+    compile_decoder_layers(compiled)
+    with torch.device("cuda"):
+        for seed, lengths in enumerate([(100, 300, 37, 250), (64, 500, 9)]):
+            samples = random_samples(lengths, seed=seed)
+            expected, expected_row = packed_losses(eager, samples)
+            expected_grads = gradients(eager, expected_row)
+            actual, actual_row = packed_losses(compiled, samples)
+            torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=2e-2, atol=0)
+            assert_gradients_match(gradients(compiled, actual_row), expected_grads, rtol=5e-2)
 
 
 def test_attention_dropout_is_refused() -> None:

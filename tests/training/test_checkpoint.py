@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 import os
@@ -8,14 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import xxhash
+from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from helpers import cpu_env, free_port
 
 from model_training.training.checkpoint import (
     CheckpointError,
+    NewestCheckpointUnusable,
     checkpoint_name,
+    replay_cpu_adam_steps,
     resolve_checkpoint,
     rotate_checkpoints,
     verify_checkpoint,
+    verify_hashes_on_ranks,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,23 +34,27 @@ LAUNCH_TIMEOUT_S = 300
 # --- checkpoints fabricated without DeepSpeed -------------------------------------------------------------
 
 
-def make_checkpoint(run_dir: Path, step: int, committed: bool = True, name: str | None = None) -> Path:
-    """A checkpoint folder with two small files and, when ``committed``, a valid manifest."""
+def make_checkpoint(
+    run_dir: Path, step: int, committed: bool = True, name: str | None = None, hash_kind: str = "sha256"
+) -> Path:
+    """A checkpoint folder with two small files and, when ``committed``, a valid manifest (format 1 records
+    sha256, format 2 xxh3_128)."""
     folder = run_dir / (name or checkpoint_name(step))
     (folder / "global_step").mkdir(parents=True)
     contents = {"trainer_state.json": b'{"step": %d}' % step, "global_step/model.pt": b"weights" * step}
     for relative, data in contents.items():
         (folder / relative).write_bytes(data)
     if committed:
+        digest = {"sha256": lambda data: hashlib.sha256(data).hexdigest(),
+                  "xxh3_128": lambda data: xxhash.xxh3_128(data).hexdigest()}[hash_kind]
         manifest = {
-            "format_version": 1,
+            "format_version": 1 if hash_kind == "sha256" else 2,
             "step": step,
             "world_size": 2,
             "deepspeed_tag": f"global_step{step}",
             "zero_stage": 2,
             "files": {
-                relative: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                for relative, data in contents.items()
+                relative: {"size": len(data), hash_kind: digest(data)} for relative, data in contents.items()
             },
         }
         (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -118,12 +130,30 @@ def test_a_damaged_checkpoint_fails_verification_and_is_skipped(tmp_path):
         resolve_checkpoint(damaged, tmp_path)
 
 
-def test_verification_checks_hashes_on_request(tmp_path):
-    folder = make_checkpoint(tmp_path, 2)
+@pytest.mark.parametrize("hash_kind", ["sha256", "xxh3_128"])
+def test_verification_checks_hashes_on_request(tmp_path, hash_kind):
+    """Flipped bytes keep a file's size: only its hash shows them. Both manifest formats verify."""
+    folder = make_checkpoint(tmp_path, 2, hash_kind=hash_kind)
+    assert verify_checkpoint(folder, check_hashes=True, threads=2)["step"] == 2
+    assert verify_hashes_on_ranks(folder) >= 0  # one process: it hashes every file itself
     (folder / "global_step/model.pt").write_bytes(b"WEIGHTS" * 2)
     assert verify_checkpoint(folder)["step"] == 2
-    with pytest.raises(CheckpointError, match="sha256"):
+    expected = rf"{folder} is damaged: global_step/model.pt does not match its {hash_kind} \(changed after the save\)"
+    with pytest.raises(CheckpointError, match=expected):
         verify_checkpoint(folder, check_hashes=True)
+    with pytest.raises(CheckpointError, match=expected):
+        verify_hashes_on_ranks(folder)
+
+
+def test_a_damaged_newest_checkpoint_is_refused_unless_older_ones_are_allowed(tmp_path, caplog):
+    older = make_checkpoint(tmp_path, 2)
+    newest = make_checkpoint(tmp_path, 4)
+    (newest / "manifest.json").write_text("{ torn")
+    point_latest(tmp_path, 4)
+    with pytest.raises(NewestCheckpointUnusable, match=r"the newest checkpoint of \S+, checkpoint-000004, is unusable"):
+        resolve_checkpoint(tmp_path, tmp_path, allow_older=False)
+    assert resolve_checkpoint(tmp_path, tmp_path, allow_older=True) == older
+    assert "skipping checkpoint checkpoint-000004: " in caplog.text
 
 
 def test_rotation_keeps_the_newest_and_ignores_folders_that_are_not_committed_checkpoints(tmp_path):
@@ -157,6 +187,47 @@ def test_rotation_never_deletes_the_only_or_the_pointed_checkpoint(tmp_path):
     make_checkpoint(tmp_path, 8)
     point_latest(tmp_path, 5)
     assert rotate_checkpoints(tmp_path, 1) == []
+
+
+# --- DeepSpeed's C++ CPU Adam after a load ----------------------------------------------------------------
+
+
+def cpu_adam(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return DeepSpeedCPUAdam(params, lr=3e-3, betas=(0.9, 0.95))
+
+
+def fused_adam_on_cpu(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("FusedAdam runs DeepSpeed's C++ CPU Adam only on the CPU accelerator")
+    return FusedAdam(params, lr=3e-3, betas=(0.9, 0.95))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_optimizer", [cpu_adam, fused_adam_on_cpu], ids=["DeepSpeedCPUAdam", "FusedAdam"])
+def test_cpu_adam_loaded_at_step_20_continues_bit_for_bit(make_optimizer):
+    """The C++ op keeps beta^t outside the state dict (see replay_cpu_adam_steps): without the replay, a fresh
+    optimizer given the state of step 20 updates differently at steps 34, 41, 59 and 63 of these 80."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(4096, generator=generator) * 0.02
+    grads = torch.randn(80, 4096, generator=generator) * 1e-3
+
+    def train(optimizer: torch.optim.Optimizer, param: torch.Tensor, steps: range) -> None:
+        for step in steps:
+            param.grad = grads[step].clone()
+            optimizer.step()
+
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = make_optimizer([reference])
+    train(optimizer, reference, range(20))
+    saved_state, saved_weights = copy.deepcopy(optimizer.state_dict()), reference.detach().clone()
+    train(optimizer, reference, range(20, 80))
+
+    resumed = torch.nn.Parameter(saved_weights)
+    optimizer = make_optimizer([resumed])
+    optimizer.load_state_dict(saved_state)
+    replay_cpu_adam_steps(optimizer)
+    train(optimizer, resumed, range(20, 80))
+    assert torch.equal(resumed, reference), f"{(resumed != reference).sum()} of 4096 weights differ"
 
 
 # --- real DeepSpeed runs: 2 CPU ranks ---------------------------------------------------------------------

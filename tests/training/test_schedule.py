@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from model_training.training.schedule import COSINE_FLOOR, build_scheduler, lr_multiplier
 
@@ -38,3 +41,29 @@ def test_scheduler_drives_the_optimizer() -> None:
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([0.25, 0.5, 0.25])
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(20, 100), (1, 10), (0, 7), (5, 5), (3, 40)])
+def test_warmup_decay_is_deepspeeds_warmup_decay_lr_as_openassistant_configured_it(warmup: int, total: int) -> None:
+    """The rate of every update equals what DeepSpeed's own WarmupDecayLR (its default log warmup) sets, with
+    the values the OpenAssistant trainer's "auto" gave it: min 0, max the learning rate, our warmup and total."""
+    peak = 1e-5
+    theirs = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    deepspeed_scheduler = WarmupDecayLR(theirs, total_num_steps=total, warmup_min_lr=0.0, warmup_max_lr=peak,
+                                        warmup_num_steps=max(warmup, 1))
+    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = build_scheduler(ours, warmup_steps=warmup, total_steps=total, kind="warmup_decay")
+    for _ in range(total + 2):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-12, abs=1e-20)
+        for optimizer, steps in ((theirs, deepspeed_scheduler), (ours, scheduler)):
+            optimizer.step()
+            steps.step()
+
+
+def test_warmup_decay_starts_at_0_peaks_after_the_warmup_and_decays_linearly() -> None:
+    rates = [lr_multiplier(s, 20, 100, "warmup_decay") for s in range(102)]
+    assert rates[:2] == [0.0, 0.0] and rates[2] == pytest.approx(math.log(2) / math.log(20))
+    assert rates[21] == 1.0 and rates[61] == pytest.approx(0.5)
+    # DeepSpeed's position before the last update (step 99) is 98: the run ends at 2/80 of the peak, 0 after it.
+    assert rates[99] == pytest.approx(2 / 80) and rates[101] == 0.0
+    assert all(a <= b for a, b in zip(rates[:22], rates[1:22])) and all(a >= b for a, b in zip(rates[21:], rates[22:]))

@@ -1,0 +1,85 @@
+"""Where a run keeps what it writes: the one place that names the files of a run folder and of a checkpoint.
+
+A run folder (`output_dir`)::
+
+    config.yaml                 the merged config the run started with
+    metrics.jsonl               one record per logging step (training/metrics.py); a resume appends to it
+    latest                      pointer: the name of the newest committed checkpoint, updated last
+    checkpoint-000080/          one committed checkpoint per save (training/checkpoint.py)
+    .staging-checkpoint-000100/ a save in progress or a crashed one; cleared by the next save
+    .deleting-checkpoint-000040/ a checkpoint being removed; never loaded
+    samples.jsonl, samples.md   answers generated after training (training/samples.py)
+    training_curves.png         loss, learning rate, tokens/s and grad norm against steps
+    base_model/                 a LoRA run's random-weight base, kept for its export
+
+A checkpoint folder::
+
+    manifest.json               written last, before the commit: files, sizes, hashes, step, world size
+    trainer_state.json          the trainer's counters and data position (rank 0)
+    rng/rank-00000.pt           python, numpy, torch (and CUDA) RNG states, one file per rank
+    global_step80/...           DeepSpeed's engine state: model, optimizer shards, lr scheduler
+    config.yaml                 the merged config
+    tokenizer/                  the tokenizer with the chat tokens and chat template
+    model_config/               the model's transformers config and generation config
+    adapter/                    a LoRA run's peft config, naming the base it applies to
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+RUN_CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+POINTER = "latest"
+SAMPLES_JSONL = "samples.jsonl"
+SAMPLES_MD = "samples.md"
+CURVES = "training_curves.png"
+BASE_MODEL_DIR = "base_model"
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+RNG_DIR = "rng"
+TOKENIZER_DIR = "tokenizer"
+MODEL_CONFIG_DIR = "model_config"
+ADAPTER_DIR = "adapter"
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d{6,})")
+STAGING_PREFIX = ".staging-"
+DELETING_PREFIX = ".deleting-"
+TRANSIENT_RE = re.compile(r"\.(staging|deleting)-checkpoint-\d{6,}")
+"""Checkpoint folders in transit; only these are ever cleared without being a committed checkpoint."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint of ``step``; zero-padded so that names sort like steps."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"checkpoint-{step:06d}"
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """What shows that ``output_dir`` already holds a run: its checkpoints, their pointer, its metrics."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        p.name for p in output_dir.iterdir()
+        if p.name in (POINTER, METRICS) or CHECKPOINT_RE.fullmatch(p.name) or TRANSIENT_RE.fullmatch(p.name)
+    )
+
+
+def remove_run(output_dir: Path) -> list[str]:
+    """Delete the files a run wrote into ``output_dir`` (and nothing else there); return their names."""
+    owned = {RUN_CONFIG, SAMPLES_JSONL, SAMPLES_MD, CURVES, BASE_MODEL_DIR, *earlier_run(output_dir)}
+    removed = []
+    for name in sorted(owned):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed

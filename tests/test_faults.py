@@ -1,0 +1,293 @@
+"""User mistakes through the real command lines: each one ends with exit status 2 and one line on stderr that
+names the file, line or key and what was expected, never a traceback, and changes nothing that existed.
+
+A row of FAULTS is one mistake: a builder that writes its inputs into a scratch folder and returns the command
+line, a regex for the error line, and the folders it reads besides the scratch folder. Every file and folder
+under them is hashed before and after the command; a row needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import REPO, TINY, cpu_env, run_deepspeed, snapshot
+
+TRAINER = REPO / "trainer_sft.py"
+EXPORTER = REPO / "export_model.py"
+DATA = REPO / "data"
+REPO_INPUTS = (DATA, REPO / "configs")
+# The deepspeed launcher's own log lines, e.g. its "[ERROR] [launch.py:259:sigkill_handler] ... exits with return
+# code = 2": the launcher's report of the failure, not the trainer's.
+LAUNCHER_LOG = re.compile(r"^\[[\d-]+ [\d:,]+\] \[[A-Z]+\] \[(?:runner|launch)\.py:")
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    command: Callable[[Path], list[str]]
+    """Writes the mistake's inputs into the scratch folder; returns the script and its arguments."""
+    expected: str
+    """re.search pattern for the one error line."""
+    protect: tuple[Path, ...] = REPO_INPUTS
+    """Folders the command reads besides the scratch folder (which is always protected)."""
+    ranks: int = 1
+    """1: `python SCRIPT ...`; more: the deepspeed launcher with this many CPU ranks."""
+    on_a_run: bool = False
+    """The scratch folder holds `run/`, a copy of a finished 2-rank run (8 steps, checkpoints 4 and 8)."""
+
+
+def trainer(*args: str) -> list[str]:
+    return [str(TRAINER), *TINY, *args]
+
+
+def with_dataset(name: str, file: str, content: bytes | Callable[[], bytes]) -> Callable[[Path], list[str]]:
+    """`--show_dataset_stats` of `content`, written to scratch/`file`, as the only dataset `name`."""
+
+    def build(scratch: Path) -> list[str]:
+        path = scratch / file
+        path.write_bytes(content() if callable(content) else content)
+        # The tokenized cache in the scratch folder: whatever a failed run stored there would show as a new file.
+        dataset = f"datasets=[{{{name}: {{input_file_path: {path}}}}}]"
+        return trainer(dataset, f"data_cache_dir={scratch / 'cache'}", "--show_dataset_stats")
+
+    return build
+
+
+def first_half(sample: str) -> Callable[[], bytes]:
+    """A bundled .gz sample cut in the middle, as an interrupted copy leaves it."""
+    return lambda: (DATA / sample).read_bytes()[: (DATA / sample).stat().st_size // 2]
+
+
+def lines(*records: str) -> bytes:
+    return "".join(f"{record}\n" for record in records).encode()
+
+
+def overrides(*args: str) -> Callable[[Path], list[str]]:
+    """The tiny run's command line with `args`, where {scratch} is the scratch folder."""
+    return lambda scratch: trainer(*(arg.replace("{scratch}", str(scratch)) for arg in args))
+
+
+def made(build: Callable[[Path], object], then: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
+    """`then`'s command, after `build` has prepared the scratch folder."""
+
+    def command(scratch: Path) -> list[str]:
+        build(scratch)
+        return then(scratch)
+
+    return command
+
+
+def read_only(folder: Path) -> None:
+    folder.mkdir()
+    folder.chmod(0o555)
+
+
+def exported_into_a_full_folder(scratch: Path) -> list[str]:
+    (scratch / "model").mkdir()
+    (scratch / "model" / "config.json").write_text("{}")
+    (scratch / "out").mkdir()
+    (scratch / "out" / "keep.txt").write_text("results of an earlier export")
+    return [str(EXPORTER), str(scratch / "model"), "--output_folder", str(scratch / "out")]
+
+
+def flip_bytes(relative: str) -> Callable[[Path], None]:
+    """64 bytes in the middle of a file of the copied run, inverted: its size stays, its content does not."""
+
+    def flip(scratch: Path) -> None:
+        path = scratch / "run" / relative
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+        path.write_bytes(bytes(data))
+
+    return flip
+
+
+def on_run(*args: str) -> Callable[[Path], list[str]]:
+    """The tiny run's command line on the copied run folder, with `args`."""
+    return lambda scratch: trainer(f"output_dir={scratch / 'run'}", "max_steps=10", *args)
+
+
+def export_run(*args: str) -> Callable[[Path], list[str]]:
+    return lambda scratch: [str(EXPORTER), str(scratch / "run"), "--output_folder", str(scratch / "out"), *args]
+
+
+CHECKPOINT_8 = "checkpoint-000008/global_step8"
+
+RUN_FAULTS = [
+    Fault("a new run into a finished run's folder", on_run("learning_rate=1e-3"),
+          r"key 'output_dir' is '\S+/run', which holds an earlier run \(checkpoint-000004, checkpoint-000008, latest, "
+          r"metrics\.jsonl\); resume it with --resume_from_checkpoint, .* or set overwrite_output_dir=true",
+          on_a_run=True),
+    Fault("resume and overwrite at once", on_run("--resume_from_checkpoint", "overwrite_output_dir=true"),
+          r"set either 'resume_from_checkpoint' .* or 'overwrite_output_dir' .*, not both", on_a_run=True),
+    pytest.param(
+        Fault("resume from a checkpoint whose model states changed",
+              made(flip_bytes(f"{CHECKPOINT_8}/mp_rank_00_model_states.pt"), on_run("--resume_from_checkpoint")),
+              r"cannot resume from \S+/checkpoint-000008: Checkpoint \S+ is damaged: "
+              r"global_step8/mp_rank_00_model_states\.pt does not match its xxh3_128 \(changed after the save\)",
+              ranks=2, on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Fault("resume on other data", on_run("--resume_from_checkpoint", "max_length=32"),
+              r"cannot resume from \S+/checkpoint-000008: the training data or its order differs", ranks=2,
+              on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Fault("a launch that fails once the ranks run", lambda scratch: trainer(
+                  f"output_dir={scratch / 'new-run'}", "peft.type=lora", "deepspeed_config=configs/zero3_config.json"),
+              r"LoRA runs on ZeRO-2, not ZeRO-3", ranks=2),
+        marks=pytest.mark.slow,
+    ),
+    Fault("export of a checkpoint whose optimizer shard changed",
+          made(flip_bytes(f"{CHECKPOINT_8}/zero_pp_rank_0_mp_rank_00_optim_states.pt"), export_run()),
+          r"^export_model\.py: error: Checkpoint \S+/checkpoint-000008 is damaged: "
+          r"global_step8/zero_pp_rank_0_mp_rank_00_optim_states\.pt does not match its xxh3_128", on_a_run=True),
+    Fault("export of a run whose newest checkpoint is damaged",
+          made(lambda scratch: (scratch / "run" / "checkpoint-000008" / "manifest.json").write_text("{ torn"),
+               export_run()),
+          r"^export_model\.py: error: the newest checkpoint of \S+/run, checkpoint-000008, is unusable: .*pass "
+          r"--allow_older", on_a_run=True),
+]
+
+
+CHAT_OK = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+CHAT_CUT = CHAT_OK[:47]  # a line cut short: the decoder stops past its last character
+OASST_TAB = '{"message_tree_id": "t", "prompt": {"text": "a\tb"}}'  # a raw tab inside a JSON string
+TAB_COLUMN = OASST_TAB.index("\t") + 1
+
+FAULTS = [
+    Fault("oasst_export not gzip", with_dataset("oasst_export", "export.jsonl.gz", b"plain text, not gzip\n"),
+          r"export\.jsonl\.gz, line 1: not gzip data; expected a gzip-compressed file"),
+    Fault("oasst_export gzip cut short", with_dataset("oasst_export", "export.jsonl.gz",
+                                                      first_half("oasst_sample.jsonl.gz")),
+          r"export\.jsonl\.gz, line \d+: the gzip data ends early or is damaged .*; expected a whole \.gz file"),
+    Fault("hh_rlhf not gzip", with_dataset("hh_rlhf", "hh.jsonl.gz", b"plain text, not gzip\n"),
+          r"hh\.jsonl\.gz, line 1: not gzip data; expected a gzip-compressed file"),
+    Fault("hh_rlhf gzip cut short", with_dataset("hh_rlhf", "hh.jsonl.gz", first_half("hh_rlhf_sample.jsonl.gz")),
+          r"hh\.jsonl\.gz, line \d+: the gzip data ends early or is damaged .*; expected a whole \.gz file"),
+    Fault("tokenizer folder with a typo", overrides("tokenizer_name=data/tokenizr", "--show_config"),
+          r"key 'tokenizer_name' is the local path 'data/tokenizr', but the folder \S+/data/tokenizr does not exist; "
+          r"expected a folder saved by save_pretrained, or a hub id"),
+    Fault("tokenizer folder that is empty", made(lambda s: (s / "tokenizer").mkdir(),
+                                                 overrides("tokenizer_name={scratch}/tokenizer", "--show_config")),
+          r"key 'tokenizer_name': the folder \S+/tokenizer holds no tokenizer; expected one of tokenizer\.json, "),
+    Fault("model folder that does not exist",
+          lambda scratch: [str(TRAINER), "--configs", "defaults", "falcon-7b", "oasst-sample",
+                           f"model_name={scratch / 'falcon-7b'}", "--show_config"],
+          r"key 'model_name' is the local path '\S+/falcon-7b', but the folder \S+ does not exist"),
+    Fault("unknown model type", overrides("model_config.model_type=falconx", "--show_config"),
+          r"key 'model_config\.model_type' is 'falconx', which transformers does not know .*did you mean 'falcon'"),
+    Fault("output_dir below a file", made(lambda s: (s / "results").write_text("a file"),
+                                          overrides("output_dir={scratch}/results/run", "max_steps=1")),
+          r"key 'output_dir' is '\S+/results/run', but \S+/results is a file; expected a folder"),
+    pytest.param(
+        Fault("output_dir read-only", made(lambda s: read_only(s / "runs"),
+                                           overrides("output_dir={scratch}/runs", "max_steps=1")),
+              r"key 'output_dir' is '\S+/runs', but \S+/runs cannot be written \(Permission denied\); expected a "
+              r"folder this user can write"),
+        marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders"),
+    ),
+    pytest.param(
+        Fault("output_dir below a file, 2 ranks", made(lambda s: (s / "results").write_text("a file"),
+                                                       overrides("output_dir={scratch}/results/run", "max_steps=1")),
+              r"^error: key 'output_dir' is '\S+/results/run', but \S+/results is a file", ranks=2),
+        marks=pytest.mark.slow,
+    ),
+    Fault("hub dataset while offline", overrides("datasets=[{dolly15k: {input_file_path: nobody-here/no-dataset}}]",
+                                                 "--show_dataset_stats"),
+          r"dataset 'nobody-here/no-dataset' \(set by datasets\[0\]\.dolly15k\.input_file_path\) is a hub id, but the "
+          r"hub is offline \(HF_HUB_OFFLINE is set\).*point input_file_path at a local copy"),
+    Fault("override that is broken YAML", overrides("datasets=[{oasst_export: {lang: de}", "--show_config"),
+          r"command-line override 'datasets=\[\{oasst_export: \{lang: de\}' is not valid YAML: expected ',' or '\}', "
+          r"but got '<stream end>' at column 36 of the override"),
+    Fault("alpaca file that is a JSON object",
+          with_dataset("alpaca", "alpaca.json", json.dumps({"data": [{"instruction": "a", "output": "b"}]},
+                                                           indent=2).encode()),
+          r"alpaca\.json, line 1: the file is a single JSON object \(keys 'data'\), not records .*expected a JSON "
+          r"list of records or JSON Lines"),
+    Fault("chat_jsonl line cut short", with_dataset("chat_jsonl", "chat.jsonl", lines(CHAT_OK, CHAT_CUT, CHAT_OK)),
+          rf"chat\.jsonl, line 2: invalid JSON \(Expecting ',' delimiter at column {len(CHAT_CUT) + 1}\)"),
+    Fault("oasst_export line with a raw tab", with_dataset("oasst_export", "export.jsonl", lines(OASST_TAB)),
+          rf"export\.jsonl, line 1: invalid JSON \(Invalid control character at column {TAB_COLUMN}\)"),
+    Fault("DeepSpeed config that does not exist", overrides("deepspeed_config=configs/nope.json", "--show_config"),
+          r"key 'deepspeed_config': the DeepSpeed config \S+/configs/nope\.json does not exist; expected a JSON file"),
+    Fault("DeepSpeed config that is not JSON", made(lambda s: (s / "ds.json").write_text("{\"zero_optimization\": "),
+                                                    overrides("deepspeed_config={scratch}/ds.json", "--show_config")),
+          r"key 'deepspeed_config': \S+/ds\.json is not valid JSON \(Expecting value: line 1 column \d+"),
+    Fault("export into a folder that is not empty", exported_into_a_full_folder,
+          r"^export_model\.py: error: the output folder \S+/out exists and is not empty; pass --overwrite"),
+]
+
+
+def run(command: list[str], ranks: int) -> tuple[int, str]:
+    """(exit status, what the command wrote to stderr); under the launcher, every rank's output but the
+    launcher's own lines."""
+    script, *args = command
+    if ranks > 1:
+        result = run_deepspeed(args, nproc=ranks, script=Path(script), timeout=300)
+        return result.returncode, "\n".join(line for line in result.stdout.splitlines() if not LAUNCHER_LOG.match(line))
+    result = subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300
+    )
+    return result.returncode, result.stderr
+
+
+@pytest.mark.parametrize("fault", FAULTS + RUN_FAULTS, ids=lambda fault: fault.name)
+def test_a_mistake_exits_2_with_one_line_and_changes_nothing(
+    fault: Fault, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    if fault.on_a_run:
+        shutil.copytree(request.getfixturevalue("zero2_run"), scratch / "run")
+    command = fault.command(scratch)
+    folders = [scratch, *fault.protect]
+    before = snapshot(folders)
+    status, stderr = run(command, fault.ranks)
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert status == 2, stderr[-4000:]
+    assert "Traceback" not in stderr, stderr[-4000:]
+    assert len(errors) == 1, stderr[-4000:]
+    assert errors[0] == stderr.strip().splitlines()[-1], "the error is the last thing the command says"
+    assert re.search(fault.expected, errors[0]), errors[0]
+    assert snapshot(folders) == before
+
+
+def test_ranks_other_than_0_exit_2_without_a_line(tmp_path: Path) -> None:
+    """What the launched row cannot tell apart: rank 1 exits 2 by itself (and says nothing, rank 0 does) rather
+    than being killed by the launcher once rank 0 has failed."""
+    (tmp_path / "results").write_text("a file")
+    result = subprocess.run(
+        [sys.executable, str(TRAINER), *TINY, f"output_dir={tmp_path / 'results' / 'run'}"],
+        # A rank that went on would wait for rank 0 in the rendezvous until this timeout.
+        cwd=REPO, env=cpu_env(RANK="1", WORLD_SIZE="2"), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ""
+
+
+def test_dataset_stats_count_the_threads_the_oasst_language_filter_drops(tmp_path: Path) -> None:
+    """The OASST loader drops other languages itself, by tree; the stats count those threads as read and as
+    other_language, as the filter of every other source counts its records."""
+    command = trainer(f"data_cache_dir={tmp_path}", "--show_dataset_stats")  # the sample: lang en of en/de/es/fr
+    result = subprocess.run([sys.executable, *command], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    splits, removed = result.stdout.split("\n\nremoved by filters\n")
+    threads = sum(int(row.split()[2]) for row in splits.splitlines()[1:])
+    header, row = removed.splitlines()
+    counts = dict(zip(header.split()[1:], map(int, row.split()[1:])))
+    assert counts["other_language"] > 0
+    assert counts["records"] == threads + counts["other_language"] + counts["duplicates"]
