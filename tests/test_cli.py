@@ -44,7 +44,7 @@ def test_show_config_touches_no_model_data_or_deepspeed() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--configs", "defaults", "falcon-7bb"], "unknown config section 'falcon-7bb' in configs/config.yaml; "
+        (["--configs", "defaults", "falcon-7bb"], "unknown config section 'falcon-7bb' in configs/*.yaml; "
          "did you mean 'falcon-7b'?"),
         ([*TINY, "learning_rat=1e-5"], "unknown key 'learning_rat' on the command line; did you mean 'learning_rate'?"),
         ([*TINY, "--learning_rat", "1e-5"], "unknown option '--learning_rat' on the command line; did you mean"),

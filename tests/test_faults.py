@@ -128,7 +128,7 @@ RUN_FAULTS = [
           r"key 'output_dir' is '\S+/run', which holds an earlier run \(checkpoint-000004, checkpoint-000008, latest, "
           r"metrics\.jsonl\); resume it with --resume_from_checkpoint, .* or set overwrite_output_dir=true",
           on_a_run=True),
-    Fault("resume and overwrite at once", on_run("--resume_from_checkpoint", "overwrite_output_dir=true"),
+    Fault("resume and overwrite at once", on_run("overwrite_output_dir=true", "--resume_from_checkpoint"),
           r"set either 'resume_from_checkpoint' .* or 'overwrite_output_dir' .*, not both", on_a_run=True),
     pytest.param(
         Fault("resume from a checkpoint whose model states changed",

@@ -500,9 +500,8 @@ def _token_sums(
         return supervised_token_sums(engine(**inputs).logits, labels)
     # Still the engine's forward, so DeepSpeed's hooks run; an empty `logits_to_keep` projects no position, and
     # the hidden states after the final norm, the head's input, come back instead of (tokens, vocabulary) logits.
-    outputs = engine(
-        **inputs, output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long, device=engine.device)
-    )
+    no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    outputs = engine(**inputs, output_hidden_states=True, logits_to_keep=no_position)
     head = engine.module.get_output_embeddings().weight
     return chunked_supervised_token_sums(outputs.hidden_states[-1], head, labels)
 
