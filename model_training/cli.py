@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -109,6 +110,9 @@ def report_user_error(err: Exception, quiet: bool = False) -> int:
 
 def main_train(argv: list[str]) -> int:
     """`trainer_sft.py`: parse, then print the config, print dataset statistics, or train."""
+    if _launcher_rank() != 0:
+        # Every rank reads the same config; its warnings (OpenAssistant keys without effect) are rank 0's to say.
+        logging.getLogger("model_training.config").setLevel(logging.ERROR)
     try:
         args = parse_train_args(argv)
         if args.show_config:

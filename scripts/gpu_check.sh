@@ -8,9 +8,11 @@
 # The GPU machine has Python 3.12 with its own torch, transformers, peft and accelerate: every wheel installs
 # with --no-deps, so none of those is replaced. What it lacks is carried (see PACKAGES); wandb (imported only
 # when log_wandb is on) and liger-kernel (not used) are not.
-# Knobs: ROWS (bench rows, default all), SKIP_TESTS=1, DEADLINE (seconds the whole call may take, default 570:
-# the device runs a command for at most 600 s; rows that do not fit are reported as skipped, run them in a
-# second call: ROWS=7b-zero3-offload,7b-qlora SKIP_TESTS=1 bash scripts/gpu_check.sh).
+# It prints each phase as it starts and every bench row's startup phases as they happen, so a call that runs out
+# of time shows where the time went; every figure is left under $OUT.
+# Knobs: ROWS (bench rows, default all of bench/throughput.py's), SKIP_TESTS=1, DEADLINE (seconds the whole call
+# may take, default 470, 8 minutes with the machine's start; rows that do not fit are reported as skipped, run
+# them in a second call: ROWS=7b-zero3-offload,7b-qlora SKIP_TESTS=1 bash scripts/gpu_check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.wheels
@@ -54,12 +56,15 @@ if [ "${1:-}" = "--download" ]; then
 fi
 
 START=$SECONDS
-DEADLINE=${DEADLINE:-570}
+DEADLINE=${DEADLINE:-470}
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 [ -d "$WHEELS" ] || { echo "no $WHEELS/: run 'bash scripts/gpu_check.sh --download' here and carry it"; exit 2; }
+phase() { echo "== gpu check $((SECONDS - START)) s: $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+phase "installing the carried wheels"
 
 python3 -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
@@ -71,14 +76,17 @@ echo "installed in $((SECONDS - START)) s"
 
 status=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    timeout 180 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" \
+    phase "pytest -m gpu"
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" \
         || status=1
 fi
 
+phase "bench/throughput.py"
 WORKDIR=/tmp/throughput-bench
-python3 bench/throughput.py --out "$OUT/throughput.md" --workdir "$WORKDIR" \
-    --rows "${ROWS:-baseline,ours,7b-zero3-offload,7b-qlora}" --budget $((DEADLINE - (SECONDS - START) - 15)) \
-    || status=1
+rows=()
+[ -n "${ROWS:-}" ] && rows=(--rows "$ROWS")
+python3 bench/throughput.py --out "$OUT/throughput.md" --workdir "$WORKDIR" "${rows[@]}" \
+    --budget $((DEADLINE - (SECONDS - START) - 15)) || status=1
 # The end of every row's log, in one file (the device returns at most 8 files).
 for log in "$WORKDIR"/*.log; do
     [ -e "$log" ] && { echo "===== $log"; tail -n 40 "$log"; }

@@ -7,6 +7,7 @@
 #   bash scripts/test_versions.sh oldest [pytest args]   # every direct requirement at its lower bound (.venv-oldest)
 #   bash scripts/test_versions.sh lock [pytest args]     # refresh the lock: the newest versions, torch held at the
 #                                                        # lock's CPU build; writes scripts/constraints.txt, then tests
+#   ... --no-tests                                       # install, diff (and write the lock) only
 #
 # Each run leaves runs/versions-<mode>/ with the constraints it used, what it installed and the diff.
 set -euo pipefail
@@ -66,6 +67,9 @@ if [ "$MODE" = lock ]; then
         sed 's/^torch==\([^+]*\)+.*/torch==\1/' "$OUTDIR/installed.txt"
     } >"$LOCK_FILE"
     echo "wrote $LOCK_FILE"
+fi
+if [ "${1:-}" = --no-tests ]; then
+    exit 0
 fi
 ruff check .
 python -m pytest -q "$@"

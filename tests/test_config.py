@@ -19,6 +19,7 @@ from model_training.config import (
     is_hub_id,
     load_config,
     parse_override,
+    read_config_folder,
     read_sections,
     resolve_input_path,
     to_yaml,
@@ -45,6 +46,85 @@ def test_every_shipped_section_merges_and_validates(model: str, data: str) -> No
 
 def test_every_section_in_the_file_is_tested() -> None:
     assert set(read_sections(DEFAULT_CONFIG_FILE)) == {"defaults", *MODEL_SECTIONS, *DATA_SECTIONS}
+    # And no other file in configs/ adds sections (every *.yaml there is read).
+    assert set(read_config_folder()) == set(read_sections(DEFAULT_CONFIG_FILE))
+
+
+def test_every_yaml_in_the_folder_contributes_and_a_section_twice_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("first:\n  learning_rate: 1e-4\n")
+    (tmp_path / "b.yaml").write_text("second:\n  learning_rate: 2e-4\n")
+    (tmp_path / "notes.txt").write_text("first: not read\n")
+    found = read_config_folder(tmp_path)
+    assert {name: origin.name for name, (_, origin) in found.items()} == {"first": "a.yaml", "second": "b.yaml"}
+    (tmp_path / "c.yaml").write_text("first:\n  learning_rate: 3e-4\n")
+    with pytest.raises(ConfigError, match=r"config section 'first' is defined twice: in \S+/a\.yaml and in "
+                                          r"\S+/c\.yaml; rename one of them"):
+        read_config_folder(tmp_path)
+
+
+OPENASSISTANT_SECTION = """
+s:
+  model_config: {model_type: falcon, hidden_size: 64, num_hidden_layers: 2}
+  tokenizer_name: data/tokenizer
+  use_flash_attention: false
+  per_digit_tokens: false
+  quantization: false
+  loss_fn: CrossEntropyLoss
+  eval_accumulation_steps:
+  num_train_epochs: 0.2
+  freeze_layer:
+  val_max_length:
+  random_offset_probability: 0.8
+  peft_model: false
+"""
+
+
+def test_openassistant_keys_are_read_or_accepted_with_one_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config(tmp_path, OPENASSISTANT_SECTION)
+    cfg = load_config(["s"], [parse_override("use_flash_attention=true")], config_file=path)
+    assert cfg.num_train_epochs == 0.2 and cfg.random_offset_probability == 0.8 and cfg.peft.type is None
+    assert cfg.quantization.load_in_4bit is False  # the boolean is OpenAssistant's 8-bit Adam, off
+    warned = [r.getMessage() for r in caplog.records if "OpenAssistant trainer key" in r.getMessage()]
+    assert sorted(m.split("'")[1] for m in warned) == ["eval_accumulation_steps", "per_digit_tokens",
+                                                       "use_flash_attention"]
+    assert any("use_flash_attention' (in section 's' of" in m and "chosen by the device" in m for m in warned)
+
+
+def test_openassistant_keys_with_an_effect_here_are_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_config(tmp_path, OPENASSISTANT_SECTION.replace("quantization: false", "quantization: true")
+                        .replace("peft_model: false", "peft_model: true").replace("CrossEntropyLoss", "Poly"))
+    cfg = load_config(["s"], config_file=path)
+    assert cfg.peft.type == "lora"
+    assert "key 'quantization: true' (in section 's' of" in caplog.text and "8-bit Adam" in caplog.text
+    assert "key 'loss_fn' (in section 's' of" in caplog.text and "is 'Poly', which has no effect" in caplog.text
+    with pytest.raises(ConfigError, match="unknown key 'use_flash_attentionn'"):
+        load_config(["s"], [parse_override("use_flash_attentionn=true")], config_file=path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("num_train_epochs=0", r"key 'num_train_epochs' must be positive, got 0"),
+        ("random_offset_probability=1.5", r"key 'random_offset_probability' must be in \[0, 1\], got 1.5"),
+        ("val_max_length=0", r"key 'val_max_length' must be positive or null, got 0"),
+        ("eval_size=0", r"key 'eval_size' must be positive or null, got 0"),
+        ("use_system_prefix=true", r"key 'use_system_prefix' is true but 'system_prefix' is empty"),
+    ],
+)
+def test_openassistant_options_are_checked(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override(override)])
+    with pytest.raises(ConfigError, match=r"key 'freeze_layer' freezes layers of a full fine-tuning"):
+        load_config(["defaults", "tiny-falcon", "oasst-sample"],
+                    [parse_override("freeze_layer=1"), parse_override("peft.type=lora")])
+
+
+def test_defaults_are_openassistants() -> None:
+    cfg = load_config(["defaults", "falcon-7b", "oasst-top1"])
+    assert (cfg.rng_seed, cfg.adam_epsilon, cfg.max_grad_norm) == (0xA1221F97, 1e-12, 2.0)
+    assert (cfg.lr_scheduler_type, cfg.random_offset_probability) == ("warmup_decay", 0.8)
 
 
 def test_falcon_7b_has_the_published_hyperparameters() -> None:

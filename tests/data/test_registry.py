@@ -43,7 +43,9 @@ def test_every_source_loads_its_bundled_sample(tokenizer, name: str) -> None:
     (train,), (val,) = data.train, data.val
     assert train.name == val.name == name
     assert len(train.samples) > 10 and len(val.samples) >= 1
-    assert all(s.num_supervised > 0 and len(s.input_ids) <= 256 for s in train.samples + val.samples)
+    assert all(s.num_supervised > 0 for s in train.samples + val.samples)
+    # Samples stay whole (they are cut when batches are built); the stats count those over max_length (256).
+    assert train.truncated == sum(len(s.input_ids) > 256 for s in train.samples)
     report = data.reports[0]
     # The OASST loaders leave out other languages themselves; the count is the same as for the other sources.
     assert report.records == train.threads + val.threads + report.other_language + report.duplicates
@@ -144,3 +146,11 @@ def test_label_masks_hold_for_every_source(tokenizer) -> None:
         for sample in data.train[0].samples:
             assert sample.labels[0] == IGNORE_INDEX  # a role token starts every conversation
             assert sample.labels[-1] == tokenizer.eos_token_id  # every sample ends with a supervised eos
+
+
+def test_without_label_masking_every_token_carries_loss(tokenizer) -> None:
+    dataset = "[{oasst_export: {input_file_path: oasst_sample.jsonl.gz, val_split: 0.1}}]"
+    masked, unmasked = prepared(tokenizer, dataset), prepared(tokenizer, dataset, "label_masking=false")
+    for a, b in zip(masked.train[0].samples, unmasked.train[0].samples, strict=True):
+        assert a.input_ids == b.input_ids and b.labels == b.input_ids
+        assert a.num_supervised < b.num_supervised  # the prompts and role tokens now too

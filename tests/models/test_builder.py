@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from model_training.config import load_config, parse_override
+from model_training.config import ConfigError, load_config, parse_override
 from model_training.data.formatting import SPECIAL_TOKENS
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.residual_dropout import UnsupportedArchitectureError
@@ -82,3 +82,23 @@ def test_selective_checkpointing_recomputes_only_the_first_layers() -> None:
         grads[layers] = torch.cat([p.grad.flatten() for p in model.parameters()])
     # Recomputing is exact: the same gradients whichever layers are checkpointed.
     assert torch.equal(grads[None], grads[0]) and torch.equal(grads[None], grads[2])
+
+
+def test_freeze_layer_freezes_the_embeddings_and_the_first_layers() -> None:
+    """OpenAssistant's freeze_layer: the embeddings (with the head tied to them) and layers 0..N-1 stop training."""
+    cfg = config("freeze_layer=1", "model_config.num_hidden_layers=3")
+    model = build_model(cfg, load_tokenizer(cfg), ZERO2)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert "transformer.word_embeddings.weight" in frozen and model.lm_head.weight.requires_grad is False
+    assert {name.split(".")[2] for name in frozen if name.startswith("transformer.h.")} == {"0"}
+    assert all(p.requires_grad for name, p in model.named_parameters() if name.startswith("transformer.h.1."))
+
+
+def test_freeze_layer_is_refused_when_new_embedding_rows_would_never_train(tmp_path: Path) -> None:
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=2023))
+    base.save_pretrained(tmp_path / "base")
+    cfg = config("model_config=null", f"model_name={tmp_path / 'base'}", "dtype=fp32", "freeze_layer=1")
+    with pytest.raises(ConfigError, match=r"freeze_layer freezes the input embeddings, but the 9 rows the resize "
+                                          r"added .* would then never train"):
+        build_model(cfg, load_tokenizer(cfg), ZERO2)

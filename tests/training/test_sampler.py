@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from model_training.config import ConfigError
-from model_training.training.sampler import SourceDraw, StepPlan, plan_sources
+from model_training.training.sampler import SORT_RUN, SourceDraw, StepPlan, plan_sources
 
 
 def options(**kw: object) -> SimpleNamespace:
@@ -87,3 +87,16 @@ def test_a_mixture_that_cannot_be_met_is_an_error() -> None:
         plan_sources(["a", "b"], [5, 10], [options(), options(share=1.0)])
     with pytest.raises(ConfigError, match="need other datasets"):
         plan_sources(["a"], [5], [options(share=0.5)])
+
+
+def test_sort_by_length_orders_each_epoch_in_shuffled_runs_of_200() -> None:
+    """OpenAssistant's sampler with sort_by_length: the draw sorted by length, each run of 200 shuffled."""
+    lengths = tuple((i * 7919) % 1000 for i in range(1000))
+    draw = (SourceDraw(offset=0, length=1000, per_epoch=1000),)
+    plan = StepPlan(draw, 1, 0, 4, 1, seed=3, lengths=lengths)
+    order = plan.epoch_order(0)
+    assert sorted(order) == list(range(1000))
+    runs = [[lengths[i] for i in order[start : start + SORT_RUN]] for start in range(0, 1000, SORT_RUN)]
+    assert all(max(run) <= min(following) for run, following in zip(runs, runs[1:]))
+    assert any(run != sorted(run) for run in runs)  # shuffled within each run
+    assert order == plan.epoch_order(0) and order != plan.epoch_order(1)
