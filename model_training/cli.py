@@ -88,12 +88,22 @@ def _split_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
     return overrides
 
 
+def _names_a_config_key(token: str | None) -> bool:
+    key, sep, _ = (token or "").partition("=")
+    return bool(sep) and key.split(".")[0] in _CONFIG_KEYS
+
+
 def parse_train_args(argv: list[str]) -> TrainArgs:
     """The merged, validated config from a command line; raises ConfigError on any user mistake."""
     args, rest = _parser().parse_known_args(argv)
     # `--configs a b key=value` reads naturally; argparse would take key=value as a section name.
     sections = [name for name in args.configs if "=" not in name]
     rest = [name for name in args.configs if "=" in name] + rest
+    # A bare `--resume_from_checkpoint max_length=32` would resume from a folder named "max_length=32";
+    # an override that names a config key is an override, and the flag means the newest checkpoint.
+    if _names_a_config_key(args.resume_from_checkpoint):
+        rest.append(args.resume_from_checkpoint)
+        args.resume_from_checkpoint = "latest"
     overrides = _split_overrides(rest)
     overrides += [(key, getattr(args, key)) for key in _FLAG_KEYS if getattr(args, key) is not None]
     config = load_config(sections, overrides, config_file=args.config_file)

@@ -71,6 +71,14 @@ def test_openassistant_flags_map_to_config_keys() -> None:
         .resume_from_checkpoint == "/runs/x/checkpoint-000080"
 
 
+def test_an_override_after_a_bare_resume_flag_stays_an_override() -> None:
+    cfg = parse_train_args([*TINY, "--resume_from_checkpoint", "max_length=32"]).config
+    assert (cfg.resume_from_checkpoint, cfg.max_length) == ("latest", 32)
+    folder_with_equals = "/runs/lr=1e-5/checkpoint-000080"
+    assert parse_train_args([*TINY, "--resume_from_checkpoint", folder_with_equals]).config \
+        .resume_from_checkpoint == folder_with_equals
+
+
 def test_any_key_works_as_a_double_dash_option_and_inside_configs() -> None:
     cfg = parse_train_args(["--configs", "defaults", "tiny-falcon", "oasst-sample", "max_steps=3",
                             "--warmup-steps", "2", "--learning_rate=0.5"]).config
