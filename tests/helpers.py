@@ -37,6 +37,8 @@ def cpu_env(**extra: str) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
     )
     env.update(extra)
+    # A script in tests/ must import this checkout's package, whichever checkout an editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
 
