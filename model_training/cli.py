@@ -34,8 +34,8 @@ class TrainArgs:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer_sft.py",
-        description="Supervised fine-tuning on DeepSpeed. Overrides: key=value (dotted keys for nested "
-        "values) or --key value; every key is documented in model_training/config.py.",
+        description="Supervised fine-tuning on DeepSpeed (or plain PyTorch: --no-deepspeed). Overrides: key=value "
+        "(dotted keys for nested values) or --key value; every key is documented in model_training/config.py.",
         allow_abbrev=False,
     )
     parser.add_argument("--configs", nargs="+", default=["defaults"], help="config sections to merge, in order")
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a YAML file of sections to read instead of every configs/*.yaml")
     parser.add_argument("--show_config", action="store_true", help="print the merged config as YAML and exit")
     # The flags users of the OpenAssistant trainer know; each one is a config key.
-    parser.add_argument("--deepspeed", action="store_true", default=None, help="accepted; always on")
+    parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=None,
+                        help="train on DeepSpeed (the default); --no-deepspeed: plain PyTorch, one process or DDP")
     parser.add_argument("--local_rank", type=int, default=None, help="set by launchers")
     parser.add_argument(
         "--resume_from_checkpoint",

@@ -339,9 +339,11 @@ class TrainConfig:
 
     # --- run ---
     deepspeed_config: str = "configs/zero_config.json"
-    """DeepSpeed JSON; keys set to "auto" are filled from this config, and contradictions are errors."""
+    """DeepSpeed JSON; keys set to "auto" are filled from this config, and contradictions are errors. With
+    deepspeed=false only its ZeRO stage and offloading are read, to refuse what plain PyTorch cannot do."""
     deepspeed: bool = True
-    """Accepted for OpenAssistant command-line compatibility; this trainer always runs on DeepSpeed."""
+    """Train on DeepSpeed; false (`--no-deepspeed`, as in the OpenAssistant trainer): plain PyTorch on the same
+    loop, one process or DistributedDataParallel under torchrun, in fp32 or bf16 (training/torch_engine.py)."""
     local_rank: int = -1
     """Set by launchers that pass --local_rank; the LOCAL_RANK environment variable wins when present."""
     resume_from_checkpoint: str | None = None
@@ -568,7 +570,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model_config is not None:
         _check_model_type(cfg.model_config["model_type"])
     _check_local_folders(cfg)
-    read_deepspeed_json(cfg.deepspeed_config)
+    _, ds = read_deepspeed_json(cfg.deepspeed_config)
+    if not cfg.deepspeed:
+        _validate_without_deepspeed(cfg, ds)
     dataset_specs(cfg)
 
 
@@ -661,6 +665,35 @@ def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"key 'deepspeed_config': {resolved} holds a JSON {type(ds).__name__}; expected an object "
                           "of DeepSpeed settings")
     return resolved, ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it says nothing)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def optimizer_offloaded(ds: dict[str, Any]) -> bool:
+    """Whether the optimizer state lives in host memory (ZeRO-Offload), where DeepSpeed's CPU Adam steps it."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return str(device).lower() not in ("none", "")
+
+
+def _validate_without_deepspeed(cfg: TrainConfig, ds: dict[str, Any]) -> None:
+    """deepspeed=false: what only DeepSpeed does is refused, rather than trained some other way."""
+    if cfg.dtype == "fp16":
+        raise ConfigError("key 'dtype' is fp16, which needs DeepSpeed's loss scaling; with deepspeed=false train in "
+                          "bf16 (autocast over fp32 weights) or fp32")
+    if zero_stage(ds) == 3:
+        wanted = "ZeRO-3, which partitions the model over the ranks"
+    elif optimizer_offloaded(ds):
+        wanted = "an offloaded optimizer (offload_optimizer)"
+    else:
+        return
+    raise ConfigError(
+        f"deepspeed=false keeps the whole model and optimizer on every rank, but 'deepspeed_config' "
+        f"({cfg.deepspeed_config}) asks for {wanted}; drop deepspeed=false (--no-deepspeed), or name a ZeRO-0/1/2 "
+        "JSON such as configs/zero_config.json, which plain PyTorch does not read further"
+    )
 
 
 def _validate_openassistant_options(cfg: TrainConfig) -> None:

@@ -17,7 +17,13 @@ A checkpoint folder::
     manifest.json               written last, before the commit: files, sizes, hashes, step, world size
     trainer_state.json          the trainer's counters and data position (rank 0)
     rng/rank-00000.pt           python, numpy, torch (and CUDA) RNG states, one file per rank
-    global_step80/...           DeepSpeed's engine state: model, optimizer shards, lr scheduler
+    global_step80/...           the engine's state, in one of two layouts:
+      DeepSpeed (deepspeed=true): model, optimizer shards (one per rank under ZeRO-1/2/3), lr scheduler,
+                                  in DeepSpeed's own files (read by export/consolidate.py)
+      plain PyTorch (deepspeed=false), written by rank 0, the state being the same on every rank:
+        torch_model_states.pt   {"module": the model's state dict}: the fp32 weights, by the model's own
+                                names (a LoRA run: the trained tensors only)
+        torch_optim_states.pt   {"optimizer": AdamW's state dict, "lr_scheduler": the LambdaLR's}
     config.yaml                 the merged config
     tokenizer/                  the tokenizer with the chat tokens and chat template
     model_config/               the model's transformers config and generation config
@@ -44,6 +50,8 @@ RNG_DIR = "rng"
 TOKENIZER_DIR = "tokenizer"
 MODEL_CONFIG_DIR = "model_config"
 ADAPTER_DIR = "adapter"
+TORCH_MODEL_STATES = "torch_model_states.pt"
+TORCH_OPTIM_STATES = "torch_optim_states.pt"
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d{6,})")
 STAGING_PREFIX = ".staging-"

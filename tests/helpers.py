@@ -1,4 +1,5 @@
-"""Helpers for tests that run the real entry points: DeepSpeed on the CPU, metrics of a finished run.
+"""Helpers for tests that run the real entry points (DeepSpeed's launcher, torchrun or a process alone, on the CPU)
+and read the metrics of a finished run.
 
 Importable as `helpers` from every test module (tests/ is on sys.path through tests/conftest.py)."""
 
@@ -12,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
+TRAINER = REPO / "trainer_sft.py"
 TINY = ["--configs", "defaults", "tiny-falcon", "oasst-sample"]
 TINY_RUN = [*TINY, "max_steps=8", "save_steps=4", "logging_steps=1", "eval_steps=4"]
 """The short run the session fixtures train: 8 steps, checkpoints at 4 and 8, metrics every step."""
@@ -37,24 +41,38 @@ def cpu_env(**extra: str) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
     )
     env.update(extra)
+    # A script in tests/ must import this checkout's package, whichever checkout an editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
 
+def _run(cmd: list[str], timeout: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`cmd` in the repository with the CPU environment and `env`; the result holds stdout+stderr in `.stdout`."""
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+
+
 def run_deepspeed(
-    args: list[str], nproc: int = 2, script: Path = REPO / "trainer_sft.py", timeout: int = 900, **env: str
+    args: list[str], nproc: int = 2, script: Path = TRAINER, timeout: int = 900, **env: str
 ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus nproc script args` on the CPU; the result holds stdout+stderr in `.stdout`."""
     port = free_port()
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), str(script), *args]
     try:
-        return subprocess.run(
-            cmd, cwd=REPO, env=cpu_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            timeout=timeout,
-        )
+        return _run(cmd, timeout, env)
     finally:
         # Scripts other than the trainer (test workers) leave DeepSpeed's 66 MB CPU all-reduce buffers behind.
         for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             leftover.unlink(missing_ok=True)
+
+
+def run_torchrun(
+    args: list[str], nproc: int = 2, script: Path = TRAINER, timeout: int = 900, **env: str
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc script args` on the CPU, or with nproc 1 `python script args`, a process
+    alone without a launcher; the result holds stdout+stderr in `.stdout`."""
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    return _run([sys.executable, *(launcher if nproc > 1 else []), str(script), *args], timeout, env)
 
 
 def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -71,6 +89,10 @@ def step_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
 
 
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = {name: (a[name] - b[name]).abs().max().item() for name in a if not a[name].equal(b[name])}
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, by up to {max(differ.values(), default=0):.3g}"
 
 
 def snapshot(folders: list[Path]) -> dict[str, str]:

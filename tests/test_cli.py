@@ -69,6 +69,10 @@ def test_openassistant_flags_map_to_config_keys() -> None:
     assert (cfg.wandb_entity, cfg.rng_seed, cfg.show_dataset_stats) == ("team", 7, True)
     assert parse_train_args([*TINY, "--resume_from_checkpoint", "/runs/x/checkpoint-000080"]).config \
         .resume_from_checkpoint == "/runs/x/checkpoint-000080"
+    # OpenAssistant's --no-deepspeed: plain PyTorch on the same loop; the key works as well.
+    assert parse_train_args([*TINY, "--no-deepspeed"]).config.deepspeed is False
+    assert parse_train_args([*TINY, "deepspeed=false"]).config.deepspeed is False
+    assert parse_train_args(TINY).config.deepspeed is True
 
 
 def test_an_override_after_a_bare_resume_flag_stays_an_override() -> None:

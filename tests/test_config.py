@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -300,6 +301,35 @@ def test_unknown_key_on_the_command_line() -> None:
 def test_values_the_types_cannot_check(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override(override)])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (("dtype", "fp16"), r"key 'dtype' is fp16, which needs DeepSpeed's loss scaling; with deepspeed=false train in "
+                            r"bf16 \(autocast over fp32 weights\) or fp32"),
+        (("deepspeed_config", "configs/zero3_config.json"),
+         r"deepspeed=false keeps the whole model and optimizer on every rank, but 'deepspeed_config' "
+         r"\(configs/zero3_config.json\) asks for ZeRO-3, which partitions the model over the ranks; drop "
+         r"deepspeed=false"),
+        (("deepspeed_config", "{offload}"), r"asks for an offloaded optimizer \(offload_optimizer\)"),
+    ],
+)
+def test_without_deepspeed_what_only_deepspeed_does_is_refused(
+    setting: tuple[str, str], message: str, tmp_path: Path
+) -> None:
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    key, value = setting[0], setting[1].replace("{offload}", str(offload))
+    sections = ["defaults", "tiny-falcon", "oasst-sample"]
+    assert load_config(sections, [(key, value)]).deepspeed  # DeepSpeed does it
+    with pytest.raises(ConfigError, match=message):
+        load_config(sections, [("deepspeed", False), (key, value)])
+
+
+def test_without_deepspeed_a_zero2_json_and_bf16_are_fine() -> None:
+    cfg = load_config(["defaults", "falcon-7b", "oasst-top1"], [("deepspeed", False)])  # bf16, ZeRO-2's JSON
+    assert (cfg.deepspeed, cfg.dtype, cfg.deepspeed_config) == (False, "bf16", "configs/zero_config.json")
 
 
 def test_model_config_needs_a_model_type() -> None:

@@ -128,6 +128,9 @@ RUN_FAULTS = [
           r"key 'output_dir' is '\S+/run', which holds an earlier run \(checkpoint-000004, checkpoint-000008, latest, "
           r"metrics\.jsonl\); resume it with --resume_from_checkpoint, .* or set overwrite_output_dir=true",
           on_a_run=True),
+    Fault("resume a DeepSpeed run without DeepSpeed", on_run("--no-deepspeed", "--resume_from_checkpoint"),
+          r"cannot resume from \S+/checkpoint-000008: it was saved by a run on DeepSpeed, whose engine state this run "
+          r"cannot load; resume it with deepspeed=true", on_a_run=True),
     Fault("resume and overwrite at once", on_run("overwrite_output_dir=true", "--resume_from_checkpoint"),
           r"set either 'resume_from_checkpoint' .* or 'overwrite_output_dir' .*, not both", on_a_run=True),
     pytest.param(
@@ -221,6 +224,10 @@ FAULTS = [
           rf"chat\.jsonl, line 2: invalid JSON \(Expecting ',' delimiter at column {len(CHAT_CUT) + 1}\)"),
     Fault("oasst_export line with a raw tab", with_dataset("oasst_export", "export.jsonl", lines(OASST_TAB)),
           rf"export\.jsonl, line 1: invalid JSON \(Invalid control character at column {TAB_COLUMN}\)"),
+    Fault("ZeRO-3 without DeepSpeed", overrides("--no-deepspeed", "deepspeed_config=configs/zero3_config.json",
+                                                "--show_config"),
+          r"deepspeed=false keeps the whole model and optimizer on every rank, but 'deepspeed_config' "
+          r"\(configs/zero3_config\.json\) asks for ZeRO-3"),
     Fault("DeepSpeed config that does not exist", overrides("deepspeed_config=configs/nope.json", "--show_config"),
           r"key 'deepspeed_config': the DeepSpeed config \S+/configs/nope\.json does not exist; expected a JSON file"),
     Fault("DeepSpeed config that is not JSON", made(lambda s: (s / "ds.json").write_text("{\"zero_optimization\": "),

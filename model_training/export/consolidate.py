@@ -1,4 +1,4 @@
-"""Read the weights of a DeepSpeed ZeRO-1/2/3 checkpoint on the CPU, one tensor at a time.
+"""Read the weights of a DeepSpeed ZeRO-1/2/3 checkpoint (or a plain PyTorch one) on the CPU, one tensor at a time.
 
 What the engine files of one tag folder (``global_step<N>/``) hold, for a run of ``W`` data-parallel ranks:
 
@@ -14,6 +14,10 @@ ZeRO-3
     as empty placeholders, and rank r's partition of each frozen parameter (``frozen_param_fragments``).
     The optim file of rank r holds ``fp32_flat_groups``: per group, rank r's partition of each parameter
     (``ceil(numel / W)`` values, the last rank's padded), one after another in ``param_shapes`` order.
+
+Without DeepSpeed (training/torch_engine.py)
+    ``torch_model_states.pt`` (layout.TORCH_MODEL_STATES): the module's state dict, its weights the fp32 masters
+    themselves; read as it is (``zero_stage`` 0, one copy of every weight: ``world_size`` 1).
 
 The fp32 masters are the trained weights (the module copy is their rounding to bf16/fp16), so every
 parameter the optimizer owns is read from them; frozen parameters and buffers, which have no master, come
@@ -37,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from model_training.layout import TORCH_MODEL_STATES
 
 # DeepSpeed prefixes the optimizer shards of bf16 runs with "bf16_"; their content is the same.
 _OPTIM_RE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
@@ -105,7 +111,8 @@ def _release_pages(tensor: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class ZeroCheckpoint:
-    """The weights of one ZeRO checkpoint, by state-dict name; tied names map to the same LazyTensor."""
+    """The weights of one ZeRO checkpoint (stage 0: a plain PyTorch one), by state-dict name; tied names map to the
+    same LazyTensor."""
 
     tensors: dict[str, LazyTensor]
     zero_stage: int
@@ -113,7 +120,8 @@ class ZeroCheckpoint:
 
 
 def read_zero_checkpoint(tag_dir: Path, trained_only: bool = False) -> ZeroCheckpoint:
-    """Map the engine files in ``tag_dir`` and locate every parameter and buffer; reads no weights yet.
+    """Map the engine files in ``tag_dir`` (DeepSpeed's, or those of a run without it) and locate every parameter
+    and buffer; reads no weights yet.
 
     ``trained_only``: the checkpoint holds only the trained parameters (saved with
     ``exclude_frozen_parameters``, as LoRA runs are).
@@ -122,6 +130,9 @@ def read_zero_checkpoint(tag_dir: Path, trained_only: bool = False) -> ZeroCheck
     missing, come from an unsupported layout (pipeline or tensor parallel, no ZeRO optimizer) or disagree.
     """
     tag_dir = Path(tag_dir)
+    if (tag_dir / TORCH_MODEL_STATES).is_file():
+        module = _load(tag_dir / TORCH_MODEL_STATES)["module"]
+        return ZeroCheckpoint(tensors={name: _whole(t) for name, t in module.items()}, zero_stage=0, world_size=1)
     optim_files = _rank_files(tag_dir)
     optim_states = [_load(path)["optimizer_state_dict"] for path in optim_files]
     stage = int(optim_states[0].get("zero_stage", 0))

@@ -255,7 +255,8 @@ def _export_checkpoint(
         zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"])
     except ZeroCheckpointError as exc:
         raise ExportError(f"checkpoint {checkpoint}: {exc}") from exc
-    logger.info("%s: ZeRO-%d shards of %d ranks", checkpoint, zero.zero_stage, zero.world_size)
+    shards = f"ZeRO-{zero.zero_stage} shards of {zero.world_size} ranks" if zero.zero_stage else "plain PyTorch weights"
+    logger.info("%s: %s", checkpoint, shards)
 
     entries, num_parameters, architecture = _weight_entries(config, zero.tensors, dtype, trust_remote_code)
     write_weights(folder, entries, max_shard_size, {"total_parameters": num_parameters})

@@ -21,6 +21,7 @@ from model_training.config import (
     first_line,
     is_hub_id,
     resolve_input_path,
+    zero_stage,
 )
 from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
@@ -29,7 +30,6 @@ from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packing import enable_packed_attention
 from model_training.models.residual_dropout import apply_residual_dropout
-from model_training.training.ds_config import zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ def build_model(
     """The causal LM, its embeddings resized for the added tokens, residual dropout, checkpointing and packed
     attention applied; then, as configured, its linear layers quantized to 4 bits and LoRA adapters added.
 
-    Must run after torch.distributed is initialized and before `deepspeed.initialize`: under ZeRO-3 the
-    weights are partitioned as they are created, so a 40B model never exists whole on one rank.
+    Must run after torch.distributed is initialized and before the engine is built (`deepspeed.initialize`):
+    under ZeRO-3 the weights are partitioned as they are created, so a 40B model never exists whole on one rank.
+    `ds_config` is {} for a run without DeepSpeed: nothing is partitioned.
     `save_base_to`: write the base (before quantization and adapters) there as a Hugging Face folder, for a
     LoRA run whose base exists nowhere else (random weights from `model_config`).
     """
@@ -87,7 +88,7 @@ def build_model(
     if stage == 3:
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
     dtype = TORCH_DTYPES[cfg.dtype]
-    device = _training_device()
+    device = training_device()
     # The same seed on every rank: random weights must be identical across data-parallel replicas. torch's
     # generators (every device's) are all that initialization draws from; transformers.set_seed would also
     # import its trainer utilities, and peft with them: seconds of startup.
@@ -200,7 +201,7 @@ def _freeze_layers(model: torch.nn.Module, count: int, new_rows: int) -> None:
                 count, sum(p.numel() for p in frozen))
 
 
-def _training_device() -> torch.device:
+def training_device() -> torch.device:
     """This rank's GPU (init_distributed selected it) or the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

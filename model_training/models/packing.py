@@ -233,6 +233,11 @@ def packed_causal_attention(
     heads; `cu_seq_lens` (int32) the sample boundaries, `max_length` the longest sample. On CUDA this is
     torch's variable-length flash attention; elsewhere `reference_packed_attention`.
     """
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        # fp32 weights under autocast (bf16 without DeepSpeed): the fp32 rotary tables promote query and key to
+        # fp32. Autocast runs SDPA in its own dtype but does not know varlen_attn, so the cast is made here.
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = (x.to(dtype) for x in (query, key, value))
     # Flash kernels take fp16/bf16 only; an fp32 run on a GPU (the tiny model) takes the exact loop instead.
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         return _varlen_causal(query, key, value, cu_seq_lens, max_length)

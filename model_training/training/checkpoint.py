@@ -1,4 +1,5 @@
-"""Atomic, verifiable training checkpoints for DeepSpeed runs (the layout: model_training/layout.py).
+"""Atomic, verifiable training checkpoints of the training engine, DeepSpeed's or the plain PyTorch one of
+torch_engine.py, which writes its files through the same calls (the layout: model_training/layout.py).
 
 A save writes everything into the staging folder, makes every rank agree that its writes succeeded, writes
 the manifest, and commits with one atomic rename. A folder is *committed* when it holds ``manifest.json``
@@ -120,10 +121,10 @@ def save_checkpoint(
     try:
         written, error = _save_engine(engine, staging, deepspeed_tag(step), trained_only)
     except Exception as exc:
-        # Not a failed write (those are contained) but DeepSpeed failing midway: the other ranks may wait in
-        # one of its collectives, which this rank cannot rejoin. Stop now; the launcher stops the others.
+        # Not a failed write (those are contained) but the engine failing midway: the other ranks may wait in
+        # one of DeepSpeed's collectives, which this rank cannot rejoin. Stop now; the launcher stops the others.
         raise CheckpointError(
-            f"Saving checkpoint of step {step} to {final} failed inside DeepSpeed on rank {rank}: "
+            f"Saving checkpoint of step {step} to {final} failed inside {type(engine).__name__} on rank {rank}: "
             f"{_describe(exc)}"
         ) from exc
     digests: dict[str, dict] = {}
@@ -547,9 +548,10 @@ def read_trainer_state(ckpt_dir: Path) -> dict:
     saved, current = manifest["world_size"], _world_size()
     if saved != current:
         raise CheckpointError(
-            f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}. Its optimizer "
-            f"state (ZeRO stage {manifest.get('zero_stage')}) is sharded per rank, so resuming on a "
-            f"different number of ranks is not supported for this checkpoint: resume with {saved} ranks."
+            f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}. Its RNG states are per "
+            f"rank (and under ZeRO stages 1-3 its optimizer state too; this one: stage {manifest.get('zero_stage')}), "
+            f"so resuming on a different number of ranks is not supported for this checkpoint: resume with {saved} "
+            "ranks."
         )
     return json.loads((ckpt_dir / TRAINER_STATE).read_text())
 

@@ -3,7 +3,8 @@
 The deepspeed launcher and torchrun export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 `srun` exports SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID instead; they are mapped to the same names
 (MASTER_ADDR/MASTER_PORT come from the sbatch script, see scripts/slurm/). Without any of these, a single
-process trains alone.
+process trains alone. A run on DeepSpeed starts the group through DeepSpeed; one without (`deepspeed=false`)
+through torch.distributed: NCCL on GPUs, gloo on CPUs, and an in-memory store for a process alone.
 """
 
 from __future__ import annotations
@@ -36,19 +37,29 @@ def _adopt_slurm_environment() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-def init_distributed(local_rank_arg: int = -1) -> DistInfo:
-    """Initialize torch.distributed through DeepSpeed (NCCL on GPUs, gloo/ccl on CPUs) and say who we are."""
+def init_distributed(local_rank_arg: int = -1, through_deepspeed: bool = True) -> DistInfo:
+    """Initialize torch.distributed, through DeepSpeed (NCCL on GPUs, gloo/ccl on CPUs) or without it, and say
+    who we are."""
     _adopt_slurm_environment()
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(max(local_rank_arg, 0)))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
     local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_arg, 0)))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
+    if through_deepspeed:
+        deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
+    elif not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if alone:  # no rendezvous, so no port: single processes side by side never collide
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
     info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
-    _unlink_cpu_allreduce_buffer(info.rank)
+    if through_deepspeed:
+        _unlink_cpu_allreduce_buffer(info.rank)
     return info
 
 

@@ -21,7 +21,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from model_training.config import ConfigError, TrainConfig, read_deepspeed_json
+from model_training.config import ConfigError, TrainConfig, optimizer_offloaded, read_deepspeed_json
 
 AUTO = "auto"
 logger = logging.getLogger(__name__)
@@ -98,12 +98,6 @@ def _choose_adam(ds: dict[str, Any], cuda: bool) -> None:
         params.setdefault("fused", cuda)
 
 
-def optimizer_offloaded(ds: dict[str, Any]) -> bool:
-    """Whether the optimizer state lives in host memory (ZeRO-Offload), where DeepSpeed's CPU Adam steps it."""
-    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return str(device).lower() not in ("none", "")
-
-
 def clean_cuda_arch_list(environ: MutableMapping[str, str] = os.environ) -> str | None:
     """Drop variant suffixes from TORCH_CUDA_ARCH_LIST ("9.0a" -> "9.0") for DeepSpeed's op builds; log it.
 
@@ -148,7 +142,3 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
     return a == b
-
-
-def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,10 +1,11 @@
-"""The SFT recipe: config -> data -> model -> DeepSpeed engine -> loop -> checkpoints.
+"""The SFT recipe: config -> data -> model -> engine -> loop -> checkpoints.
 
 `train(cfg)` wires plain components in this order:
   1. process group (deepspeed launcher, torchrun or srun), seeds, run folder with the merged config;
   2. tokenizer with the chat tokens, datasets formatted into samples (every rank holds all of them);
   3. the step plan (which samples each rank reads at each step), the DeepSpeed config, the model (built
-     under ZeRO-3's partitioning when configured), the engine with AdamW and our schedule;
+     under ZeRO-3's partitioning when configured), the engine with AdamW and our schedule: DeepSpeed's, or
+     with `deepspeed=false` the plain PyTorch one of torch_engine.py (one process or DDP), on the same loop;
   4. resume: engine state, data position and RNG from a committed checkpoint;
   5. the loop: each optimizer step runs its micro-batches (with `packing`, each one padding-free row), the
      loss normalized by the supervised tokens of the whole step on all ranks; metrics, evaluation and atomic
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model_training.config import ConfigError, TrainConfig, to_yaml
+from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
 from model_training.data.collate import collate, to_device
 from model_training.data.formatting import FormattedSample, format_system_prefix
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
@@ -54,12 +55,13 @@ from model_training.training.checkpoint import (
     verify_hashes_on_ranks,
 )
 from model_training.training.distributed import DistInfo, init_distributed
-from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list, zero_stage
+from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.loss import chunked_supervised_token_sums, count_supervised, supervised_token_sums
 from model_training.training.metrics import MetricsLogger
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.samples import generate_answers, sample_prompts, write_samples
 from model_training.training.schedule import build_scheduler
+from model_training.training.torch_engine import TorchEngine, build_torch_engine, holds_torch_engine_state
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ def _setup_logging(info: DistInfo) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by `cfg`; return the run folder."""
     clock = StartupClock()
-    info = init_distributed(cfg.local_rank)
+    info = init_distributed(cfg.local_rank, cfg.deepspeed)
     _setup_logging(info)
     clock.phase("process start, imports and distributed init")
     _seed_everything(cfg.rng_seed)
@@ -187,18 +189,7 @@ def train(cfg: TrainConfig) -> Path:
     if info.is_main and cfg.overwrite_output_dir:
         _remove_earlier_run(output_dir)
 
-    ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available(), total_steps=total_steps)
-    # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
-    keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
-    model = build_model(cfg, tokenizer, ds_config, output_dir / BASE_MODEL_DIR if keep_base and info.is_main else None)
-    clock.phase("model build")
-    clean_cuda_arch_list()  # before DeepSpeed builds an op (the offloaded optimizer's CPU Adam)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type),
-    )
+    engine = _build_engine(cfg, tokenizer, info, total_steps, clock)
     clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
     if info.is_main:
         # Written once the run has started: a launch that fails earlier leaves no run folder behind.
@@ -210,10 +201,11 @@ def train(cfg: TrainConfig) -> Path:
         _resume(cfg, engine, state, resume_from)
         clock.phase("resume")
     logger.info(
-        "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; ZeRO stage %d on %d ranks; "
+        "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
         "%s micro-batches, loss from %s",
-        len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps, zero_stage(ds_config),
-        info.world_size, "packed" if cfg.packing else "padded", "hidden states in chunks" if chunked else "logits",
+        len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
+        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", info.world_size,
+        "packed" if cfg.packing else "padded", "hidden states in chunks" if chunked else "logits",
     )
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
@@ -229,6 +221,29 @@ def train(cfg: TrainConfig) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return output_dir
+
+
+def _build_engine(cfg: TrainConfig, tokenizer: Any, info: DistInfo, total_steps: int, clock: StartupClock) -> Any:
+    """The model inside its engine: DeepSpeed's, or without DeepSpeed the plain PyTorch one (torch_engine.py),
+    each with PyTorch's AdamW and our schedule."""
+    # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
+    keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
+    save_base_to = Path(cfg.output_dir) / BASE_MODEL_DIR if keep_base and info.is_main else None
+    if not cfg.deepspeed:
+        model = build_model(cfg, tokenizer, {}, save_base_to)
+        clock.phase("model build")
+        return build_torch_engine(model, cfg, info.world_size, total_steps)
+    ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available(), total_steps=total_steps)
+    model = build_model(cfg, tokenizer, ds_config, save_base_to)
+    clock.phase("model build")
+    clean_cuda_arch_list()  # before DeepSpeed builds an op (the offloaded optimizer's CPU Adam)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type),
+    )
+    return engine
 
 
 class StartupClock:
@@ -254,11 +269,16 @@ def _remove_earlier_run(output_dir: Path) -> None:
 def _checkpoint_to_resume(cfg: TrainConfig, state: TrainerState, output_dir: Path) -> Path:
     """The committed checkpoint to continue from, checked before anything is built: it must exist and verify
     (every file against its manifest's hash, the ranks sharing the work, unless `verify_checkpoint_hashes` is
-    off), have been saved by as many ranks, and train the same model on the same data in the same order."""
+    off), have been saved by the same engine (DeepSpeed or not) and as many ranks, and train the same model on the
+    same data in the same order."""
     try:
         ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
     except CheckpointError as err:
         raise ConfigError(f"cannot resume ('resume_from_checkpoint'): {err}") from None
+    if holds_torch_engine_state(ckpt) == cfg.deepspeed:
+        saved_by, setting = ("without", "deepspeed=false") if cfg.deepspeed else ("on", "deepspeed=true")
+        raise ConfigError(f"cannot resume from {ckpt}: it was saved by a run {saved_by} DeepSpeed, whose engine "
+                          f"state this run cannot load; resume it with {setting}")
     try:
         saved = read_trainer_state(ckpt)
     except CheckpointError as err:
@@ -357,8 +377,8 @@ def _loop(
             if not micro_batch:
                 micro_loss_sum = torch.where(torch.tensor(False), micro_loss_sum, 0.0)  # NaN * 0 would stay NaN
             loss_sum += micro_loss_sum.detach().double()
-            # DeepSpeed averages gradients over ranks; x world_size turns that into a sum, so the gradient is
-            # that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
+            # DeepSpeed (and DDP without it) averages gradients over ranks; x world_size turns that into a sum, so
+            # the gradient is that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
             engine.backward(micro_loss_sum * (info.world_size / step_supervised), scale_wrt_gas=False)
             if guard_updates and engine.is_gradient_accumulation_boundary():
                 _refuse_nonfinite_update(cfg, engine, loss_sum, step)
@@ -507,12 +527,13 @@ def _token_sums(
 
 
 def _skips_nonfinite_updates(engine: Any) -> bool:
-    """Whether DeepSpeed itself skips an update whose gradients are not finite.
+    """Whether the engine itself skips an update whose gradients are not finite.
 
-    ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow), and
-    fp16's loss scaler skips it at any stage; ZeRO-0 and ZeRO-3 in bf16/fp32 do not.
+    DeepSpeed's ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow),
+    and fp16's loss scaler skips it at any stage; ZeRO-0 and ZeRO-3 in bf16/fp32 do not. The plain PyTorch
+    engine skips it as ZeRO-1/2 do.
     """
-    return engine.fp16_enabled() or zero_stage(engine.config) in (1, 2)
+    return isinstance(engine, TorchEngine) or engine.fp16_enabled() or zero_stage(engine.config) in (1, 2)
 
 
 def _refuse_nonfinite_update(cfg: TrainConfig, engine: Any, loss_sum: torch.Tensor, step: int) -> None:

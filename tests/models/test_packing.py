@@ -8,6 +8,7 @@ from transformers import DynamicCache, FalconConfig, FalconForCausalLM
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
 from model_training.data.packing import pack_samples
+from model_training.models import packing
 from model_training.models.builder import compile_decoder_layers
 from model_training.models.packing import enable_packed_attention
 from model_training.training.loss import supervised_token_sums
@@ -231,6 +232,24 @@ def test_packed_row_matches_samples_one_by_one_in_bf16_on_cuda(shape: str) -> No
         actual_grads = gradients(model, row_loss)
     torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=2e-2, atol=0)
     assert_gradients_match(actual_grads, expected_grads, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp32_weights_under_bf16_autocast_stay_on_varlen_attn_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 without DeepSpeed: fp32 weights, forwards under autocast, where the fp32 rotary tables hand the packed
+    attention fp32 queries; they must still reach varlen_attn, in bf16, not the slow per-sample loop."""
+    reached = []
+    varlen = packing._varlen_causal
+    monkeypatch.setattr(packing, "_varlen_causal", lambda q, *rest: reached.append(q.dtype) or varlen(q, *rest))
+    model = tiny_falcon("7b", hidden=256, heads=4).cuda()
+    samples = random_samples(lengths=(100, 300, 37, 250))
+    with torch.device("cuda"), torch.autocast("cuda", torch.bfloat16):
+        expected = per_sample_losses(model, samples)
+        enable_packed_attention(model)
+        actual, _ = packed_losses(model, samples)
+    assert reached and set(reached) == {torch.bfloat16}
+    torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=2e-2, atol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -1,6 +1,6 @@
 """`trainer_sft.py` with faults injected from the environment, for tests of what a real run survives.
 
-FAULT_RANK (default 1) is the rank that misbehaves:
+FAULT_RANK (default 1) is the rank that misbehaves (a process started alone is rank 0):
 - FAULT_KILL_AFTER_SAVE_STEP=k: SIGKILL that rank right after the checkpoint of step k is committed.
 - FAULT_NAN_AT_STEPS=a,b: that rank's training loss is NaN in optimizer steps a, b (1-based; one micro-batch
   per step is assumed).
@@ -18,7 +18,7 @@ from model_training.cli import exit_process, main_train
 FAULT_RANK = os.environ.get("FAULT_RANK", "1")
 KILL_AFTER = os.environ.get("FAULT_KILL_AFTER_SAVE_STEP")
 NAN_STEPS = {int(s) for s in os.environ.get("FAULT_NAN_AT_STEPS", "").split(",") if s}
-is_fault_rank = os.environ.get("RANK") == FAULT_RANK
+is_fault_rank = os.environ.get("RANK", "0") == FAULT_RANK  # a process alone, without a launcher, is rank 0
 
 if KILL_AFTER and is_fault_rank:
     real_save = trainer.save_checkpoint

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from model_training.config import ConfigError, load_config, parse_override
-from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list, zero_stage
+from model_training.config import ConfigError, load_config, parse_override, zero_stage
+from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
 

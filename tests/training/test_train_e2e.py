@@ -16,6 +16,7 @@ from helpers import (
     REPO,
     TINY,
     TINY_RUN,
+    assert_same_weights,
     check_ok,
     cpu_env,
     free_port,
@@ -38,12 +39,6 @@ def module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The full module state of a ZeRO-1/2 checkpoint (ZeRO-2 keeps whole weights in the model-states file)."""
     (states,) = ckpt.glob("global_step*/mp_rank_00_model_states.pt")
     return torch.load(states, map_location="cpu", weights_only=False)["module"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = {name: (a[name] - b[name]).abs().max().item() for name in a if not a[name].equal(b[name])}
-    assert not differ, f"{len(differ)} of {len(a)} tensors differ, by up to {max(differ.values(), default=0):.3g}"
 
 
 def test_zero2_run_trains_evaluates_and_saves(zero2_run: Path) -> None:
