@@ -89,7 +89,8 @@ ROOT = {"message_id": "p", "message_tree_id": "p", "tree_state": "ready_for_expo
 REPLY = {"message_id": "a", "parent_id": "p", "message_tree_id": "p", "text": "Hello.", "role": "assistant"}
 TREE = {"message_tree_id": "p", "tree_state": "ready_for_export",
         "prompt": {**ROOT, "replies": [{key: REPLY[key] for key in ("message_id", "text", "role")}]}}  # fmt: skip
-
+NI_ROW = {"task_name": "task1_greeting", "id": "task1-0", "definition": "Greet back.", "inputs": "Hi.",
+          "targets": "Hello."}  # fmt: skip
 
 CASES = {
     "oasst_export": Case("oasst_sample.jsonl.gz", [TREE], {"message_tree_id": "q", "tree_state": "ready_for_export"},
@@ -108,6 +109,10 @@ CASES = {
     "chat_jsonl": Case("chat_sample.jsonl", [chat(("user", "Hi."), ("assistant", "Hello."))], {"lang": "en"},
                        "missing field 'messages'"),
     "text": Case("text_sample.txt", [{"text": "Hello."}], {"title": "Hello"}, "missing field 'text'"),
+    # Another instance: a second row of the same id would be another output of the first, and not read.
+    "natural_instructions": Case("natural_instructions_sample", [NI_ROW],
+                                 {"task_name": "task1_greeting", "id": "task1-1", "definition": "Greet back."},
+                                 "missing field 'targets'"),
 }  # fmt: skip
 
 
@@ -524,3 +529,116 @@ def test_an_unsupported_file_type_is_refused(tmp_path: Path) -> None:
         records("dolly15k", path)
 
 
+
+# --- natural_instructions --------------------------------------------------------------------------------------
+
+NI_TASKS = DATA / "natural_instructions_sample"
+NI_ROWS = DATA / "natural_instructions_sample.jsonl"
+
+
+def task_file(path: Path, **fields: object) -> Path:
+    """A task file with a one-line definition and `fields` (the instances) over the sample's first task."""
+    task = {**json.loads(sorted(NI_TASKS.glob("*.json"))[0].read_text()), **fields}
+    path.write_text(json.dumps(task, indent=4), encoding="utf-8")
+    return path
+
+
+def test_natural_instructions_sample_gives_the_same_records_in_both_layouts() -> None:
+    tasks = [json.loads(path.read_text()) for path in sorted(NI_TASKS.glob("*.json"))]
+    rows = [json.loads(line) for line in NI_ROWS.read_text().splitlines()]
+    from_tasks = records("natural_instructions", NI_TASKS)
+    assert records("natural_instructions", NI_ROWS) == from_tasks
+    instances = [(task, instance) for task in tasks for instance in task["Instances"]]
+    assert len(from_tasks) == len(instances) == 42 and len(rows) == 45  # three instances have two outputs
+    for conversation, (task, instance) in zip(from_tasks, instances):
+        # The definition, a blank line, the input; the first output is the reply.
+        assert texts(conversation) == [("prompter", f"{task['Definition'][0]}\n\n{instance['input']}"),
+                                       ("assistant", instance["output"][0])]
+    assert [m.message_id for m in from_tasks[1].messages] == ["natural_instructions:2:1", "natural_instructions:2:2"]
+    # One task file alone is read too.
+    first = sorted(NI_TASKS.glob("*.json"))[0]
+    assert records("natural_instructions", first) == from_tasks[: len(tasks[0]["Instances"])]
+
+
+def test_natural_instructions_keeps_at_most_max_instances_per_task() -> None:
+    def task(conversation: Conversation) -> str:
+        return conversation.messages[0].text.split("\n\n")[0]  # the definition names the task
+
+    everything = records("natural_instructions", NI_TASKS)
+    expected = [texts(c) for c in everything if [task(o) for o in everything[: everything.index(c)]].count(task(c)) < 3]
+    for path in (NI_TASKS, NI_ROWS):
+        kept = records("natural_instructions", path, max_instances_per_task=3)
+        assert len(kept) == 12 and [texts(c) for c in kept] == expected  # four tasks, the first 3 of each
+
+
+@pytest.mark.parametrize(
+    ("instance", "reason"),
+    [
+        ({"id": "x", "input": "Country: Chad"}, "missing field 'output'"),
+        ({"id": "x", "input": "Country: Chad", "output": "N'Djamena"}, "field 'output' must be a list of strings"),
+        ({"id": "x", "input": "Country: Chad", "output": []}, "field 'output' is empty"),
+        ({"id": "x", "input": "Country: Chad", "output": [" "]}, "field 'output' is empty"),
+        ({"input": "Country: Chad", "output": ["N'Djamena"]}, "missing field 'id'"),
+        (["Country: Chad"], "expected a JSON object, got list"),
+    ],
+)
+def test_a_malformed_instance_names_the_task_file_and_the_instance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, instance: object, reason: str
+) -> None:
+    good = {"id": "task1-1", "input": "Country: Mali", "output": ["Bamako"]}
+    path = task_file(tmp_path / "task1_capitals.json", Instances=[good, instance, good | {"id": "task1-3"}])
+    with pytest.raises(FileFormatError) as error:
+        records("natural_instructions", path)
+    assert str(error.value) == f"{path}, instance 2: {reason}"
+    with caplog.at_level(logging.WARNING):
+        assert len(records("natural_instructions", path, skip_invalid=True)) == 2
+    assert f"skipped 1 invalid record(s) in {path}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"Definition": None}, "missing field 'Definition'"),
+        ({"Definition": "Answer."}, "field 'Definition' must be a list of strings"),
+        ({"Definition": [" "]}, "field 'Definition' is empty"),
+        ({"Instances": None}, "missing field 'Instances'"),
+        ({"Instances": {"id": "x"}}, "field 'Instances' must be a list"),
+    ],
+)
+def test_a_task_file_without_definition_or_instances_is_an_error_of_the_file(
+    tmp_path: Path, fields: dict, reason: str
+) -> None:
+    path = task_file(tmp_path / "task1_capitals.json", **fields)
+    # A fault of the file as a whole, not of one record: skip_invalid does not skip it.
+    with pytest.raises(FileFormatError) as error:
+        records("natural_instructions", path, skip_invalid=True)
+    assert str(error.value) == f"{path}: {reason}"
+
+
+def test_a_task_file_that_is_not_a_task_names_the_line_or_what_was_expected(tmp_path: Path) -> None:
+    broken = tmp_path / "task1_broken.json"
+    broken.write_text('{\n    "Definition": ["Answer."],\n    "Instances": [\n        {"id": "x",}\n    ]\n}\n')
+    with pytest.raises(FileFormatError, match=rf"^{re.escape(str(broken))}, line 4: invalid JSON \(Expecting "
+                       r"property name enclosed in double quotes at column 20\)$"):
+        records("natural_instructions", broken)
+    array = tmp_path / "task2_array.json"
+    array.write_text(json.dumps([NI_ROW]))
+    with pytest.raises(FileFormatError, match=r"task2_array\.json: expected one task, a JSON object with 'Definition' "
+                       r"and 'Instances'; got a JSON list$"):
+        records("natural_instructions", array)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileFormatError, match=r"empty: holds no task files \(\*\.json\)"):
+        records("natural_instructions", tmp_path / "empty")
+
+
+def test_flat_natural_instructions_rows_read_each_instance_once(tmp_path: Path) -> None:
+    """The flat rows repeat an instance once per output: the first row of an id is its record, in every layout a
+    `datasets` folder or parquet file holds too."""
+    rows = [NI_ROW, NI_ROW | {"targets": "Hi there."}, NI_ROW | {"id": "task1-1", "inputs": "Hello."}]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    for path in (write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "saved", tmp_path / "rows.parquet"):
+        assert [texts(c) for c in records("natural_instructions", path)] == [
+            [("prompter", "Greet back.\n\nHi."), ("assistant", "Hello.")],
+            [("prompter", "Greet back.\n\nHello."), ("assistant", "Hello.")],
+        ]

@@ -11,6 +11,7 @@ from model_training.data.sources import (
     chat_jsonl,
     dolly15k,
     hh_rlhf,
+    natural_instructions,
     oasst1,
     oasst_export,
     text,
@@ -25,5 +26,6 @@ SOURCES: dict[str, Source] = {
     "hh_rlhf": Source(hh_rlhf.HhRlhfConfig, hh_rlhf.load),
     "chat_jsonl": Source(chat_jsonl.ChatJsonlConfig, chat_jsonl.load),
     "text": Source(text.TextConfig, text.load),
+    "natural_instructions": Source(natural_instructions.NaturalInstructionsConfig, natural_instructions.load),
 }
 """Dataset name -> its options schema and load, in the order error messages list the names."""
