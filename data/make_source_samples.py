@@ -10,6 +10,13 @@ a tiny model trained on them visibly learns (questions recur with consistent ans
 - text_sample.txt           encyclopedia-style paragraphs separated by blank lines
 - oasst1_sample/            a `datasets` save_to_disk folder of flat oasst1 rows, built from the first trees of
                             oasst_sample.jsonl.gz
+- natural_instructions_sample/
+                            Natural Instructions v2 task files as allenai/natural-instructions holds them
+                            (Definition, Positive/Negative Examples, Instances of {id, input, output: [...]} and
+                            the metadata fields), four tasks of 6 to 16 instances
+- natural_instructions_sample.jsonl
+                            the same tasks as the flat rows of Muennighoff/natural-instructions (task_name, id,
+                            definition, inputs, targets), one row per output of an instance
 
 One conversation is on purpose in both the dolly and the alpaca sample, with the same prompt and response
 (DUPLICATE below), so that cross-source deduplication can be tested. Every record is valid for its loader.
@@ -20,6 +27,7 @@ Run as `python data/make_source_samples.py`; the output is byte-for-byte the sam
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import shutil
@@ -309,6 +317,106 @@ def chat_rows(rng: random.Random) -> list[dict]:
     return rows
 
 
+# Natural Instructions tasks: (name, definition, categories, domains, positive and negative examples, instances
+# as (input, outputs)). Antonyms with a second accepted answer give instances with two outputs.
+MORE_OPPOSITES = {"hot": ["cool"], "happy": ["unhappy"], "open": ["shut"]}
+
+
+def natural_instructions_tasks() -> list[tuple[str, dict]]:
+    """(task name, task file content) of each sample task."""
+    foods = [food for pair in zip(FRUITS, VEGETABLES) for food in pair]
+    specs = [
+        ("task001_country_capital_answer_generation",
+         "In this task, you are given the name of a country. Your job is to answer with the name of the country's "
+         "capital city. Answer with the name of the city only.",
+         ["Question Answering"], ["Geography"],
+         [("Country: Germany", "Berlin", "Berlin is the capital of Germany."),
+          ("Country: Chile", "Santiago", "Santiago is the capital of Chile.")],
+         ("Country: Italy", "Italy is a country in Europe.", "The answer must be the capital city alone: Rome."),
+         [(f"Country: {country}", [capital]) for country, capital, *_ in COUNTRIES]),
+        ("task002_adjective_antonym_generation",
+         "Given an adjective, generate its antonym. An antonym of a word is a word opposite in meaning to it.",
+         ["Word Semantics"], ["Dictionaries"],
+         [("wet", "dry", "Dry is the opposite of wet."), ("loud", "quiet", "Quiet is the opposite of loud.")],
+         ("big", "large", "Large means the same as big; it is a synonym, not an antonym."),
+         [(word, [opposite, *MORE_OPPOSITES.get(word, [])]) for word, opposite in ANTONYMS]),
+        ("task003_river_length_extraction",
+         "In this task, you are given a passage about a river and a question about it. Answer the question with a "
+         "span from the passage.",
+         ["Information Extraction"], ["Wikipedia", "Geography"],
+         [("Passage: The Rhine is a river about 1,230 kilometres long. It flows north through six countries and "
+           "empties into the North Sea.\nQuestion: How long is the Rhine?", "about 1,230 kilometres",
+           "The passage gives the length of the Rhine.")],
+         ("Passage: The Seine is a river about 777 kilometres long. It flows west through northern France and "
+          "empties into the English Channel.\nQuestion: How long is the Seine?", "the English Channel",
+          "The answer must be the length, not where the river ends."),
+         [(f"Passage: {river_paragraph(*row)}\nQuestion: How long is the {row[0]}?", [f"about {row[1]:,} kilometres"])
+          for row in RIVERS]),
+        ("task004_fruit_or_vegetable_classification",
+         'You are given the name of a food. Classify it as "fruit" or "vegetable". Your answer must be one of '
+         "these two words.",
+         ["Text Categorization"], ["Food"],
+         [("lemon", "fruit", "A lemon is a fruit."), ("celery", "vegetable", "Celery is a vegetable.")],
+         ("tomato", "red", "The answer must be fruit or vegetable."),
+         [(food, ["fruit" if food in FRUITS else "vegetable"]) for food in foods]),
+    ]  # fmt: skip
+    return [(spec[0], natural_instructions_task(*spec)) for spec in specs]
+
+
+def natural_instructions_task(
+    name: str,
+    definition: str,
+    categories: list[str],
+    domains: list[str],
+    positive: list[tuple[str, str, str]],
+    negative: tuple[str, str, str],
+    instances: list[tuple[str, list[str]]],
+) -> dict:
+    """A task file's content, in the field order of the real ones; instance ids as theirs, "task<n>-<32 hex>"."""
+    number = name[len("task"):name.index("_")]
+    return {
+        "Contributors": ["model_training sample"],
+        "Source": ["model_training fact tables"],
+        "URL": ["https://github.com/allenai/natural-instructions"],
+        "Categories": categories,
+        "Reasoning": ["Commonsense Reasoning"],
+        "Definition": [definition],
+        "Positive Examples": [{"input": i, "output": o, "explanation": e} for i, o, e in positive],
+        "Negative Examples": [{"input": negative[0], "output": negative[1], "explanation": negative[2]}],
+        "Input_language": ["English"],
+        "Output_language": ["English"],
+        "Instruction_language": ["English"],
+        "Domains": domains,
+        "Instances": [
+            {"id": f"task{number}-{hashlib.md5(f'{name}:{index}'.encode()).hexdigest()}", "input": text,
+             "output": outputs}
+            for index, (text, outputs) in enumerate(instances)
+        ],
+        "Instance License": ["CC BY 4.0"],
+    }  # fmt: skip
+
+
+def natural_instructions_rows(tasks: list[tuple[str, dict]]) -> list[dict]:
+    """The flat rows of Muennighoff/natural-instructions: one per output of each instance."""
+    return [
+        {"task_name": name, "id": instance["id"], "definition": task["Definition"][0], "inputs": instance["input"],
+         "targets": output}
+        for name, task in tasks
+        for instance in task["Instances"]
+        for output in instance["output"]
+    ]  # fmt: skip
+
+
+def write_natural_instructions(folder: Path, rows_path: Path) -> None:
+    tasks = natural_instructions_tasks()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for name, task in tasks:
+        # The real task files are indented by 4, non-ASCII text kept as it is.
+        write_text(folder / f"{name}.json", json.dumps(task, indent=4, ensure_ascii=False) + "\n")
+    write_text(rows_path, jsonl(natural_instructions_rows(tasks)))
+
+
 def write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
@@ -378,8 +486,10 @@ def main() -> None:
     # Wrapped like most text files, so a document spans several lines.
     write_text(DATA / "text_sample.txt", "\n\n".join(textwrap.fill(p, width=100) for p in paragraphs()) + "\n")
     write_oasst1(DATA / "oasst1_sample")
+    write_natural_instructions(DATA / "natural_instructions_sample", DATA / "natural_instructions_sample.jsonl")
     for name in ("dolly_sample.jsonl", "alpaca_sample.json", "hh_rlhf_sample.jsonl.gz", "chat_sample.jsonl",
-                 "text_sample.txt", "oasst1_sample"):  # fmt: skip
+                 "text_sample.txt", "oasst1_sample", "natural_instructions_sample",
+                 "natural_instructions_sample.jsonl"):  # fmt: skip
         path = DATA / name
         size = sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
         print(f"wrote {path} ({size} bytes)")

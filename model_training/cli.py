@@ -19,7 +19,7 @@ from model_training.config import (
     parse_override,
     to_yaml,
 )
-from model_training.data.oasst import FileFormatError
+from model_training.data.records import FileFormatError
 from model_training.layout import earlier_run
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]

@@ -28,7 +28,7 @@ import logging
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from omegaconf import OmegaConf
@@ -36,6 +36,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from model_training import openassistant_keys
 from model_training.data.chat_formats import CHAT_FORMATS
+from model_training.data.sources import SOURCES
+from model_training.data.sources.common import DatasetConfig
+from model_training.hub import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -50,107 +53,16 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Dataset options. Each entry of `datasets:` is `{name: {options}}` (or a bare name when every option has a
-# default); the name picks one of these classes.
+# Datasets. Each entry of `datasets:` is `{name: {options}}` (or a bare name when every option has a default); the
+# name picks a source of model_training/data/sources/ (`SOURCES`), whose options dataclass is that entry's schema.
 
 
-@dataclass
-class DatasetConfig:
-    """Options every source takes: the split, how much of it an epoch draws, and filters."""
+class DatasetSpec(NamedTuple):
+    """One entry of `datasets` (or `datasets_extra`), typed: its source's name and its options (the source's
+    schema, model_training/data/sources/)."""
 
-    input_file_path: str = ""
-    """A file (a relative path is looked up in `cache_dir`, then in `data_dir`), a `datasets` save_to_disk
-    folder, or a hub id."""
-    val_split: float = 0.05
-    """Fraction held out for validation (OASST: by message tree, as the OpenAssistant trainer; others: by record)."""
-    manual_seed: int = 287631038922
-    """Seed of the train/validation split (the OpenAssistant trainer's value, so splits match its runs)."""
-    skip_invalid: bool = False
-    """Skip malformed records (and report how many) instead of stopping at the first one."""
-    fraction: float | None = None
-    """Share of this dataset's training samples drawn each epoch (a new draw every epoch); null: all."""
-    size: int | None = None
-    """Training samples drawn each epoch (instead of `fraction`)."""
-    share: float | None = None
-    """Share of every epoch's samples that come from this dataset (e.g. 0.05 for 5% pretraining text)."""
-    replace: bool = False
-    """Allow drawing more samples than the dataset has (with replacement); otherwise that is an error."""
-    min_length: int = 0
-    """Drop samples shorter than this many tokens."""
-    max_length: int | None = None
-    """Drop samples longer than this many tokens (instead of cutting them to the global max_length)."""
-
-
-@dataclass
-class OasstExportConfig(DatasetConfig):
-    """An OpenAssistant export: message trees (or the flat `oasst1` rows) in `.jsonl`, `.jsonl.gz` or `.parquet`."""
-
-    input_file_path: str = "oasst_sample.jsonl.gz"
-    """The export file; a relative path is looked up in `cache_dir`, then in `data_dir`."""
-    lang: str = "en"
-    """Comma-separated languages of the prompts to keep, e.g. "en,de"."""
-    top_k: int | None = None
-    """Keep only paths whose assistant replies are ranked better than `top_k` (1: the best reply); null: all."""
-    val_split: float = 0.2
-    """Fraction of message trees (never single threads) held out for validation."""
-
-
-@dataclass
-class Oasst1Config(DatasetConfig):
-    """The released flat OASST dataset (one message per row): a `datasets` folder, jsonl/parquet rows, a hub id."""
-
-    input_file_path: str = "OpenAssistant/oasst1"
-    lang: str = "en"
-    """Comma-separated languages of the prompts to keep."""
-    top_k: int | None = None
-    """As for oasst_export."""
-
-
-@dataclass
-class Dolly15kConfig(DatasetConfig):
-    """databricks-dolly-15k rows: instruction, context (may be empty), response."""
-
-    input_file_path: str = "databricks/databricks-dolly-15k"
-
-
-@dataclass
-class AlpacaConfig(DatasetConfig):
-    """Alpaca-style rows (a JSON array or JSON Lines): instruction, input (may be empty), output."""
-
-    input_file_path: str = "tatsu-lab/alpaca"
-
-
-@dataclass
-class HhRlhfConfig(DatasetConfig):
-    """Anthropic hh-rlhf rows: the `chosen` dialogue ("\n\nHuman: ...\n\nAssistant: ...") parsed into turns."""
-
-    input_file_path: str = "Anthropic/hh-rlhf"
-
-
-@dataclass
-class ChatJsonlConfig(DatasetConfig):
-    """OpenAI-style chat lines: {"messages": [{"role": "system"|"user"|"assistant", "content": ...}], "lang"?}."""
-
-    lang: str | None = None
-    """Comma-separated languages to keep, for records that carry `lang`; null: keep all."""
-
-
-@dataclass
-class TextConfig(DatasetConfig):
-    """Plain pretraining text (.txt, documents separated by blank lines, or jsonl with `text`): fully
-    supervised, each document cut into pieces of the global `max_length`."""
-
-
-DATASET_CONFIGS: dict[str, type] = {
-    "oasst_export": OasstExportConfig,
-    "oasst1": Oasst1Config,
-    "dolly15k": Dolly15kConfig,
-    "alpaca": AlpacaConfig,
-    "hh_rlhf": HhRlhfConfig,
-    "chat_jsonl": ChatJsonlConfig,
-    "text": TextConfig,
-}
-"""Every dataset name `datasets:` accepts, with its options schema."""
+    name: str
+    options: DatasetConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,7 +149,8 @@ class TrainConfig:
 
     # --- data ---
     datasets: list[Any] = field(default_factory=list)
-    """Training datasets: a list of `{name: {options}}`; names and options are in DATASET_CONFIGS."""
+    """Training datasets: a list of `{name: {options}}` (or bare names); each name and its options are a source of
+    model_training/data/sources/ (`SOURCES`)."""
     datasets_extra: list[Any] = field(default_factory=list)
     """Appended to `datasets`, so the command line can add a source without repeating a section's list."""
     data_dir: str = "data"
@@ -355,6 +268,12 @@ class TrainConfig:
     """Seed of weight initialization, dropout and data order (OpenAssistant's default, 0xa1221f97)."""
     max_nonfinite_steps: int = 3
     """Stop with an error after this many optimizer steps in a row with a non-finite loss (each is skipped)."""
+
+    @functools.cached_property
+    def dataset_specs(self) -> list[DatasetSpec]:
+        """`datasets` + `datasets_extra`, typed and checked against their sources' options, parsed once: by
+        `load_config`, which knows the section each list came from for its messages, else on first use."""
+        return parse_dataset_specs(self, {})
 
 
 _CHOICES = {
@@ -514,6 +433,7 @@ def load_config(
         sections = {name: (section, config_file) for name, section in read_sections(config_file).items()}
     merged = OmegaConf.structured(TrainConfig)
     warnings: dict[str, str] = {}
+    origins: dict[str, str] = {}  # dataset list key -> where it was set, for `parse_dataset_specs`'s messages
     for name in section_names:
         if name not in sections:
             shown = _display_path(config_file) if config_file else f"{_display_path(CONFIG_DIR)}/*.yaml"
@@ -522,22 +442,23 @@ def load_config(
         where = f"in section '{name}' of {_display_path(origin)}"
         section = openassistant_keys.translate(section, where, warnings)
         merged = _merge(merged, section, TrainConfig, where)
-        # Dataset options are checked here too, so that a mistake in them names the section and file.
-        for key in ("datasets", "datasets_extra"):
-            if key in section:
-                _parse_dataset_entries(section[key], key, f" {where}")
+        # Lists replace: the last section that sets a dataset list is where its mistakes are.
+        origins.update({key: f" {where}" for key in _DATASET_KEYS if key in section})
     for key, value in overrides or []:
         override = openassistant_keys.translate(_nest(key, value), "on the command line", warnings)
         merged = _merge(merged, override, TrainConfig, "on the command line")
+        origins.update({name: "" for name in _DATASET_KEYS if name in override})
     for message in warnings.values():
         logger.warning("%s", message)
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg.dataset_specs = parse_dataset_specs(cfg, origins)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks the types cannot express: choices, ranges, the model source and each dataset's options."""
+    """Checks the types cannot express: choices, ranges, the model source (each dataset's options are checked
+    where they are typed, `TrainConfig.dataset_specs`)."""
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             shown = ", ".join("null" if c is None else c for c in choices)
@@ -573,7 +494,6 @@ def validate(cfg: TrainConfig) -> None:
     _, ds = read_deepspeed_json(cfg.deepspeed_config)
     if not cfg.deepspeed:
         _validate_without_deepspeed(cfg, ds)
-    dataset_specs(cfg)
 
 
 def _get(cfg: TrainConfig, dotted_key: str) -> Any:
@@ -612,15 +532,8 @@ def _generated_model_types() -> tuple[str, ...]:
     return ()
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 """Files of a saved tokenizer: a folder with none of them holds no tokenizer."""
-
-
-def is_hub_id(name: str, root: Path) -> bool:
-    """Whether `name` is a Hugging Face hub id (`name` or `owner/name`) rather than a path: see the module
-    docstring for the rule; `root` is the folder relative paths start from."""
-    return bool(_HUB_ID.fullmatch(name)) and not (root / name.split("/")[0]).exists()
 
 
 def _check_local_folders(cfg: TrainConfig) -> None:
@@ -727,15 +640,19 @@ def _validate_peft(cfg: TrainConfig) -> None:
         )
 
 
-def dataset_specs(cfg: TrainConfig) -> list[tuple[str, Any]]:
-    """`datasets` + `datasets_extra` as (name, typed options), each validated against its schema."""
-    return [
-        *_parse_dataset_entries(cfg.datasets, "datasets", ""),
-        *_parse_dataset_entries(cfg.datasets_extra, "datasets_extra", ""),
-    ]
+_DATASET_KEYS = ("datasets", "datasets_extra")
 
 
-def _parse_dataset_entries(entries: Any, key: str, origin: str) -> list[tuple[str, Any]]:
+def parse_dataset_specs(cfg: TrainConfig, origins: dict[str, str]) -> list[DatasetSpec]:
+    """`datasets` + `datasets_extra` as typed specs, each validated against its source's schema; `origins` says
+    where each list was set (" in section 's' of FILE"; none: the command line), for the messages."""
+    specs: list[DatasetSpec] = []
+    for key in _DATASET_KEYS:
+        specs += _parse_dataset_entries(getattr(cfg, key), key, origins.get(key, ""))
+    return specs
+
+
+def _parse_dataset_entries(entries: Any, key: str, origin: str) -> list[DatasetSpec]:
     if not isinstance(entries, (list, tuple)) and not OmegaConf.is_list(entries):
         raise ConfigError(f"key '{key}'{origin} must be a list of datasets, got {entries!r}")
     specs = []
@@ -750,18 +667,17 @@ def _parse_dataset_entries(entries: Any, key: str, origin: str) -> list[tuple[st
             options = options or {}
         else:
             raise ConfigError(f"{where} must be a dataset name or {{name: {{options}}}}, got {entry!r}")
-        if name not in DATASET_CONFIGS:
+        if name not in SOURCES:
             raise ConfigError(
-                f"unknown dataset '{name}' in {where}; known: {', '.join(DATASET_CONFIGS)}"
-                f"{closest_name(name, list(DATASET_CONFIGS))}"
+                f"unknown dataset '{name}' in {where}; known: {', '.join(SOURCES)}{closest_name(name, list(SOURCES))}"
             )
-        schema = DATASET_CONFIGS[name]
+        schema = SOURCES[name].options
         if not isinstance(options, dict):
             raise ConfigError(f"options of dataset '{name}' in {where} must be a mapping, got {options!r}")
         merged = _merge(OmegaConf.structured(schema), options, schema, f"of dataset '{name}' in {where}")
         typed = OmegaConf.to_object(merged)
         _validate_dataset(typed, f"dataset '{name}' in {where}")
-        specs.append((name, typed))
+        specs.append(DatasetSpec(name, typed))
     return specs
 
 

@@ -13,10 +13,8 @@ from model_training.config import (
     DEFAULT_CONFIG_FILE,
     PROJECT_ROOT,
     ConfigError,
-    OasstExportConfig,
     TrainConfig,
     closest_name,
-    dataset_specs,
     is_hub_id,
     load_config,
     parse_override,
@@ -25,6 +23,7 @@ from model_training.config import (
     resolve_input_path,
     to_yaml,
 )
+from model_training.data.sources.oasst_export import OasstExportConfig
 
 MODEL_SECTIONS = ["falcon-7b", "falcon-40b", "tiny-falcon", "falcon-7b-qlora"]
 DATA_SECTIONS = ["oasst-top1", "oasst-sample", "oasst-hh-dolly", "falcon-40b-instruct-mix", "oasst-top-paths"]
@@ -41,7 +40,7 @@ def write_config(tmp_path: Path, text: str) -> Path:
 def test_every_shipped_section_merges_and_validates(model: str, data: str) -> None:
     cfg = load_config(["defaults", model, data])
     assert isinstance(cfg, TrainConfig)
-    assert dataset_specs(cfg), "a data section must configure at least one dataset"
+    assert cfg.dataset_specs, "a data section must configure at least one dataset"
     assert resolve_input_path(cfg.deepspeed_config).is_file()
 
 
@@ -165,7 +164,7 @@ def test_falcon_7b_qlora_has_the_published_hyperparameters() -> None:
     assert (q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype) == (True, "nf4", True, "bf16")
     assert (cfg.learning_rate, cfg.max_steps, cfg.lr_scheduler_type, cfg.max_grad_norm) == (2e-4, 200, "constant", 0.3)
     assert "zero_config" in cfg.deepspeed_config  # ZeRO-2: a 4-bit base is refused under ZeRO-3
-    [(name, options)] = dataset_specs(cfg)
+    [(name, options)] = cfg.dataset_specs
     assert (name, options.top_k, options.input_file_path) == ("oasst1", 1, "OpenAssistant/oasst1")
 
 
@@ -176,7 +175,7 @@ def test_peft_type_lora_on_the_command_line_turns_lora_on() -> None:
 
 def test_oasst_top1_dataset() -> None:
     cfg = load_config(["defaults", "falcon-7b", "oasst-top1"])
-    assert dataset_specs(cfg) == [
+    assert cfg.dataset_specs == [
         (
             "oasst_export",
             OasstExportConfig(
@@ -214,7 +213,7 @@ def test_later_sections_win_nested_mappings_merge_lists_replace(tmp_path: Path) 
     cfg = load_config(["base", "more"], config_file=path)
     assert cfg.learning_rate == 2e-4
     assert cfg.model_config == {"model_type": "falcon", "hidden_size": 32, "num_hidden_layers": 2}
-    assert [options.lang for _, options in dataset_specs(cfg)] == ["fr"]
+    assert [options.lang for _, options in cfg.dataset_specs] == ["fr"]
 
 
 def test_overrides_come_last_with_dotted_keys() -> None:
@@ -228,7 +227,7 @@ def test_overrides_come_last_with_dotted_keys() -> None:
 def test_datasets_extra_appends() -> None:
     overrides = [parse_override("datasets_extra=[{oasst_export: {lang: de, val_split: 0.5}}]")]
     cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], overrides)
-    assert [(name, options.lang) for name, options in dataset_specs(cfg)] == [
+    assert [(name, options.lang) for name, options in cfg.dataset_specs] == [
         ("oasst_export", "en"),
         ("oasst_export", "de"),
     ]
@@ -357,6 +356,21 @@ def test_dataset_mistake_in_a_section_names_the_section(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'top_kk' of dataset 'oasst_export' in datasets\[0\] in "
                        r"section 's' of .*; did you mean 'top_k'"):
         load_config(["s"], config_file=path)
+
+
+def test_dataset_lists_are_parsed_once_and_a_mistake_names_the_section_that_set_the_list(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        base: {model_name: m, datasets: [{oasst_export: {lang: de}}]}
+        more: {datasets: [{oasst_export: {top_kk: 1}}]}
+        extra: {datasets_extra: [{dolly15k: {val_split: 2}}]}
+        """)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"'top_kk' of dataset 'oasst_export' in datasets\[0\] in section 'more'"):
+        load_config(["base", "more"], config_file=path)
+    with pytest.raises(ConfigError, match=r"'val_split' of dataset 'dolly15k' in datasets_extra\[0\] in section "
+                       r"'extra' of \S+ must be in \[0, 1\), got 2"):
+        load_config(["base", "extra"], config_file=path)
+    cfg = load_config(["base"], config_file=path)
+    assert cfg.dataset_specs is cfg.dataset_specs and cfg.dataset_specs[0].options.lang == "de"  # parsed once
 
 
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:

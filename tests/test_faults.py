@@ -228,6 +228,9 @@ FAULTS = [
                                                 "--show_config"),
           r"deepspeed=false keeps the whole model and optimizer on every rank, but 'deepspeed_config' "
           r"\(configs/zero3_config\.json\) asks for ZeRO-3"),
+    Fault("natural_instructions task file without a definition",
+          with_dataset("natural_instructions", "task1_capitals.json", json.dumps({"Instances": []}).encode()),
+          r"task1_capitals\.json: missing field 'Definition'$"),
     Fault("DeepSpeed config that does not exist", overrides("deepspeed_config=configs/nope.json", "--show_config"),
           r"key 'deepspeed_config': the DeepSpeed config \S+/configs/nope\.json does not exist; expected a JSON file"),
     Fault("DeepSpeed config that is not JSON", made(lambda s: (s / "ds.json").write_text("{\"zero_optimization\": "),

@@ -10,9 +10,9 @@ depend on (`TokenizedCache.key`):
 - the global `max_length`, `chat_format` and `dedupe`;
 - the tokenizer: sha256 of its full JSON serialization (vocabulary, merges, added tokens, normalizer,
   pre-tokenizer) and of its special tokens and chat template;
-- the source text of the modules that turn records into samples (the split included) and the versions of
-  transformers, tokenizers, datasets and torch (whose generator draws the OASST split), so that a change in how
-  samples are built never reads an old entry.
+- the source text of the modules that load records and turn them into samples (every source and the splits
+  included) and the versions of transformers, tokenizers, datasets and torch (whose generator draws the OASST
+  split), so that a change in how samples are built never reads an old entry.
 
 A file is an uncompressed numpy `.npz` of plain integer arrays (per split: the concatenated ids and labels,
 offsets, truncation flags, counts; the filter counts; the dedupe digests the dataset added), read with
@@ -40,8 +40,9 @@ from typing import Any, TypeVar
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from model_training.config import DatasetConfig, TrainConfig
+from model_training.config import TrainConfig
 from model_training.data.formatting import FormattedSample
+from model_training.data.sources.common import DatasetConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ CACHE_FORMAT = 1
 """Layout of the cache files; part of every key, so a new layout never reads an old file."""
 SAMPLING_ONLY_OPTIONS = ("fraction", "size", "share", "replace")
 """Dataset options that change what an epoch draws, not the samples: changing them keeps the cache entry."""
-_SAMPLE_MODULES = ("cache.py", "chat_formats.py", "formatting.py", "oasst.py", "registry.py", "selection.py",
-                   "sources.py")
+_SAMPLE_MODULES = ("cache.py", "chat_formats.py", "formatting.py", "oasst.py", "records.py", "registry.py",
+                   "selection.py")
+# Every module of the sources package too (the loads and the splits), added ones included.
+_SOURCES_PACKAGE = "sources"
 # torch: the OASST split is drawn by its random generator.
 _LIBRARIES = ("transformers", "tokenizers", "datasets", "torch")
 
@@ -71,7 +74,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def _code_fingerprint() -> str:
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in _SAMPLE_MODULES:
+    sources = sorted(str(path.relative_to(here)) for path in (here / _SOURCES_PACKAGE).glob("*.py"))
+    for name in [*_SAMPLE_MODULES, *sources]:
         digest.update(name.encode() + b"\0" + (here / name).read_bytes())
     return digest.hexdigest()
 

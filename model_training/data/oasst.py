@@ -1,5 +1,9 @@
 """Load OpenAssistant (OASST) exports into supervised fine-tuning threads.
 
+`load_oasst_export(path, lang=..., top_k=..., val_split=..., manual_seed=...)` is public Python API: it returns the
+(train, validation) threads as the `oasst_export` source reads them (model_training/data/sources/oasst_export.py
+and oasst1.py adapt this module to the source contract).
+
 Two input layouts are accepted, detected per file from its first readable record:
 
 - tree form (`.jsonl` or `.jsonl.gz`): one message tree per line, `{"message_tree_id", "tree_state",
@@ -29,53 +33,28 @@ changes them. Threads keep file order within each side.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
-import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from model_training.data.records import (
+    ROLES,
+    FileFormatError,
+    InvalidRecord,
+    Message,
+    Thread,
+    invalid_json,
+    json_line,
+    text_lines,
+)
 from model_training.data.selection import parse_languages, split_like_openassistant
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("prompter", "assistant")
 REQUIRED_FIELDS = ("message_id", "text", "role")
 READY_STATE = "ready_for_export"
-
-
-class FileFormatError(ValueError):
-    """A data file does not hold what its format promises; the message names the file, the 1-based line (or
-    record, or row) and what was wrong."""
-
-    def __init__(self, path: str | Path, line: int, reason: str, unit: str = "line") -> None:
-        super().__init__(f"{path}, {unit} {line}: {reason}")
-        self.path = path
-        self.line = line
-        self.reason = reason
-
-
-class OasstFormatError(FileFormatError):
-    """A record of an export is malformed."""
-
-
-@dataclass(frozen=True)
-class Message:
-    """One message of a thread; `labels` maps a label name (e.g. "quality") to its averaged value."""
-
-    role: str
-    text: str
-    message_id: str
-    lang: str | None = None
-    rank: int | None = None
-    labels: dict[str, float] = field(default_factory=dict)
-    synthetic: bool = False
-    deleted: bool = False
-
-
-Thread = list[Message]
 
 
 @dataclass(frozen=True)
@@ -93,8 +72,15 @@ class _Tree:
     in_language: bool = True
 
 
-class _InvalidRecord(Exception):
-    """Raised while reading one record; turned into OasstFormatError (or a skip) with the line number."""
+@dataclass(frozen=True)
+class ExportTrees:
+    """What an export holds for `lang` and `top_k`: (message tree id, its threads) for every tree in `lang` that
+    passes the tree filter, in file order (flat rows: the order in which the trees first appear), with no threads
+    for a tree that gives none, since it still takes its place in the split (`split_trees`); and the threads of the
+    trees left out for their language alone, which `--show_dataset_stats` counts as `other_language`."""
+
+    trees: list[tuple[str, list[Thread]]]
+    other_language: int
 
 
 def load_oasst_export(
@@ -103,52 +89,41 @@ def load_oasst_export(
     top_k: int | None = None,
     val_split: float = 0.2,
     manual_seed: int = 287631038922,
-    mode: str = "sft",
     skip_invalid: bool = False,
     config_key: str | None = None,
-    stats: dict[str, int] | None = None,
 ) -> tuple[list[Thread], list[Thread]]:
-    """Read an OASST export and return (train, validation) threads.
+    """Read an OASST export and return (train, validation) threads, split by tree as the OpenAssistant trainer
+    splits (`split_trees`).
 
     A thread alternates prompter/assistant messages, starts with a prompter and ends with an assistant.
     `lang` is a comma-separated list of prompt languages to keep. With `top_k`, a thread is dropped when one
     of its assistant messages has rank >= top_k, or no rank while its parent has several replies.
-
-    With `skip_invalid`, malformed lines are skipped and counted instead of raising OasstFormatError (in the
-    flat form the whole tree of a malformed row is dropped). When `stats` is given, it is filled with
-    `records`, `skipped_lines`, `other_language` (threads of trees that pass every filter but the language),
-    `train_trees`, `val_trees` (the trees in `lang` that pass the tree filter, those without threads included),
-    `train_threads` and `val_threads`.
-    `config_key` names the setting the path came from, for the message of a missing file.
+    With `skip_invalid`, malformed lines are skipped (and counted in a warning) instead of raising FileFormatError
+    (in the flat form the whole tree of a malformed row is dropped). `config_key` names the setting the path came
+    from, for the message of a missing file.
     """
-    if mode != "sft":
-        raise ValueError(f"unknown OASST export mode {mode!r}; only 'sft' is supported")
     if not 0.0 <= val_split <= 1.0:
         raise ValueError(f"val_split must be between 0 and 1, got {val_split}")
+    export = read_export(input_file_path, lang, top_k, skip_invalid, config_key)
+    return split_trees(export.trees, val_split, manual_seed)
+
+
+def read_export(
+    input_file_path: str | Path,
+    lang: str = "en",
+    top_k: int | None = None,
+    skip_invalid: bool = False,
+    config_key: str | None = None,
+) -> ExportTrees:
+    """The trees of an OASST export file (tree or flat form, see the module docstring), filtered as
+    `load_oasst_export` describes, not split."""
     _check_top_k(top_k)
     path = Path(input_file_path)
     if not path.is_file():
         origin = f" (set by {config_key})" if config_key else ""
         raise FileNotFoundError(f"OASST export file not found: {path}{origin}")
-
-    counts = {"records": 0, "skipped_lines": 0, "other_language": 0}
     unit = "row" if path.suffix == ".parquet" else "line"
-    trees = _read_trees(_records(path), path, unit, parse_languages(lang), skip_invalid, counts)
-    threads_per_tree = [threads for _, threads in _tree_threads(trees, top_k, counts)]
-    if counts["skipped_lines"]:
-        logger.warning("skipped %d invalid line(s) in OASST export %s", counts["skipped_lines"], path)
-    train_trees, val_trees = split_like_openassistant(threads_per_tree, val_split, manual_seed)
-    train = [thread for threads in train_trees for thread in threads]
-    val = [thread for threads in val_trees for thread in threads]
-    if stats is not None:
-        stats.update(
-            counts,
-            train_trees=len(train_trees),
-            val_trees=len(val_trees),
-            train_threads=len(train),
-            val_threads=len(val),
-        )
-    return train, val
+    return _export_trees(_records(path), path, unit, parse_languages(lang), top_k, skip_invalid)
 
 
 def trees_from_rows(
@@ -157,29 +132,46 @@ def trees_from_rows(
     lang: str = "en",
     top_k: int | None = None,
     skip_invalid: bool = False,
-    stats: dict[str, int] | None = None,
-) -> list[tuple[str, list[Thread]]]:
-    """(message tree id, its threads) for flat `oasst1` rows (one message per row, as the `datasets` library
-    yields them), with the filters of `load_oasst_export` and no train/validation split: every tree in `lang`
-    that passes the tree filter, in the order the trees first appear in the rows, with no threads for a tree
-    that yields none (the list `split_like_openassistant` draws from).
-
-    `source` names the rows in error messages, which count rows from 1. `stats` gets `records`, `skipped_lines`
-    (the malformed rows skipped with `skip_invalid`; their whole tree is dropped) and `other_language`.
-    """
+) -> ExportTrees:
+    """The trees of flat `oasst1` rows (one message per row, as the `datasets` library yields them), with the
+    filters of `load_oasst_export`, not split. `source` names the rows in error messages, which count rows from 1;
+    with `skip_invalid` a malformed row drops its whole tree, and a warning counts the rows skipped."""
     _check_top_k(top_k)
-    counts = {"records": 0, "skipped_lines": 0, "other_language": 0}
     langs = parse_languages(lang)
-    trees = _read_trees(enumerate(rows, start=1), source, "row", langs, skip_invalid, counts, _FlatTrees(langs))
-    tree_threads = _tree_threads(trees, top_k, counts)
-    if stats is not None:
-        stats.update(counts)
-    return tree_threads
+    return _export_trees(enumerate(rows, start=1), source, "row", langs, top_k, skip_invalid, _FlatTrees(langs))
+
+
+def split_trees(
+    trees: list[tuple[str, list[Thread]]], val_split: float, seed: int
+) -> tuple[list[Thread], list[Thread]]:
+    """(train, validation) threads: the trees drawn as the OpenAssistant trainer draws them
+    (`split_like_openassistant`), each tree's threads on its side, in file order."""
+    train, val = split_like_openassistant([threads for _, threads in trees], val_split, seed)
+    return [thread for threads in train for thread in threads], [thread for threads in val for thread in threads]
 
 
 def _check_top_k(top_k: int | None) -> None:
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 or None, got {top_k}")
+
+
+def _export_trees(
+    records: Iterable[tuple[int, str | dict]],
+    source: str | Path,
+    unit: str,
+    langs: set[str],
+    top_k: int | None,
+    skip_invalid: bool,
+    flat: _FlatTrees | None = None,
+) -> ExportTrees:
+    """The ExportTrees of numbered records (see `_read_trees`); a warning counts the records skipped as invalid."""
+    counts = {"skipped": 0, "other_language": 0}
+    trees = _read_trees(records, source, unit, langs, skip_invalid, counts, flat)
+    # `_tree_threads` drains the generator, which counts as it goes: the counts are whole only after it.
+    export = ExportTrees(_tree_threads(trees, top_k, counts), counts["other_language"])
+    if counts["skipped"]:
+        logger.warning("skipped %d invalid %s(s) in %s", counts["skipped"], unit, source)
+    return export
 
 
 def _tree_threads(trees: Iterable[_Tree], top_k: int | None, counts: dict[str, int]) -> list[tuple[str, list[Thread]]]:
@@ -210,7 +202,6 @@ def _read_trees(
     are flat)."""
     form_known = flat is not None
     for line_no, record in records:
-        counts["records"] += 1
         row: object = None
         try:
             row = _decode(record)
@@ -222,10 +213,10 @@ def _read_trees(
                 flat.add(row)
                 continue
             tree = _parse_tree(row, langs)
-        except _InvalidRecord as error:
+        except InvalidRecord as error:
             if not skip_invalid:
-                raise OasstFormatError(source, line_no, str(error), unit) from None
-            counts["skipped_lines"] += 1
+                raise FileFormatError(source, line_no, str(error), unit) from None
+            counts["skipped"] += 1
             if flat is not None and isinstance(row, dict):
                 flat.drop(row.get("message_tree_id"))
             continue
@@ -252,46 +243,15 @@ def _records(path: Path) -> Iterator[tuple[int, str | dict]]:
             yield line_no, line
 
 
-def text_lines(path: Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file, gunzipped when the name ends in .gz. A file that is not what its name
-    says raises FileFormatError at the line where reading failed: the first for data that is not gzip, the
-    one after the last whole line for a gzip stream cut short."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    read = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for line in lines:
-                yield line
-                read += 1
-    except gzip.BadGzipFile:
-        raise FileFormatError(path, read + 1, "not gzip data; expected a gzip-compressed file (.gz)") from None
-    except (EOFError, zlib.error):
-        reason = "the gzip data ends early or is damaged (an interrupted copy?); expected a whole .gz file"
-        raise FileFormatError(path, read + 1, reason) from None
-    except UnicodeDecodeError as error:
-        raise FileFormatError(path, read + 1, f"not UTF-8 text ({error.reason}); expected UTF-8") from None
-
-
-def json_line(line: str) -> object:
-    """One JSON Lines record; a decoder error's column then counts from the start of that line."""
-    return json.loads(line.rstrip("\n"))
-
-
-def invalid_json(error: json.JSONDecodeError) -> str:
-    """What is wrong with a record that is not JSON, at the decoder's column. Messages that end in "at" ("Unterminated
-    string starting at") name the column where the broken token starts."""
-    return f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
-
-
 def _decode(record: str | dict) -> dict:
     if isinstance(record, dict):
         return record
     try:
         row = json_line(record)
     except json.JSONDecodeError as error:
-        raise _InvalidRecord(invalid_json(error)) from None
+        raise InvalidRecord(invalid_json(error)) from None
     if not isinstance(row, dict):
-        raise _InvalidRecord(f"expected a JSON object, got {type(row).__name__}")
+        raise InvalidRecord(f"expected a JSON object, got {type(row).__name__}")
     return row
 
 
@@ -303,23 +263,23 @@ def _eligible(tree_state: object, prompt: dict) -> bool:
 def _check_fields(raw: object) -> None:
     """Checks what every message must have."""
     if not isinstance(raw, dict):
-        raise _InvalidRecord(f"a message must be a JSON object, got {type(raw).__name__}")
+        raise InvalidRecord(f"a message must be a JSON object, got {type(raw).__name__}")
     for name in REQUIRED_FIELDS:
         if raw.get(name) is None:
-            raise _InvalidRecord(f"message {raw.get('message_id', '?')} lacks required field {name!r}")
+            raise InvalidRecord(f"message {raw.get('message_id', '?')} lacks required field {name!r}")
     if raw["role"] not in ROLES:
-        raise _InvalidRecord(f"message {raw['message_id']} has unknown role {raw['role']!r}")
+        raise InvalidRecord(f"message {raw['message_id']} has unknown role {raw['role']!r}")
     if not isinstance(raw["text"], str):
-        raise _InvalidRecord(f"message {raw['message_id']} has a text that is not a string")
+        raise InvalidRecord(f"message {raw['message_id']} has a text that is not a string")
 
 
 def _check_alternation(raw: dict, parent_role: str | None, parent_id: object) -> None:
     if parent_role is None and raw["role"] != "prompter":
-        raise _InvalidRecord(
+        raise InvalidRecord(
             f"root message {raw['message_id']} has role {raw['role']!r}, expected 'prompter'"
         )
     if raw["role"] == parent_role:
-        raise _InvalidRecord(
+        raise InvalidRecord(
             f"message {raw['message_id']} has role {raw['role']!r} like its parent {parent_id}"
         )
 
@@ -332,7 +292,7 @@ def _message(raw: dict) -> Message:
         rank = None if rank is None else int(rank)
         labels = _label_values(raw.get("labels") or {})
     except (TypeError, ValueError, KeyError, AttributeError) as error:
-        raise _InvalidRecord(
+        raise InvalidRecord(
             f"message {raw['message_id']} has a malformed rank or labels ({error})"
         ) from None
     return Message(
@@ -356,7 +316,7 @@ def _label_values(labels: dict) -> dict[str, float]:
 def _parse_tree(row: dict, langs: set[str]) -> _Tree | None:
     """Checks the whole tree of a line; builds it only when it passes the tree filter."""
     if "prompt" not in row:
-        raise _InvalidRecord("lacks required field 'prompt' (expected one message tree per line)")
+        raise InvalidRecord("lacks required field 'prompt' (expected one message tree per line)")
     prompt = row["prompt"]
     _check_fields(prompt)  # the tree filter reads the prompt's fields
     # Trees not ready or not reviewed are checked without building their messages: most of a full export is.
@@ -374,7 +334,7 @@ def _parse_node(raw: object, parent: dict | None, build: bool) -> _Node | None:
         _check_alternation(raw, parent["role"], parent["message_id"])
     replies = raw.get("replies") or []
     if not isinstance(replies, list):
-        raise _InvalidRecord(f"message {raw['message_id']} has replies that are not a list")
+        raise InvalidRecord(f"message {raw['message_id']} has replies that are not a list")
     nodes = [_parse_node(reply, raw, build) for reply in replies]
     return _Node(_message(raw), nodes) if build else None
 
@@ -393,13 +353,13 @@ class _FlatTrees:
         _check_fields(row)
         message_id, tree_id, parent_id = row["message_id"], row.get("message_tree_id"), row.get("parent_id")
         if tree_id is None:
-            raise _InvalidRecord(f"message {message_id} lacks required field 'message_tree_id'")
+            raise InvalidRecord(f"message {message_id} lacks required field 'message_tree_id'")
         if tree_id in self.dropped:
             return
         if parent_id is None:
             _check_alternation(row, None, None)
             if tree_id in self.roots:
-                raise _InvalidRecord(f"tree {tree_id} has a second root message {message_id}")
+                raise InvalidRecord(f"tree {tree_id} has a second root message {message_id}")
             if not _eligible(row.get("tree_state"), row):
                 self.dropped.add(tree_id)
                 return
@@ -409,7 +369,7 @@ class _FlatTrees:
         else:
             parent = self.nodes.get(parent_id)
             if parent is None:
-                raise _InvalidRecord(
+                raise InvalidRecord(
                     f"message {message_id}: parent {parent_id} does not appear on an earlier row"
                 )
             _check_alternation(row, parent.message.role, parent_id)

@@ -1,17 +1,15 @@
 """The datasets a config names: loaded, split, deduplicated, filtered and tokenized into formatted samples.
 
-For each entry of `datasets` + `datasets_extra`, in config order:
-  1. find its input (`data_path`: a relative path in `cache_dir`, then in `data_dir`), load its records
-     (model_training/data/oasst.py for `oasst_export`, model_training/data/sources.py for the others) and split
-     them into train and validation with `manual_seed` (OASST by message tree, as the OpenAssistant trainer
-     splits; the others by record);
-  2. drop exact duplicates of conversations seen earlier, in this or an earlier dataset (`dedupe`), and
-     records in other languages (`lang`, where the source gives one);
+For each entry of `datasets` + `datasets_extra` (`TrainConfig.dataset_specs`), in config order:
+  1. find its input (`data_path`: a relative path in `cache_dir`, then in `data_dir`), and load its records split
+     into train and validation through its source (model_training/data/sources/: each source splits by its own
+     rule, OASST by message tree as the OpenAssistant trainer splits, the others by record);
+  2. drop exact duplicates of conversations seen earlier, in this or an earlier dataset (`dedupe`);
   3. format each conversation (model_training/data/formatting.py) or cut each text into pieces, drop samples
      outside the dataset's `min_length`/`max_length`, then cut the rest to the global `max_length`.
 The result of each dataset is kept in `data_cache_dir` and read back by later runs while everything it depends
 on stays the same (model_training/data/cache.py). How much of each dataset an epoch draws is the sampler's
-business (model_training/training/sampler.py).
+business (model_training/training/sampler.py). No source is named here: `SOURCES` is the one table of them.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,18 +26,16 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from model_training.config import ConfigError, DatasetConfig, TrainConfig, dataset_specs, resolve_input_path
+from model_training.config import ConfigError, TrainConfig, resolve_input_path
 from model_training.data.cache import TokenizedCache, arrays_to_samples, describe_dataset, samples_to_arrays
 from model_training.data.chat_formats import DEFAULT_CHAT_FORMAT
 from model_training.data.formatting import FormattedSample, format_conversation, format_text, supervise_every_token
-from model_training.data.oasst import load_oasst_export
-from model_training.data.selection import held_out_groups, parse_languages, split_like_openassistant
-from model_training.data.sources import LOADERS as SOURCE_LOADERS
-from model_training.data.sources import Conversation, TextDocument, is_hub_dataset, load_oasst1_trees
+from model_training.data.records import Conversation, Record, TextDocument
+from model_training.data.sources import SOURCES
+from model_training.data.sources.common import DatasetConfig, FilterReport, LoadContext
+from model_training.data.sources.rows import is_hub_dataset
 
 logger = logging.getLogger(__name__)
-
-Record = Conversation | TextDocument
 
 
 @dataclass(frozen=True)
@@ -52,23 +48,6 @@ class TokenizedSplit:
     turns: int
     truncated: int
     dropped: int
-
-
-@dataclass
-class FilterReport:
-    """What the filters removed from one dataset (both splits), for `--show_dataset_stats`."""
-
-    name: str
-    records: int = 0
-    other_language: int = 0
-    duplicates: int = 0
-    too_short: int = 0
-    too_long: int = 0
-
-    def add_other_language(self, count: int) -> None:
-        """Records a loader left out for their language itself (OASST filters whole trees): read, then dropped."""
-        self.records += count
-        self.other_language += count
 
 
 @dataclass(frozen=True)
@@ -90,8 +69,8 @@ def dataset_folders(cfg: TrainConfig) -> list[Path]:
 
 def data_path(cfg: TrainConfig, name: str, path: str, config_key: str) -> str:
     """A dataset's source: an absolute path stays; a relative one becomes the first of it under `dataset_folders`
-    that exists, or stays as it is when it is a hub id (never for `oasst_export`, which reads files only).
-    ConfigError otherwise, naming every place tried and `config_key`."""
+    that exists, or stays as it is when it is a hub id and the source reads the hub (`Source.hub`). ConfigError
+    otherwise, naming every place tried and `config_key`."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return str(p)
@@ -100,75 +79,11 @@ def data_path(cfg: TrainConfig, name: str, path: str, config_key: str) -> str:
     found = next((candidate for candidate in tried if candidate.exists()), None)
     if found is not None:
         return str(found)
-    if name != "oasst_export" and all(is_hub_dataset(path, folder) for folder in folders):
+    if SOURCES[name].hub and all(is_hub_dataset(path, folder) for folder in folders):
         return path
     places = " or ".join(str(candidate) for candidate in tried)
     raise ConfigError(f"dataset file {path!r} (set by {config_key}) not found: tried {places}; a relative path is "
                       "looked up in cache_dir (when set), then in data_dir")
-
-
-def _load_oasst_export(
-    options: Any, source: str, key: str, report: FilterReport
-) -> tuple[list[Record], list[Record]]:
-    stats: dict[str, int] = {}
-    train, val = load_oasst_export(
-        source,
-        lang=options.lang,
-        top_k=options.top_k,
-        val_split=options.val_split,
-        manual_seed=options.manual_seed,
-        skip_invalid=options.skip_invalid,
-        config_key=f"{key}.input_file_path",
-        stats=stats,
-    )
-    report.add_other_language(stats["other_language"])
-    return [Conversation(messages=tuple(t)) for t in train], [Conversation(messages=tuple(t)) for t in val]
-
-
-def _load_oasst1(options: Any, source: str, key: str, report: FilterReport) -> tuple[list[Record], list[Record]]:
-    stats: dict[str, int] = {}
-    trees = load_oasst1_trees(
-        source,
-        lang=options.lang,
-        top_k=options.top_k,
-        skip_invalid=options.skip_invalid,
-        config_key=f"{key}.input_file_path",
-        stats=stats,
-    )
-    report.add_other_language(stats["other_language"])
-    train, val = split_like_openassistant(trees, options.val_split, options.manual_seed)
-    return [c for tree in train for c in tree], [c for tree in val for c in tree]
-
-
-Loader = Callable[[Any, str, str, FilterReport], tuple[list[Record], list[Record]]]
-
-
-def _load_source(name: str) -> Loader:
-    def load(options: Any, source: str, key: str, report: FilterReport) -> tuple[list[Record], list[Record]]:
-        records = SOURCE_LOADERS[name](source, skip_invalid=options.skip_invalid, config_key=f"{key}.input_file_path")
-        return split_records(records, options.val_split, options.manual_seed)
-
-    return load
-
-
-LOADERS: dict[str, Loader] = {
-    **{name: _load_source(name) for name in SOURCE_LOADERS},
-    "oasst_export": _load_oasst_export,
-    "oasst1": _load_oasst1,
-}
-"""Dataset name -> loader returning (train, val) records (and counting in the report what it filtered itself);
-every name in DATASET_CONFIGS has one. The OASST sources split as the OpenAssistant trainer does, the others by
-`split_records`."""
-
-
-def split_records(records: Sequence[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out `val_split` of the groups (a record's `group`, else the record alone), chosen by `seed`
-    (model_training/data/selection.py); records keep their order on each side."""
-    keys = [getattr(record, "group", None) or f"record:{index:09d}" for index, record in enumerate(records)]
-    held_out = held_out_groups(keys, val_split, seed)
-    train = [r for r, k in zip(records, keys) if k not in held_out]
-    val = [r for r, k in zip(records, keys) if k in held_out]
-    return train, val
 
 
 def _dedupe_key(record: Record) -> bytes:
@@ -180,22 +95,18 @@ def _dedupe_key(record: Record) -> bytes:
     return hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
 
 
-def _keep(records: list[Record], options: Any, seen: set[bytes] | None, report: FilterReport) -> list[Record]:
-    lang = getattr(options, "lang", None)
-    langs = parse_languages(lang) if lang else None
+def _dedupe(records: list[Record], seen: set[bytes] | None, report: FilterReport) -> list[Record]:
+    """The records that repeat none seen before (all of them without dedupe); `seen` gains their keys."""
+    report.records += len(records)
+    if seen is None:
+        return records
     kept = []
     for record in records:
-        report.records += 1
-        record_lang = getattr(record, "lang", None)
-        if langs is not None and record_lang is not None and record_lang not in langs:
-            report.other_language += 1
+        key = _dedupe_key(record)
+        if key in seen:
+            report.duplicates += 1
             continue
-        if seen is not None:
-            key = _dedupe_key(record)
-            if key in seen:
-                report.duplicates += 1
-                continue
-            seen.add(key)
+        seen.add(key)
         kept.append(record)
     return kept
 
@@ -259,7 +170,7 @@ class _Prepared:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    specs = dataset_specs(cfg)
+    specs = cfg.dataset_specs
     if not specs:
         raise ConfigError("no datasets configured: add a data section (e.g. --configs ... oasst-sample)")
     cache = TokenizedCache.for_config(cfg, tokenizer)
@@ -323,11 +234,11 @@ def _prepare_dataset(
     """Load, split, filter and tokenize one dataset; adds the dedupe keys of what it keeps to `seen`."""
     report = FilterReport(display)
     try:
-        train, val = LOADERS[name](options, source, key, report)
+        train, val = SOURCES[name].load(source, options, LoadContext(report, f"{key}.input_file_path"))
     except (FileNotFoundError, ConnectionError) as err:
-        # The loader's message names the path (or hub id) and the config key; a user fixes it in the config.
+        # The load's message names the path (or hub id) and the config key; a user fixes it in the config.
         raise ConfigError(str(err)) from None
-    train, val = _keep(train, options, seen, report), _keep(val, options, seen, report)
+    train, val = _dedupe(train, seen, report), _dedupe(val, seen, report)
     return _Prepared(
         train=tokenize_records(display, train, tokenizer, cfg.max_length, options, report, cfg.chat_format,
                                cfg.label_masking),

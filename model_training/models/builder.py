@@ -19,12 +19,12 @@ from model_training.config import (
     ConfigError,
     TrainConfig,
     first_line,
-    is_hub_id,
     resolve_input_path,
     zero_stage,
 )
 from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
+from model_training.hub import is_hub_id
 from model_training.layout import BASE_MODEL_DIR
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from model_training.config import Oasst1Config, TrainConfig, load_config, parse_override
+from model_training.config import TrainConfig, load_config, parse_override
 from model_training.data.cache import (
     TokenizedCache,
     arrays_to_samples,
@@ -21,6 +21,7 @@ from model_training.data.cache import (
 )
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import PreparedData, prepare_data
+from model_training.data.sources.oasst1 import Oasst1Config
 from model_training.models.builder import load_tokenizer
 
 PAIR = "[{dolly15k: {input_file_path: dolly_sample.jsonl}}, {alpaca: {input_file_path: alpaca_sample.json}}]"

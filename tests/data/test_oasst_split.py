@@ -15,10 +15,12 @@ import pytest
 import torch
 from torch.utils.data import random_split
 
-from model_training.config import Oasst1Config
-from model_training.data.oasst import Message, load_oasst_export
-from model_training.data.registry import LOADERS, FilterReport
-from model_training.data.sources import load_oasst1
+from model_training.data.oasst import Message, load_oasst_export, read_export
+from model_training.data.records import Conversation
+from model_training.data.selection import split_like_openassistant
+from model_training.data.sources import SOURCES
+from model_training.data.sources.common import FilterReport, LoadContext
+from model_training.data.sources.oasst1 import Oasst1Config
 
 # torch's note that a side is empty, which val_split 0 asks for.
 pytestmark = pytest.mark.filterwarnings("ignore:Length of split at index")
@@ -39,6 +41,12 @@ CASES = [
     ("en,de,es,fr", 0.05, DEFAULT_SEED),
     ("en,de,es,fr", 0.5, 2**40 + 7),
 ]
+
+
+def load_oasst1(path: Path, lang: str) -> list[Conversation]:
+    """Every conversation of flat oasst1 rows, through the `oasst1` source."""
+    options = Oasst1Config(lang=lang, val_split=0.0)
+    return SOURCES["oasst1"].load(path, options, LoadContext(FilterReport("oasst1")))[0]
 
 
 def openassistant_split(trees: list[str], val_split: float, seed: int) -> tuple[list[str], list[str]]:
@@ -78,13 +86,12 @@ def sides(threads: list[list[Message]], val_prompts: set[str]) -> tuple[list[lis
 
 
 def check_export(path: Path, prompts: list[str], lang: str, val_split: float, seed: int) -> None:
-    expected_train, expected_val = openassistant_split(prompts, val_split, seed)
+    _, expected_val = openassistant_split(prompts, val_split, seed)
     all_threads, _ = load_oasst_export(path, lang=lang, val_split=0.0)
-    stats: dict[str, int] = {}
-    train, val = load_oasst_export(path, lang=lang, val_split=val_split, manual_seed=seed, stats=stats)
+    train, val = load_oasst_export(path, lang=lang, val_split=val_split, manual_seed=seed)
     assert (train, val) == sides(all_threads, set(expected_val))
-    # The trees without threads count too: they take their places in the draw.
-    assert (stats["train_trees"], stats["val_trees"]) == (len(expected_train), len(expected_val))
+    # The trees without threads count too: they take their places in the draw, which is drawn from these trees.
+    assert [tree_id for tree_id, _ in read_export(path, lang).trees] == prompts
 
 
 @pytest.mark.parametrize(("lang", "val_split", "seed"), CASES)
@@ -102,10 +109,10 @@ def test_flat_rows_hold_out_the_trees_openassistant_holds_out(
     prompts = prompts_of_rows(rows, lang)
     check_export(path, prompts, lang, val_split, seed)
 
-    # The `oasst1` dataset name reads the same rows, through the loader `prepare_data` calls.
+    # The `oasst1` dataset name reads the same rows, through the load `prepare_data` calls.
     expected_val = set(openassistant_split(prompts, val_split, seed)[1])
     options = Oasst1Config(input_file_path=str(ROWS), lang=lang, val_split=val_split, manual_seed=seed)
-    train, val = LOADERS["oasst1"](options, str(ROWS), "datasets[0].oasst1", FilterReport("oasst1"))
+    train, val = SOURCES["oasst1"].load(str(ROWS), options, LoadContext(FilterReport("oasst1")))
     conversations = load_oasst1(ROWS, lang=lang)
     expected = sides([list(c.messages) for c in conversations], expected_val)
     assert ([list(c.messages) for c in train], [list(c.messages) for c in val]) == expected
@@ -113,11 +120,10 @@ def test_flat_rows_hold_out_the_trees_openassistant_holds_out(
 
 def test_the_cases_cover_empty_trees_and_the_remainder_rule() -> None:
     """What makes the cases above able to fail: trees without threads, and lengths torch rounds its own way."""
-    stats: dict[str, int] = {}
-    threads, _ = load_oasst_export(TREES, val_split=0.0, stats=stats)
+    threads, _ = load_oasst_export(TREES, val_split=0.0)
     assert len(prompts_of_export("en")) == 175 and len({t[0].message_id for t in threads}) == 160
-    load_oasst_export(TREES, val_split=0.1, stats=stats)
-    assert (stats["train_trees"], stats["val_trees"]) == (158, 17)
+    train, val = split_like_openassistant(read_export(TREES).trees, 0.1, DEFAULT_SEED)
+    assert (len(train), len(val)) == (158, 17)
 
 
 def test_oasst1_reads_train_and_validation_of_a_saved_dataset_dict(tmp_path: Path) -> None:

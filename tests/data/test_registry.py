@@ -1,4 +1,5 @@
-"""Datasets by name: every source through the real config, the split, dedupe, filters and their counts."""
+"""Datasets by name through the real config: the input's lookup, dedupe, filters and their counts (each source's
+load, sample and split: test_sources.py)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,8 @@ import pytest
 from helpers import REPO, cpu_env
 
 from model_training.config import ConfigError, load_config, parse_override
-from model_training.data.formatting import IGNORE_INDEX
-from model_training.data.registry import prepare_data, split_records
-from model_training.data.sources import Conversation
+from model_training.data.registry import prepare_data
 from model_training.models.builder import load_tokenizer
-
-SAMPLES = {
-    "oasst_export": "oasst_sample.jsonl.gz",
-    "oasst1": "oasst1_sample",
-    "dolly15k": "dolly_sample.jsonl",
-    "alpaca": "alpaca_sample.json",
-    "hh_rlhf": "hh_rlhf_sample.jsonl.gz",
-    "chat_jsonl": "chat_sample.jsonl",
-    "text": "text_sample.txt",
-}
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +24,6 @@ def tokenizer():
 def prepared(tokenizer, datasets: str, *overrides: str):
     cfg = load_config(["defaults", "tiny-falcon"], [parse_override(o) for o in (f"datasets={datasets}", *overrides)])
     return prepare_data(cfg, tokenizer)
-
-
-@pytest.mark.parametrize("name", sorted(SAMPLES))
-def test_every_source_loads_its_bundled_sample(tokenizer, name: str) -> None:
-    data = prepared(tokenizer, f"[{{{name}: {{input_file_path: {SAMPLES[name]}, val_split: 0.2}}}}]")
-    (train,), (val,) = data.train, data.val
-    assert train.name == val.name == name
-    assert len(train.samples) > 10 and len(val.samples) >= 1
-    assert all(s.num_supervised > 0 for s in train.samples + val.samples)
-    # Samples stay whole (they are cut when batches are built); the stats count those over max_length (256).
-    assert train.truncated == sum(len(s.input_ids) > 256 for s in train.samples)
-    report = data.reports[0]
-    # The OASST loaders leave out other languages themselves; the count is the same as for the other sources.
-    assert report.records == train.threads + val.threads + report.other_language + report.duplicates
-    assert (report.other_language > 0) == name.startswith("oasst")  # the OASST samples hold other languages
 
 
 def test_text_is_fully_supervised_and_cut_to_max_length(tokenizer) -> None:
@@ -83,15 +57,6 @@ def test_length_filters_drop_and_count(tokenizer) -> None:
     assert report.too_short > 0 and report.too_long > 0
     assert all(60 <= len(s.input_ids) <= 110 for s in data.train[0].samples)
     assert len(data.train[0].samples) == report.records - report.too_short - report.too_long
-
-
-def test_split_keeps_groups_together_and_depends_only_on_the_seed() -> None:
-    records = [Conversation(messages=(), group=f"tree{i // 3}") for i in range(30)]
-    train, val = split_records(records, 0.2, seed=7)
-    assert len(val) == 6 and len(train) == 24
-    assert {r.group for r in train}.isdisjoint({r.group for r in val})
-    assert split_records(records, 0.2, seed=7) == (train, val)
-    assert split_records(records, 0.2, seed=8)[1] != val
 
 
 def test_a_source_with_nothing_left_is_an_error(tokenizer) -> None:
@@ -138,14 +103,6 @@ def test_a_malformed_record_stops_the_cli_with_file_line_and_field(tmp_path: Pat
     assert result.returncode == 2
     assert f"{bad}, line 2: missing field 'response'" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_label_masks_hold_for_every_source(tokenizer) -> None:
-    for name in ("dolly15k", "hh_rlhf", "chat_jsonl"):
-        data = prepared(tokenizer, f"[{{{name}: {{input_file_path: {SAMPLES[name]}, val_split: 0.0}}}}]")
-        for sample in data.train[0].samples:
-            assert sample.labels[0] == IGNORE_INDEX  # a role token starts every conversation
-            assert sample.labels[-1] == tokenizer.eos_token_id  # every sample ends with a supervised eos
 
 
 def test_without_label_masking_every_token_carries_loss(tokenizer) -> None:

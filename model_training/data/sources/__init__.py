@@ -1,0 +1,31 @@
+"""Every data source a config's `datasets:` can name, with its options and its load (the contract: common.py).
+
+Adding a source is one module of this package and one line of `SOURCES`; README, "Add a data source", has the
+steps. Nothing else in the project names a source.
+"""
+
+from __future__ import annotations
+
+from model_training.data.sources import (
+    alpaca,
+    chat_jsonl,
+    dolly15k,
+    hh_rlhf,
+    natural_instructions,
+    oasst1,
+    oasst_export,
+    text,
+)
+from model_training.data.sources.common import Source
+
+SOURCES: dict[str, Source] = {
+    "oasst_export": Source(oasst_export.OasstExportConfig, oasst_export.load, hub=False),
+    "oasst1": Source(oasst1.Oasst1Config, oasst1.load),
+    "dolly15k": Source(dolly15k.Dolly15kConfig, dolly15k.load),
+    "alpaca": Source(alpaca.AlpacaConfig, alpaca.load),
+    "hh_rlhf": Source(hh_rlhf.HhRlhfConfig, hh_rlhf.load),
+    "chat_jsonl": Source(chat_jsonl.ChatJsonlConfig, chat_jsonl.load),
+    "text": Source(text.TextConfig, text.load),
+    "natural_instructions": Source(natural_instructions.NaturalInstructionsConfig, natural_instructions.load),
+}
+"""Dataset name -> its options schema and load, in the order error messages list the names."""
