@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from model_training.config import ConfigError, load_config, parse_override
 from model_training.data.formatting import SPECIAL_TOKENS
 from model_training.models.builder import build_model, load_tokenizer
-from model_training.models.residual_dropout import UnsupportedArchitectureError
+from model_training.models.families import UnsupportedArchitectureError
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
 ZERO2 = {"zero_optimization": {"stage": 2}}

@@ -102,16 +102,22 @@ def test_packing_reaches_the_attention_through_lora() -> None:
 
 
 @pytest.mark.parametrize(
-    "model_config",
+    ("model_config", "reason"),
     [
-        "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4}",
-        "{model_type: falcon, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, alibi: true}",
+        ("{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 4}",
+         "packed attention does not support model type 'gpt2'; supported: falcon, gpt_neox, llama, mistral, qwen2"),
+        ("{model_type: falcon, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, alibi: true}",
+         "packed attention needs rotary positions; this Falcon uses ALiBi"),
     ],
 )
-def test_packing_on_a_model_without_rotary_falcon_attention_is_a_config_error(model_config: str) -> None:
+def test_packing_on_a_model_it_cannot_keep_apart_is_a_config_error(model_config: str, reason: str) -> None:
+    """Never a run on samples that attend to one another: the error names what is supported and the way out."""
     cfg = config(f"model_config={model_config}")
-    with pytest.raises(ConfigError, match="set packing=false"):
+    with pytest.raises(ConfigError) as refused:
         build_model(cfg, load_tokenizer(cfg), ZERO2)
+    assert str(refused.value) == (
+        f"packing=true does not fit this model: {reason}; set packing=false to train it on padded batches"
+    )
 
 
 def test_chunked_loss_is_used_where_the_head_is_whole_and_plain() -> None:
