@@ -204,6 +204,14 @@ def _packed_segments(
     return PackedSegments(cu_seq_lens, int(max_length), tokens)
 
 
+def _segments_for(position_ids: torch.Tensor | None, tokens: int) -> PackedSegments | None:
+    """The packing filed for a forward of `tokens` tokens, if it is packed; ValueError if it counts others."""
+    segments = _segments_of(position_ids)
+    if segments is not None and segments.tokens != tokens:
+        raise ValueError(f"packed position_ids hold {segments.tokens} tokens, the batch {tokens}")
+    return segments
+
+
 @torch.compiler.disable
 def _segments_of(position_ids: torch.Tensor | None) -> PackedSegments | None:
     """The packing filed for this forward, if it is packed.
@@ -227,12 +235,10 @@ def _interface_attention(
 ) -> tuple[torch.Tensor, None]:
     """`PACKED_ATTENTION` in transformers' AttentionInterface: query (batch, heads, tokens, head_dim), key and
     value (batch, groups, tokens, head_dim) in; the output (batch, tokens, heads, head_dim), no weights, out."""
-    segments = _segments_of(kwargs.get("position_ids"))
+    batch, heads, length, head_dim = query.shape
+    segments = _segments_for(kwargs.get("position_ids"), batch * length)
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    batch, heads, length, head_dim = query.shape
-    if batch * length != segments.tokens:
-        raise ValueError(f"packed position_ids hold {segments.tokens} tokens, the batch {batch * length}")
     # To the varlen layout, (tokens, heads, head_dim): the batch's rows laid end to end, as cu_seq_lens counts.
     query, key, value = (x.transpose(1, 2).flatten(0, 1) for x in (query, key, value))
     output = packed_causal_attention(
@@ -246,12 +252,10 @@ class PackedFalconAttention(FalconAttention):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         """Falcon's forward, with the attention restricted to each sample when this forward is packed."""
-        segments = _segments_of(kwargs.get("position_ids"))
+        batch, length, _ = hidden_states.shape
+        segments = _segments_for(kwargs.get("position_ids"), batch * length)
         if segments is None:
             return super().forward(hidden_states, *args, **kwargs)
-        batch, length, _ = hidden_states.shape
-        if batch * length != segments.tokens:
-            raise ValueError(f"packed position_ids hold {segments.tokens} tokens, the batch {batch * length}")
         query, key, value = self._split_grouped(self.query_key_value(hidden_states))
         cos, sin = kwargs["position_embeddings"]
         # (batch, tokens, heads, head_dim): the heads axis is 2, where cos/sin (batch, tokens, head_dim) broadcast.
