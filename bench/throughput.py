@@ -1,4 +1,4 @@
-"""Training throughput on one GPU: the transformers Trainer baseline against our trainer, and Falcon-7B rows.
+"""Training throughput on one GPU: the transformers Trainer baseline against our trainer, Falcon-7B and Llama rows.
 
     python bench/throughput.py --out BENCH.md            # one GPU (scripts/gpu_check.sh runs it there)
     python bench/throughput.py --smoke                   # the same plumbing on the CPU: tiny shapes, a few steps
@@ -15,6 +15,10 @@ Rows, each a fresh process under `deepspeed --num_gpus 1`, so that its start-up 
                     checkpointing (the same 16 samples per optimizer step).
   ours-best         ours at its fastest: micro batch 16 x accumulation 1 (one packed row per step), no
                     checkpointing, decoder layers compiled (torch_compile).
+  llama             a Llama-shaped proxy beside the Falcon rows: Llama-7B width cut to 8 of 32 layers (hidden 4096,
+                    32 query heads sharing 8 key/value heads, SwiGLU MLP 11008 wide, vocabulary 32000: 1.68B
+                    parameters), our trainer with section llama-7b on the same data, batch and settings as `ours`
+                    (bf16, ZeRO-2, checkpointing), packed through transformers' AttentionInterface.
   7b-zero3-offload  the full 32-layer Falcon-7B shape (6.9B parameters), our trainer on ZeRO-3 with the optimizer
                     (fp32 master weights and Adam moments) in CPU memory: configs/zero3_offload_config.json less
                     its parameter offload. Answers "can it be fine-tuned on one 80 GB GPU".
@@ -26,7 +30,8 @@ sigma 0.8, redrawn outside 16..2048), each sample one prompt and one reply, the 
 supervised, 35-75% of the tokens. Our trainer reads text, not ids, so the bench writes a `chat_jsonl` file
 whose words are the tokens of a word-level tokenizer it also writes (one word, one id; 65021 words + the 3 chat
 tokens the trainer adds = Falcon's 65024 rows): the trainer tokenizes the file into exactly the ids and labels
-drawn, which the bench checks (and so warms the tokenized-data cache), and the baseline reads those ids.
+drawn, which the bench checks (and so warms the tokenized-data cache), and the baseline reads those ids. The
+Llama row reads the same draw of lengths and labels written with a vocabulary of 32000 (31997 words).
 
 Measures: real (non-pad) tokens per second over the steps after `--warmup` (wall clock between the ends of
 optimizer steps), MFU = 6 x parameters x real tokens/s / --peak-flops (790e12: H100 bf16 dense), peak GPU
@@ -61,25 +66,36 @@ REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 VOCAB = 65024
 """Falcon's embedding rows; the synthetic tokenizer has this many ids once the chat tokens are added."""
+LLAMA_VOCAB = 32000
+"""Llama's embedding rows, for the Llama-shaped row's tokenizer."""
 EOS = "<|endoftext|>"
 IGNORE_INDEX = -100
-DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "7b-zero3-offload", "7b-qlora")
+DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "llama", "7b-zero3-offload", "7b-qlora")
 
 
 @dataclass(frozen=True)
 class Shape:
-    """A Falcon-7B-style decoder: parallel attention, one K/V head, rotary, no biases."""
+    """A Falcon-7B-style decoder (parallel attention, one K/V head, rotary, no biases), or with `llama_mlp` (the
+    width of its SwiGLU MLP) a Llama-style one with `kv_heads` key/value heads."""
 
     hidden: int
     layers: int
     heads: int
+    kv_heads: int = 1
+    llama_mlp: int | None = None
+
+    @property
+    def vocab(self) -> int:
+        return VOCAB if self.llama_mlp is None else LLAMA_VOCAB
 
     def model_config(self) -> dict[str, Any]:
-        return {
-            "model_type": "falcon", "hidden_size": self.hidden, "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "multi_query": True, "parallel_attn": True,
-            "new_decoder_architecture": False, "bias": False, "alibi": False, "vocab_size": VOCAB,
-        }
+        size = {"hidden_size": self.hidden, "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                "vocab_size": self.vocab}
+        if self.llama_mlp is not None:
+            return {"model_type": "llama", **size, "num_key_value_heads": self.kv_heads,
+                    "intermediate_size": self.llama_mlp}
+        return {"model_type": "falcon", **size, "multi_query": True, "parallel_attn": True,
+                "new_decoder_architecture": False, "bias": False, "alibi": False}
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,7 @@ class Settings:
 
     small: Shape = Shape(4544, 8, 71)
     full: Shape = Shape(4544, 32, 71)
+    llama: Shape = Shape(4096, 8, 32, kv_heads=8, llama_mlp=11008)
     median: int = 300
     sigma: float = 0.8
     min_length: int = 16
@@ -102,16 +119,17 @@ class Settings:
     warmup: int = 3
     warmup_7b: int = 2
     timeouts: dict[str, int] = field(default_factory=lambda: {
-        "baseline": 90, "ours": 60, "baseline-best": 90, "ours-best": 120, "7b-zero3-offload": 150, "7b-qlora": 90,
+        "baseline": 90, "ours": 60, "baseline-best": 90, "ours-best": 120, "llama": 60, "7b-zero3-offload": 150,
+        "7b-qlora": 90,
     })
     """Seconds each row may take; a row that runs out is reported as timed out and the next one runs."""
     smoke: bool = False
 
 
 SMOKE = Settings(
-    small=Shape(64, 2, 4), full=Shape(64, 4, 4), median=40, max_length=128, samples=128, micro_batch=2,
-    accumulation=2, dtype="fp32", steps=4, steps_7b=3, warmup=1, warmup_7b=1,
-    timeouts=dict.fromkeys(DEFAULT_ROWS, 300), smoke=True,
+    small=Shape(64, 2, 4), full=Shape(64, 4, 4), llama=Shape(64, 2, 4, kv_heads=2, llama_mlp=176), median=40,
+    max_length=128, samples=128, micro_batch=2, accumulation=2, dtype="fp32", steps=4, steps_7b=3, warmup=1,
+    warmup_7b=1, timeouts=dict.fromkeys(DEFAULT_ROWS, 300), smoke=True,
 )
 
 
@@ -168,18 +186,20 @@ class Dataset:
     supervised_share: float
 
 
-def make_dataset(settings: Settings, workdir: Path) -> Dataset:
-    """Write the tokenizer, the chat file our trainer reads and the ids the baseline reads."""
+def make_dataset(settings: Settings, workdir: Path, vocab: int) -> Dataset:
+    """Write the tokenizer of `vocab` ids (the chat tokens included), the chat file our trainer reads and the ids
+    the baseline reads into `workdir`. Every vocabulary gets the same draw of lengths and labels."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from model_training.data.formatting import SPECIAL_TOKENS, prepare_tokenizer
 
-    base_vocab = VOCAB - len(SPECIAL_TOKENS)
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_vocab = vocab - len(SPECIAL_TOKENS)
     tokenizer_dir = workdir / "tokenizer"
     write_tokenizer(tokenizer_dir, base_vocab)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir))
-    assert len(tokenizer) == VOCAB, f"the synthetic tokenizer has {len(tokenizer)} ids, not {VOCAB}"
+    assert len(tokenizer) == vocab, f"the synthetic tokenizer has {len(tokenizer)} ids, not {vocab}"
     prompter, assistant = tokenizer.convert_tokens_to_ids(["<|prompter|>", "<|assistant|>"])
 
     conversations = draw_conversations(settings, base_vocab)
@@ -215,6 +235,17 @@ def check_trainer_reads_the_drawn_samples(argv: list[str], dataset: Dataset) -> 
     want = [(tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(offsets, offsets[1:])]
     if [(s.input_ids, s.labels) for s in got] != want:
         raise SystemExit("the trainer tokenizes the synthetic chat file into other ids than drawn; fix the bench")
+
+
+def prepare_datasets(settings: Settings, workdir: Path, rows: list[Row]) -> dict[int, Dataset]:
+    """One data set per vocabulary that `rows` need, each checked against what our trainer reads from it."""
+    datasets: dict[int, Dataset] = {}
+    for row in rows:
+        if row.shape.vocab not in datasets:
+            dataset = make_dataset(settings, workdir / f"vocab-{row.shape.vocab}", row.shape.vocab)
+            check_trainer_reads_the_drawn_samples(trainer_argv(row, settings, dataset, workdir), dataset)
+            datasets[row.shape.vocab] = dataset
+    return datasets
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,6 +309,9 @@ def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
             "checkpointing", deepspeed_config=trainer_optimizer, **proxy, **best),
         Row("ours-best", "ours", setup="trainer_sft.py, ZeRO-2, one micro-batch a step, no checkpointing, "
             "compiled layers", deepspeed_config=zero2, overrides=("torch_compile=true",), **proxy, **best),
+        Row("llama", "ours", setup="trainer_sft.py, ZeRO-2, Llama-shaped (GQA 32/8, vocabulary 32000)",
+            deepspeed_config=zero2, sections=("defaults", "llama-7b"), shape=settings.llama, steps=settings.steps,
+            warmup=settings.warmup, **like),
         Row("7b-zero3-offload", "ours", setup="trainer_sft.py, ZeRO-3, optimizer offloaded to CPU",
             deepspeed_config=offload_optimizer_only(workdir), **seven_b, **like),
         # Section falcon-7b-qlora, on the bench's data: its format, length and batch are the other rows'.
@@ -591,6 +625,11 @@ def table(outcomes: list[Outcome]) -> str:
         if a and b and a.tokens_per_s and b.tokens_per_s:
             lines.append(f"- {what}: {ours} {a.tokens_per_s / b.tokens_per_s:.2f}x {theirs}'s real tokens/s "
                          f"(target 4x), at {100 * a.mfu:.1f}% MFU (target 40%).")
+    llama, ours = full.get("llama"), full.get("ours")
+    if llama and ours and llama.tokens_per_s and ours.tokens_per_s:
+        lines.append(f"- Llama-shaped proxy, the settings of `ours`: {llama.tokens_per_s:,.0f} real tokens/s at "
+                     f"{100 * llama.mfu:.1f}% MFU (the Falcon proxy: {ours.tokens_per_s:,.0f} at "
+                     f"{100 * ours.mfu:.1f}%).")
     offload, qlora = full.get("7b-zero3-offload"), full.get("7b-qlora")
     if offload and qlora and offload.peak_gpu_gib and qlora.peak_gpu_gib:
         lines.append(f"- QLoRA peak GPU memory on the 32-layer Falcon-7B shape: {qlora.peak_gpu_gib:.1f} GiB, "
@@ -652,12 +691,12 @@ def main() -> None:
     if settings.smoke:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    dataset = make_dataset(settings, args.workdir)
     all_rows = make_rows(settings, args.workdir)
     unknown = [r for r in rows if r not in all_rows]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(all_rows)}")
-    check_trainer_reads_the_drawn_samples(trainer_argv(all_rows["ours"], settings, dataset, args.workdir), dataset)
+    if unknown or not rows:
+        raise SystemExit(f"unknown rows {unknown or 'none given'}; known: {', '.join(all_rows)}")
+    datasets = prepare_datasets(settings, args.workdir, [all_rows[name] for name in rows])
+    dataset = next(iter(datasets.values()))  # the same lengths and labels in each vocabulary
     header = [
         f"# Throughput ({'CPU smoke' if settings.smoke else 'GPU'})",
         "",
@@ -685,7 +724,7 @@ def main() -> None:
             outcomes.append(Outcome(name, row.setup, count_parameters(row.shape), status="skipped (no time left)"))
             continue
         print(f"[bench] {name}: {row.setup} (at most {timeout:.0f} s)", flush=True)
-        outcome = run_row(row, settings, dataset, args.workdir, env, timeout, args.peak_flops,
+        outcome = run_row(row, settings, datasets[row.shape.vocab], args.workdir, env, timeout, args.peak_flops,
                           count_parameters(row.shape))
         print(f"[bench] {name}: {outcome.status} in {outcome.seconds:.0f} s (log: {outcome.log})", flush=True)
         outcomes.append(outcome)

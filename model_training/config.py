@@ -68,13 +68,6 @@ class DatasetSpec(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 # Parameter-efficient fine-tuning and the quantized base it can train on.
 
-PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-}
-"""LoRA targets when `peft.target_modules` is null: every attention and MLP projection of the model type."""
-
 
 @dataclass
 class PeftConfig:
@@ -179,7 +172,8 @@ class TrainConfig:
     data_cache_dir: str | None = "~/.cache/model_training/tokenized"
     """Tokenized datasets are kept here and reused while their inputs stay the same (data/cache.py); null: off."""
     packing: bool = True
-    """Lay each micro-batch's samples end to end in one row, no padding; each sample attends only to itself (Falcon)."""
+    """Lay each micro-batch's samples end to end in one row, no padding; each sample attends only to itself (every
+    family of models/families.py: Falcon, Llama, Mistral, Qwen2, GPT-NeoX)."""
     chunked_loss: bool = True
     """Cross-entropy from the last hidden states chunk by chunk, without full fp32 logits (ZeRO-0/1/2, not LoRA)."""
     show_dataset_stats: bool = False

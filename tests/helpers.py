@@ -1,5 +1,5 @@
-"""Helpers for tests that run the real entry points (DeepSpeed's launcher, torchrun or a process alone, on the CPU)
-and read the metrics of a finished run.
+"""Helpers for tests: the real entry points (DeepSpeed's launcher, torchrun or a process alone, on the CPU),
+the metrics of a finished run, tiny models.
 
 Importable as `helpers` from every test module (tests/ is on sys.path through tests/conftest.py)."""
 
@@ -12,8 +12,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the launcher tests need no torch in this process
+    import torch
+    from transformers import PreTrainedModel
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINER = REPO / "trainer_sft.py"
@@ -102,3 +105,40 @@ def snapshot(folders: list[Path]) -> dict[str, str]:
         for path in [folder, *folder.rglob("*")]:
             state[str(path)] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return state
+
+
+VOCAB = 128
+"""The vocabulary of the tiny models of `tiny_model`."""
+MODELS = {
+    # Falcon-7B: parallel attention, one key/value head for all query heads (a class swap: no AttentionInterface).
+    "falcon-7b": {"model_type": "falcon", "new_decoder_architecture": False, "multi_query": True,
+                  "parallel_attn": True, "bias": False, "alibi": False},
+    # Falcon-40B: the new decoder architecture, grouped key/value heads (2 groups of 2 query heads here).
+    "falcon-40b": {"model_type": "falcon", "new_decoder_architecture": True, "num_kv_heads": 2, "bias": False,
+                   "alibi": False},
+    # The families that dispatch through transformers' AttentionInterface, each with grouped key/value heads
+    # (left grouped by our kernels) but GPT-NeoX, which has none.
+    "llama": {"model_type": "llama", "num_key_value_heads": 2, "intermediate_size": 96},
+    # A sliding window of 3 tokens, shorter than the samples the packing tests pack (4 to 13 tokens): each token
+    # sees only the last 3 of its own sample, and must never see one of the sample before.
+    "mistral": {"model_type": "mistral", "num_key_value_heads": 2, "intermediate_size": 96, "sliding_window": 3},
+    # Qwen2's q/k/v projections carry biases.
+    "qwen2": {"model_type": "qwen2", "num_key_value_heads": 2, "intermediate_size": 96},
+    # Pythia's layout: parallel residual, rotary on a quarter of each head.
+    "gpt_neox": {"model_type": "gpt_neox", "intermediate_size": 96, "rotary_pct": 0.25, "use_parallel_residual": True},
+}
+"""A tiny model of every supported family (model_training/models/families.py), both Falcon layouts."""
+
+
+def tiny_model(name: str, hidden: int = 64, heads: int = 4, seed: int = 0) -> PreTrainedModel:
+    """A 2-layer causal LM of `MODELS[name]`, fp32, random weights from `seed`; no dropout of its own."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = dict(MODELS[name])
+    config = AutoConfig.for_model(
+        options.pop("model_type"), vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2,
+        num_attention_heads=heads, use_cache=False, **options,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float()

@@ -25,7 +25,10 @@ from model_training.config import (
 )
 from model_training.data.sources.oasst_export import OasstExportConfig
 
-MODEL_SECTIONS = ["falcon-7b", "falcon-40b", "tiny-falcon", "falcon-7b-qlora"]
+MODEL_SECTIONS = [
+    "falcon-7b", "falcon-40b", "tiny-falcon", "falcon-7b-qlora", "pythia-12b", "llama-7b", "llama-30b", "mistral-7b",
+    "tiny-llama", "tiny-neox",
+]
 DATA_SECTIONS = ["oasst-top1", "oasst-sample", "oasst-hh-dolly", "falcon-40b-instruct-mix", "oasst-top-paths"]
 
 

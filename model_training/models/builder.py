@@ -145,7 +145,9 @@ def build_model(
         try:
             enable_packed_attention(model)
         except ValueError as err:
-            raise ConfigError(f"packing=true does not fit this model: {err}; set packing=false") from None
+            raise ConfigError(
+                f"packing=true does not fit this model: {err}; set packing=false to train it on padded batches"
+            ) from None
     if save_base_to is not None:
         _save_base(model, save_base_to)
     if cfg.quantization.load_in_4bit:

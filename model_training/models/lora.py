@@ -18,12 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_training.config import PEFT_DEFAULT_TARGETS, ConfigError, PeftConfig, QuantizationConfig
+from model_training.config import ConfigError, PeftConfig, QuantizationConfig
 from model_training.models.dtypes import TORCH_DTYPES
+from model_training.models.families import FAMILIES
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
+
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {model_type: found.linears for model_type, found in FAMILIES.items()}
+"""LoRA targets when `peft.target_modules` is null: every linear layer of each decoder layer's attention and MLP,
+by model type (the table of `families.py`)."""
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:

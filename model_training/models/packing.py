@@ -1,23 +1,30 @@
-"""Exact attention over packed rows for transformers' Falcon: every sample attends only to itself.
+"""Exact attention over packed rows: every sample attends only to itself, for every family of `families.py`.
 
 A packed row (`model_training.data.packing.pack_samples`) lays samples end to end, and rotary positions
-restart through `position_ids`. Whether transformers' own Falcon then keeps the samples apart depends on
-the release and the attention implementation (some build a plain causal mask over the whole row), and
-none of them takes the sample boundaries to a variable-length kernel without the flash-attn package:
-`FalconForCausalLM.forward` passes no `**kwargs` such as `cu_seq_lens` down to its layers, and Falcon picks
-its attention class from its own table instead of `transformers.AttentionInterface`, so a registered
-attention function would never be called. Our exactness therefore rests on our own code, in every release.
-
-`enable_packed_attention` works at two points that every Falcon layer sees:
+restart through `position_ids`, which every supported family (Falcon, Llama, Mistral, Qwen2, GPT-NeoX) hands to
+its rotary embedding. What transformers (5.x) does with such a row by itself differs by family:
+  * Llama, Mistral, Qwen2 and GPT-NeoX honour it: with no attention mask, their mask builder finds the restarts
+    in `position_ids` and builds a block-diagonal causal mask (SDPA, eager, flex), and flash-attn takes the
+    boundaries as `cu_seq_lens_*` keyword arguments, which these models pass down to the attention function.
+    Exact, but the mask is tokens x tokens, finding the restarts waits for the device, and the variable-length
+    kernel needs the flash-attn package.
+  * Falcon does not: `FalconForCausalLM.forward` passes no `**kwargs` such as `cu_seq_lens` down to its
+    layers, and it picks its attention class from its own table instead of `transformers.AttentionInterface`,
+    so a registered attention function would never be called.
+One mechanism serves both, differing only in how the attention itself is reached:
   * a forward pre-hook on the model reads the packing (`cu_seq_lens`, `max_length`, or restarts in
-    `position_ids`) once per forward and files it under the `position_ids` tensor, which the model hands
-    unchanged to every attention layer, also when gradient checkpointing replays a layer in backward;
-  * every `FalconAttention` becomes a `PackedFalconAttention` (same parameters, same weights), which on a
-    packed row attends per sample (`varlen_attn` on CUDA, a loop of causal SDPA per sample elsewhere) and
-    otherwise runs Falcon's own forward unchanged (padded batches, `attention_mask`, generation).
-On a packed forward the decoder's hook also hands it a stand-in 4D mask, so that transformers does not build
-(and sync the host for) a tokens x tokens mask that the packed attention would never read.
-The config keeps `_attn_implementation` as it was, so saved and exported models load anywhere.
+    `position_ids`) once per forward and files it under the `position_ids` tensor, which every family hands
+    unchanged to every attention layer, also when gradient checkpointing replays a layer in backward; the
+    decoder's hook also hands a packed forward a stand-in 4D mask, so that transformers builds no
+    tokens x tokens mask (and syncs the host for none) that packed attention would never read;
+  * the families that dispatch through `AttentionInterface` run `PACKED_ATTENTION`, registered there (with
+    SDPA's mask builder): on a packed forward it attends per sample, else it is transformers' SDPA unchanged
+    (padded batches, generation with a cache);
+  * every `FalconAttention` becomes a `PackedFalconAttention` (same parameters, same weights), which does the
+    same inside Falcon's own forward.
+Per sample means `varlen_attn` on CUDA and a loop of causal SDPA elsewhere, with grouped key/value heads left
+unexpanded and Mistral's sliding window kept within each sample. A saved config keeps the attention
+implementation it had (transformers does not write `_attn_implementation` out), so exports load anywhere.
 """
 
 from __future__ import annotations
@@ -33,7 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.varlen import varlen_attn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.falcon.modeling_falcon import FalconAttention, apply_rotary_pos_emb
+
+from model_training.models.families import model_family
+
+PACKED_ATTENTION = "model_training_packed"
+"""The attention implementation (`config._attn_implementation`) that packed models of the families that dispatch
+through transformers' AttentionInterface run: per sample on packed forwards, transformers' SDPA otherwise."""
 
 
 @dataclass(frozen=True)
@@ -50,28 +66,40 @@ class PackedSegments:
 # its keyword arguments, position_ids included, until its backward has replayed it.
 _SEGMENTS: dict[int, PackedSegments] = {}
 
+# Set on a model whose packing hooks are installed, so that a second call installs nothing twice.
+_ENABLED = "_model_training_packed_attention"
+
 
 def enable_packed_attention(model: nn.Module) -> None:
-    """Make `model`'s Falcon attention exact on packed rows; unpacked inputs behave as before. Idempotent.
+    """Make `model`'s attention exact on packed rows; unpacked inputs behave as before. Idempotent.
 
     A packed forward passes `position_ids` that restart at 0 for each sample, no `attention_mask` (or all
     ones) and no cache; `cu_seq_lens` and `max_length` (as `pack_samples` makes them) are optional and spare
     one device synchronization to find the boundaries. Rows of a batch are laid end to end, so a batch of
-    several packed rows works too.
+    several packed rows works too. A model type outside `families.FAMILIES` raises ValueError (naming the
+    supported ones): its samples would attend to one another.
     """
-    attentions = [module for module in model.modules() if isinstance(module, FalconAttention)]
-    if not attentions:
-        raise ValueError(f"{type(model).__name__} has no Falcon attention layers; packed attention is Falcon-only")
+    found = model_family(model, "packed attention")
     if getattr(model.config, "alibi", False):
         raise ValueError("packed attention needs rotary positions; this Falcon uses ALiBi")
     if getattr(model.config, "attention_dropout", 0.0):
-        raise ValueError("packed attention applies no attention dropout; this Falcon sets attention_dropout")
-    if all(isinstance(module, PackedFalconAttention) for module in attentions):
+        raise ValueError(
+            f"packed attention applies no attention dropout; this {model.config.model_type} sets attention_dropout"
+        )
+    if getattr(model, _ENABLED, False):
         return
-    for module in attentions:
-        # The subclass adds no state: swapping the class keeps the parameter objects, which optimizers and
-        # DeepSpeed may already hold.
-        module.__class__ = PackedFalconAttention
+    if found.attention_interface:
+        # The function and its mask builder are registered by name, once per process; the model then looks
+        # its attention up under that name on every forward.
+        AttentionInterface.register(PACKED_ATTENTION, _interface_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        model.set_attn_implementation(PACKED_ATTENTION)
+    else:
+        for module in model.modules():
+            if isinstance(module, FalconAttention):
+                # The subclass adds no state: swapping the class keeps the parameter objects, which optimizers
+                # and DeepSpeed may already hold.
+                module.__class__ = PackedFalconAttention
     model.register_forward_pre_hook(_packing_hook(model, outermost=True), with_kwargs=True)
     # Also on the decoder, which the causal LM always calls as a module: a wrapper that calls the causal LM's
     # forward() directly (older peft releases do) skips the hook above, and the samples would then attend to
@@ -79,6 +107,7 @@ def enable_packed_attention(model: nn.Module) -> None:
     decoder = model.get_decoder()
     if decoder is not model:
         decoder.register_forward_pre_hook(_packing_hook(decoder, outermost=False), with_kwargs=True)
+    setattr(model, _ENABLED, True)
 
 
 def _packing_hook(module: nn.Module, outermost: bool) -> Callable:
@@ -175,6 +204,14 @@ def _packed_segments(
     return PackedSegments(cu_seq_lens, int(max_length), tokens)
 
 
+def _segments_for(position_ids: torch.Tensor | None, tokens: int) -> PackedSegments | None:
+    """The packing filed for a forward of `tokens` tokens, if it is packed; ValueError if it counts others."""
+    segments = _segments_of(position_ids)
+    if segments is not None and segments.tokens != tokens:
+        raise ValueError(f"packed position_ids hold {segments.tokens} tokens, the batch {tokens}")
+    return segments
+
+
 @torch.compiler.disable
 def _segments_of(position_ids: torch.Tensor | None) -> PackedSegments | None:
     """The packing filed for this forward, if it is packed.
@@ -186,17 +223,39 @@ def _segments_of(position_ids: torch.Tensor | None) -> PackedSegments | None:
     return None if position_ids is None else _SEGMENTS.get(id(position_ids))
 
 
+def _interface_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """`PACKED_ATTENTION` in transformers' AttentionInterface: query (batch, heads, tokens, head_dim), key and
+    value (batch, groups, tokens, head_dim) in; the output (batch, tokens, heads, head_dim), no weights, out."""
+    batch, heads, length, head_dim = query.shape
+    segments = _segments_for(kwargs.get("position_ids"), batch * length)
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    # To the varlen layout, (tokens, heads, head_dim): the batch's rows laid end to end, as cu_seq_lens counts.
+    query, key, value = (x.transpose(1, 2).flatten(0, 1) for x in (query, key, value))
+    output = packed_causal_attention(
+        query, key, value, segments.cu_seq_lens, segments.max_length, scale=scaling, window=sliding_window
+    )
+    return output.view(batch, length, heads, head_dim), None
+
+
 class PackedFalconAttention(FalconAttention):
     """Falcon attention that, on a packed forward, attends within each sample only; else Falcon's own."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         """Falcon's forward, with the attention restricted to each sample when this forward is packed."""
-        segments = _segments_of(kwargs.get("position_ids"))
+        batch, length, _ = hidden_states.shape
+        segments = _segments_for(kwargs.get("position_ids"), batch * length)
         if segments is None:
             return super().forward(hidden_states, *args, **kwargs)
-        batch, length, _ = hidden_states.shape
-        if batch * length != segments.tokens:
-            raise ValueError(f"packed position_ids hold {segments.tokens} tokens, the batch {batch * length}")
         query, key, value = self._split_grouped(self.query_key_value(hidden_states))
         cos, sin = kwargs["position_embeddings"]
         # (batch, tokens, heads, head_dim): the heads axis is 2, where cos/sin (batch, tokens, head_dim) broadcast.
@@ -225,13 +284,20 @@ class PackedFalconAttention(FalconAttention):
 
 
 def packed_causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each sample of a packed sequence, scaled by 1/sqrt(head_dim).
+    """Causal attention within each sample of a packed sequence, scaled by `scale` (default 1/sqrt(head_dim)).
 
     `query` is (tokens, heads, head_dim), `key` and `value` (tokens, groups, head_dim) with groups dividing
-    heads; `cu_seq_lens` (int32) the sample boundaries, `max_length` the longest sample. On CUDA this is
-    torch's variable-length flash attention; elsewhere `reference_packed_attention`.
+    heads; `cu_seq_lens` (int32) the sample boundaries, `max_length` the longest sample. With a `window`, a
+    token attends to itself and the `window - 1` tokens before it in its sample (transformers' sliding window).
+    On CUDA this is torch's variable-length flash attention; elsewhere `reference_packed_attention`.
     """
     if query.is_cuda and torch.is_autocast_enabled("cuda"):
         # fp32 weights under autocast (bf16 without DeepSpeed): the fp32 rotary tables promote query and key to
@@ -240,35 +306,60 @@ def packed_causal_attention(
         query, key, value = (x.to(dtype) for x in (query, key, value))
     # Flash kernels take fp16/bf16 only; an fp32 run on a GPU (the tiny model) takes the exact loop instead.
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        return _varlen_causal(query, key, value, cu_seq_lens, max_length)
-    return reference_packed_attention(query, key, value, cu_seq_lens)
+        return _varlen_causal(query, key, value, cu_seq_lens, max_length, scale, window)
+    return reference_packed_attention(query, key, value, cu_seq_lens, scale, window)
 
 
+# Never compiled: the loop's length is the row's number of samples, which changes from step to step, and dynamo
+# would compile the layer again for each new count until it gives up on it. Left out, it is one graph break.
+@torch.compiler.disable
 def reference_packed_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The exact packed attention: causal SDPA over each sample alone, one sample at a time."""
     grouped = key.shape[1] != query.shape[1]
     bounds = cu_seq_lens.tolist()
-    outputs = [
-        F.scaled_dot_product_attention(
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        # A window shorter than the sample needs a band mask; otherwise is_causal lets SDPA pick its kernel.
+        mask = None if window is None or window >= end - start else _band(end - start, window, query.device)
+        outputs.append(F.scaled_dot_product_attention(
             query[start:end].transpose(0, 1),
             key[start:end].transpose(0, 1),
             value[start:end].transpose(0, 1),
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
             enable_gqa=grouped,
-        ).transpose(0, 1)
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
+        ).transpose(0, 1))
     return torch.cat(outputs)
 
 
+def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """(length, length) bool: query i sees keys i - window < j <= i, as transformers' sliding_window_overlay."""
+    offset = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (offset >= 0) & (offset < window)
+
+
 def _varlen_causal(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    scale: float | None,
+    window: int | None,
 ) -> torch.Tensor:
     """`torch.nn.attention.varlen.varlen_attn`, causal, across the torch releases this project supports."""
-    # window_size (-1, 0) is causal: no limit to the left, nothing to the right.
-    options: dict[str, Any] = {"window_size": (-1, 0)}
+    # window_size (left, 0): nothing to the right; -1 on the left is no limit, W - 1 keeps W tokens with itself.
+    options: dict[str, Any] = {"window_size": (-1 if window is None else window - 1, 0)}
+    if scale is not None and scale != query.shape[-1] ** -0.5:
+        options["scale"] = scale  # only when it differs from the kernel's default, which every release has
     if key.shape[1] != query.shape[1]:
         if _varlen_takes_enable_gqa():
             options["enable_gqa"] = True

@@ -11,7 +11,7 @@ needs no gathered parameters.
 
 Where a layer adds the attention and MLP outputs together before the residual (Falcon-7B's parallel
 attention, Falcon-40B's new decoder architecture, GPT-NeoX's parallel residual), each of the two outputs is
-dropped with its own mask before the sum.
+dropped with its own mask before the sum. Which modules those are, per model type: `families.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -21,21 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# model_type -> (attribute of the base model holding the decoder layers, sublayer names in each layer).
-# Known paths, not a search: a module that merely looks like a decoder layer must not be patched by accident.
-_ARCHITECTURES: dict[str, tuple[str, tuple[str, str]]] = {
-    "falcon": ("h", ("self_attention", "mlp")),
-    "llama": ("layers", ("self_attn", "mlp")),
-    "gpt_neox": ("layers", ("attention", "mlp")),
-}
+from model_training.models.families import model_family
 
 # Set on the patched list of decoder layers, which the causal-LM model and its base model share. A second
 # application is an error rather than a second set of hooks, which would drop every sublayer output twice.
 _MARKER = "_residual_dropout_probabilities"
-
-
-class UnsupportedArchitectureError(ValueError):
-    """Residual dropout was asked for on a model whose decoder layout this module does not know."""
 
 
 def _check_probability(p: float) -> None:
@@ -71,7 +61,7 @@ def _dropout_hook(p: float):
 
 
 def apply_residual_dropout(model: torch.nn.Module, p: float, lima: bool) -> list[float]:
-    """Install residual dropout on every decoder layer of a transformers Falcon, LLaMA or GPT-NeoX model.
+    """Install residual dropout on every decoder layer of a model of a family in `families.FAMILIES`.
 
     Works on the causal-LM model or its base model; apply it before wrapping the model (PEFT, DeepSpeed).
     Returns the per-layer probabilities, bottom first, or an empty list when ``p == 0`` (nothing is
@@ -81,15 +71,9 @@ def apply_residual_dropout(model: torch.nn.Module, p: float, lima: bool) -> list
     _check_probability(p)
     if p == 0.0:
         return []
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"residual dropout does not support model type {model_type!r}; "
-            f"supported: {', '.join(sorted(_ARCHITECTURES))}"
-        )
-    layers_attribute, sublayer_names = _ARCHITECTURES[model_type]
+    found = model_family(model, "residual dropout")
     # transformers' `base_model` is the decoder stack for both the causal-LM model and the base model itself.
-    layers = getattr(model.base_model, layers_attribute)
+    layers = getattr(model.base_model, found.layers)
     if hasattr(layers, _MARKER):
         raise RuntimeError("residual dropout is already applied to this model")
 
@@ -97,7 +81,7 @@ def apply_residual_dropout(model: torch.nn.Module, p: float, lima: bool) -> list
     for layer, layer_p in zip(layers, probabilities):
         if layer_p == 0.0:
             continue
-        for name in sublayer_names:
+        for name in (found.attention, found.mlp):
             getattr(layer, name).register_forward_hook(_dropout_hook(layer_p))
     setattr(layers, _MARKER, probabilities)
     return probabilities

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model_training.config import ConfigError, load_config, parse_override
-from model_training.data.formatting import SPECIAL_TOKENS
+from model_training.data.collate import collate
+from model_training.data.formatting import IGNORE_INDEX, SPECIAL_TOKENS, format_conversation
 from model_training.models.builder import build_model, load_tokenizer
-from model_training.models.residual_dropout import UnsupportedArchitectureError
+from model_training.models.families import UnsupportedArchitectureError
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
 ZERO2 = {"zero_optimization": {"stage": 2}}
+DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str
+    text: str
 
 
 def config(*overrides: str):
@@ -27,6 +36,30 @@ def test_tokenizer_gets_the_chat_tokens_in_order_and_falcon_pad() -> None:
     assert ids == [2023, 2024, 2025]
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
     assert load_tokenizer(config()).convert_tokens_to_ids(list(SPECIAL_TOKENS)) == ids
+
+
+@pytest.mark.parametrize("chat_format", ["openassistant", "human_bot"])
+def test_a_llama_tokenizer_pads_with_its_eos_and_every_reply_keeps_its_eos_label(chat_format: str) -> None:
+    """Llama's tokenizer has no pad token; the pad chosen is its eos `</s>`, the token that closes every reply.
+    The labels come from the formatter, so a batch padded with that id still supervises each reply's eos, where a
+    loss mask taken from `input_ids == pad_id` would have dropped every one of them."""
+    assert AutoTokenizer.from_pretrained(DATA / "tokenizer-llama").pad_token is None  # as Llama's own
+    cfg = load_config(["defaults", "tiny-llama", "oasst-sample"], [parse_override(f"chat_format={chat_format}")])
+    tokenizer = load_tokenizer(cfg)
+    eos = tokenizer.eos_token_id
+    assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.pad_token_id) == ("</s>", "</s>", eos)
+    turns = [Turn("prompter", "Hi"), Turn("assistant", "Hello there."), Turn("prompter", "And?"),
+             Turn("assistant", "Bye.")]
+    short = format_conversation(turns[:2], tokenizer, None, chat_format=chat_format)
+    long = format_conversation(turns, tokenizer, None, chat_format=chat_format)
+    batch = collate([short, long], packing=False, pad_token_id=tokenizer.pad_token_id)
+    labels, input_ids = batch["labels"], batch["input_ids"]
+    assert (input_ids[0, len(short.input_ids):] == eos).all()  # the short row is padded with the eos id
+    # One supervised eos per reply: 1 in the short row, 2 in the long one; none on the padding.
+    assert [int((row == eos).sum()) for row in labels] == [1, 2]
+    assert labels[0, len(short.input_ids):].eq(IGNORE_INDEX).all()
+    # Each of them sits on an input id equal to the pad id: a mask from `input_ids == pad_id` drops them all.
+    assert (input_ids[labels == eos] == tokenizer.pad_token_id).all()
 
 
 def test_random_model_has_padded_embeddings_and_the_tokenizer_ids() -> None:

@@ -1,4 +1,4 @@
-"""LoRA adapters and the 4-bit base (bitsandbytes NF4 runs on the CPU), on a tiny Falcon."""
+"""LoRA adapters and the 4-bit base (bitsandbytes NF4 runs on the CPU), on a tiny Falcon; default targets per family."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from helpers import MODELS, tiny_model
+from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model_training.config import ConfigError, PeftConfig, QuantizationConfig, load_config, parse_override
 from model_training.data.formatting import SPECIAL_TOKENS, prepare_tokenizer
 from model_training.models.builder import build_model
+from model_training.models.families import FAMILIES
 from model_training.models.lora import (
     apply_lora,
     dequantized_weight,
@@ -50,6 +53,17 @@ def test_new_tokens_are_not_trained_when_switched_off() -> None:
     pcfg = PeftConfig(type="lora", r=4, train_new_tokens=False)
     model = apply_lora(tiny_falcon(), pcfg, [2023, 2024, 2025])
     assert all(".lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_family_gets_adapters_on_all_its_attention_and_mlp_linear_layers(name: str) -> None:
+    """The default targets come from the family table: every linear layer of every decoder layer, no other."""
+    model = apply_lora(tiny_model(name), PeftConfig(type="lora", r=4), [])
+    wrapped = [path for path, m in model.named_modules() if isinstance(m, LoraLayer)]
+    family = FAMILIES[model.config.model_type]
+    # Each linear layer of both decoder layers once (test_families.py: the table names all of them), no head.
+    assert sorted(path.rpartition(".")[2] for path in wrapped) == sorted(2 * family.linears)
+    assert all(f".{family.layers}." in path for path in wrapped)
 
 
 def test_unknown_model_type_needs_target_modules() -> None:

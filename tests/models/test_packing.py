@@ -1,35 +1,22 @@
-"""Padding-free packing: the plan, the packed row, and Falcon computing on it exactly what it computes per sample."""
+"""Padding-free packing: the plan, the packed row, and every supported family computing on it exactly what it
+computes per sample."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, FalconConfig, FalconForCausalLM
+from helpers import MODELS, VOCAB, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Config, PreTrainedModel
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
 from model_training.data.packing import pack_samples
 from model_training.models import packing
-from model_training.models.builder import compile_decoder_layers
-from model_training.models.packing import enable_packed_attention
+from model_training.models.builder import compile_decoder_layers, decoder_layers
+from model_training.models.families import FAMILIES, UnsupportedArchitectureError
+from model_training.models.packing import PACKED_ATTENTION, enable_packed_attention
 from model_training.training.loss import supervised_token_sums
 
-VOCAB = 128
-SHAPES = {
-    # Falcon-7B: parallel attention, one key/value head for all query heads.
-    "7b": {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True},
-    # Falcon-40B: the new decoder architecture, grouped key/value heads (2 groups of 2 query heads here).
-    "40b": {"new_decoder_architecture": True, "num_kv_heads": 2},
-}
 LENGTHS = (7, 13, 4, 10)
-
-
-def tiny_falcon(shape: str, hidden: int = 64, heads: int = 4, seed: int = 0) -> FalconForCausalLM:
-    torch.manual_seed(seed)
-    config = FalconConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads, bias=False,
-        alibi=False, use_cache=False, **SHAPES[shape],
-    )
-    return FalconForCausalLM(config).float()
 
 
 def random_samples(lengths: tuple[int, ...] = LENGTHS, seed: int = 1) -> list[FormattedSample]:
@@ -44,7 +31,7 @@ def random_samples(lengths: tuple[int, ...] = LENGTHS, seed: int = 1) -> list[Fo
     return samples
 
 
-def per_sample_losses(model: FalconForCausalLM, samples: list[FormattedSample]) -> list[torch.Tensor]:
+def per_sample_losses(model: PreTrainedModel, samples: list[FormattedSample]) -> list[torch.Tensor]:
     """Each sample alone: batch of one, no padding."""
     losses = []
     for sample in samples:
@@ -54,7 +41,7 @@ def per_sample_losses(model: FalconForCausalLM, samples: list[FormattedSample]) 
 
 
 def packed_losses(
-    model: FalconForCausalLM, samples: list[FormattedSample], given: str = "cu_seq_lens"
+    model: PreTrainedModel, samples: list[FormattedSample], given: str = "cu_seq_lens"
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """All samples in one packed row: the loss split back per sample along cu_seq_lens, and the row's loss.
 
@@ -76,7 +63,7 @@ def packed_losses(
     return per_sample, supervised_token_sums(logits, batch["labels"])[0]
 
 
-def gradients(model: FalconForCausalLM, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+def gradients(model: PreTrainedModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
     loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -109,9 +96,9 @@ def test_pack_samples_restarts_positions_and_cuts_labels_at_boundaries() -> None
 
 
 @pytest.mark.parametrize("given", ["cu_seq_lens", "position_ids", "all_ones_mask"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_packed_row_matches_samples_one_by_one(shape: str, given: str) -> None:
-    model = tiny_falcon(shape)
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_row_matches_samples_one_by_one(name: str, given: str) -> None:
+    model = tiny_model(name)
     samples = random_samples()
     expected = per_sample_losses(model, samples)
     expected_grads = gradients(model, torch.stack(expected).sum())
@@ -126,11 +113,11 @@ def test_packed_row_matches_samples_one_by_one(shape: str, given: str) -> None:
     assert_gradients_match(actual_grads, expected_grads, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_the_exactness_check_catches_samples_that_attend_to_each_other(shape: str) -> None:
+@pytest.mark.parametrize("name", MODELS)
+def test_the_exactness_check_catches_samples_that_attend_to_each_other(name: str) -> None:
     """The exactness tests above can fail: the same packed row attended as one sequence (its boundaries
     dropped, positions still restarting) misses the one-by-one losses by far more than their tolerance."""
-    model = tiny_falcon(shape)
+    model = tiny_model(name)
     samples = random_samples()
     expected = per_sample_losses(model, samples)
     enable_packed_attention(model)
@@ -150,13 +137,15 @@ def test_the_exactness_check_catches_samples_that_attend_to_each_other(shape: st
         assert abs(later - alone) > 10 * 1e-5 * abs(alone), "ten times the tolerance of the exactness test"
 
 
-def test_packed_forwards_build_no_attention_mask() -> None:
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_forwards_build_no_attention_mask(name: str) -> None:
     """transformers would build a tokens x tokens mask (some releases after a host sync) that packed attention
     never reads; the attention layers get a one-element stand-in, and padded batches still get a real mask."""
-    model = tiny_falcon("7b")
+    model = tiny_model(name)
     enable_packed_attention(model)
     masks = []
-    model.transformer.h[0].self_attention.register_forward_pre_hook(
+    attention = FAMILIES[model.config.model_type].attention
+    getattr(decoder_layers(model)[0], attention).register_forward_pre_hook(
         lambda _, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
     )
     batch = pack_samples(random_samples())
@@ -171,9 +160,10 @@ def test_packed_forwards_build_no_attention_mask() -> None:
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_packed_gradients_match_under_gradient_checkpointing(use_reentrant: bool) -> None:
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_gradients_match_under_gradient_checkpointing(name: str, use_reentrant: bool) -> None:
     """Checkpointed layers replay their forward in backward; the replay must attend per sample too."""
-    model = tiny_falcon("40b")
+    model = tiny_model(name)
     samples = random_samples()
     expected_grads = gradients(model, torch.stack(per_sample_losses(model, samples)).sum())
 
@@ -181,15 +171,15 @@ def test_packed_gradients_match_under_gradient_checkpointing(use_reentrant: bool
     # The call the model builder makes (transformers 5.23 deprecates it for activation_checkpointing_enable).
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.train()
-    assert all(layer.gradient_checkpointing for layer in model.transformer.h)
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
     actual_grads = gradients(model, packed_losses(model, samples)[1])
     assert_gradients_match(actual_grads, expected_grads, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_padded_batches_still_use_falcons_own_attention(shape: str) -> None:
-    reference = tiny_falcon(shape)
-    model = tiny_falcon(shape)
+@pytest.mark.parametrize("name", MODELS)
+def test_padded_batches_still_use_the_models_own_attention(name: str) -> None:
+    reference = tiny_model(name)
+    model = tiny_model(name)
     enable_packed_attention(model)
     enable_packed_attention(model)  # a second call changes nothing
     input_ids = torch.randint(0, VOCAB, (2, 9))
@@ -200,8 +190,9 @@ def test_padded_batches_still_use_falcons_own_attention(shape: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def test_inconsistent_packed_inputs_are_refused() -> None:
-    model = tiny_falcon("7b")
+@pytest.mark.parametrize("name", ["falcon-7b", "llama"])
+def test_inconsistent_packed_inputs_are_refused(name: str) -> None:
+    model = tiny_model(name)
     enable_packed_attention(model)
     batch = pack_samples(random_samples())
     inputs = {key: batch[key] for key in ("input_ids", "position_ids", "cu_seq_lens")}
@@ -219,10 +210,10 @@ def test_inconsistent_packed_inputs_are_refused() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("shape", SHAPES)
-def test_packed_row_matches_samples_one_by_one_in_bf16_on_cuda(shape: str) -> None:
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_row_matches_samples_one_by_one_in_bf16_on_cuda(name: str) -> None:
     """The same equality through varlen_attn, within bf16 tolerances (head_dim 64, as flash kernels like)."""
-    model = tiny_falcon(shape, hidden=256, heads=4).cuda().bfloat16()
+    model = tiny_model(name, hidden=256, heads=4).cuda().bfloat16()
     samples = random_samples(lengths=(100, 300, 37, 250))
     with torch.device("cuda"):
         expected = per_sample_losses(model, samples)
@@ -242,7 +233,7 @@ def test_fp32_weights_under_bf16_autocast_stay_on_varlen_attn_on_cuda(monkeypatc
     reached = []
     varlen = packing._varlen_causal
     monkeypatch.setattr(packing, "_varlen_causal", lambda q, *rest: reached.append(q.dtype) or varlen(q, *rest))
-    model = tiny_falcon("7b", hidden=256, heads=4).cuda()
+    model = tiny_model("falcon-7b", hidden=256, heads=4).cuda()
     samples = random_samples(lengths=(100, 300, 37, 250))
     with torch.device("cuda"), torch.autocast("cuda", torch.bfloat16):
         expected = per_sample_losses(model, samples)
@@ -252,10 +243,10 @@ def test_fp32_weights_under_bf16_autocast_stay_on_varlen_attn_on_cuda(monkeypatc
     torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=2e-2, atol=0)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_packing_holds_when_a_wrapper_calls_forward_directly(shape: str) -> None:
+@pytest.mark.parametrize("name", MODELS)
+def test_packing_holds_when_a_wrapper_calls_forward_directly(name: str) -> None:
     """Older peft releases call the causal LM's forward() itself, skipping its hooks: the decoder's catches it."""
-    model = tiny_falcon(shape).eval()
+    model = tiny_model(name).eval()
     samples = random_samples()
     with torch.no_grad():
         expected = per_sample_losses(model, samples)
@@ -270,9 +261,9 @@ def test_packing_holds_when_a_wrapper_calls_forward_directly(shape: str) -> None
     torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=1e-5, atol=0)
 
 
-def _compiled_matches_eager(backend: str, shape: str = "7b") -> None:
+def _compiled_matches_eager(backend: str, name: str) -> None:
     """Packed rows of varying lengths through compiled decoder layers: the losses and gradients of eager."""
-    eager, compiled = tiny_falcon(shape), tiny_falcon(shape)
+    eager, compiled = tiny_model(name), tiny_model(name)
     enable_packed_attention(eager)
     enable_packed_attention(compiled)
     assert compile_decoder_layers(compiled, backend=backend) == 2
@@ -285,25 +276,28 @@ def _compiled_matches_eager(backend: str, shape: str = "7b") -> None:
         assert_gradients_match(gradients(compiled, actual_row), expected_grads, rtol=1e-5)
 
 
-def test_packed_attention_holds_in_compiled_layers() -> None:
+# One model of each way to the attention: Falcon's class swap and the AttentionInterface's registered function.
+@pytest.mark.parametrize("name", ["falcon-7b", "llama"])
+def test_packed_attention_holds_in_compiled_layers(name: str) -> None:
     """What torch.compile traces (graph breaks, guards, sizes that change every step) keeps the packing exact;
     dynamo's eager backend checks the tracing in seconds, the heavy twin the generated kernels too."""
-    _compiled_matches_eager("eager")
+    _compiled_matches_eager("eager", name)
 
 
 @pytest.mark.slow
 @pytest.mark.heavy
-@pytest.mark.parametrize("shape", SHAPES)
-def test_packed_attention_holds_in_layers_compiled_by_inductor(shape: str) -> None:
-    _compiled_matches_eager("inductor", shape)
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_attention_holds_in_layers_compiled_by_inductor(name: str) -> None:
+    _compiled_matches_eager("inductor", name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_layers_compiled_by_inductor_match_eager_in_bf16_on_cuda() -> None:
+@pytest.mark.parametrize("name", ["falcon-7b", "llama"])
+def test_layers_compiled_by_inductor_match_eager_in_bf16_on_cuda(name: str) -> None:
     """The compiled layers of the GPU runs (varlen attention, fused elementwise kernels), within bf16 tolerances."""
-    eager = tiny_falcon("7b", hidden=256, heads=4).cuda().bfloat16()
-    compiled = tiny_falcon("7b", hidden=256, heads=4).cuda().bfloat16()
+    eager = tiny_model(name, hidden=256, heads=4).cuda().bfloat16()
+    compiled = tiny_model(name, hidden=256, heads=4).cuda().bfloat16()
     enable_packed_attention(eager)
     enable_packed_attention(compiled)
     compile_decoder_layers(compiled)
@@ -317,8 +311,29 @@ def test_layers_compiled_by_inductor_match_eager_in_bf16_on_cuda() -> None:
             assert_gradients_match(gradients(compiled, actual_row), expected_grads, rtol=5e-2)
 
 
-def test_attention_dropout_is_refused() -> None:
-    model = tiny_falcon("7b")
+@pytest.mark.parametrize("name", ["falcon-7b", "llama"])
+def test_attention_dropout_is_refused(name: str) -> None:
+    model = tiny_model(name)
     model.config.attention_dropout = 0.1
     with pytest.raises(ValueError, match="applies no attention dropout"):
         enable_packed_attention(model)
+
+
+def test_an_unsupported_model_type_is_refused_by_name() -> None:
+    """GPT-2 has no rotary positions to restart: packed, its samples would attend to one another."""
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"^packed attention does not support model type 'gpt2'; supported: falcon, gpt_neox, "
+                             r"llama, mistral, qwen2$"):
+        enable_packed_attention(model)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_saved_config_keeps_its_own_attention_implementation(name: str, tmp_path) -> None:
+    """The registered attention is this process's; a saved model (checkpoint, export) must load anywhere."""
+    model = tiny_model(name)
+    enable_packed_attention(model)
+    model.config.save_pretrained(tmp_path)
+    assert PACKED_ATTENTION not in (tmp_path / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    assert reloaded.config._attn_implementation == "sdpa"

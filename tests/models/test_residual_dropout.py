@@ -14,14 +14,14 @@ from transformers import (
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
+    Qwen2Config,
 )
 
-from model_training.models.residual_dropout import (
-    UnsupportedArchitectureError,
-    apply_residual_dropout,
-    residual_dropout_probabilities,
-)
+from model_training.models.builder import decoder_layers
+from model_training.models.families import FAMILIES, UnsupportedArchitectureError
+from model_training.models.residual_dropout import apply_residual_dropout, residual_dropout_probabilities
 
 VOCAB = 128
 LAYERS = 4
@@ -37,27 +37,18 @@ CONFIGS = {
         **SIZE, **NO_DROPOUT, parallel_attn=False, new_decoder_architecture=False, multi_query=False
     ),
     "llama": lambda: LlamaConfig(**SIZE, intermediate_size=64, num_key_value_heads=2, attention_dropout=0.0),
+    "mistral": lambda: MistralConfig(**SIZE, intermediate_size=64, num_key_value_heads=2, sliding_window=8),
+    "qwen2": lambda: Qwen2Config(**SIZE, intermediate_size=64, num_key_value_heads=2),
     "gpt-neox-parallel": lambda: GPTNeoXConfig(**SIZE, **NO_DROPOUT, intermediate_size=64, use_parallel_residual=True),
     "gpt-neox-sequential": lambda: GPTNeoXConfig(
         **SIZE, **NO_DROPOUT, intermediate_size=64, use_parallel_residual=False
     ),
-}
-# The attention and MLP sublayers of each decoder layer, by the names transformers gives them.
-SUBLAYERS = {
-    "falcon": ("self_attention", "mlp"),
-    "llama": ("self_attn", "mlp"),
-    "gpt_neox": ("attention", "mlp"),
 }
 
 
 def build(config: PretrainedConfig) -> torch.nn.Module:
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    base = model.base_model
-    return base.h if model.config.model_type == "falcon" else base.layers
 
 
 def batch() -> torch.Tensor:
@@ -139,8 +130,9 @@ def test_each_sublayer_output_is_dropped_with_its_layer_probability(config):
 
         return hook
 
+    family = FAMILIES[config.model_type]
     for index, layer in enumerate(decoder_layers(model)):
-        for name in SUBLAYERS[config.model_type]:
+        for name in (family.attention, family.mlp):
             sublayer = getattr(layer, name)
             sublayer.register_forward_hook(probe((index, name)), prepend=True)
             sublayer.register_forward_hook(probe((index, name)))
@@ -181,7 +173,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(config):
 
 def test_unsupported_architecture_is_an_error_unless_disabled():
     model = build(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*falcon, gpt_neox, llama"):
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*falcon, gpt_neox, llama, mistral, qwen2$"):
         apply_residual_dropout(model, 0.1, lima=True)
     assert apply_residual_dropout(model, 0.0, lima=True) == []
 

@@ -76,10 +76,12 @@ def test_a_changed_path_gives_the_same_losses_and_gradient_norms(
             assert record[key] == pytest.approx(expected[step][key], rel=1e-5), (step, key)
 
 
-def test_packing_reaches_the_attention_through_lora() -> None:
+@pytest.mark.parametrize("section", ["tiny-falcon", "tiny-llama"])
+def test_packing_reaches_the_attention_through_lora(section: str) -> None:
     """peft wraps the model; its forward must still hand the packing to the hook, and generation still works."""
-    lora = ("peft.type=lora", "peft.r=4", "peft.dropout=0.0", "dtype=fp32")
-    packed_cfg, padded_cfg = config(*lora), config(*lora, "packing=false")
+    lora = ("peft.type=lora", "peft.r=4", "peft.dropout=0.0", "dtype=fp32", "residual_dropout=0.0")
+    packed_cfg, padded_cfg = (load_config(["defaults", section, "oasst-sample"], [parse_override(o) for o in options])
+                              for options in (lora, (*lora, "packing=false")))
     tokenizer = load_tokenizer(packed_cfg)
     packed_model, padded_model = (build_model(c, tokenizer, ZERO2) for c in (packed_cfg, padded_cfg))
     ids = tokenizer("<|prompter|>What is the capital of France?<|endoftext|><|assistant|>")["input_ids"]
@@ -102,16 +104,22 @@ def test_packing_reaches_the_attention_through_lora() -> None:
 
 
 @pytest.mark.parametrize(
-    "model_config",
+    ("model_config", "reason"),
     [
-        "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4}",
-        "{model_type: falcon, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, alibi: true}",
+        ("{model_type: gpt2, n_embd: 32, n_layer: 2, n_head: 4}",
+         "packed attention does not support model type 'gpt2'; supported: falcon, gpt_neox, llama, mistral, qwen2"),
+        ("{model_type: falcon, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, alibi: true}",
+         "packed attention needs rotary positions; this Falcon uses ALiBi"),
     ],
 )
-def test_packing_on_a_model_without_rotary_falcon_attention_is_a_config_error(model_config: str) -> None:
+def test_packing_on_a_model_it_cannot_keep_apart_is_a_config_error(model_config: str, reason: str) -> None:
+    """Never a run on samples that attend to one another: the error names what is supported and the way out."""
     cfg = config(f"model_config={model_config}")
-    with pytest.raises(ConfigError, match="set packing=false"):
+    with pytest.raises(ConfigError) as refused:
         build_model(cfg, load_tokenizer(cfg), ZERO2)
+    assert str(refused.value) == (
+        f"packing=true does not fit this model: {reason}; set packing=false to train it on padded batches"
+    )
 
 
 def test_chunked_loss_is_used_where_the_head_is_whole_and_plain() -> None:
@@ -130,10 +138,14 @@ def test_chunked_loss_is_used_where_the_head_is_whole_and_plain() -> None:
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_chunked_token_sums_through_the_model_match_its_logits(packing: bool) -> None:
-    """The hidden states the engine's forward returns with no logits kept give the loss, accuracy and gradients
-    of the full logits (the head is tied to the embeddings, so both paths reach that weight)."""
-    cfg = config("dtype=fp32", f"packing={str(packing).lower()}")
+@pytest.mark.parametrize("section", ["tiny-falcon", "tiny-llama", "tiny-neox"])
+def test_chunked_token_sums_through_the_model_match_its_logits(section: str, packing: bool) -> None:
+    """The hidden states the engine's forward returns with no logits kept (each family's last hidden states after
+    its final norm) give the loss, accuracy and gradients of the full logits (Falcon's head is tied to the
+    embeddings, so both paths reach that weight; Llama's and GPT-NeoX's heads are their own)."""
+    # No residual dropout (the tiny Llama and GPT-NeoX sections have some): both paths must draw nothing random.
+    overrides = ("dtype=fp32", f"packing={str(packing).lower()}", "residual_dropout=0.0")
+    cfg = load_config(["defaults", section, "oasst-sample"], [parse_override(o) for o in overrides])
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, tokenizer, ZERO2)
     engine = Engine(model)
