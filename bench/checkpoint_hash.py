@@ -17,6 +17,7 @@ from pathlib import Path
 
 import xxhash
 
+from model_training.layout import MANIFEST
 from model_training.training.checkpoint import verify_checkpoint
 
 
@@ -33,7 +34,7 @@ def make_checkpoint(folder: Path, gigabytes: float, files: int, kind: str) -> No
         entries[relative] = {"size": size, kind: digest}
     manifest = {"format_version": 2, "step": 1, "world_size": files, "deepspeed_tag": "global_step1",
                 "files": entries}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ def fabricate(stage: int, layers: int, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from model_training.data.formatting import prepare_tokenizer
+    from model_training.layout import MODEL_CONFIG_DIR, TOKENIZER_DIR
     from model_training.training.checkpoint import save_checkpoint
 
     deepspeed.init_distributed()
@@ -59,9 +60,9 @@ def fabricate(stage: int, layers: int, out: Path) -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     def write_extra(folder: Path) -> None:
-        tokenizer.save_pretrained(folder / "tokenizer")
-        engine.module.config.save_pretrained(folder / "model_config")
-        engine.module.generation_config.save_pretrained(folder / "model_config")
+        tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+        engine.module.config.save_pretrained(folder / MODEL_CONFIG_DIR)
+        engine.module.generation_config.save_pretrained(folder / MODEL_CONFIG_DIR)
 
     save_checkpoint(engine, out, step=0, trainer_state={}, save_total_limit=None, write_extra=write_extra)
 

@@ -491,6 +491,8 @@ def steady_rate(steps: list[dict[str, float]], warmup: int) -> tuple[float | Non
 
 def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: dict[str, str],
             timeout: float, peak_flops: float, parameters: int) -> Outcome:
+    from model_training.layout import METRICS
+
     outcome = Outcome(row.name, row.setup, parameters)
     result = workdir / f"{row.name}.result.json"
     result.unlink(missing_ok=True)
@@ -530,7 +532,7 @@ def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: 
             outcome.status = f"failed (exit {returncode})"
     measured = json.loads(result.read_text()) if result.exists() else {}
     # Our trainer's metrics are on disk step by step: a row stopped early still tells its rate so far.
-    steps = measured["steps"] if row.runner == "hf" and measured else _metrics_steps(output_dir / "metrics.jsonl")
+    steps = measured["steps"] if row.runner == "hf" and measured else _metrics_steps(output_dir / METRICS)
     outcome.tokens_per_s, outcome.first_step_s = steady_rate(steps, row.warmup)
     if measured.get("peak_gpu_bytes") is not None:
         outcome.peak_gpu_gib = measured["peak_gpu_bytes"] / GIB

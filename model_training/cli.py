@@ -19,6 +19,7 @@ from model_training.config import (
     parse_override,
     to_yaml,
 )
+from model_training.console import quiet_library_noise
 from model_training.data.records import FileFormatError
 from model_training.layout import earlier_run
 
@@ -121,6 +122,7 @@ def report_user_error(err: Exception, quiet: bool = False) -> int:
 
 def main_train(argv: list[str]) -> int:
     """`trainer_sft.py`: parse, then print the config, print dataset statistics, or train."""
+    quiet_library_noise()
     if _launcher_rank() != 0:
         # Every rank reads the same config; its warnings (OpenAssistant keys without effect) are rank 0's to say.
         logging.getLogger("model_training.config").setLevel(logging.ERROR)

@@ -50,7 +50,7 @@ def collate(
     With `packing`, one padding-free row (`pack_samples`: `input_ids`, `position_ids` that restart with each
     sample, the boundaries `cu_seq_lens` and `max_length`, no `attention_mask`); otherwise `pad_batch`'s
     right-padded rows with their `attention_mask`. Both give the same per-sample losses on a model with packed
-    attention (`model_training.models.packing`).
+    attention (`model_training.models.packed_attention`).
     """
     if packing:
         return pack_samples(samples)

@@ -2,7 +2,7 @@
 
 A packed row is the samples' tokens laid end to end with no padding. It only trains like the samples one by
 one when the model isolates them (each sample attends to itself, rotary positions restart at 0:
-`model_training.models.packing`) and when no label crosses a boundary, which `pack_samples` guarantees.
+`model_training.models.packed_attention`) and when no label crosses a boundary, which `pack_samples` guarantees.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from model_training.console import quiet_library_noise
 from model_training.export.export import (
     ExportError,
     OutputFolderNotEmptyError,
@@ -79,6 +80,7 @@ def main_export(argv: list[str]) -> int:
     """Run the exporter; 0 on success, 2 for input that cannot be exported, 1 when the upload fails."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_library_noise()
     try:
         folder = _model_folder(args)
         if args.hf_repo_name is not None:

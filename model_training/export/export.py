@@ -16,7 +16,6 @@ import os
 import shutil
 import struct
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read
 from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, write_weights
+from model_training.folders import hidden_sibling, replace_folder
 from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.training.checkpoint import (
@@ -101,7 +101,8 @@ def export_model(
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(output_folder)
-    partial = _hidden_sibling(output_folder, "partial")
+    partial = hidden_sibling(output_folder, "partial")
+    partial.mkdir()
     try:
         if checkpoint is None:
             _resave_hf_folder(source, partial, dtype, max_shard_size, trust_remote_code, cache_dir)
@@ -111,7 +112,7 @@ def export_model(
             )
         else:
             _export_checkpoint(checkpoint, partial, dtype, max_shard_size, trust_remote_code)
-        _move_into_place(partial, output_folder)
+        replace_folder(partial, output_folder, aside=hidden_sibling(output_folder, "replaced"))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -208,18 +209,6 @@ def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> 
         raise OutputFolderNotEmptyError(output_folder)
 
 
-def _move_into_place(partial: Path, output_folder: Path) -> None:
-    """Rename the finished ``partial`` folder to ``output_folder``, replacing an existing one."""
-    if not output_folder.exists():
-        os.rename(partial, output_folder)
-        return
-    # rename() cannot replace a non-empty folder: move the old one aside first, delete it once replaced.
-    replaced = _hidden_sibling(output_folder, "replaced")
-    os.rename(output_folder, replaced / output_folder.name)
-    os.rename(partial, output_folder)
-    shutil.rmtree(replaced)
-
-
 def _clear_leftovers(output_folder: Path) -> None:
     """Remove what an earlier export into ``output_folder`` left when it was killed: its hidden partial and
     replaced siblings. Two exports into one folder at the same time are not supported."""
@@ -227,13 +216,6 @@ def _clear_leftovers(output_folder: Path) -> None:
         if leftover.is_dir() and leftover.name.split(".")[-1].split("-")[0] in ("partial", "replaced"):
             logger.info("removing %s, left by an export that did not finish", leftover)
             shutil.rmtree(leftover)
-
-
-def _hidden_sibling(folder: Path, purpose: str) -> Path:
-    """A new empty folder next to ``folder`` (same filesystem, so renames are atomic), with the usual mode."""
-    sibling = folder.parent / f".{folder.name}.{purpose}-{uuid.uuid4().hex[:12]}"
-    sibling.mkdir()
-    return sibling
 
 
 def _open_checkpoint(

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -24,11 +22,12 @@ from model_training.config import (
 )
 from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
+from model_training.folders import remove_folder, replace_folder
 from model_training.hub import is_hub_id
 from model_training.layout import BASE_MODEL_DIR
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
-from model_training.models.packing import enable_packed_attention
+from model_training.models.packed_attention import enable_packed_attention
 from model_training.models.residual_dropout import apply_residual_dropout
 
 logger = logging.getLogger(__name__)
@@ -132,8 +131,7 @@ def build_model(
         probabilities = apply_residual_dropout(model, cfg.residual_dropout, cfg.residual_dropout_lima)
         logger.info("residual dropout per layer: %s", [round(p, 4) for p in probabilities])
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing also works when no input of a block requires grad (a frozen base).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if cfg.gradient_checkpointing_layers is not None:
             layers = decoder_layers(model)
             for layer in layers[cfg.gradient_checkpointing_layers :]:
@@ -203,6 +201,17 @@ def _freeze_layers(model: torch.nn.Module, count: int, new_rows: int) -> None:
                 count, sum(p.numel() for p in frozen))
 
 
+def enable_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
+    """Recompute each decoder layer's activations in backward. Non-reentrant checkpointing (the default) also
+    works when no input of a block requires grad (a frozen base). The method's current name where this
+    transformers has it: the older one warns on every run."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def training_device() -> torch.device:
     """This rank's GPU (init_distributed selected it) or the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -210,11 +219,10 @@ def training_device() -> torch.device:
 
 def _save_base(model: torch.nn.Module, folder: Path) -> None:
     """Write the base into `folder` through a temporary sibling, so `folder` is whole or absent."""
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial, aside = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".replaced")
+    remove_folder(partial)
     model.save_pretrained(partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(partial, folder)
+    replace_folder(partial, folder, aside=aside)
     logger.info("LoRA base model (random weights) saved to %s for export", folder)
 
 

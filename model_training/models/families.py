@@ -5,7 +5,7 @@ targets by default) and packed attention (which way a family attends per sample)
 a module that merely looks like a decoder layer must never be patched or targeted by accident, and a model
 type that is not here is refused by name rather than trained on a guess.
 
-The names are transformers' own (5.x). Each decoder layer's attention and MLP outputs join the residual stream:
+The names are transformers' own. Each decoder layer's attention and MLP outputs join the residual stream:
 one after the other (Llama, Mistral, Qwen2; Falcon and GPT-NeoX when sequential), or added together first
 (Falcon-7B's parallel attention, Falcon-40B's new decoder architecture, GPT-NeoX's parallel residual, Pythia's).
 

@@ -1,7 +1,7 @@
 """LoRA adapters (peft) on a frozen base, and the 4-bit base of QLoRA (bitsandbytes).
 
 `quantize_linear_layers` replaces the base's linear layers by bitsandbytes 4-bit ones itself instead of
-passing a `BitsAndBytesConfig` to `from_pretrained`: transformers 5.x converts only layers whose type is
+passing a `BitsAndBytesConfig` to `from_pretrained`: transformers converts only layers whose type is
 exactly `nn.Linear`, so Falcon's `FalconLinear` layers would silently stay in 16 bits. Doing it here also
 quantizes a model built from a config (random weights), and the export can redo the same quantization
 (`dequantized_weight`) to merge an adapter into exactly the weights it was trained against.
@@ -61,7 +61,7 @@ def quantize_linear_layers(model: nn.Module, qcfg: QuantizationConfig, device: t
         )
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        # bitsandbytes (0.49 on) runs a 4-bit layer in eval mode without grad on an AVX512-BF16 CPU through a
+        # bitsandbytes runs a 4-bit layer in eval mode without grad on an AVX512-BF16 CPU through a
         # fused kernel that computes in bf16 whatever compute_dtype says, and repacks the weights for it in
         # place, so training after an evaluation would go on through that kernel too. Evaluation, training
         # and the export's merge must all compute what training computes: de-quantize, then multiply.

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from model_training.folders import discard_folder, fsync_folder, replace_folder
 from model_training.layout import (
     CHECKPOINT_RE,
     DELETING_PREFIX,
@@ -297,21 +298,11 @@ def _hash_mismatch(ckpt_dir: Path, relative: str, expected: dict) -> str | None:
 
 
 def _commit(staging: Path, final: Path, manifest: dict) -> None:
-    """Write the manifest into ``staging`` and rename it to ``final``: the checkpoint appears whole or not."""
+    """Write the manifest into ``staging`` and rename it to ``final``: the checkpoint appears whole or not.
+    A run resumed from an earlier step saves a step again: the old folder goes aside under a name the
+    resolver never loads (it falls back to an older checkpoint for that instant)."""
     _write_durably(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    for directory in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
-        _fsync_dir(directory)
-    _fsync_dir(staging)
-    replaced = None
-    if final.exists():
-        # A run resumed from an earlier step saves this step again. rename cannot replace a non-empty folder:
-        # move the old one aside (the resolver falls back to an older checkpoint for that instant).
-        replaced = final.parent / (DELETING_PREFIX + final.name)
-        os.rename(final, replaced)
-    os.rename(staging, final)
-    _fsync_dir(final.parent)
-    if replaced is not None:
-        shutil.rmtree(replaced)
+    replace_folder(staging, final, aside=final.parent / (DELETING_PREFIX + final.name), durable=True)
 
 
 def _write_pointer(output_dir: Path, name: str) -> None:
@@ -319,7 +310,7 @@ def _write_pointer(output_dir: Path, name: str) -> None:
     temporary = output_dir / f".{POINTER}.tmp"
     _write_durably(temporary, name + "\n")
     os.replace(temporary, output_dir / POINTER)
-    _fsync_dir(output_dir)
+    fsync_folder(output_dir)
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -329,29 +320,11 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _clear_leftovers(output_dir: Path) -> None:
     """Remove staging and deleting folders that a crashed save or rotation left behind."""
     for path in output_dir.iterdir():
         if path.is_dir() and _is_transient(path):
             shutil.rmtree(path)
-
-
-def _discard(path: Path) -> None:
-    """Delete a checkpoint folder; the rename first takes it out of view at once, so that a crash during
-    the slow delete cannot leave a half-deleted folder that still looks committed."""
-    doomed = path.parent / (DELETING_PREFIX + path.name)
-    if doomed.exists():
-        shutil.rmtree(doomed)
-    os.rename(path, doomed)
-    shutil.rmtree(doomed)
 
 
 # --- finding and rotating ---------------------------------------------------------------------------------
@@ -373,10 +346,10 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: int) -> list[Path]:
     deleted = []
     for path in committed:
         if path not in keep and path != pointed:
-            _discard(path)
+            discard_folder(path, aside=path.parent / (DELETING_PREFIX + path.name))
             deleted.append(path)
     if deleted:
-        _fsync_dir(output_dir)
+        fsync_folder(output_dir)
     return deleted
 
 

@@ -101,7 +101,7 @@ def _choose_adam(ds: dict[str, Any], cuda: bool) -> None:
 def clean_cuda_arch_list(environ: MutableMapping[str, str] = os.environ) -> str | None:
     """Drop variant suffixes from TORCH_CUDA_ARCH_LIST ("9.0a" -> "9.0") for DeepSpeed's op builds; log it.
 
-    PyTorch accepts the arch-specific variants that NVIDIA images and many clusters set; DeepSpeed 0.19 parses
+    PyTorch accepts the arch-specific variants that NVIDIA images and many clusters set; DeepSpeed's op builder parses
     each entry as int.int and its JIT build fails with "invalid literal for int()". The plain architecture
     builds code that runs on the same GPUs. Returns the cleaned value when it changed anything.
     """

@@ -45,6 +45,7 @@ from model_training.layout import (
 )
 from model_training.models.builder import base_model_reference, build_model, load_tokenizer
 from model_training.models.lora import ADAPTER_NAME, is_lora_model
+from model_training.training.answers import generate_answers, sample_prompts, write_samples
 from model_training.training.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
@@ -59,7 +60,6 @@ from model_training.training.ds_config import build_deepspeed_config, clean_cuda
 from model_training.training.loss import chunked_supervised_token_sums, count_supervised, supervised_token_sums
 from model_training.training.metrics import MetricsLogger
 from model_training.training.sampler import StepPlan, plan_sources
-from model_training.training.samples import generate_answers, sample_prompts, write_samples
 from model_training.training.schedule import build_scheduler
 from model_training.training.torch_engine import TorchEngine, build_torch_engine, holds_torch_engine_state
 

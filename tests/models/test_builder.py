@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from model_training.config import ConfigError, load_config, parse_override
 from model_training.data.collate import collate
 from model_training.data.formatting import IGNORE_INDEX, SPECIAL_TOKENS, format_conversation
-from model_training.models.builder import build_model, load_tokenizer
+from model_training.models.builder import build_model, decoder_layers, load_tokenizer
 from model_training.models.families import UnsupportedArchitectureError
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
@@ -90,10 +90,19 @@ def test_pretrained_folder_is_loaded_and_its_embeddings_resized(tmp_path: Path) 
     assert torch.equal(rows[:2023], base.get_input_embeddings().weight)
 
 
-def test_checkpointing_and_dropout_are_wired() -> None:
-    cfg = config("gradient_checkpointing=true", "residual_dropout=0.2", "residual_dropout_lima=true")
-    model = build_model(cfg, load_tokenizer(cfg), ZERO2)
-    assert model.is_gradient_checkpointing
+@pytest.mark.parametrize("residual_dropout", [0.0, 0.2])
+def test_checkpointing_and_dropout_are_wired(residual_dropout: float) -> None:
+    cfg = config("gradient_checkpointing=true", f"residual_dropout={residual_dropout}", "residual_dropout_lima=true")
+    model = build_model(cfg, load_tokenizer(cfg), ZERO2).train()
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
+    ids = torch.randint(0, 2000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, second = (model(input_ids=ids).logits for _ in range(2))
+        # Dropout draws anew on every training forward, so two forwards differ exactly when it is on ...
+        assert torch.equal(first, second) == (residual_dropout == 0.0)
+        # ... and evaluation is deterministic whatever the rate.
+        model.eval()
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_residual_dropout_on_an_unsupported_architecture_is_an_error() -> None:

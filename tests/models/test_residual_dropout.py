@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from model_training.models.builder import decoder_layers
+from model_training.models.builder import decoder_layers, enable_checkpointing
 from model_training.models.families import FAMILIES, UnsupportedArchitectureError
 from model_training.models.residual_dropout import apply_residual_dropout, residual_dropout_probabilities
 
@@ -151,8 +151,7 @@ def test_each_sublayer_output_is_dropped_with_its_layer_probability(config):
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(config):
     plain = build(config).train()
     checkpointed = copy.deepcopy(plain)
-    # The call the model builder makes (transformers 5.23 deprecates it for activation_checkpointing_enable).
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(checkpointed)
     losses, last_mlp_calls = [], []
     for model in (plain, checkpointed):
         apply_residual_dropout(model, 0.5, lima=True)

@@ -14,7 +14,7 @@ from transformers import FalconConfig, FalconForCausalLM
 
 from model_training.data.collate import collate, to_device
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
-from model_training.models.packing import enable_packed_attention
+from model_training.models.packed_attention import enable_packed_attention
 from model_training.training.loss import chunked_supervised_token_sums, supervised_token_sums
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -10,10 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GPT2Con
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
 from model_training.data.packing import pack_samples
-from model_training.models import packing
-from model_training.models.builder import compile_decoder_layers, decoder_layers
+from model_training.models import packed_attention
+from model_training.models.builder import compile_decoder_layers, decoder_layers, enable_checkpointing
 from model_training.models.families import FAMILIES, UnsupportedArchitectureError
-from model_training.models.packing import PACKED_ATTENTION, enable_packed_attention
+from model_training.models.packed_attention import PACKED_ATTENTION, enable_packed_attention
 from model_training.training.loss import supervised_token_sums
 
 LENGTHS = (7, 13, 4, 10)
@@ -168,8 +168,7 @@ def test_packed_gradients_match_under_gradient_checkpointing(name: str, use_reen
     expected_grads = gradients(model, torch.stack(per_sample_losses(model, samples)).sum())
 
     enable_packed_attention(model)
-    # The call the model builder makes (transformers 5.23 deprecates it for activation_checkpointing_enable).
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_checkpointing(model, use_reentrant)
     model.train()
     assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
     actual_grads = gradients(model, packed_losses(model, samples)[1])
@@ -231,8 +230,10 @@ def test_fp32_weights_under_bf16_autocast_stay_on_varlen_attn_on_cuda(monkeypatc
     """bf16 without DeepSpeed: fp32 weights, forwards under autocast, where the fp32 rotary tables hand the packed
     attention fp32 queries; they must still reach varlen_attn, in bf16, not the slow per-sample loop."""
     reached = []
-    varlen = packing._varlen_causal
-    monkeypatch.setattr(packing, "_varlen_causal", lambda q, *rest: reached.append(q.dtype) or varlen(q, *rest))
+    varlen = packed_attention._varlen_causal
+    monkeypatch.setattr(
+        packed_attention, "_varlen_causal", lambda q, *rest: reached.append(q.dtype) or varlen(q, *rest)
+    )
     model = tiny_model("falcon-7b", hidden=256, heads=4).cuda()
     samples = random_samples(lengths=(100, 300, 37, 250))
     with torch.device("cuda"), torch.autocast("cuda", torch.bfloat16):
@@ -245,7 +246,7 @@ def test_fp32_weights_under_bf16_autocast_stay_on_varlen_attn_on_cuda(monkeypatc
 
 @pytest.mark.parametrize("name", MODELS)
 def test_packing_holds_when_a_wrapper_calls_forward_directly(name: str) -> None:
-    """Older peft releases call the causal LM's forward() itself, skipping its hooks: the decoder's catches it."""
+    """A wrapper that calls the causal LM's forward() itself skips its hooks: the decoder's catches it."""
     model = tiny_model(name).eval()
     samples = random_samples()
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 A packed row (`model_training.data.packing.pack_samples`) lays samples end to end, and rotary positions
 restart through `position_ids`, which every supported family (Falcon, Llama, Mistral, Qwen2, GPT-NeoX) hands to
-its rotary embedding. What transformers (5.x) does with such a row by itself differs by family:
+its rotary embedding. What transformers does with such a row by itself differs by family:
   * Llama, Mistral, Qwen2 and GPT-NeoX honour it: with no attention mask, their mask builder finds the restarts
     in `position_ids` and builds a block-diagonal causal mask (SDPA, eager, flex), and flash-attn takes the
     boundaries as `cu_seq_lens_*` keyword arguments, which these models pass down to the attention function.
@@ -102,7 +102,7 @@ def enable_packed_attention(model: nn.Module) -> None:
                 module.__class__ = PackedFalconAttention
     model.register_forward_pre_hook(_packing_hook(model, outermost=True), with_kwargs=True)
     # Also on the decoder, which the causal LM always calls as a module: a wrapper that calls the causal LM's
-    # forward() directly (older peft releases do) skips the hook above, and the samples would then attend to
+    # forward() directly (some peft wrappers do) skips the hook above, and the samples would then attend to
     # one another silently. Here the packing comes from the restarts of position_ids.
     decoder = model.get_decoder()
     if decoder is not model:
@@ -364,7 +364,7 @@ def _varlen_causal(
         if _varlen_takes_enable_gqa():
             options["enable_gqa"] = True
         else:
-            # torch 2.11's varlen_attn has no enable_gqa: give every query head its key/value group. expand()
+            # Where varlen_attn takes no enable_gqa: give every query head its key/value group. expand()
             # is a view for multi-query (one group); with several groups the reshape copies them.
             tokens, groups, head_dim = key.shape
             heads = query.shape[1]
@@ -377,5 +377,5 @@ def _varlen_causal(
 
 @cache
 def _varlen_takes_enable_gqa() -> bool:
-    """Whether this torch's varlen_attn accepts fewer key/value heads itself (2.13 does; older releases may not)."""
+    """Whether this torch's varlen_attn accepts fewer key/value heads itself."""
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
