@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.data.collate import collate, to_device
 from model_training.data.formatting import FormattedSample
 from model_training.data.registry import TokenizedSplit
 from model_training.data.windows import LengthRule
+from model_training.models.lora import is_lora_model
 from model_training.training.sampler import StepPlan
 
 PAD_TO_MULTIPLE_OF = 8
@@ -84,7 +86,7 @@ class BatchSpec:
     """One padding-free row per batch, or right-padded rows."""
     pad_id: int
     chunked: bool
-    """The loss from the last hidden states chunk by chunk (`loss.uses_chunked_loss`), or from full logits."""
+    """The loss from the last hidden states chunk by chunk (`uses_chunked_loss`), or from full logits."""
 
     def device_batch(self, samples: list[FormattedSample], device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
         """`collate`'s batch of `samples`: the model's keyword inputs on `device`, and the labels on the host.
@@ -97,3 +99,17 @@ class BatchSpec:
         labels = batch.pop("labels")
         inputs = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return inputs, labels
+
+
+def uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
+    """Whether the loss comes from the last hidden states chunk by chunk (`chunked_loss`) or from full logits.
+
+    Full logits under ZeRO-3, whose partitioned output head is whole only inside the model's own forward, and
+    for LoRA, where peft's trained token rows change what the head computes. The chunked loss applies the head's
+    weight alone, so a head with a bias (no model this trainer ships a section for) is refused.
+    """
+    if not cfg.chunked_loss or zero_stage(engine.config) == 3 or is_lora_model(engine.module):
+        return False
+    if getattr(engine.module.get_output_embeddings(), "bias", None) is not None:
+        raise ConfigError("chunked_loss=true needs an output head without a bias; set chunked_loss=false")
+    return True

@@ -7,10 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.data.collate import to_device
 from model_training.data.formatting import IGNORE_INDEX
-from model_training.models.lora import is_lora_model
 
 
 def token_sums(
@@ -30,20 +28,6 @@ def token_sums(
     outputs = engine(**inputs, output_hidden_states=True, logits_to_keep=no_position)
     head = engine.module.get_output_embeddings().weight
     return chunked_supervised_token_sums(outputs.hidden_states[-1], head, labels)
-
-
-def uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
-    """Whether the loss comes from the last hidden states chunk by chunk (`chunked_loss`) or from full logits.
-
-    Full logits under ZeRO-3, whose partitioned output head is whole only inside the model's own forward, and
-    for LoRA, where peft's trained token rows change what the head computes. The chunked loss applies the head's
-    weight alone, so a head with a bias (no model this trainer ships a section for) is refused.
-    """
-    if not cfg.chunked_loss or zero_stage(engine.config) == 3 or is_lora_model(engine.module):
-        return False
-    if getattr(engine.module.get_output_embeddings(), "bias", None) is not None:
-        raise ConfigError("chunked_loss=true needs an output head without a bias; set chunked_loss=false")
-    return True
 
 
 def supervised_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ from model_training.data.windows import LengthRule
 from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, remove_run
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.lora import is_lora_model
-from model_training.training.batches import BatchSpec, RunData, StepReader
+from model_training.training.batches import BatchSpec, RunData, StepReader, uses_chunked_loss
 from model_training.training.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
@@ -49,7 +49,6 @@ from model_training.training.checkpoint import (
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.evaluation import Evaluator
-from model_training.training.loss import uses_chunked_loss
 from model_training.training.metrics import MetricsLogger
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.samples import generate_answers, sample_prompts, write_samples

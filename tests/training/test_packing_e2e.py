@@ -18,7 +18,8 @@ from model_training.config import ConfigError, load_config, parse_override
 from model_training.data.collate import collate
 from model_training.data.formatting import FormattedSample
 from model_training.models.builder import build_model, load_tokenizer
-from model_training.training.loss import supervised_token_sums, token_sums, uses_chunked_loss
+from model_training.training.batches import uses_chunked_loss
+from model_training.training.loss import supervised_token_sums, token_sums
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
 ZERO2 = {"zero_optimization": {"stage": 2}}
