@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,15 @@ def zero2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same run under ZeRO-3."""
     return _train_tiny(tmp_path_factory, "zero3", "deepspeed_config=configs/zero3_config.json")
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    """A process group of this process alone, for code that all-reduces; gone after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

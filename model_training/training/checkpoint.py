@@ -20,9 +20,9 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,125 +86,174 @@ def save_checkpoint(
     every rank raises ``CheckpointError`` naming the failing ranks and their errors; the previous
     checkpoints and the ``latest`` pointer are then untouched. After the commit, at most
     ``save_total_limit`` checkpoints are kept (``None`` keeps all).
+
+    Each phase ends in a gather of every rank's error, so that all ranks go on or raise together.
     """
     if save_total_limit is not None and save_total_limit < 1:
         raise ValueError(f"save_total_limit must be None or >= 1, got {save_total_limit}")
-    output_dir = Path(output_dir)
-    rank = _rank()
-    name = checkpoint_name(step)
-    staging = output_dir / (STAGING_PREFIX + name)
-    final = output_dir / name
-
-    def fail_if_any(reports: list[tuple[str | None, Any]], what: str, cause: BaseException | None) -> None:
-        failed = [f"rank {r}: {error}" for r, (error, _) in enumerate(reports) if error is not None]
-        if failed:
-            raise CheckpointError(
-                f"Saving checkpoint of step {step} to {final} failed while {what} ({'; '.join(failed)})"
-            ) from cause
-
+    target = _SaveTarget(Path(output_dir), step)
     untouched = "; earlier checkpoints and the latest pointer are untouched"
 
-    # 1. Rank 0 prepares an empty staging folder; the gather is the barrier that keeps other ranks from
-    #    writing into it before it exists.
-    error = None
-    if rank == 0:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            _clear_leftovers(output_dir)
-            staging.mkdir()
-        except Exception as exc:
-            error = exc
-    fail_if_any(_gather((_describe(error), None)), "preparing the staging folder" + untouched, error)
+    # The gather is the barrier that keeps other ranks from writing into the staging folder before it exists.
+    error = _prepare_staging(target) if _rank() == 0 else None
+    _raise_if_any_failed(_gather((_describe(error), None)), target, "preparing the staging folder" + untouched, error)
 
-    # 2. Every rank writes its files. Failed writes are kept, not raised, so that every rank runs the same
-    #    collectives; each rank then hashes the files it wrote itself (it sees its own writes even where a
-    #    network filesystem caches directory listings) and the gather shares errors and digests.
+    digests, error = _write_files(engine, target, trainer_state, write_extra, trained_only)
+    reports = _gather((_describe(error), digests))
+    if _rank() == 0 and any(e is not None for e, _ in reports):
+        # Every rank is past its writes (all reached the gather): the folder can go, freeing the space.
+        shutil.rmtree(target.staging, ignore_errors=True)
+    _raise_if_any_failed(reports, target, "writing" + untouched, error)
+
+    error = _commit_on_rank_0(engine, target, reports, save_total_limit) if _rank() == 0 else None
+    _raise_if_any_failed(_gather((_describe(error), None)), target, "committing", error)
+    return target.final
+
+
+@dataclass(frozen=True)
+class _SaveTarget:
+    """Where the checkpoint of ``step`` is staged and committed, under ``output_dir``."""
+
+    output_dir: Path
+    step: int
+
+    @property
+    def name(self) -> str:
+        return checkpoint_name(self.step)
+
+    @property
+    def staging(self) -> Path:
+        return self.output_dir / (STAGING_PREFIX + self.name)
+
+    @property
+    def final(self) -> Path:
+        return self.output_dir / self.name
+
+    def failure(self, how: str) -> str:
+        return f"Saving checkpoint of step {self.step} to {self.final} failed {how}"
+
+
+def _raise_if_any_failed(
+    reports: list[tuple[str | None, Any]], target: _SaveTarget, what: str, cause: BaseException | None
+) -> None:
+    """Raise, on every rank alike, naming each rank whose report (error, _) holds an error; ``cause`` is this
+    rank's own."""
+    failed = [f"rank {r}: {error}" for r, (error, _) in enumerate(reports) if error is not None]
+    if failed:
+        raise CheckpointError(target.failure(f"while {what} ({'; '.join(failed)})")) from cause
+
+
+def _prepare_staging(target: _SaveTarget) -> BaseException | None:
+    """Rank 0: an empty staging folder, the leftovers of crashed saves removed; the error, if any."""
     try:
-        written, error = _save_engine(engine, staging, deepspeed_tag(step), trained_only)
+        target.output_dir.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(target.output_dir)
+        target.staging.mkdir()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _write_files(
+    engine: Any,
+    target: _SaveTarget,
+    trainer_state: dict,
+    write_extra: Callable[[Path], None] | None,
+    trained_only: bool,
+) -> tuple[dict[str, dict], BaseException | None]:
+    """This rank's files in the staging folder, and the digest of each: the engine's state, the RNG states and,
+    on rank 0, the trainer state and the caller's extras.
+
+    A failed write is returned, not raised, so that every rank runs the same collectives. Each rank hashes the
+    files it wrote itself: it sees its own writes even where a network filesystem caches directory listings.
+    """
+    rank, staging = _rank(), target.staging
+    try:
+        written, error = _save_engine(engine, staging, deepspeed_tag(target.step), trained_only)
     except Exception as exc:
         # Not a failed write (those are contained) but the engine failing midway: the other ranks may wait in
         # one of DeepSpeed's collectives, which this rank cannot rejoin. Stop now; the launcher stops the others.
         raise CheckpointError(
-            f"Saving checkpoint of step {step} to {final} failed inside {type(engine).__name__} on rank {rank}: "
-            f"{_describe(exc)}"
+            target.failure(f"inside {type(engine).__name__} on rank {rank}: {_describe(exc)}")
         ) from exc
+    if error is not None:
+        return {}, error
+    try:
+        written.append(_save_rng_state(staging, rank))
+        if rank == 0:
+            (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+            if write_extra is not None:
+                write_extra(staging)
+        return {_relative(path, staging): _digest(path) for path in written}, None
+    except Exception as exc:
+        return {}, exc
+
+
+def _commit_on_rank_0(
+    engine: Any, target: _SaveTarget, reports: list[tuple[str | None, dict]], save_total_limit: int | None
+) -> BaseException | None:
+    """Rank 0: the manifest of every rank's digests, the commit, the ``latest`` pointer, the rotation; the
+    error, if any, of the steps that decide whether the checkpoint exists."""
     digests: dict[str, dict] = {}
-    if error is None:
+    for _, rank_digests in reports:
+        digests.update(rank_digests)
+    try:
+        _commit(target.staging, target.final, _build_manifest(engine, target.step, target.staging, digests))
+        _write_pointer(target.output_dir, target.name)
+    except Exception as exc:
+        return exc
+    if save_total_limit is not None:
         try:
-            written.append(_save_rng_state(staging, rank))
-            if rank == 0:
-                state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
-                (staging / TRAINER_STATE).write_text(state_text + "\n")
-                if write_extra is not None:
-                    write_extra(staging)
-            digests = {_relative(path, staging): _digest(path) for path in written}
-        except Exception as exc:
-            error = exc
-    reports = _gather((_describe(error), digests))
-    if rank == 0 and any(e is not None for e, _ in reports):
-        # Every rank is past its writes (all reached the gather): the folder can go, freeing the space.
-        shutil.rmtree(staging, ignore_errors=True)
-    fail_if_any(reports, "writing" + untouched, error)
-
-    # 3. Rank 0 writes the manifest, commits, moves the pointer and rotates; the gather tells every rank
-    #    whether that worked, so that all of them return or raise together.
-    error = None
-    if rank == 0:
-        try:
-            for _, rank_digests in reports:
-                digests.update(rank_digests)
-            _commit(staging, final, _build_manifest(engine, step, staging, digests))
-            _write_pointer(output_dir, name)
-        except Exception as exc:
-            error = exc
-        if error is None and save_total_limit is not None:
-            try:
-                rotate_checkpoints(output_dir, save_total_limit)
-            except OSError as exc:
-                # The new checkpoint is committed; a folder that could not be removed costs only space.
-                logger.warning("checkpoint rotation in %s failed: %s", output_dir, exc)
-    fail_if_any(_gather((_describe(error), None)), "committing", error)
-    return final
+            rotate_checkpoints(target.output_dir, save_total_limit)
+        except OSError as exc:
+            # The new checkpoint is committed; a folder that could not be removed costs only space.
+            logger.warning("checkpoint rotation in %s failed: %s", target.output_dir, exc)
+    return None
 
 
-@contextmanager
-def _contained_writes(engine: Any, written: list[Path], errors: list[BaseException]) -> Iterator[None]:
-    """Make DeepSpeed's file writes on this rank record their error instead of raising it.
+class _ContainedWrites:
+    """While entered, DeepSpeed's file writes on this rank record their error instead of raising it.
 
     An exception escaping ``engine.save_checkpoint`` on one rank would skip the collectives DeepSpeed still
     runs on the others (its closing barrier): they would wait there until that rank's exit broke the process
     group, and none of them would learn why. DeepSpeed writes its state files through
     ``checkpoint_engine.save`` and, on rank 0, copies its recovery scripts in ``_copy_recovery_script``;
     containing both keeps this rank on the same collective path as the others, so that the failure can be
-    shared afterwards.
+    shared afterwards. After the first failed write (the disk is likely full) the rest are not attempted.
     """
 
-    def save(state_dict: Any, path: str) -> None:
-        if errors:  # one write failed (the disk is likely full): do not attempt the rest
-            return
-        try:
-            original_save(state_dict, path)
-            written.append(Path(path))
-        except Exception as exc:
-            errors.append(exc)
+    def __init__(self, engine: Any) -> None:
+        self.written: list[Path] = []
+        self.errors: list[BaseException] = []
+        self._engine = engine
+        self._save = engine.checkpoint_engine.save
+        self._copy = engine._copy_recovery_script
 
-    def copy_recovery_script(save_path: str) -> None:
-        if errors:
-            return
-        try:
-            original_copy(save_path)
-        except Exception as exc:
-            errors.append(exc)
+    def __enter__(self) -> _ContainedWrites:
+        self._engine.checkpoint_engine.save = self._contained_save
+        self._engine._copy_recovery_script = self._contained_copy
+        return self
 
-    original_save = engine.checkpoint_engine.save
-    original_copy = engine._copy_recovery_script
-    engine.checkpoint_engine.save = save
-    engine._copy_recovery_script = copy_recovery_script
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine.save = original_save
-        engine._copy_recovery_script = original_copy
+    def __exit__(self, *exc_info: object) -> None:
+        self._engine.checkpoint_engine.save = self._save
+        self._engine._copy_recovery_script = self._copy
+
+    def _contained_save(self, state_dict: Any, path: str) -> None:
+        if self._attempt(self._save, state_dict, path):
+            self.written.append(Path(path))
+
+    def _contained_copy(self, save_path: str) -> None:
+        self._attempt(self._copy, save_path)
+
+    def _attempt(self, write: Callable[..., None], *args: Any) -> bool:
+        if self.errors:
+            return False
+        try:
+            write(*args)
+        except Exception as exc:
+            self.errors.append(exc)
+            return False
+        return True
 
 
 def _save_engine(
@@ -212,11 +261,9 @@ def _save_engine(
 ) -> tuple[list[Path], BaseException | None]:
     """Write DeepSpeed's state into ``staging/tag``; return the files this rank wrote and its first failed
     write, if any."""
-    written: list[Path] = []
-    errors: list[BaseException] = []
-    with _contained_writes(engine, written, errors):
+    with _ContainedWrites(engine) as contained:
         engine.save_checkpoint(str(staging), tag=tag, save_latest=False, exclude_frozen_parameters=trained_only)
-    return written, (errors[0] if errors else None)
+    return contained.written, (contained.errors[0] if contained.errors else None)
 
 
 def _save_rng_state(staging: Path, rank: int) -> Path:

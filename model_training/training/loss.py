@@ -11,6 +11,25 @@ from model_training.data.collate import to_device
 from model_training.data.formatting import IGNORE_INDEX
 
 
+def token_sums(
+    engine: Any, inputs: dict[str, Any], labels: torch.Tensor, chunked: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, correct next-token predictions) over the supervised tokens of a batch that
+    runs through `engine`'s forward, the loss taken from the logits or, with `chunked`, from the hidden states.
+
+    The training step and the evaluation both call it as `loss.token_sums`, looked up at each call: replacing
+    this module attribute is the seam through which fault tests change the loss (tests/training/fault_worker.py).
+    """
+    if not chunked:
+        return supervised_token_sums(engine(**inputs).logits, labels)
+    # Still the engine's forward, so DeepSpeed's hooks run; an empty `logits_to_keep` projects no position, and
+    # the hidden states after the final norm, the head's input, come back instead of (tokens, vocabulary) logits.
+    no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    outputs = engine(**inputs, output_hidden_states=True, logits_to_keep=no_position)
+    head = engine.module.get_output_embeddings().weight
+    return chunked_supervised_token_sums(outputs.hidden_states[-1], head, labels)
+
+
 def supervised_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies, number of correct next-token predictions) over supervised positions.
 

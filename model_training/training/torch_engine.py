@@ -13,7 +13,7 @@ part of DeepSpeed's engine interface that the trainer and its checkpoints use, w
                       load_lr_scheduler_states), checkpoint_engine.save(state_dict, path), _copy_recovery_script,
                       zero_optimization_stage()
 
-(`fp16_enabled()` is not among them: the loop asks it only of DeepSpeed, `_skips_nonfinite_updates`.)
+(`fp16_enabled()` is not among them: the loop asks it only of DeepSpeed, `step.skips_nonfinite_updates`.)
 
 What it does, the way DeepSpeed's ZeRO-1/2 do it wherever there is a choice:
 
@@ -27,7 +27,7 @@ What it does, the way DeepSpeed's ZeRO-1/2 do it wherever there is a choice:
 * Clipping: the global gradient norm to `max_grad_norm` (0: no clipping), by `torch.nn.utils.clip_grad_norm_`.
 * A non-finite gradient norm skips the update, as ZeRO-1/2 skip it: no optimizer or scheduler step, the gradients
   dropped. Every rank holds the same averaged gradients, so every rank skips alike, and the loop needs no guard
-  of its own (`_skips_nonfinite_updates`). Reading the norm waits for the device once per update, as
+  of its own (`step.skips_nonfinite_updates`). Reading the norm waits for the device once per update, as
   DeepSpeed's overflow check does.
 * Precision: the weights are the fp32 master weights. The model, built in the training dtype as for DeepSpeed
   (so a 4-bit base is quantized from the same weights, and the masters start from the values DeepSpeed's start

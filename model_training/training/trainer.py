@@ -7,9 +7,9 @@
      under ZeRO-3's partitioning when configured), the engine with AdamW and our schedule: DeepSpeed's, or
      with `deepspeed=false` the plain PyTorch one of torch_engine.py (one process or DDP), on the same loop;
   4. resume: engine state, data position and RNG from a committed checkpoint;
-  5. the loop: each optimizer step runs its micro-batches (with `packing`, each one padding-free row), the
-     loss normalized by the supervised tokens of the whole step on all ranks; metrics, evaluation and atomic
-     checkpoints at their intervals.
+  5. the loop: each optimizer step (step.py) runs its micro-batches (batches.py; with `packing`, each one
+     padding-free row), the loss normalized by the supervised tokens of the whole step on all ranks; metrics
+     (throughput.py), evaluation (evaluation.py) and atomic checkpoints (saver.py) at their intervals.
 """
 
 from __future__ import annotations
@@ -31,45 +31,34 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
-from model_training.data.collate import collate, to_device
-from model_training.data.formatting import FormattedSample, format_system_prefix
+from model_training.data.formatting import format_system_prefix
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
-from model_training.data.windows import EVALUATION, LengthRule
-from model_training.layout import (
-    ADAPTER_DIR,
-    BASE_MODEL_DIR,
-    MODEL_CONFIG_DIR,
-    RUN_CONFIG,
-    TOKENIZER_DIR,
-    remove_run,
-)
-from model_training.models.builder import base_model_reference, build_model, load_tokenizer
-from model_training.models.lora import ADAPTER_NAME, is_lora_model
+from model_training.data.windows import LengthRule
+from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, remove_run
+from model_training.models.builder import build_model, load_tokenizer
+from model_training.models.lora import is_lora_model
 from model_training.training.answers import generate_answers, sample_prompts, write_samples
+from model_training.training.batches import BatchSpec, RunData, StepReader, uses_chunked_loss
 from model_training.training.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
     load_checkpoint,
     read_trainer_state,
     resolve_checkpoint,
-    save_checkpoint,
     verify_hashes_on_ranks,
 )
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
-from model_training.training.loss import chunked_supervised_token_sums, count_supervised, supervised_token_sums
+from model_training.training.evaluation import Evaluator
 from model_training.training.metrics import MetricsLogger
 from model_training.training.sampler import StepPlan, plan_sources
+from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
-from model_training.training.torch_engine import TorchEngine, build_torch_engine, holds_torch_engine_state
+from model_training.training.step import PendingLosses, StepRunner, TrainingError
+from model_training.training.throughput import ThroughputMeter
+from model_training.training.torch_engine import build_torch_engine, holds_torch_engine_state
 
 logger = logging.getLogger(__name__)
-
-PAD_TO_MULTIPLE_OF = 8
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite losses, a resume that does not fit); the message says why."""
 
 
 @dataclass
@@ -99,23 +88,34 @@ class TrainerState:
         for f in fields(self):
             setattr(self, f.name, state[f.name])
 
+    def count_step(self, micro_batches: int, tokens: int) -> None:
+        """One optimizer step consumed: its micro-batches on this rank and its tokens on all ranks."""
+        self.optimizer_step += 1
+        self.micro_step += micro_batches
+        self.tokens_seen += tokens
+
+    def count_nonfinite(self, losses: list[tuple[int, float]], max_in_row: int) -> float:
+        """Count the steps among `losses` (step, loss) whose loss was not finite (their updates were skipped);
+        stop the run after `max_in_row` of them in a row. Returns the last step's loss."""
+        for step, loss in losses:
+            if math.isfinite(loss):
+                self.nonfinite_in_row = 0
+                continue
+            self.skipped_steps += 1
+            self.nonfinite_in_row += 1
+            logger.warning("non-finite loss at optimizer step %d: update skipped on every rank", step)
+            if self.nonfinite_in_row >= max_in_row:
+                raise TrainingError(
+                    f"{self.nonfinite_in_row} optimizer steps in a row with a non-finite loss, the last "
+                    f"at step {step}; lower the learning rate or check the data, then resume"
+                )
+        return losses[-1][1]
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class RunData:
-    """What the loop reads: the training samples in one pool, the plan that orders them, how a sample is cut
-    to the length limit, and the validation sets with their own rule."""
-
-    samples: list[FormattedSample]
-    plan: StepPlan
-    train_rule: LengthRule
-    val: list[TokenizedSplit]
-    val_rule: LengthRule
 
 
 def _run_data(cfg: TrainConfig, tokenizer: Any, data: PreparedData, info: DistInfo) -> RunData:
@@ -196,7 +196,7 @@ def train(cfg: TrainConfig) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
 
-    chunked = _uses_chunked_loss(cfg, engine)
+    spec = BatchSpec(cfg.packing, tokenizer.pad_token_id, uses_chunked_loss(cfg, engine))
     if resume_from is not None:
         _resume(cfg, engine, state, resume_from)
         clock.phase("resume")
@@ -205,12 +205,12 @@ def train(cfg: TrainConfig) -> Path:
         "%s micro-batches, loss from %s",
         len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
         f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", info.world_size,
-        "packed" if cfg.packing else "padded", "hidden states in chunks" if chunked else "logits",
+        "packed" if cfg.packing else "padded", "hidden states in chunks" if spec.chunked else "logits",
     )
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
-        _loop(cfg, engine, tokenizer, data, state, total_steps, metrics, info, chunked, clock)
+        _loop(cfg, engine, state, _loop_parts(cfg, engine, tokenizer, data, info, total_steps, spec), metrics, clock)
         metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
         if cfg.generate_samples or cfg.generate_val_samples:
             _generate_samples(cfg, engine, tokenizer, data.val, state, metrics, info)
@@ -329,252 +329,98 @@ def _apply_changed_hyperparameters(cfg: TrainConfig, engine: Any) -> None:
                 group[key] = value
 
 
+@dataclass(frozen=True)
+class LoopParts:
+    """The named pieces the loop calls, made once for the run."""
+
+    total_steps: int
+    steps_per_epoch: int
+    reader: StepReader
+    run_step: StepRunner
+    evaluate: Evaluator
+    saver: Saver
+    show_progress: bool
+
+
+def _loop_parts(
+    cfg: TrainConfig, engine: Any, tokenizer: Any, data: RunData, info: DistInfo, total_steps: int, spec: BatchSpec
+) -> LoopParts:
+    return LoopParts(
+        total_steps=total_steps,
+        steps_per_epoch=data.plan.steps_per_epoch,
+        reader=StepReader(data),
+        run_step=StepRunner(engine, spec, info.world_size, cfg.dtype),
+        evaluate=Evaluator(data.val, data.val_rule, cfg.eval_size, cfg.per_device_eval_batch_size, spec, info.rank,
+                           info.world_size),
+        saver=Saver(cfg, tokenizer, total_steps, data.plan.steps_per_epoch),
+        show_progress=info.is_main,
+    )
+
+
 def _loop(
-    cfg: TrainConfig,
-    engine: Any,
-    tokenizer: Any,
-    data: RunData,
-    state: TrainerState,
-    total_steps: int,
-    metrics: MetricsLogger,
-    info: DistInfo,
-    chunked: bool,
-    clock: StartupClock,
+    cfg: TrainConfig, engine: Any, state: TrainerState, parts: LoopParts, metrics: MetricsLogger, clock: StartupClock
 ) -> None:
+    """Optimizer steps up to `parts.total_steps`; at their intervals the losses are read, logged, evaluated and
+    saved."""
+    total_steps = parts.total_steps
     engine.train()
-    device = engine.device
-    pad_id = tokenizer.pad_token_id
-    plan = data.plan
-    guard_updates = not _skips_nonfinite_updates(engine)
-    progress = tqdm(total=total_steps, initial=state.optimizer_step, disable=not info.is_main, dynamic_ncols=True)
-    order, order_epoch = None, -1
-    pending = PendingLosses()
+    meter, pending = ThroughputMeter(), PendingLosses()
+    progress = tqdm(total=total_steps, initial=state.optimizer_step, disable=not parts.show_progress,
+                    dynamic_ncols=True)
     first_step = state.optimizer_step + 1
-    window_tokens, window_steps, window_data_time, window_start = 0, 0, 0.0, time.perf_counter()
-
     while state.optimizer_step < total_steps:
-        step = state.optimizer_step
-        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = plan.epoch_order(epoch), epoch
-        # Every rank knows every sample and how it is cut this epoch, so the step's token counts need no
-        # communication.
-        step_samples = {i: data.train_rule.apply(data.samples[i], epoch, i)
-                        for i in plan.global_step_samples(order, step_in_epoch)}
-        # A step whose windows hold no supervised token at all has nothing to learn; 1 keeps the division finite.
-        step_supervised = max(1, sum(s.num_supervised for s in step_samples.values()))
-        step_tokens = sum(len(s.input_ids) for s in step_samples.values())
-
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for micro_batch in plan.micro_batches(order, step_in_epoch):
-            data_start = time.perf_counter()
-            # A short last step can leave this rank an empty micro-batch; it still runs one (ZeRO's forward
-            # and backward are collective) whose loss weighs nothing.
-            batch = [step_samples[i] for i in micro_batch] or [data.train_rule.apply(data.samples[0], epoch, 0)]
-            inputs, labels = _device_batch(batch, cfg.packing, pad_id, device)
-            window_data_time += time.perf_counter() - data_start
-            micro_loss_sum = _token_sums(engine, inputs, labels, chunked)[0]
-            if not micro_batch:
-                micro_loss_sum = torch.where(torch.tensor(False), micro_loss_sum, 0.0)  # NaN * 0 would stay NaN
-            loss_sum += micro_loss_sum.detach().double()
-            # DeepSpeed (and DDP without it) averages gradients over ranks; x world_size turns that into a sum, so
-            # the gradient is that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
-            engine.backward(micro_loss_sum * (info.world_size / step_supervised), scale_wrt_gas=False)
-            if guard_updates and engine.is_gradient_accumulation_boundary():
-                _refuse_nonfinite_update(cfg, engine, loss_sum, step)
-            engine.step()
-            state.micro_step += 1
-        pending.add(step + 1, loss_sum, step_supervised)
-        state.optimizer_step += 1
-        state.tokens_seen += step_tokens
-        window_tokens += step_tokens
-        window_steps += 1
+        samples = parts.reader.read(state.optimizer_step)
+        loss_sum, data_time = parts.run_step(samples, state.optimizer_step)
+        pending.add(state.optimizer_step + 1, loss_sum, samples.supervised)
+        state.count_step(len(samples.micro_batches), samples.tokens)
+        meter.add(samples.tokens, data_time)
         progress.update(1)
         if state.optimizer_step == first_step:
-            if device.type == "cuda":
+            if engine.device.type == "cuda":
                 torch.cuda.synchronize()  # once: the phase ends when the device has finished the step
             clock.phase("first optimizer step")
 
         step = state.optimizer_step
-        log_now = step % cfg.logging_steps == 0 or step == total_steps
-        eval_now = (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps
-        save_now = _should_save(cfg, step, total_steps, plan.steps_per_epoch)
+        log_now = _every(step, cfg.logging_steps, total_steps)
+        eval_now = _every(step, cfg.eval_steps, total_steps)
+        save_now = parts.saver.due(step)
         if not (log_now or eval_now or save_now):
             continue
         # The losses are read only here (a host sync): the steps in between run back to back on the device.
-        loss = _count_nonfinite(cfg, state, pending.read())
+        loss = state.count_nonfinite(pending.read(), cfg.max_nonfinite_steps)
         record: dict[str, Any] = {}
         if log_now:
-            elapsed = time.perf_counter() - window_start
-            record.update(
-                loss=loss,
-                lr=engine.get_lr()[0],
-                grad_norm=_grad_norm(engine),
-                tokens=state.tokens_seen,
-                tokens_per_s=window_tokens / elapsed if elapsed > 0 else 0.0,
-                data_time=window_data_time / window_steps,
-                epoch=round(step / plan.steps_per_epoch, 4),
-                skipped_steps=state.skipped_steps,
-            )
-            window_tokens, window_steps, window_data_time, window_start = 0, 0, 0.0, time.perf_counter()
-            progress.set_postfix(
-                epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-            )
+            record.update(_log_record(engine, state, loss, meter.read_and_reset(), parts.steps_per_epoch))
+            progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if eval_now:
-            record.update(_evaluate(cfg, engine, pad_id, data, info, chunked))
-            engine.train()
+            record.update(parts.evaluate(engine))
         if record:
             metrics.log({"step": step, **record})
         if save_now:
-            save_checkpoint(
-                engine,
-                Path(cfg.output_dir),
-                step,
-                state.state_dict(),
-                cfg.save_total_limit,
-                write_extra=lambda folder: _write_extra(cfg, tokenizer, engine.module, folder),
-                trained_only=is_lora_model(engine.module),
-            )
+            parts.saver.save(engine, step, state.state_dict())
     progress.close()
 
 
-class PendingLosses:
-    """The losses of the steps not read yet, kept on the device.
-
-    Reading a loss waits for the device (and all-reduces it); at every step that would leave the GPU idle
-    between steps. The steps since the last read are read together, with one all-reduce, where a value is
-    needed: logging, evaluation, checkpoints and the last step.
-    """
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[int, torch.Tensor, int]] = []
-
-    def add(self, step: int, loss_sum: torch.Tensor, supervised: int) -> None:
-        """Step `step`'s summed token losses on this rank (a device tensor), and the step's supervised tokens."""
-        self._steps.append((step, loss_sum, supervised))
-
-    def read(self) -> list[tuple[int, float]]:
-        """(step, loss) of every pending step, oldest first: the token mean of the whole step, all ranks."""
-        if not self._steps:
-            return []
-        sums = torch.stack([loss_sum for _, loss_sum, _ in self._steps])
-        dist.all_reduce(sums)
-        losses = [(step, total / supervised) for (step, _, supervised), total in zip(self._steps, sums.tolist())]
-        self._steps.clear()
-        return losses
+def _every(step: int, interval: int | None, total_steps: int) -> bool:
+    """Whether `step` ends an interval of `interval` steps (None: no interval) or the run."""
+    return step == total_steps or (bool(interval) and step % interval == 0)
 
 
-def _count_nonfinite(cfg: TrainConfig, state: TrainerState, losses: list[tuple[int, float]]) -> float:
-    """Count the steps among `losses` whose loss was not finite (their updates were skipped); stop the run
-    after `max_nonfinite_steps` in a row. Returns the last step's loss."""
-    for step, loss in losses:
-        if math.isfinite(loss):
-            state.nonfinite_in_row = 0
-            continue
-        state.skipped_steps += 1
-        state.nonfinite_in_row += 1
-        logger.warning("non-finite loss at optimizer step %d: update skipped on every rank", step)
-        if state.nonfinite_in_row >= cfg.max_nonfinite_steps:
-            raise TrainingError(
-                f"{state.nonfinite_in_row} optimizer steps in a row with a non-finite loss, the last "
-                f"at step {step}; lower the learning rate or check the data, then resume"
-            )
-    return losses[-1][1]
-
-
-def _uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
-    """Whether the loss comes from the last hidden states chunk by chunk (`chunked_loss`) or from full logits.
-
-    Full logits under ZeRO-3, whose partitioned output head is whole only inside the model's own forward, and
-    for LoRA, where peft's trained token rows change what the head computes. The chunked loss applies the head's
-    weight alone, so a head with a bias (no model this trainer ships a section for) is refused.
-    """
-    if not cfg.chunked_loss or zero_stage(engine.config) == 3 or is_lora_model(engine.module):
-        return False
-    if getattr(engine.module.get_output_embeddings(), "bias", None) is not None:
-        raise ConfigError("chunked_loss=true needs an output head without a bias; set chunked_loss=false")
-    return True
-
-
-def _device_batch(
-    samples: list[FormattedSample], packing: bool, pad_id: int, device: torch.device
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """`collate`'s batch of `samples`: the model's keyword inputs on `device`, and the labels on the host.
-
-    The labels stay on the host, where the loss finds the supervised positions (and counts them) without
-    waiting for the device; the inputs are queued behind the work in flight, so building the next batch never
-    waits for the device either (and `data_time` is host time).
-    """
-    batch = collate(samples, packing, pad_id, PAD_TO_MULTIPLE_OF)
-    labels = batch.pop("labels")
-    inputs = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return inputs, labels
-
-
-def _token_sums(
-    engine: Any, inputs: dict[str, Any], labels: torch.Tensor, chunked: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token cross-entropies, correct next-token predictions) over the supervised tokens of a batch."""
-    if not chunked:
-        return supervised_token_sums(engine(**inputs).logits, labels)
-    # Still the engine's forward, so DeepSpeed's hooks run; an empty `logits_to_keep` projects no position, and
-    # the hidden states after the final norm, the head's input, come back instead of (tokens, vocabulary) logits.
-    no_position = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    outputs = engine(**inputs, output_hidden_states=True, logits_to_keep=no_position)
-    head = engine.module.get_output_embeddings().weight
-    return chunked_supervised_token_sums(outputs.hidden_states[-1], head, labels)
-
-
-def _skips_nonfinite_updates(engine: Any) -> bool:
-    """Whether the engine itself skips an update whose gradients are not finite.
-
-    DeepSpeed's ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow),
-    and fp16's loss scaler skips it at any stage; ZeRO-0 and ZeRO-3 in bf16/fp32 do not. The plain PyTorch
-    engine skips it as ZeRO-1/2 do.
-    """
-    return isinstance(engine, TorchEngine) or engine.fp16_enabled() or zero_stage(engine.config) in (1, 2)
-
-
-def _refuse_nonfinite_update(cfg: TrainConfig, engine: Any, loss_sum: torch.Tensor, step: int) -> None:
-    """Stop before an update that DeepSpeed would apply despite a non-finite loss on some rank (a host sync
-    on every step, paid only where DeepSpeed does not skip such updates itself)."""
-    flag = (~torch.isfinite(loss_sum)).float().reshape(1)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        raise TrainingError(
-            f"non-finite loss at optimizer step {step + 1}; ZeRO stage {zero_stage(engine.config)} in {cfg.dtype} "
-            "cannot skip the update, so training stops before it is applied; resume from the last checkpoint"
-        )
-
-
-def _grad_norm(engine: Any) -> float | None:
+def _log_record(
+    engine: Any, state: TrainerState, loss: float, throughput: dict[str, float], steps_per_epoch: int
+) -> dict[str, Any]:
+    """A metrics line's training values after the optimizer step `state` has just counted."""
     norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
-
-
-def _should_save(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> bool:
-    if cfg.save_strategy == "no":
-        return False
-    if step == total_steps:
-        return True
-    if cfg.save_strategy == "epoch":
-        return step % steps_per_epoch == 0
-    return step % cfg.save_steps == 0
-
-
-def _write_extra(cfg: TrainConfig, tokenizer: Any, model: Any, folder: Path) -> None:
-    """What export and inspection need beside the engine state: the merged config, the tokenizer with its
-    chat template, the model's transformers config (vocabulary size after the resize included) and, for a
-    LoRA run, the adapter's peft config with the base it applies to."""
-    (folder / RUN_CONFIG).write_text(to_yaml(cfg))
-    tokenizer.save_pretrained(folder / TOKENIZER_DIR)
-    model.config.save_pretrained(folder / MODEL_CONFIG_DIR)
-    model.generation_config.save_pretrained(folder / MODEL_CONFIG_DIR)
-    if is_lora_model(model):
-        adapter = model.peft_config[ADAPTER_NAME]
-        adapter.base_model_name_or_path = base_model_reference(cfg, Path(cfg.output_dir))
-        adapter.save_pretrained(folder / ADAPTER_DIR)
+    return {
+        "loss": loss,
+        "lr": engine.get_lr()[0],
+        "grad_norm": None if norm is None else float(norm),
+        "tokens": state.tokens_seen,
+        **throughput,
+        "epoch": round(state.optimizer_step / steps_per_epoch, 4),
+        "skipped_steps": state.skipped_steps,
+    }
 
 
 def _generate_samples(
@@ -596,39 +442,6 @@ def _generate_samples(
         write_samples(rows, Path(cfg.output_dir))
         columns = ["source", "prompt", "answer"]
         metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], state.optimizer_step)
-
-
-@torch.no_grad()
-def _evaluate(
-    cfg: TrainConfig, engine: Any, pad_id: int, data: RunData, info: DistInfo, chunked: bool
-) -> dict[str, float]:
-    """Loss and next-token accuracy on supervised tokens of each validation set, in a fixed order.
-
-    Each set is its first `eval_size` samples (all without it), each cut by the validation rule, alike at every
-    evaluation. Rank r takes samples r, r + world, ...; every rank runs the same number of batches (a rank
-    short of samples runs one more batch and does not count it), since ZeRO-3 forwards are collective.
-    """
-    engine.eval()
-    results: dict[str, float] = {}
-    for split in data.val:
-        samples = [data.val_rule.apply(s, EVALUATION, j) for j, s in enumerate(split.samples[: cfg.eval_size])]
-        if not samples:
-            continue
-        mine = samples[info.rank :: info.world_size]
-        per_rank = math.ceil(len(samples) / info.world_size)
-        num_batches = math.ceil(per_rank / cfg.per_device_eval_batch_size)
-        sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, correct, supervised tokens
-        for b in range(num_batches):
-            chunk = mine[b * cfg.per_device_eval_batch_size : (b + 1) * cfg.per_device_eval_batch_size]
-            inputs, labels = _device_batch(chunk or samples[:1], cfg.packing, pad_id, engine.device)
-            loss_sum, correct = _token_sums(engine, inputs, labels, chunked)
-            if chunk:
-                supervised = torch.tensor(count_supervised(labels), dtype=torch.float64, device=engine.device)
-                sums += torch.stack([loss_sum.double(), correct.double(), supervised])
-        dist.all_reduce(sums)
-        results[f"eval/{split.name}/loss"] = (sums[0] / sums[2]).item()
-        results[f"eval/{split.name}/accuracy"] = (sums[1] / sums[2]).item()
-    return results
 
 
 def run_or_exit(cfg: TrainConfig) -> int:

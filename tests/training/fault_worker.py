@@ -4,6 +4,9 @@ FAULT_RANK (default 1) is the rank that misbehaves (a process started alone is r
 - FAULT_KILL_AFTER_SAVE_STEP=k: SIGKILL that rank right after the checkpoint of step k is committed.
 - FAULT_NAN_AT_STEPS=a,b: that rank's training loss is NaN in optimizer steps a, b (1-based; one micro-batch
   per step is assumed).
+
+The faults go in through the trainer's public seams, which it looks up at each call: `Saver.save`, the one call
+through which the loop saves, and `loss.token_sums`, the one loss of training and evaluation alike.
 """
 
 import os
@@ -12,8 +15,9 @@ import sys
 
 import torch
 
-import model_training.training.trainer as trainer
 from model_training.cli import exit_process, main_train
+from model_training.training import loss
+from model_training.training.saver import Saver
 
 FAULT_RANK = os.environ.get("FAULT_RANK", "1")
 KILL_AFTER = os.environ.get("FAULT_KILL_AFTER_SAVE_STEP")
@@ -21,19 +25,18 @@ NAN_STEPS = {int(s) for s in os.environ.get("FAULT_NAN_AT_STEPS", "").split(",")
 is_fault_rank = os.environ.get("RANK", "0") == FAULT_RANK  # a process alone, without a launcher, is rank 0
 
 if KILL_AFTER and is_fault_rank:
-    real_save = trainer.save_checkpoint
+    real_save = Saver.save
 
-    def save_then_die(engine, output_dir, step, *args, **kwargs):
-        folder = real_save(engine, output_dir, step, *args, **kwargs)
+    def save_then_die(self, engine, step, *args, **kwargs):
+        folder = real_save(self, engine, step, *args, **kwargs)
         if step == int(KILL_AFTER):
             os.kill(os.getpid(), signal.SIGKILL)
         return folder
 
-    trainer.save_checkpoint = save_then_die
+    Saver.save = save_then_die
 
 if NAN_STEPS and is_fault_rank:
-    # The trainer's one loss entry point, whichever loss (full logits or chunked) the run uses.
-    real_sums = trainer._token_sums
+    real_sums = loss.token_sums
     training_calls = 0
 
     def poisoned_sums(*args, **kwargs):
@@ -45,6 +48,6 @@ if NAN_STEPS and is_fault_rank:
                 loss_sum = loss_sum * float("nan")
         return loss_sum, correct
 
-    trainer._token_sums = poisoned_sums
+    loss.token_sums = poisoned_sums
 
 exit_process(main_train(sys.argv[1:]))

@@ -18,8 +18,8 @@ from model_training.config import ConfigError, load_config, parse_override
 from model_training.data.collate import collate
 from model_training.data.formatting import FormattedSample
 from model_training.models.builder import build_model, load_tokenizer
-from model_training.training.loss import supervised_token_sums
-from model_training.training.trainer import _token_sums, _uses_chunked_loss
+from model_training.training.batches import uses_chunked_loss
+from model_training.training.loss import supervised_token_sums, token_sums
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
 ZERO2 = {"zero_optimization": {"stage": 2}}
@@ -126,15 +126,15 @@ def test_chunked_loss_is_used_where_the_head_is_whole_and_plain() -> None:
     cfg = config()
     model = build_model(cfg, load_tokenizer(cfg), ZERO2)
     engine = SimpleNamespace(config=ZERO2, module=model)
-    assert _uses_chunked_loss(cfg, engine)
-    assert not _uses_chunked_loss(config("chunked_loss=false"), engine)
-    assert not _uses_chunked_loss(cfg, SimpleNamespace(config={"zero_optimization": {"stage": 3}}, module=model))
+    assert uses_chunked_loss(cfg, engine)
+    assert not uses_chunked_loss(config("chunked_loss=false"), engine)
+    assert not uses_chunked_loss(cfg, SimpleNamespace(config={"zero_optimization": {"stage": 3}}, module=model))
     lora_cfg = config("peft.type=lora", "peft.r=4")
     lora_model = build_model(lora_cfg, load_tokenizer(lora_cfg), ZERO2)
-    assert not _uses_chunked_loss(lora_cfg, SimpleNamespace(config=ZERO2, module=lora_model))
+    assert not uses_chunked_loss(lora_cfg, SimpleNamespace(config=ZERO2, module=lora_model))
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
     with pytest.raises(ConfigError, match="set chunked_loss=false"):
-        _uses_chunked_loss(cfg, engine)
+        uses_chunked_loss(cfg, engine)
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -156,7 +156,7 @@ def test_chunked_token_sums_through_the_model_match_its_logits(section: str, pac
     results = []
     for chunked in (True, False):
         model.zero_grad()
-        loss_sum, correct = _token_sums(engine, batch, labels, chunked)
+        loss_sum, correct = token_sums(engine, batch, labels, chunked)
         loss_sum.backward()
         results.append((loss_sum.detach(), correct, [p.grad.clone() for p in model.parameters()]))
     (chunked_loss, chunked_correct, chunked_grads), (loss, correct, grads) = results

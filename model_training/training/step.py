@@ -1,0 +1,104 @@
+"""One optimizer step: its micro-batches forward and backward with the loss normalized by the supervised tokens of
+the whole step on all ranks, the guard against a non-finite update the engine would apply, and the step's loss kept
+on the device until the loop reads it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model_training.config import zero_stage
+from model_training.training import loss
+from model_training.training.batches import BatchSpec, StepSamples
+from model_training.training.torch_engine import TorchEngine
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses); the message says why."""
+
+
+def skips_nonfinite_updates(engine: Any) -> bool:
+    """Whether the engine itself skips an update whose gradients are not finite.
+
+    DeepSpeed's ZeRO-1/2 skip a step whose gradient norm is not finite (fp32, and bf16 with check_grad_overflow),
+    and fp16's loss scaler skips it at any stage; ZeRO-0 and ZeRO-3 in bf16/fp32 do not. The plain PyTorch
+    engine skips it as ZeRO-1/2 do.
+    """
+    return isinstance(engine, TorchEngine) or engine.fp16_enabled() or zero_stage(engine.config) in (1, 2)
+
+
+class StepRunner:
+    """The step function of the loop: `runner(samples, step)` runs one optimizer step on `engine`."""
+
+    def __init__(self, engine: Any, spec: BatchSpec, world_size: int, dtype: str) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.world_size = world_size
+        self.dtype = dtype  # named in the error of a refused update
+        self.guard_updates = not skips_nonfinite_updates(engine)
+
+    def __call__(self, samples: StepSamples, step: int) -> tuple[torch.Tensor, float]:
+        """Run the micro-batches of optimizer step `step` (0-based) through forward, backward and the engine's step.
+
+        Returns this rank's sum of token losses, a float64 device tensor left unread, and the host seconds spent
+        building batches.
+        """
+        engine = self.engine
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        data_time = 0.0
+        for micro_batch in samples.micro_batches:
+            data_start = time.perf_counter()
+            inputs, labels = self.spec.device_batch(micro_batch.samples, engine.device)
+            data_time += time.perf_counter() - data_start
+            micro_loss_sum = loss.token_sums(engine, inputs, labels, self.spec.chunked)[0]
+            if not micro_batch.counted:
+                micro_loss_sum = torch.where(torch.tensor(False), micro_loss_sum, 0.0)  # NaN * 0 would stay NaN
+            loss_sum += micro_loss_sum.detach().double()
+            # DeepSpeed (and DDP without it) averages gradients over ranks; x world_size turns that into a sum, so
+            # the gradient is that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
+            engine.backward(micro_loss_sum * (self.world_size / samples.supervised), scale_wrt_gas=False)
+            if self.guard_updates and engine.is_gradient_accumulation_boundary():
+                self._refuse_nonfinite_update(loss_sum, step)
+            engine.step()
+        return loss_sum, data_time
+
+    def _refuse_nonfinite_update(self, loss_sum: torch.Tensor, step: int) -> None:
+        """Stop before an update that DeepSpeed would apply despite a non-finite loss on some rank (a host sync
+        on every step, paid only where DeepSpeed does not skip such updates itself)."""
+        flag = (~torch.isfinite(loss_sum)).float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise TrainingError(
+                f"non-finite loss at optimizer step {step + 1}; ZeRO stage {zero_stage(self.engine.config)} in "
+                f"{self.dtype} cannot skip the update, so training stops before it is applied; resume from the last "
+                "checkpoint"
+            )
+
+
+class PendingLosses:
+    """The losses of the steps not read yet, kept on the device.
+
+    Reading a loss waits for the device (and all-reduces it); at every step that would leave the GPU idle
+    between steps. The steps since the last read are read together, with one all-reduce, where a value is
+    needed: logging, evaluation, checkpoints and the last step.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[int, torch.Tensor, int]] = []
+
+    def add(self, step: int, loss_sum: torch.Tensor, supervised: int) -> None:
+        """Step `step`'s summed token losses on this rank (a device tensor), and the step's supervised tokens."""
+        self._steps.append((step, loss_sum, supervised))
+
+    def read(self) -> list[tuple[int, float]]:
+        """(step, loss) of every pending step, oldest first: the token mean of the whole step, all ranks."""
+        if not self._steps:
+            return []
+        sums = torch.stack([loss_sum for _, loss_sum, _ in self._steps])
+        dist.all_reduce(sums)
+        losses = [(step, total / supervised) for (step, _, supervised), total in zip(self._steps, sums.tolist())]
+        self._steps.clear()
+        return losses
