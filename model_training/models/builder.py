@@ -86,12 +86,38 @@ def build_model(
     _check_fits_zero(cfg, stage)
     if stage == 3:
         _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
-    dtype = TORCH_DTYPES[cfg.dtype]
     device = training_device()
     # The same seed on every rank: random weights must be identical across data-parallel replicas. torch's
     # generators (every device's) are all that initialization draws from; transformers.set_seed would also
     # import its trainer utilities, and peft with them: seconds of startup.
     torch.manual_seed(cfg.rng_seed)
+    model = _create_model(cfg, tokenizer, stage, device)
+    new_rows = _fit_to_tokenizer(model, tokenizer)
+    if cfg.freeze_layer is not None:
+        _freeze_layers(model, cfg.freeze_layer, len(new_rows))
+    _apply_training_options(cfg, model)
+    if save_base_to is not None:
+        _save_base(model, save_base_to)
+    if cfg.quantization.load_in_4bit:
+        count = quantize_linear_layers(model, cfg.quantization, device)
+        logger.info("base quantized to 4 bits (%s): %d linear layers", cfg.quantization.quant_type, count)
+    if cfg.peft.type == "lora":
+        # Trained with the adapters: the chat format's own tokens (new, or tuned for this format), and every row
+        # the resize added, padding included, since the output head scores those rows too. The adapter then
+        # holds them all, and a base resized anywhere else (randomly) computes what was trained.
+        format_tokens = tokenizer.convert_tokens_to_ids(list(get_chat_format(cfg.chat_format).special_tokens))
+        model = apply_lora(model, cfg.peft, sorted({*format_tokens, *new_rows}))
+    if cfg.torch_compile:
+        count = compile_decoder_layers(model)
+        logger.info("torch.compile: %d decoder layers (compiled at their first forward)", count)
+    return model
+
+
+def _create_model(
+    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, stage: int, device: torch.device
+) -> PreTrainedModel:
+    """The causal LM with random weights from `model_config`, or loaded from `model_name`."""
+    dtype = TORCH_DTYPES[cfg.dtype]
     if cfg.model_config is not None:
         options = dict(cfg.model_config)
         config = AutoConfig.for_model(options.pop("model_type"), **options)
@@ -99,34 +125,39 @@ def build_model(
         # Initialized where it trains: on a GPU in a second, where the CPU takes most of a minute for 2B
         # parameters. Under ZeRO-3, zero.Init (through the HfDeepSpeedConfig) partitions it onto the GPUs.
         with contextlib.nullcontext() if stage == 3 else device:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    else:
-        # Straight onto the GPU, except under ZeRO-3 (partitioned as it loads) and for a 4-bit base, which is
-        # quantized onto the GPU a layer at a time and so never has to fit there in 16 bits.
-        onto_device = stage != 3 and not cfg.quantization.load_in_4bit and device.type == "cuda"
-        model = AutoModelForCausalLM.from_pretrained(
-            _hub_or_local(cfg.model_name),
-            dtype=dtype,
-            cache_dir=cfg.cache_dir,
-            trust_remote_code=cfg.trust_remote_code,
-            device_map={"": device} if onto_device else None,
-        )
-        if cfg.quantization.load_in_4bit and device.type == "cuda":
-            # The resize's mean and covariance of the old rows, computed on the GPU, not the CPU.
-            model.get_input_embeddings().to(device)
-            model.get_output_embeddings().to(device)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    # Straight onto the GPU, except under ZeRO-3 (partitioned as it loads) and for a 4-bit base, which is
+    # quantized onto the GPU a layer at a time and so never has to fit there in 16 bits.
+    onto_device = stage != 3 and not cfg.quantization.load_in_4bit and device.type == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(
+        _hub_or_local(cfg.model_name),
+        dtype=dtype,
+        cache_dir=cfg.cache_dir,
+        trust_remote_code=cfg.trust_remote_code,
+        device_map={"": device} if onto_device else None,
+    )
+    if cfg.quantization.load_in_4bit and device.type == "cuda":
+        # The resize's mean and covariance of the old rows, computed on the GPU, not the CPU.
+        model.get_input_embeddings().to(device)
+        model.get_output_embeddings().to(device)
+    return model
+
+
+def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> range:
+    """Resize the embeddings for the added tokens and take the tokenizer's pad and eos; the new rows."""
     rows_before = model.get_input_embeddings().num_embeddings
     if rows_before != _padded(len(tokenizer)):
         # Gathered under ZeRO-3 by transformers itself; new rows start near the mean of the old ones.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
-    new_rows = range(rows_before, model.get_input_embeddings().num_embeddings)
-    if cfg.freeze_layer is not None:
-        _freeze_layers(model, cfg.freeze_layer, len(new_rows))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    for config in (model.config, model.generation_config):
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
+    return range(rows_before, model.get_input_embeddings().num_embeddings)
+
+
+def _apply_training_options(cfg: TrainConfig, model: PreTrainedModel) -> None:
+    """Residual dropout, activation checkpointing and packed attention, as configured."""
     if cfg.residual_dropout > 0:
         probabilities = apply_residual_dropout(model, cfg.residual_dropout, cfg.residual_dropout_lima)
         logger.info("residual dropout per layer: %s", [round(p, 4) for p in probabilities])
@@ -146,21 +177,6 @@ def build_model(
             raise ConfigError(
                 f"packing=true does not fit this model: {err}; set packing=false to train it on padded batches"
             ) from None
-    if save_base_to is not None:
-        _save_base(model, save_base_to)
-    if cfg.quantization.load_in_4bit:
-        count = quantize_linear_layers(model, cfg.quantization, device)
-        logger.info("base quantized to 4 bits (%s): %d linear layers", cfg.quantization.quant_type, count)
-    if cfg.peft.type == "lora":
-        # Trained with the adapters: the chat format's own tokens (new, or tuned for this format), and every row
-        # the resize added, padding included, since the output head scores those rows too. The adapter then
-        # holds them all, and a base resized anywhere else (randomly) computes what was trained.
-        format_tokens = tokenizer.convert_tokens_to_ids(list(get_chat_format(cfg.chat_format).special_tokens))
-        model = apply_lora(model, cfg.peft, sorted({*format_tokens, *new_rows}))
-    if cfg.torch_compile:
-        count = compile_decoder_layers(model)
-        logger.info("torch.compile: %d decoder layers (compiled at their first forward)", count)
-    return model
 
 
 def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
