@@ -1,3 +1,4 @@
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,9 +180,11 @@ def test_control_token_strings_in_a_text_stay_plain_text(tok, prompt, reply):
     )
     chat = to_chat_messages(messages)
     assert list(sample.input_ids) != tok.apply_chat_template(chat, return_dict=False)
-    assert list(sample.input_ids) == tok.apply_chat_template(
-        chat, return_dict=False, sanitize_control_tokens=True
-    )
+    # A statement about transformers, checked where it holds: older releases have no such option (and ignore it).
+    if "sanitize_control_tokens" in inspect.signature(tok.apply_chat_template).parameters:
+        assert list(sample.input_ids) == tok.apply_chat_template(
+            chat, return_dict=False, sanitize_control_tokens=True
+        )
 
 
 @pytest.mark.parametrize(

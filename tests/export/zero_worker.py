@@ -37,7 +37,8 @@ def save(stage: int, out: str) -> None:
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}},
+        # PyTorch's AdamW, as the trainer configures it (ds_config.py): no DeepSpeed op to build.
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10**9,
     }

@@ -203,7 +203,13 @@ def fused_adam_on_cpu(params: list[torch.Tensor]) -> torch.optim.Optimizer:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make_optimizer", [cpu_adam, fused_adam_on_cpu], ids=["DeepSpeedCPUAdam", "FusedAdam"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    # FusedAdam on the CPU is DeepSpeed's C++ Adam again, behind a JIT build of its own (minutes on 2 cores)
+    # that nothing else in the suite needs: heavy.
+    [cpu_adam, pytest.param(fused_adam_on_cpu, marks=pytest.mark.heavy)],
+    ids=["DeepSpeedCPUAdam", "FusedAdam"],
+)
 def test_cpu_adam_loaded_at_step_20_continues_bit_for_bit(make_optimizer):
     """The C++ op keeps beta^t outside the state dict (see replay_cpu_adam_steps): without the replay, a fresh
     optimizer given the state of step 20 updates differently at steps 34, 41, 59 and 63 of these 80."""
@@ -302,7 +308,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-2's resume is also compared bit for bit over 60 steps by tests/training/test_train_e2e.py: heavy here.
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.heavy), 3])
 def test_resume_continues_bit_identically(trained, stage):
     root = trained(stage)
     run_dir = root / "run"

@@ -68,7 +68,7 @@ class Table:
             nonblank = (n for n, line in enumerate(text_lines(self.json_lines), start=1) if line.strip())
             number = next(n for i, n in enumerate(nonblank, start=1) if i == index)
             if len(self.rows) == 1 and _one_json_object(self.json_lines):
-                keys = ", ".join(repr(k) for k in self.rows.column_names)
+                keys = ", ".join(repr(k) for k in self.rows[0])
                 reason = (f"the file is a single JSON object (keys {keys}), not records ({reason}); expected a "
                           "JSON list of records or JSON Lines, one record per line")
         return FileFormatError(self.source, number, reason, self.unit)
@@ -129,9 +129,16 @@ def read_rows(source: str | Path, config_key: str | None, split: str = "train") 
             rows = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=tmp,
                                          keep_in_memory=True)
         except Exception:
-            if builder == "json":
-                _explain_json_error(path, source)
-            raise
+            if builder != "json":
+                raise
+            _explain_json_error(path, source)
+            if _is_json_array(path):
+                raise
+            # Every line is a JSON object, yet the library could not read the file: some versions of its Arrow
+            # reader have no column for a field whose type changes from line to line (a number where the
+            # other lines hold text). Read the lines here; the source's own checks then name the line and field.
+            records = [json_line(line) for line in text_lines(path) if line.strip()]
+            return Table(source, records, "line", json_lines=path)
     if builder == "parquet":
         return Table(source, rows, "row")
     if builder == "text" or _is_json_array(path):
