@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # imported where used: the launcher tests need no torch in th
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINER = REPO / "trainer_sft.py"
+FAULT_WORKER = REPO / "tests" / "training" / "fault_worker.py"
+"""trainer_sft.py with faults injected from the environment (see its docstring)."""
+VOCAB_ROWS = 2032
+"""The tiny model's embedding rows: the bundled tokenizer (2023) + 3 chat tokens, padded to a multiple of 16."""
 TINY = ["--configs", "defaults", "tiny-falcon", "oasst-sample"]
 TINY_RUN = [*TINY, "max_steps=8", "save_steps=4", "logging_steps=1", "eval_steps=4"]
 """The short run the session fixtures train: 8 steps, checkpoints at 4 and 8, metrics every step."""

@@ -265,16 +265,28 @@ def test_packing_holds_when_a_wrapper_calls_forward_directly(name: str) -> None:
 def _compiled_matches_eager(backend: str, name: str) -> None:
     """Packed rows of varying lengths through compiled decoder layers: the losses and gradients of eager."""
     eager, compiled = tiny_model(name), tiny_model(name)
+    assert _compile_beside(eager, compiled, backend) == 2
+    _assert_compiled_matches(eager, compiled, [(7, 13, 4, 10), (9, 3, 12), (5, 16, 8, 2, 6)], 1e-5, 1e-5)
+
+
+def _compile_beside(eager: PreTrainedModel, compiled: PreTrainedModel, backend: str = "inductor") -> int:
+    """Packing on both models, the decoder layers of `compiled` compiled; how many were."""
     enable_packed_attention(eager)
     enable_packed_attention(compiled)
-    assert compile_decoder_layers(compiled, backend=backend) == 2
-    for seed, lengths in enumerate([(7, 13, 4, 10), (9, 3, 12), (5, 16, 8, 2, 6)]):
+    return compile_decoder_layers(compiled, backend=backend)
+
+
+def _assert_compiled_matches(
+    eager: PreTrainedModel, compiled: PreTrainedModel, length_sets: list[tuple[int, ...]], loss_rtol: float,
+    grad_rtol: float,
+) -> None:
+    for seed, lengths in enumerate(length_sets):
         samples = random_samples(lengths, seed=seed)
         expected, expected_row = packed_losses(eager, samples)
         expected_grads = gradients(eager, expected_row)
         actual, actual_row = packed_losses(compiled, samples)
-        torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=1e-5, atol=0)
-        assert_gradients_match(gradients(compiled, actual_row), expected_grads, rtol=1e-5)
+        torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=loss_rtol, atol=0)
+        assert_gradients_match(gradients(compiled, actual_row), expected_grads, rtol=grad_rtol)
 
 
 # One model of each way to the attention: Falcon's class swap and the AttentionInterface's registered function.
@@ -299,17 +311,9 @@ def test_layers_compiled_by_inductor_match_eager_in_bf16_on_cuda(name: str) -> N
     """The compiled layers of the GPU runs (varlen attention, fused elementwise kernels), within bf16 tolerances."""
     eager = tiny_model(name, hidden=256, heads=4).cuda().bfloat16()
     compiled = tiny_model(name, hidden=256, heads=4).cuda().bfloat16()
-    enable_packed_attention(eager)
-    enable_packed_attention(compiled)
-    compile_decoder_layers(compiled)
+    _compile_beside(eager, compiled)
     with torch.device("cuda"):
-        for seed, lengths in enumerate([(100, 300, 37, 250), (64, 500, 9)]):
-            samples = random_samples(lengths, seed=seed)
-            expected, expected_row = packed_losses(eager, samples)
-            expected_grads = gradients(eager, expected_row)
-            actual, actual_row = packed_losses(compiled, samples)
-            torch.testing.assert_close(torch.stack(actual), torch.stack(expected), rtol=2e-2, atol=0)
-            assert_gradients_match(gradients(compiled, actual_row), expected_grads, rtol=5e-2)
+        _assert_compiled_matches(eager, compiled, [(100, 300, 37, 250), (64, 500, 9)], 2e-2, 5e-2)
 
 
 @pytest.mark.parametrize("name", ["falcon-7b", "llama"])

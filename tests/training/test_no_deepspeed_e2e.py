@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    FAULT_WORKER,
     REPO,
     TINY,
+    VOCAB_ROWS,
     assert_same_weights,
     check_ok,
     cpu_env,
@@ -36,8 +38,6 @@ from model_training.training.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 
-FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
-VOCAB_ROWS = 2032  # bundled tokenizer (2023) + 3 chat tokens, padded to a multiple of 16
 RUN = [*TINY, "max_steps=6", "save_steps=3", "logging_steps=1"]
 ACCUMULATE_2 = [*RUN, "gradient_accumulation_steps=2"]
 """2 micro-batches of 8 samples per step on each rank."""

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    FAULT_WORKER,
     REPO,
     TINY,
     TINY_RUN,
+    VOCAB_ROWS,
     assert_same_weights,
     check_ok,
     cpu_env,
@@ -31,8 +33,6 @@ from model_training.training.checkpoint import resolve_checkpoint
 pytestmark = pytest.mark.slow
 
 GOLDEN = Path(__file__).with_name("golden_losses.json")
-FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
-VOCAB_ROWS = 2032  # bundled tokenizer (2023) + 3 chat tokens, padded to a multiple of 16
 
 
 def module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
