@@ -19,6 +19,12 @@ Rows, each a fresh process under `deepspeed --num_gpus 1`, so that its start-up 
                     32 query heads sharing 8 key/value heads, SwiGLU MLP 11008 wide, vocabulary 32000: 1.68B
                     parameters), our trainer with section llama-7b on the same data, batch and settings as `ours`
                     (bf16, ZeRO-2, checkpointing), packed through transformers' AttentionInterface.
+  rm                the reward model (trainer_rm.py, sections defaults-rm falcon-7b-rm) on the Falcon proxy: pairs of
+                    the same draw (one prompt, the replies of two samples), half as many pairs a micro-batch as `ours`
+                    has samples, so that a micro-batch holds as many tokens; bf16, ZeRO-2, checkpointing.
+  dpo               DPO (trainer_dpo.py, sections defaults-dpo falcon-7b-dpo) on the same pairs and settings; its
+                    reference pass (one forward over every pair) runs before step 1, so it counts in the time to
+                    the first step, not in tokens/s.
   7b-zero3-offload  the full 32-layer Falcon-7B shape (6.9B parameters), our trainer on ZeRO-3 with the optimizer
                     (fp32 master weights and Adam moments) in CPU memory: configs/zero3_offload_config.json less
                     its parameter offload. Answers "can it be fine-tuned on one 80 GB GPU".
@@ -57,7 +63,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -70,7 +76,7 @@ LLAMA_VOCAB = 32000
 """Llama's embedding rows, for the Llama-shaped row's tokenizer."""
 EOS = "<|endoftext|>"
 IGNORE_INDEX = -100
-DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "llama", "7b-zero3-offload", "7b-qlora")
+DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "llama", "rm", "dpo", "7b-zero3-offload", "7b-qlora")
 
 
 @dataclass(frozen=True)
@@ -119,8 +125,8 @@ class Settings:
     warmup: int = 3
     warmup_7b: int = 2
     timeouts: dict[str, int] = field(default_factory=lambda: {
-        "baseline": 90, "ours": 60, "baseline-best": 90, "ours-best": 120, "llama": 60, "7b-zero3-offload": 150,
-        "7b-qlora": 90,
+        "baseline": 90, "ours": 60, "baseline-best": 90, "ours-best": 120, "llama": 60, "rm": 60, "dpo": 75,
+        "7b-zero3-offload": 150, "7b-qlora": 90,
     })
     """Seconds each row may take; a row that runs out is reported as timed out and the next one runs."""
     smoke: bool = False
@@ -180,6 +186,9 @@ def expected_sample(prompt: list[int], reply: list[int], prompter: int, assistan
 class Dataset:
     tokenizer: Path
     chat_jsonl: Path
+    preference_jsonl: Path
+    """The same draw as preference pairs, for the rm and dpo rows: sample 2k's prompt, its reply chosen, sample
+    2k + 1's reply rejected."""
     samples: Path
     """npz: ids and labels concatenated, with offsets (the baseline's input)."""
     real_tokens: int
@@ -209,13 +218,20 @@ def make_dataset(settings: Settings, workdir: Path, vocab: int) -> Dataset:
             messages = [{"role": "user", "content": " ".join(f"w{i}" for i in prompt)},
                         {"role": "assistant", "content": " ".join(f"w{i}" for i in reply)}]
             f.write(json.dumps({"messages": messages}) + "\n")
+    preference_jsonl = workdir / "synthetic_preferences.jsonl"
+    with open(preference_jsonl, "w", encoding="utf-8") as f:
+        for (prompt, chosen), (_, rejected) in zip(conversations[0::2], conversations[1::2]):
+            f.write(json.dumps({"prompt": " ".join(f"w{i}" for i in prompt),
+                                "chosen": " ".join(f"w{i}" for i in chosen),
+                                "rejected": " ".join(f"w{i}" for i in rejected)}) + "\n")
     pairs = [expected_sample(p, r, prompter, assistant) for p, r in conversations]
     offsets = np.cumsum([0] + [len(ids) for ids, _ in pairs])
     samples = workdir / "synthetic_samples.npz"
     np.savez(samples, ids=np.concatenate([ids for ids, _ in pairs]).astype(np.int32),
              labels=np.concatenate([labels for _, labels in pairs]).astype(np.int32), offsets=offsets)
     supervised = sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in pairs)
-    return Dataset(tokenizer_dir, chat_jsonl, samples, int(offsets[-1]), supervised / int(offsets[-1]))
+    return Dataset(tokenizer_dir, chat_jsonl, preference_jsonl, samples, int(offsets[-1]),
+                   supervised / int(offsets[-1]))
 
 
 def check_trainer_reads_the_drawn_samples(argv: list[str], dataset: Dataset) -> None:
@@ -243,7 +259,8 @@ def prepare_datasets(settings: Settings, workdir: Path, rows: list[Row]) -> dict
     for row in rows:
         if row.shape.vocab not in datasets:
             dataset = make_dataset(settings, workdir / f"vocab-{row.shape.vocab}", row.shape.vocab)
-            check_trainer_reads_the_drawn_samples(trainer_argv(row, settings, dataset, workdir), dataset)
+            sft = replace(row, stage="sft", sections=("defaults", "falcon-7b"))
+            check_trainer_reads_the_drawn_samples(trainer_argv(sft, settings, dataset, workdir), dataset)
             datasets[row.shape.vocab] = dataset
     return datasets
 
@@ -267,6 +284,8 @@ class Row:
     checkpointing: bool = True
     overrides: tuple[str, ...] = ()
     sections: tuple[str, ...] = ("defaults", "falcon-7b")
+    stage: str = "sft"
+    """Our trainer's stage (ours): sft, rm or dpo."""
 
     def output_dir(self, workdir: Path) -> Path:
         return workdir / "runs" / self.name
@@ -300,6 +319,8 @@ def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
     like = {"micro_batch": settings.micro_batch, "accumulation": settings.accumulation, "checkpointing": True}
     best = {"micro_batch": settings.micro_batch * settings.accumulation, "accumulation": 1, "checkpointing": False}
     proxy = {"shape": settings.small, "steps": settings.steps, "warmup": settings.warmup}
+    # A pair is two sequences: half as many a micro-batch hold as many tokens as `like`'s samples.
+    pairs = {**like, "micro_batch": max(1, settings.micro_batch // 2)}
     seven_b = {"shape": settings.full, "steps": settings.steps_7b, "warmup": settings.warmup_7b}
     rows = [
         Row("baseline", "hf", setup="transformers.Trainer, padded, ZeRO-2", deepspeed_config=trainer_optimizer,
@@ -312,6 +333,10 @@ def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
         Row("llama", "ours", setup="trainer_sft.py, ZeRO-2, Llama-shaped (GQA 32/8, vocabulary 32000)",
             deepspeed_config=zero2, sections=("defaults", "llama-7b"), shape=settings.llama, steps=settings.steps,
             warmup=settings.warmup, **like),
+        Row("rm", "ours", setup="trainer_rm.py, ZeRO-2, pairs", deepspeed_config=zero2, stage="rm",
+            sections=("defaults-rm", "falcon-7b-rm"), **proxy, **pairs),
+        Row("dpo", "ours", setup="trainer_dpo.py, ZeRO-2, pairs", deepspeed_config=zero2, stage="dpo",
+            sections=("defaults-dpo", "falcon-7b-dpo"), **proxy, **pairs),
         Row("7b-zero3-offload", "ours", setup="trainer_sft.py, ZeRO-3, optimizer offloaded to CPU",
             deepspeed_config=offload_optimizer_only(workdir), **seven_b, **like),
         # Section falcon-7b-qlora, on the bench's data: its format, length and batch are the other rows'.
@@ -325,10 +350,12 @@ def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
 def trainer_argv(row: Row, settings: Settings, dataset: Dataset, workdir: Path) -> list[str]:
     """Our trainer's command line for `row`: a config section, then the bench's model, data and batch."""
     model = [f"model_config.{key}={json.dumps(value)}" for key, value in row.shape.model_config().items()]
+    source, path = ("chat_jsonl", dataset.chat_jsonl) if row.stage == "sft" else (
+        "preference_jsonl", dataset.preference_jsonl)
     return [
         "--configs", *row.sections,
         "model_name=null", *model, f"tokenizer_name={dataset.tokenizer}",
-        f"datasets=[{{chat_jsonl: {{input_file_path: {dataset.chat_jsonl}, val_split: 0.0}}}}]",
+        f"datasets=[{{{source}: {{input_file_path: {path}, val_split: 0.0}}}}]",
         f"data_cache_dir={workdir / 'tokenized'}", f"output_dir={row.output_dir(workdir)}",
         f"max_length={settings.max_length}", f"max_steps={row.steps}", "logging_steps=1", "save_strategy=no",
         "eval_steps=null", "residual_dropout=0.0", "generate_val_samples=0", "log_wandb=false",
@@ -360,8 +387,9 @@ def _peaks() -> dict[str, float]:
     return {"peak_gpu_bytes": peak_gpu, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def worker_ours(result: Path, argv: list[str]) -> None:
-    """Our trainer's command line, its metrics records stamped with seconds since the bench launched it."""
+def worker_ours(result: Path, argv: list[str], stage: str) -> None:
+    """Our trainer's command line (of `stage`), its metrics records stamped with seconds since the bench launched
+    it."""
     from model_training.cli import exit_process, main_train
     from model_training.training.metrics import MetricsLogger
 
@@ -372,7 +400,7 @@ def worker_ours(result: Path, argv: list[str]) -> None:
         log(self, {**record, "wall_s": time.time() - launched})
 
     MetricsLogger.log = stamped  # type: ignore[method-assign]
-    status = main_train(argv)
+    status = main_train(argv, stage)
     result.write_text(json.dumps({"status": status, **_peaks()}))
     exit_process(status)
 
@@ -508,7 +536,8 @@ def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: 
         }))
         worker = ["--worker", "hf", "--result", str(result), "--", str(spec)]
     else:
-        worker = ["--worker", "ours", "--result", str(result), "--", *trainer_argv(row, settings, dataset, workdir)]
+        worker = ["--worker", "ours", "--stage", row.stage, "--result", str(result), "--",
+                  *trainer_argv(row, settings, dataset, workdir)]
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
                str(_free_port()), str(Path(__file__).resolve()), *worker]
     log_path = workdir / f"{row.name}.log"
@@ -632,6 +661,12 @@ def table(outcomes: list[Outcome]) -> str:
         lines.append(f"- Llama-shaped proxy, the settings of `ours`: {llama.tokens_per_s:,.0f} real tokens/s at "
                      f"{100 * llama.mfu:.1f}% MFU (the Falcon proxy: {ours.tokens_per_s:,.0f} at "
                      f"{100 * ours.mfu:.1f}%).")
+    for stage in ("rm", "dpo"):
+        row = full.get(stage)
+        if row and ours and row.tokens_per_s and ours.tokens_per_s:
+            ratio = row.tokens_per_s / ours.tokens_per_s
+            lines.append(f"- {stage} on the Falcon proxy, the settings of `ours` in pairs: {row.tokens_per_s:,.0f} "
+                         f"real tokens/s at {100 * row.mfu:.1f}% MFU, {ratio:.2f}x SFT's.")
     offload, qlora = full.get("7b-zero3-offload"), full.get("7b-qlora")
     if offload and qlora and offload.peak_gpu_gib and qlora.peak_gpu_gib:
         lines.append(f"- QLoRA peak GPU memory on the 32-layer Falcon-7B shape: {qlora.peak_gpu_gib:.1f} GiB, "
@@ -672,6 +707,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="seconds for all rows; later rows get less")
     parser.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)  # a row's own process
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", default="sft", help=argparse.SUPPRESS)
     # The deepspeed launcher passes it to every rank; the workers read LOCAL_RANK from the environment instead.
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -679,7 +715,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if args.worker == "ours":
-        worker_ours(args.result, rest)
+        worker_ours(args.result, rest, args.stage)
         return
     if args.worker == "hf":
         worker_baseline(args.result, Path(rest[0]))

@@ -7,6 +7,7 @@ a tiny model trained on them visibly learns (questions recur with consistent ans
 - alpaca_sample.json        a Stanford Alpaca JSON array (instruction, input, output), indented as released
 - hh_rlhf_sample.jsonl.gz   Anthropic hh-rlhf rows (chosen, rejected), "\\n\\nHuman: ...\\n\\nAssistant: ..."
 - chat_sample.jsonl         OpenAI-style {"messages": [...]} records, some with a system message or a lang
+- preference_sample.jsonl   preference pairs in the common layout: {"prompt" or "messages", "chosen", "rejected"}
 - text_sample.txt           encyclopedia-style paragraphs separated by blank lines
 - oasst1_sample/            a `datasets` save_to_disk folder of flat oasst1 rows, built from the first trees of
                             oasst_sample.jsonl.gz
@@ -285,6 +286,25 @@ def hh_rows() -> list[dict]:
     return rows
 
 
+def preference_rows() -> list[dict]:
+    """A helpful reply preferred to an unhelpful one: single prompts, and conversations with a system message."""
+    rows = []
+    for country, capital, continent, _, currency in COUNTRIES:
+        rows.append({"prompt": f"What is the capital of {country}?",
+                     "chosen": f"The capital of {country} is {capital}.", "rejected": "Look it up yourself."})
+        rows.append({"messages": [{"role": "system", "content": SYSTEMS[len(rows) % len(SYSTEMS)]},
+                                  {"role": "user", "content": f"Where is {country}?"},
+                                  {"role": "assistant", "content": f"{country} is in {continent}."},
+                                  {"role": "user", "content": "Which currency do they use?"}],
+                     "chosen": f"People in {country} pay with the {currency}.", "rejected": "Money."})
+    for animal, _, diet, habitat, _ in ANIMALS:
+        rows.append({"prompt": f"What does the {animal} eat?", "chosen": f"The {animal} is a {diet}.",
+                     "rejected": f"I have never seen a {animal}."})
+        rows.append({"prompt": f"Where does the {animal} live?", "chosen": f"The {animal} lives in {habitat}.",
+                     "rejected": "Somewhere."})
+    return rows
+
+
 def chat_rows(rng: random.Random) -> list[dict]:
     def record(turns: list[tuple[str, str]], system: str | None = None, lang: str | None = None) -> dict:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -483,11 +503,13 @@ def main() -> None:
     write_text(DATA / "alpaca_sample.json", json.dumps(alpaca_rows(rng), indent=4, ensure_ascii=False) + "\n")
     write_gzip(DATA / "hh_rlhf_sample.jsonl.gz", jsonl(hh_rows()))
     write_text(DATA / "chat_sample.jsonl", jsonl(chat_rows(rng)))
+    write_text(DATA / "preference_sample.jsonl", jsonl(preference_rows()))
     # Wrapped like most text files, so a document spans several lines.
     write_text(DATA / "text_sample.txt", "\n\n".join(textwrap.fill(p, width=100) for p in paragraphs()) + "\n")
     write_oasst1(DATA / "oasst1_sample")
     write_natural_instructions(DATA / "natural_instructions_sample", DATA / "natural_instructions_sample.jsonl")
     for name in ("dolly_sample.jsonl", "alpaca_sample.json", "hh_rlhf_sample.jsonl.gz", "chat_sample.jsonl",
+                 "preference_sample.jsonl",
                  "text_sample.txt", "oasst1_sample", "natural_instructions_sample",
                  "natural_instructions_sample.jsonl"):  # fmt: skip
         path = DATA / name

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from model_training.config import (
+    STAGE_COMMANDS,
     ConfigError,
     TrainConfig,
     closest_name,
@@ -32,10 +33,17 @@ class TrainArgs:
     show_config: bool
 
 
-def _parser() -> argparse.ArgumentParser:
+_DESCRIPTIONS = {
+    "sft": "Supervised fine-tuning",
+    "rm": "Reward model training (a scalar head, ranking loss)",
+    "dpo": "Direct preference optimization",
+}
+
+
+def _parser(stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="trainer_sft.py",
-        description="Supervised fine-tuning on DeepSpeed (or plain PyTorch: --no-deepspeed). Overrides: key=value "
+        prog=STAGE_COMMANDS[stage],
+        description=f"{_DESCRIPTIONS[stage]} on DeepSpeed (or plain PyTorch: --no-deepspeed). Overrides: key=value "
         "(dotted keys for nested values) or --key value; every key is documented in model_training/config.py.",
         allow_abbrev=False,
     )
@@ -95,9 +103,10 @@ def _names_a_config_key(token: str | None) -> bool:
     return bool(sep) and key.split(".")[0] in _CONFIG_KEYS
 
 
-def parse_train_args(argv: list[str]) -> TrainArgs:
-    """The merged, validated config from a command line; raises ConfigError on any user mistake."""
-    args, rest = _parser().parse_known_args(argv)
+def parse_train_args(argv: list[str], stage: str = "sft") -> TrainArgs:
+    """The merged, validated config of `stage`'s command line; raises ConfigError on any user mistake, and when the
+    sections name another stage (`stage` key)."""
+    args, rest = _parser(stage).parse_known_args(argv)
     # `--configs a b key=value` reads naturally; argparse would take key=value as a section name.
     sections = [name for name in args.configs if "=" not in name]
     rest = [name for name in args.configs if "=" in name] + rest
@@ -108,7 +117,7 @@ def parse_train_args(argv: list[str]) -> TrainArgs:
         args.resume_from_checkpoint = "latest"
     overrides = _split_overrides(rest)
     overrides += [(key, getattr(args, key)) for key in _FLAG_KEYS if getattr(args, key) is not None]
-    config = load_config(sections, overrides, config_file=args.config_file)
+    config = load_config(sections, overrides, config_file=args.config_file, stage=stage)
     return TrainArgs(config=config, show_config=args.show_config)
 
 
@@ -120,14 +129,15 @@ def report_user_error(err: Exception, quiet: bool = False) -> int:
     return 2
 
 
-def main_train(argv: list[str]) -> int:
-    """`trainer_sft.py`: parse, then print the config, print dataset statistics, or train."""
+def main_train(argv: list[str], stage: str = "sft") -> int:
+    """`trainer_sft.py` (or the command of another `stage`): parse, then print the config, print dataset
+    statistics, or train."""
     quiet_library_noise()
     if _launcher_rank() != 0:
         # Every rank reads the same config; its warnings (OpenAssistant keys without effect) are rank 0's to say.
         logging.getLogger("model_training.config").setLevel(logging.ERROR)
     try:
-        args = parse_train_args(argv)
+        args = parse_train_args(argv, stage)
         if args.show_config:
             print(to_yaml(args.config), end="")
             return 0
@@ -193,9 +203,24 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
     from model_training.models.builder import load_tokenizer
     from model_training.training.sampler import plan_sources
 
+    if cfg.stage != "sft":
+        return _show_preference_stats(cfg, load_tokenizer(cfg))
     data = prepare_data(cfg, load_tokenizer(cfg))
     draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
     print(format_stats(data, [d.per_epoch for d in draws], cfg.max_length, cfg.val_max_length or cfg.max_length))
+    return 0
+
+
+def _show_preference_stats(cfg: TrainConfig, tokenizer: Any) -> int:
+    from model_training.data.preferences import prepare_preferences
+
+    data = prepare_preferences(cfg, tokenizer)
+    print(f"{'dataset':<24} {'side':<6} {'groups':>8} {'pairs':>8} {'tokens':>10} {'cut':>6}")
+    for train, val in zip(data.train, data.val, strict=True):
+        for side, split in (("train", train), ("val", val)):
+            pairs = sum(g.loss_units for g in split.samples)
+            tokens = sum(g.num_tokens for g in split.samples)
+            print(f"{split.name:<24} {side:<6} {len(split.samples):>8} {pairs:>8} {tokens:>10} {split.truncated:>6}")
     return 0
 
 

@@ -102,6 +102,29 @@ class QuantizationConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The preference stages: the reward model (trainer_rm.py) reads no options of its own beyond the shared ones; DPO:
+
+
+@dataclass
+class DpoConfig:
+    """Direct preference optimization (trainer_dpo.py): the policy trained against a frozen reference, the same
+    starting weights."""
+
+    beta: float = 0.1
+    """Strength of the tie to the reference: the implicit reward of a reply is beta * (log pi - log pi_ref)."""
+    loss_type: str = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta * margin) over summed log-probabilities; ipo: IPO's (margin - 1 / (2 beta))^2
+    over per-token mean log-probabilities."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's label is wrong (conservative DPO, sigmoid only): the loss mixes in the flipped pair."""
+
+
+STAGES = ("sft", "rm", "dpo")
+"""The training stages, each with its command: trainer_sft.py, trainer_rm.py, trainer_dpo.py."""
+STAGE_COMMANDS = {"sft": "trainer_sft.py", "rm": "trainer_rm.py", "dpo": "trainer_dpo.py"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The schema. Field docstrings are the documentation; `--show_config` prints the merged values.
 
 
@@ -263,6 +286,14 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     """Stop with an error after this many optimizer steps in a row with a non-finite loss (each is skipped)."""
 
+    # --- stage ---
+    stage: str | None = None
+    """What is trained: sft (a chat model), rm (a reward model: a scalar head on the model, ranking loss) or dpo
+    (a chat model from preference pairs); null: the command's (trainer_sft.py, trainer_rm.py, trainer_dpo.py). A
+    section that sets it runs with its own command only."""
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    """DPO's options (stage dpo)."""
+
     @functools.cached_property
     def dataset_specs(self) -> list[DatasetSpec]:
         """`datasets` + `datasets_extra`, typed and checked against their sources' options, parsed once: by
@@ -271,6 +302,8 @@ class TrainConfig:
 
 
 _CHOICES = {
+    "stage": (None, *STAGES),
+    "dpo.loss_type": ("sigmoid", "ipo"),
     "dtype": ("bf16", "fp16", "fp32"),
     "chat_format": tuple(CHAT_FORMATS),
     "peft.type": (None, "lora"),
@@ -415,8 +448,10 @@ def load_config(
     section_names: list[str],
     overrides: list[tuple[str, Any]] | None = None,
     config_file: Path | None = None,
+    stage: str = "sft",
 ) -> TrainConfig:
-    """Merge the schema's defaults, the named sections in order, then the overrides, and validate.
+    """Merge the schema's defaults, the named sections in order, then the overrides, and validate, for the command
+    of `stage`: a config whose `stage` names another is refused, one without takes `stage`.
 
     The sections come from every `configs/*.yaml`, or from `config_file` alone. OpenAssistant trainer keys the
     schema lacks are read or dropped with one warning each (model_training/openassistant_keys.py).
@@ -445,6 +480,10 @@ def load_config(
     for message in warnings.values():
         logger.warning("%s", message)
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if cfg.stage not in (None, stage) and cfg.stage in STAGE_COMMANDS:
+        raise ConfigError(f"key 'stage' is {cfg.stage!r}: this config trains with {STAGE_COMMANDS[cfg.stage]}, not "
+                          f"{STAGE_COMMANDS[stage]}")
+    cfg.stage = cfg.stage or stage
     cfg.dataset_specs = parse_dataset_specs(cfg, origins)
     validate(cfg)
     return cfg
@@ -467,6 +506,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.generate_val_samples < 0:
         raise ConfigError(f"key 'generate_val_samples' must be at least 0, got {cfg.generate_val_samples}")
     _validate_peft(cfg)
+    _validate_preference_stage(cfg)
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -618,6 +658,25 @@ def _validate_openassistant_options(cfg: TrainConfig) -> None:
                           "base is frozen already: set freeze_layer=null")
     if cfg.use_system_prefix and not cfg.system_prefix:
         raise ConfigError("key 'use_system_prefix' is true but 'system_prefix' is empty; give the system text")
+
+
+def _validate_preference_stage(cfg: TrainConfig) -> None:
+    if cfg.dpo.beta <= 0:
+        raise ConfigError(f"key 'dpo.beta' must be positive, got {cfg.dpo.beta}")
+    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
+    if cfg.dpo.loss_type == "ipo" and cfg.dpo.label_smoothing:
+        raise ConfigError("key 'dpo.label_smoothing' applies to loss_type sigmoid; IPO has none, set it to 0")
+    if cfg.stage not in ("rm", "dpo"):
+        return
+    command = STAGE_COMMANDS[cfg.stage]
+    if cfg.peft.type is not None or cfg.quantization.load_in_4bit:
+        raise ConfigError(f"{command} trains every weight; set peft.type=null and quantization.load_in_4bit=false")
+    if cfg.generate_val_samples or (cfg.stage == "rm" and cfg.generate_samples):
+        key = "generate_val_samples" if cfg.generate_val_samples else "generate_samples"
+        raise ConfigError(f"key '{key}' is set, but {command} has no validation conversations to answer"
+                          + (" and a reward model does not generate" if cfg.stage == "rm" else "")
+                          + f"; set {key} to its default")
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

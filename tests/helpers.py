@@ -30,6 +30,32 @@ TINY_RUN = [*TINY, "max_steps=8", "save_steps=4", "logging_steps=1", "eval_steps
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
+PLANTED_MARKER = "kindly"
+"""The word that makes a reply better in `write_planted_preferences`' data."""
+_WORDS = ("river forest city water light music green quiet market bridge garden winter summer travel story animal "
+          "history people mountain ocean bread stone north window").split()
+
+
+def write_planted_preferences(path: Path, count: int, seed: int = 0) -> Path:
+    """`count` preference_jsonl records whose chosen reply holds PLANTED_MARKER among random words and whose rejected
+    reply does not: a preference a tiny model can learn, and nothing else tells the replies apart."""
+    import random
+
+    rng = random.Random(seed)
+
+    def words() -> list[str]:
+        return rng.choices(_WORDS, k=rng.randint(5, 9))
+
+    rows = []
+    for _ in range(count):
+        chosen = words()
+        chosen.insert(rng.randrange(len(chosen) + 1), PLANTED_MARKER)
+        rows.append({"prompt": f"Say something about the {rng.choice(_WORDS)}.", "chosen": " ".join(chosen) + ".",
+                     "rejected": " ".join(words()) + "."})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

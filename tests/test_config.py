@@ -47,8 +47,46 @@ def test_every_shipped_section_merges_and_validates(model: str, data: str) -> No
     assert resolve_input_path(cfg.deepspeed_config).is_file()
 
 
+PREFERENCE_RUNS = {
+    "rm": [["defaults-rm", "falcon-7b-rm", "oasst-rm"], ["defaults-rm", "tiny-falcon", "preference-sample"]],
+    "dpo": [["defaults-dpo", "falcon-7b-dpo", "oasst-rm"], ["defaults-dpo", "tiny-falcon", "preference-sample"]],
+}
+PREFERENCE_SECTIONS = {name for runs in PREFERENCE_RUNS.values() for run in runs for name in run} - set(MODEL_SECTIONS)
+
+
+@pytest.mark.parametrize(("stage", "sections"), [(s, run) for s, runs in PREFERENCE_RUNS.items() for run in runs])
+def test_every_preference_section_merges_and_validates_for_its_command(stage: str, sections: list[str]) -> None:
+    cfg = load_config(sections, stage=stage)
+    assert cfg.stage == stage and cfg.dataset_specs
+    assert resolve_input_path(cfg.deepspeed_config).is_file()
+
+
+def test_a_section_of_another_stage_is_refused_and_a_config_without_one_takes_the_commands() -> None:
+    with pytest.raises(ConfigError, match="key 'stage' is 'rm': this config trains with trainer_rm.py, not "
+                                          "trainer_sft.py"):
+        load_config(["defaults-rm", "tiny-falcon", "oasst-sample"])
+    assert load_config(["defaults", "tiny-falcon", "preference-sample"], stage="dpo").stage == "dpo"
+    assert load_config(["defaults", "tiny-falcon", "oasst-sample"]).stage == "sft"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (("dpo.beta", 0.0), "key 'dpo.beta' must be positive, got 0.0"),
+        (("dpo.loss_type", "hinge"), "key 'dpo.loss_type' is 'hinge'; expected one of sigmoid, ipo"),
+        (("dpo.label_smoothing", 0.5), r"key 'dpo.label_smoothing' must be in \[0, 0.5\), got 0.5"),
+        (("peft.type", "lora"), "trainer_dpo.py trains every weight; set peft.type=null"),
+        (("generate_val_samples", 2), "key 'generate_val_samples' is set, but trainer_dpo.py has no validation"),
+    ],
+)
+def test_dpo_options_are_checked(override: tuple[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(["defaults-dpo", "tiny-falcon", "preference-sample"], [override], stage="dpo")
+
+
 def test_every_section_in_the_file_is_tested() -> None:
-    assert set(read_sections(DEFAULT_CONFIG_FILE)) == {"defaults", *MODEL_SECTIONS, *DATA_SECTIONS}
+    assert set(read_sections(DEFAULT_CONFIG_FILE)) == {"defaults", *MODEL_SECTIONS, *DATA_SECTIONS,
+                                                       *PREFERENCE_SECTIONS}
     # And no other file in configs/ adds sections (every *.yaml there is read).
     assert set(read_config_folder()) == set(read_sections(DEFAULT_CONFIG_FILE))
 

@@ -170,7 +170,26 @@ CHAT_CUT = CHAT_OK[:47]  # a line cut short: the decoder stops past its last cha
 OASST_TAB = '{"message_tree_id": "t", "prompt": {"text": "a\tb"}}'  # a raw tab inside a JSON string
 TAB_COLUMN = OASST_TAB.index("\t") + 1
 
+def reward_model(*args: str) -> Callable[[Path], list[str]]:
+    """trainer_rm.py on the tiny model with `args`, where {scratch} is the scratch folder."""
+    return lambda scratch: [str(REPO / "trainer_rm.py"), "--configs", "defaults-rm", "tiny-falcon",
+                            *(arg.replace("{scratch}", str(scratch)) for arg in args)]
+
+
 FAULTS = [
+    Fault("a reward-model section run by trainer_sft.py",
+          lambda scratch: [str(TRAINER), "--configs", "defaults-rm", "tiny-falcon", "preference-sample",
+                           "--show_config"],
+          r"key 'stage' is 'rm': this config trains with trainer_rm\.py, not trainer_sft\.py"),
+    Fault("a preference record with one reply",
+          made(lambda s: (s / "prefs.jsonl").write_bytes(lines('{"prompt": "Hi", "chosen": "Yo", "rejected": "No"}',
+                                                               '{"prompt": "Hey", "chosen": "Yo"}')),
+               reward_model("datasets=[{preference_jsonl: {input_file_path: {scratch}/prefs.jsonl}}]",
+                            "--show_dataset_stats")),
+          r"prefs\.jsonl, line 2: missing field 'rejected'"),
+    Fault("a conversation source for the reward model",
+          reward_model("datasets=[{dolly15k: {input_file_path: dolly_sample.jsonl}}]", "--show_dataset_stats"),
+          r"datasets\[0\]\.dolly15k has no ranked replies for the rm stage; sources that have them: oasst_export"),
     Fault("oasst_export not gzip", with_dataset("oasst_export", "export.jsonl.gz", b"plain text, not gzip\n"),
           r"export\.jsonl\.gz, line 1: not gzip data; expected a gzip-compressed file"),
     Fault("oasst_export gzip cut short", with_dataset("oasst_export", "export.jsonl.gz",

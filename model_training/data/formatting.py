@@ -79,6 +79,15 @@ class FormattedSample:
     def num_supervised(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
+    @property
+    def loss_units(self) -> int:
+        """What the loss of a step is divided by, per sample: its supervised tokens (training/batches.py)."""
+        return self.num_supervised
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
 
 def chat_template(chat_format: str = DEFAULT_CHAT_FORMAT) -> str:
     """The Jinja chat template (for `tokenizer.chat_template`) that renders what `format_conversation` builds."""
@@ -121,8 +130,10 @@ def format_conversation(
     max_length: int | None,
     system: str | None = None,
     chat_format: str = DEFAULT_CHAT_FORMAT,
+    last_reply_only: bool = False,
 ) -> FormattedSample | None:
-    """Token ids and labels of a conversation that alternates prompter/assistant and ends with assistant.
+    """Token ids and labels of a conversation that alternates prompter/assistant and ends with assistant; with
+    `last_reply_only`, only the last reply (and its closing eos) carries labels, as the preference stages read it.
 
     Truncation rule (deterministic): keep the first `max_length` tokens; then drop the tokens after the
     last supervised one, since with causal attention they cannot change the loss. An assistant reply cut
@@ -130,7 +141,8 @@ def format_conversation(
     counts the sample as dropped. Raises ValueError on bad roles or alternation.
     """
     _check_roles(messages, last_role="assistant")
-    input_ids, labels = _build(messages, tokenizer, system, get_chat_format(chat_format), generation_prompt=False)
+    input_ids, labels = _build(messages, tokenizer, system, get_chat_format(chat_format), generation_prompt=False,
+                               last_reply_only=last_reply_only)
     return truncate(FormattedSample(tuple(input_ids), tuple(labels), truncated=False), max_length)
 
 
@@ -210,20 +222,22 @@ _Piece = tuple[str, bool, bool]
 
 
 def _pieces(
-    messages: Sequence[MessageLike], system: str | None, fmt: ChatFormat, generation_prompt: bool
+    messages: Sequence[MessageLike], system: str | None, fmt: ChatFormat, generation_prompt: bool,
+    last_reply_only: bool = False,
 ) -> list[_Piece]:
     """The conversation as pieces, in order, empty ones left out."""
     pieces: list[_Piece] = []
     if system is not None:
         pieces += [(fmt.system[0], False, False), (system, True, False), (fmt.system[1], False, False)]
-    for m in messages:
+    for number, m in enumerate(messages, start=1):
         if m.role == "prompter":
             pieces += [(fmt.user[0], False, False), (m.text, True, False), (fmt.user[1], False, False)]
         else:
+            loss = not last_reply_only or number == len(messages)
             pieces += [
                 (fmt.assistant[0], False, False),
-                (fmt.reply_prefix + m.text, True, True),
-                (fmt.assistant[1], False, True),
+                (fmt.reply_prefix + m.text, True, loss),
+                (fmt.assistant[1], False, loss),
             ]
     if generation_prompt:
         pieces.append((fmt.assistant[0], False, False))
@@ -236,10 +250,11 @@ def _build(
     system: str | None,
     fmt: ChatFormat,
     generation_prompt: bool,
+    last_reply_only: bool = False,
 ) -> tuple[list[int], list[int]]:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token")
-    pieces = _pieces(messages, system, fmt, generation_prompt)
+    pieces = _pieces(messages, system, fmt, generation_prompt, last_reply_only)
     if fmt.segmented:
         return _build_segmented(pieces, tokenizer)
     return _build_rendered(pieces, tokenizer)

@@ -20,6 +20,11 @@ ready for export with a reviewed prompt. Flat rows are each checked for their ow
 need the parent (it exists on an earlier row, roles alternate) run only for such trees, because the rows of
 the other trees are not kept.
 
+Ranking mode (`ranked=True`, OpenAssistant's `mode="rm"`, for the reward model and DPO): instead of threads, each
+tree gives its ranked reply groups (`RankedGroup`): every path from the root to a prompter message whose messages pass
+the thread filter, with that message's assistant replies that carry a rank (neither deleted nor synthetic), sorted
+by rank, when there are at least two of them.
+
 Trees in other languages than `lang` are built like kept trees but only their threads are counted (the
 `other_language` count of `--show_dataset_stats`, in threads like the count of every other source).
 
@@ -72,6 +77,10 @@ class _Tree:
     in_language: bool = True
 
 
+RankedGroup = tuple[Thread, list[Message]]
+"""A prefix ending with a prompter message, and its ranked assistant replies, best first."""
+
+
 @dataclass(frozen=True)
 class ExportTrees:
     """What an export holds for `lang` and `top_k`: (message tree id, its threads) for every tree in `lang` that
@@ -114,16 +123,17 @@ def read_export(
     top_k: int | None = None,
     skip_invalid: bool = False,
     config_key: str | None = None,
+    ranked: bool = False,
 ) -> ExportTrees:
     """The trees of an OASST export file (tree or flat form, see the module docstring), filtered as
-    `load_oasst_export` describes, not split."""
+    `load_oasst_export` describes, not split; with `ranked`, each tree's ranked reply groups instead of threads."""
     _check_top_k(top_k)
     path = Path(input_file_path)
     if not path.is_file():
         origin = f" (set by {config_key})" if config_key else ""
         raise FileNotFoundError(f"OASST export file not found: {path}{origin}")
     unit = "row" if path.suffix == ".parquet" else "line"
-    return _export_trees(_records(path), path, unit, parse_languages(lang), top_k, skip_invalid)
+    return _export_trees(_records(path), path, unit, parse_languages(lang), top_k, skip_invalid, ranked=ranked)
 
 
 def trees_from_rows(
@@ -132,13 +142,16 @@ def trees_from_rows(
     lang: str = "en",
     top_k: int | None = None,
     skip_invalid: bool = False,
+    ranked: bool = False,
 ) -> ExportTrees:
     """The trees of flat `oasst1` rows (one message per row, as the `datasets` library yields them), with the
-    filters of `load_oasst_export`, not split. `source` names the rows in error messages, which count rows from 1;
-    with `skip_invalid` a malformed row drops its whole tree, and a warning counts the rows skipped."""
+    filters of `load_oasst_export`, not split (`ranked`: as `read_export`). `source` names the rows in error
+    messages, which count rows from 1; with `skip_invalid` a malformed row drops its whole tree, and a warning
+    counts the rows skipped."""
     _check_top_k(top_k)
     langs = parse_languages(lang)
-    return _export_trees(enumerate(rows, start=1), source, "row", langs, top_k, skip_invalid, _FlatTrees(langs))
+    return _export_trees(enumerate(rows, start=1), source, "row", langs, top_k, skip_invalid, _FlatTrees(langs),
+                         ranked)
 
 
 def split_trees(
@@ -163,23 +176,26 @@ def _export_trees(
     top_k: int | None,
     skip_invalid: bool,
     flat: _FlatTrees | None = None,
+    ranked: bool = False,
 ) -> ExportTrees:
     """The ExportTrees of numbered records (see `_read_trees`); a warning counts the records skipped as invalid."""
     counts = {"skipped": 0, "other_language": 0}
     trees = _read_trees(records, source, unit, langs, skip_invalid, counts, flat)
     # `_tree_threads` drains the generator, which counts as it goes: the counts are whole only after it.
-    export = ExportTrees(_tree_threads(trees, top_k, counts), counts["other_language"])
+    export = ExportTrees(_tree_threads(trees, top_k, counts, ranked), counts["other_language"])
     if counts["skipped"]:
         logger.warning("skipped %d invalid %s(s) in %s", counts["skipped"], unit, source)
     return export
 
 
-def _tree_threads(trees: Iterable[_Tree], top_k: int | None, counts: dict[str, int]) -> list[tuple[str, list[Thread]]]:
-    """(tree id, threads) for the trees in the asked languages, in tree order, those without threads included;
-    the threads of the other trees are counted in `counts["other_language"]`."""
+def _tree_threads(
+    trees: Iterable[_Tree], top_k: int | None, counts: dict[str, int], ranked: bool
+) -> list[tuple[str, list]]:
+    """(tree id, threads or ranked groups) for the trees in the asked languages, in tree order, those without any
+    included; those of the other trees are counted in `counts["other_language"]`."""
     kept = []
     for tree in trees:
-        threads = list(_sft_threads(tree.root, top_k))
+        threads = list(_ranked_groups(tree.root, None, [], top_k) if ranked else _sft_threads(tree.root, top_k))
         if tree.in_language:
             kept.append((tree.tree_id, threads))
         else:
@@ -426,3 +442,21 @@ def _sft_threads(root: _Node, top_k: int | None) -> Iterator[Thread]:
         path.pop()
 
 
+
+
+def _ranked_groups(node: _Node, parent: _Node | None, path: Thread, top_k: int | None) -> Iterator[RankedGroup]:
+    """Depth-first, OpenAssistant's mode="rm": each prompter message on a path that passes the thread filter,
+    with its ranked replies when it has at least two; a subtree under a rejected message is not visited."""
+    if not _acceptable(node, parent, top_k):
+        return
+    path = [*path, node.message]
+    if node.message.role == "prompter":
+        ranked = sorted(
+            (r.message for r in node.replies if r.message.rank is not None and not r.message.deleted
+             and not r.message.synthetic and r.message.role == "assistant"),
+            key=lambda message: message.rank,
+        )
+        if len(ranked) >= 2:
+            yield path, ranked
+    for reply in node.replies:
+        yield from _ranked_groups(reply, node, path, top_k)

@@ -55,6 +55,18 @@ class TextDocument:
 Record = Conversation | TextDocument
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Ranked replies to one conversation, for the preference stages (reward model, DPO): `prefix` alternates
+    prompter/assistant, starts and ends with a prompter; `replies` are the assistant's answers to it, best first,
+    at least two."""
+
+    prefix: tuple[Message, ...]
+    replies: tuple[str, ...]
+    system: str | None = None
+    lang: str | None = None
+
+
 class FileFormatError(ValueError):
     """An input file does not hold what its format promises; the message names the file, the 1-based line (or
     record, row, instance: `unit`) and what was wrong. `line` is None for a fault of the file as a whole."""

@@ -233,8 +233,12 @@ def _prepare_dataset(
 ) -> _Prepared:
     """Load, split, filter and tokenize one dataset; adds the dedupe keys of what it keeps to `seen`."""
     report = FilterReport(display)
+    load = SOURCES[name].load
+    if load is None:
+        raise ConfigError(f"dataset {key} holds ranked replies, not conversations to fine-tune on; name it in a "
+                          "trainer_rm.py or trainer_dpo.py run, or use a conversation source such as chat_jsonl")
     try:
-        train, val = SOURCES[name].load(source, options, LoadContext(report, f"{key}.input_file_path"))
+        train, val = load(source, options, LoadContext(report, f"{key}.input_file_path"))
     except (FileNotFoundError, ConnectionError) as err:
         # The load's message names the path (or hub id) and the config key; a user fixes it in the config.
         raise ConfigError(str(err)) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
 
@@ -55,6 +56,17 @@ class LengthRule:
         """What of the rule changes which tokens train (for the data fingerprint a resume compares)."""
         prefix = None if self.prefix is None else self.prefix.input_ids
         return self.max_length, self.random_offset_probability, self.seed, prefix
+
+
+@dataclass(frozen=True)
+class WholeSamples:
+    """The rule for samples cut when they were formatted (the preference stages' groups): each trains whole."""
+
+    def apply(self, sample: Any, epoch: int, index: int) -> Any:
+        return sample
+
+    def fingerprint(self) -> tuple:
+        return ("whole",)
 
 
 def _key(seed: int, epoch: int, index: int) -> int:

@@ -3,8 +3,10 @@
 The folder holds the weights as safetensors shards in the asked dtype, ``config.json`` (that dtype,
 ``use_cache`` back on), ``generation_config.json`` (eos and pad of the tokenizer) and the tokenizer with the
 chat tokens and chat template, so that ``AutoTokenizer``/``pipeline("text-generation", model=folder)`` work
-unchanged. It is written into a hidden sibling folder and renamed into place at the end: the output folder
-is complete or absent, never half-written.
+unchanged. A reward model's checkpoint (trainer_rm.py) becomes a ``*ForSequenceClassification`` folder with one
+score, without a generation config: ``AutoModelForSequenceClassification`` loads it and scores a conversation
+rendered by the shipped chat template. It is written into a hidden sibling folder and renamed into place at the
+end: the output folder is complete or absent, never half-written.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     PretrainedConfig,
@@ -35,6 +36,7 @@ from model_training.export.writer import WeightEntry, write_weights
 from model_training.folders import hidden_sibling, replace_folder
 from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR
 from model_training.models.dtypes import TORCH_DTYPES
+from model_training.models.reward_head import auto_model_class
 from model_training.training.checkpoint import (
     NewestCheckpointUnusable,
     checkpoint_bytes,
@@ -254,9 +256,10 @@ def _write_inference_files(
     config.use_cache = True  # training turned it off; generation needs the KV cache
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     config.save_pretrained(folder)
-    generation = GenerationConfig.from_pretrained(checkpoint / MODEL_CONFIG_DIR)
-    generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    generation.save_pretrained(folder)
+    if (checkpoint / MODEL_CONFIG_DIR / "generation_config.json").is_file():  # a reward model has none
+        generation = GenerationConfig.from_pretrained(checkpoint / MODEL_CONFIG_DIR)
+        generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        generation.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -304,7 +307,7 @@ def _weight_entries(
     count and its class name.
     """
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
     expected = model.state_dict(keep_vars=True)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
@@ -347,7 +350,8 @@ def _resave_hf_folder(
     """
     options = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+        config = AutoConfig.from_pretrained(source, **options)
+        model = auto_model_class(config).from_pretrained(source, dtype=dtype, **options)
         has_tokenizer = any((source / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(source, **options) if has_tokenizer else None
     except (OSError, ValueError) as exc:

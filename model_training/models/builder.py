@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -29,6 +36,7 @@ from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packed_attention import enable_packed_attention
 from model_training.models.residual_dropout import apply_residual_dropout
+from model_training.models.reward_head import enable_token_scores
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +80,10 @@ def build_model(
     ds_config: dict[str, Any],
     save_base_to: Path | None = None,
 ) -> torch.nn.Module:
-    """The causal LM, its embeddings resized for the added tokens, residual dropout, checkpointing and packed
-    attention applied; then, as configured, its linear layers quantized to 4 bits and LoRA adapters added.
+    """The causal LM (for the reward model, `stage` rm: the sequence classifier with one score, its forward returning
+    a score per token, models/reward_head.py), its embeddings resized for the added tokens, residual dropout,
+    checkpointing and packed attention applied; then, as configured, its linear layers quantized to 4 bits and
+    LoRA adapters added.
 
     Must run after torch.distributed is initialized and before the engine is built (`deepspeed.initialize`):
     under ZeRO-3 the weights are partitioned as they are created, so a 40B model never exists whole on one rank.
@@ -92,6 +102,10 @@ def build_model(
     # import its trainer utilities, and peft with them: seconds of startup.
     torch.manual_seed(cfg.rng_seed)
     model = _create_model(cfg, tokenizer, stage, device)
+    # Named in the saved config, so that an export builds the same class (a model from `model_config` names none).
+    model.config.architectures = [type(model).__name__]
+    if cfg.stage == "rm":
+        enable_token_scores(model)
     new_rows = _fit_to_tokenizer(model, tokenizer)
     if cfg.freeze_layer is not None:
         _freeze_layers(model, cfg.freeze_layer, len(new_rows))
@@ -116,21 +130,25 @@ def build_model(
 def _create_model(
     cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, stage: int, device: torch.device
 ) -> PreTrainedModel:
-    """The causal LM with random weights from `model_config`, or loaded from `model_name`."""
+    """The causal LM (sequence classifier for the reward model) with random weights from `model_config`, or loaded
+    from `model_name`: a hub model, a local folder, or one of our exports (a reward model's head then starts random)."""
     dtype = TORCH_DTYPES[cfg.dtype]
+    auto_class, head = (AutoModelForSequenceClassification, {"num_labels": 1}) if cfg.stage == "rm" else (
+        AutoModelForCausalLM, {})
     if cfg.model_config is not None:
         options = dict(cfg.model_config)
-        config = AutoConfig.for_model(options.pop("model_type"), **options)
+        config = AutoConfig.for_model(options.pop("model_type"), **options, **head)
         config.vocab_size = _padded(len(tokenizer))  # sized for the tokenizer: no resize afterwards
         # Initialized where it trains: on a GPU in a second, where the CPU takes most of a minute for 2B
         # parameters. Under ZeRO-3, zero.Init (through the HfDeepSpeedConfig) partitions it onto the GPUs.
         with contextlib.nullcontext() if stage == 3 else device:
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            return auto_class.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     # Straight onto the GPU, except under ZeRO-3 (partitioned as it loads) and for a 4-bit base, which is
     # quantized onto the GPU a layer at a time and so never has to fit there in 16 bits.
     onto_device = stage != 3 and not cfg.quantization.load_in_4bit and device.type == "cuda"
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class.from_pretrained(
         _hub_or_local(cfg.model_name),
+        **head,
         dtype=dtype,
         cache_dir=cfg.cache_dir,
         trust_remote_code=cfg.trust_remote_code,
@@ -149,7 +167,8 @@ def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     if rows_before != _padded(len(tokenizer)):
         # Gathered under ZeRO-3 by transformers itself; new rows start near the mean of the old ones.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
-    for config in (model.config, model.generation_config):
+    # A reward model generates nothing: it may have no generation config.
+    for config in filter(None, (model.config, getattr(model, "generation_config", None))):
         config.pad_token_id = tokenizer.pad_token_id
         config.eos_token_id = tokenizer.eos_token_id
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing

@@ -1,19 +1,23 @@
 """What the loop reads: the run's samples and the plan that orders them, each optimizer step's share of them cut
-to length, and batches of samples on the device, alike for training and evaluation."""
+to length, and batches of samples on the device, alike for training and evaluation.
+
+A sample is a `FormattedSample` (SFT) or a `PreferenceGroup` (the reward model, DPO: data/preferences.py); the
+reader needs of it only `loss_units` (what the step's loss is divided by) and `num_tokens`. Each stage's spec
+(`BatchSpec` here, `PreferenceSpec` in preference.py) turns samples into the model's inputs and the loss's sums."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.data.collate import collate, to_device
 from model_training.data.formatting import FormattedSample
-from model_training.data.registry import TokenizedSplit
-from model_training.data.windows import LengthRule
+from model_training.data.windows import LengthRule, WholeSamples
 from model_training.models.lora import is_lora_model
+from model_training.training import loss
 from model_training.training.sampler import StepPlan
 
 PAD_TO_MULTIPLE_OF = 8
@@ -24,16 +28,18 @@ class RunData:
     """The training samples in one pool, the plan that orders them, how a sample is cut to the length limit, and
     the validation sets with their own rule."""
 
-    samples: list[FormattedSample]
+    samples: list[Any]
+    """FormattedSample (SFT) or PreferenceGroup (rm, dpo)."""
     plan: StepPlan
-    train_rule: LengthRule
-    val: list[TokenizedSplit]
-    val_rule: LengthRule
+    train_rule: LengthRule | WholeSamples
+    val: list[Any]
+    """TokenizedSplit (SFT) or PreferenceSplit (rm, dpo): each with `name` and `samples`."""
+    val_rule: LengthRule | WholeSamples
 
 
 @dataclass(frozen=True)
 class MicroBatch:
-    samples: list[FormattedSample]
+    samples: list[Any]
     counted: bool
     """False for a stand-in: a short last step can leave a rank an empty micro-batch, which still runs (ZeRO's
     forward and backward are collective) on one sample whose loss must weigh nothing."""
@@ -44,8 +50,8 @@ class StepSamples:
     """One optimizer step: this rank's micro-batches, and the counts of the whole step on all ranks."""
 
     micro_batches: list[MicroBatch]
-    supervised: int
-    """Supervised tokens of the step on all ranks, at least 1: the loss's divisor."""
+    loss_units: int
+    """The loss's divisor, at least 1: the step's supervised tokens (SFT) or ranked pairs (rm, dpo), all ranks."""
     tokens: int
     """Tokens of the step on all ranks."""
 
@@ -74,8 +80,26 @@ class StepReader:
             for indices in plan.micro_batches(self._order, step_in_epoch)
         ]
         # A step whose windows hold no supervised token at all has nothing to learn; 1 keeps the division finite.
-        supervised = max(1, sum(s.num_supervised for s in cut.values()))
-        return StepSamples(micro_batches, supervised, sum(len(s.input_ids) for s in cut.values()))
+        loss_units = max(1, sum(s.loss_units for s in cut.values()))
+        return StepSamples(micro_batches, loss_units, sum(s.num_tokens for s in cut.values()))
+
+
+class SampleSpec(Protocol):
+    """What the step and the evaluation ask of a stage's samples (`BatchSpec`, preference.py's `PreferenceSpec`)."""
+
+    metrics: tuple[str, ...]
+
+    def device_batch(self, samples: list[Any], device: torch.device) -> tuple[dict[str, Any], Any]:
+        """The model's keyword inputs on `device`, and what the loss needs of the batch (kept on the host)."""
+
+    def loss_sum(self, engine: Any, inputs: dict[str, Any], targets: Any) -> torch.Tensor:
+        """The batch's loss, summed over its loss units."""
+
+    def sums(self, engine: Any, inputs: dict[str, Any], targets: Any) -> torch.Tensor:
+        """The sums of `metrics` over the batch, loss first."""
+
+    def units(self, targets: Any) -> int:
+        """The batch's loss units (supervised tokens, pairs): what `sums` are divided by."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +121,27 @@ class BatchSpec:
         """
         batch = collate(samples, self.packing, self.pad_id, PAD_TO_MULTIPLE_OF)
         labels = batch.pop("labels")
-        inputs = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return inputs, labels
+        return inputs_on(batch, device), labels
+
+    metrics = ("loss", "accuracy")
+    """What `sums` adds up, in order; divided by `units` they are the evaluation's metrics."""
+
+    def loss_sum(self, engine: Any, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        """The batch's summed token losses, through `loss.token_sums` (the fault tests' seam)."""
+        return loss.token_sums(engine, inputs, labels, self.chunked)[0]
+
+    def sums(self, engine: Any, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        """(summed token losses, correct next-token predictions) of the batch, on the device."""
+        return torch.stack(loss.token_sums(engine, inputs, labels, self.chunked))
+
+    def units(self, labels: torch.Tensor) -> int:
+        """The batch's supervised tokens: what its sums are divided by."""
+        return loss.count_supervised(labels)
+
+
+def inputs_on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch's tensors on `device` (queued behind the work in flight), its other values as they are."""
+    return {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:

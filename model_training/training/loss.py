@@ -105,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        loss_sum = hidden.new_zeros((), dtype=_reduction_dtype(hidden))
+        loss_sum = hidden.new_zeros((), dtype=reduction_dtype(hidden))
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, len(rows), chunk):
             logits = _chunk_logits(hidden, weight, rows[start : start + chunk])
@@ -142,14 +142,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
+def reduction_dtype(tensor: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision inputs, the input's own dtype when it is wider."""
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Logits of the given hidden-state rows, (rows, V), in the reduction dtype."""
-    return (hidden[rows] @ weight.T).to(_reduction_dtype(hidden))
+    return (hidden[rows] @ weight.T).to(reduction_dtype(hidden))
 
 
 # In place, unlike torch.logsumexp and torch.softmax: one (chunk, V) buffer a chunk, not two or three.

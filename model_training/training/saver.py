@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ class Saver:
     (tests/training/fault_worker.py).
     """
 
-    def __init__(self, cfg: TrainConfig, tokenizer: Any, total_steps: int, steps_per_epoch: int) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        tokenizer: Any,
+        total_steps: int,
+        steps_per_epoch: int,
+        write_more: Callable[[Path], None] | None = None,
+    ) -> None:
+        """`write_more(folder)`: what else a stage keeps in each checkpoint (DPO: the reference log-probabilities)."""
+        self.write_more = write_more
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.total_steps = total_steps
@@ -59,7 +69,10 @@ class Saver:
         (folder / RUN_CONFIG).write_text(to_yaml(cfg))
         self.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
         model.config.save_pretrained(folder / MODEL_CONFIG_DIR)
-        model.generation_config.save_pretrained(folder / MODEL_CONFIG_DIR)
+        if getattr(model, "generation_config", None) is not None:  # a reward model generates nothing
+            model.generation_config.save_pretrained(folder / MODEL_CONFIG_DIR)
+        if self.write_more is not None:
+            self.write_more(folder)
         if is_lora_model(model):
             adapter = model.peft_config[ADAPTER_NAME]
             adapter.base_model_name_or_path = base_model_reference(cfg, Path(cfg.output_dir))

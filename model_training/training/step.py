@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from model_training.config import zero_stage
-from model_training.training import loss
-from model_training.training.batches import BatchSpec, StepSamples
+from model_training.training.batches import SampleSpec, StepSamples
 from model_training.training.torch_engine import TorchEngine
 
 
@@ -33,7 +32,7 @@ def skips_nonfinite_updates(engine: Any) -> bool:
 class StepRunner:
     """The step function of the loop: `runner(samples, step)` runs one optimizer step on `engine`."""
 
-    def __init__(self, engine: Any, spec: BatchSpec, world_size: int, dtype: str) -> None:
+    def __init__(self, engine: Any, spec: SampleSpec, world_size: int, dtype: str) -> None:
         self.engine = engine
         self.spec = spec
         self.world_size = world_size
@@ -53,13 +52,13 @@ class StepRunner:
             data_start = time.perf_counter()
             inputs, labels = self.spec.device_batch(micro_batch.samples, engine.device)
             data_time += time.perf_counter() - data_start
-            micro_loss_sum = loss.token_sums(engine, inputs, labels, self.spec.chunked)[0]
+            micro_loss_sum = self.spec.loss_sum(engine, inputs, labels)
             if not micro_batch.counted:
                 micro_loss_sum = torch.where(torch.tensor(False), micro_loss_sum, 0.0)  # NaN * 0 would stay NaN
             loss_sum += micro_loss_sum.detach().double()
             # DeepSpeed (and DDP without it) averages gradients over ranks; x world_size turns that into a sum, so
-            # the gradient is that of (sum of token losses of the whole step) / (supervised tokens of the whole step).
-            engine.backward(micro_loss_sum * (self.world_size / samples.supervised), scale_wrt_gas=False)
+            # the gradient is that of (sum of losses of the whole step) / (its loss units: supervised tokens, pairs).
+            engine.backward(micro_loss_sum * (self.world_size / samples.loss_units), scale_wrt_gas=False)
             if self.guard_updates and engine.is_gradient_accumulation_boundary():
                 self._refuse_nonfinite_update(loss_sum, step)
             engine.step()
@@ -89,16 +88,16 @@ class PendingLosses:
     def __init__(self) -> None:
         self._steps: list[tuple[int, torch.Tensor, int]] = []
 
-    def add(self, step: int, loss_sum: torch.Tensor, supervised: int) -> None:
-        """Step `step`'s summed token losses on this rank (a device tensor), and the step's supervised tokens."""
-        self._steps.append((step, loss_sum, supervised))
+    def add(self, step: int, loss_sum: torch.Tensor, loss_units: int) -> None:
+        """Step `step`'s summed losses on this rank (a device tensor), and the step's loss units (all ranks)."""
+        self._steps.append((step, loss_sum, loss_units))
 
     def read(self) -> list[tuple[int, float]]:
-        """(step, loss) of every pending step, oldest first: the token mean of the whole step, all ranks."""
+        """(step, loss) of every pending step, oldest first: the mean over the loss units of the whole step."""
         if not self._steps:
             return []
         sums = torch.stack([loss_sum for _, loss_sum, _ in self._steps])
         dist.all_reduce(sums)
-        losses = [(step, total / supervised) for (step, _, supervised), total in zip(self._steps, sums.tolist())]
+        losses = [(step, total / units) for (step, _, units), total in zip(self._steps, sums.tolist())]
         self._steps.clear()
         return losses

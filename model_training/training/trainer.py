@@ -32,13 +32,14 @@ from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
 from model_training.data.formatting import format_system_prefix
+from model_training.data.preferences import PreferenceGroup, PreparedPreferences, prepare_preferences
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
-from model_training.data.windows import LengthRule
+from model_training.data.windows import LengthRule, WholeSamples
 from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, remove_run
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.lora import is_lora_model
 from model_training.training.answers import generate_answers, sample_prompts, write_samples
-from model_training.training.batches import BatchSpec, RunData, StepReader, uses_chunked_loss
+from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
 from model_training.training.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
@@ -51,6 +52,7 @@ from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.evaluation import Evaluator
 from model_training.training.metrics import MetricsLogger
+from model_training.training.preference import PreferenceSpec, save_references, with_references
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
@@ -118,15 +120,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_data(cfg: TrainConfig, tokenizer: Any, data: PreparedData, info: DistInfo) -> RunData:
+def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupClock) -> RunData:
+    """The stage's samples (SFT: conversations cut when batched; rm, dpo: preference groups, cut when formatted) and
+    the plan that orders them."""
+    if cfg.stage == "sft":
+        data: PreparedData | PreparedPreferences = prepare_data(cfg, tokenizer)
+        clock.phase("data", f"{sum(data.cached)} of {len(data.cached)} datasets from the tokenized cache")
+        train_rule, val_rule = _length_rules(cfg, tokenizer)
+    else:
+        data = prepare_preferences(cfg, tokenizer)
+        clock.phase("data", "preference groups")
+        train_rule = val_rule = WholeSamples()
     samples = [s for split in data.train for s in split.samples]
-    prefix = format_system_prefix(cfg.system_prefix, tokenizer, cfg.chat_format) if cfg.use_system_prefix else None
-    try:
-        train_rule = LengthRule(cfg.max_length, cfg.random_offset_probability, cfg.rng_seed, prefix)
-        val_rule = LengthRule(cfg.val_max_length or cfg.max_length, cfg.random_offset_probability, cfg.rng_seed,
-                              prefix)
-    except ValueError as err:
-        raise ConfigError(f"key 'system_prefix': {err}") from None
     plan = StepPlan(
         sources=plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options),
         world_size=info.world_size,
@@ -134,9 +139,19 @@ def _run_data(cfg: TrainConfig, tokenizer: Any, data: PreparedData, info: DistIn
         micro_batch_size=cfg.per_device_train_batch_size,
         accumulation_steps=cfg.gradient_accumulation_steps,
         seed=cfg.rng_seed,
-        lengths=tuple(min(len(s.input_ids), cfg.max_length) for s in samples) if cfg.sort_by_length else None,
+        lengths=tuple(min(s.num_tokens, cfg.max_length) for s in samples) if cfg.sort_by_length else None,
     )
     return RunData(samples, plan, train_rule, data.val, val_rule)
+
+
+def _length_rules(cfg: TrainConfig, tokenizer: Any) -> tuple[LengthRule, LengthRule]:
+    """How SFT samples are cut to the length limits, in training and in validation."""
+    prefix = format_system_prefix(cfg.system_prefix, tokenizer, cfg.chat_format) if cfg.use_system_prefix else None
+    try:
+        return (LengthRule(cfg.max_length, cfg.random_offset_probability, cfg.rng_seed, prefix),
+                LengthRule(cfg.val_max_length or cfg.max_length, cfg.random_offset_probability, cfg.rng_seed, prefix))
+    except ValueError as err:
+        raise ConfigError(f"key 'system_prefix': {err}") from None
 
 
 def _fingerprint_data(data: RunData) -> str:
@@ -146,14 +161,19 @@ def _fingerprint_data(data: RunData) -> str:
     digest = hashlib.sha256(repr((plan.sources, plan.samples_per_step, plan.seed, plan.lengths is not None,
                                   data.train_rule.fingerprint())).encode())
     for sample in data.samples:
-        digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
-        digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
+        # A preference group's sequences, each with its place in the group.
+        for sequence in sample.sequences if isinstance(sample, PreferenceGroup) else (sample,):
+            digest.update(np.asarray(sequence.input_ids, dtype=np.int64).tobytes())
+            digest.update(np.asarray(sequence.labels, dtype=np.int64).tobytes())
+        digest.update(b"|")
     return digest.hexdigest()[:16]
 
 
 def _fingerprint_model(cfg: TrainConfig) -> str:
     """Model source and shape, and what is trained (LoRA adapters on which base)."""
     source = cfg.model_name if cfg.model_config is None else repr(sorted(cfg.model_config.items()))
+    if cfg.stage != "sft":  # SFT keeps the fingerprint its earlier checkpoints carry
+        source += f"|stage={cfg.stage}"
     if cfg.peft.type is not None:  # full fine-tuning keeps the fingerprint its earlier checkpoints carry
         source += repr((asdict(cfg.peft), asdict(cfg.quantization)))
     return hashlib.sha256(source.encode()).hexdigest()[:16]
@@ -177,9 +197,7 @@ def train(cfg: TrainConfig) -> Path:
 
     tokenizer = load_tokenizer(cfg)
     clock.phase("tokenizer")
-    prepared = prepare_data(cfg, tokenizer)
-    clock.phase("data", f"{sum(prepared.cached)} of {len(prepared.cached)} datasets from the tokenized cache")
-    data = _run_data(cfg, tokenizer, prepared, info)
+    data = _run_data(cfg, tokenizer, info, clock)
     plan = data.plan
     # A fraction of an epoch trains that share of the first epoch's steps (OpenAssistant's num_train_epochs: 0.2).
     total_steps = cfg.max_steps or math.ceil(plan.steps_per_epoch * cfg.num_train_epochs)
@@ -196,16 +214,20 @@ def train(cfg: TrainConfig) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
 
-    spec = BatchSpec(cfg.packing, tokenizer.pad_token_id, uses_chunked_loss(cfg, engine))
+    spec = _sample_spec(cfg, tokenizer, engine)
     if resume_from is not None:
         _resume(cfg, engine, state, resume_from)
         clock.phase("resume")
+    if cfg.stage == "dpo":
+        data = with_references(engine, spec, data, cfg.per_device_eval_batch_size, info, resume_from)
+        clock.phase("reference log-probabilities", "from the checkpoint" if resume_from else "computed")
     logger.info(
-        "%d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
-        "%s micro-batches, loss from %s",
-        len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
+        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
+        "%s micro-batches%s",
+        cfg.stage, len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
         f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", info.world_size,
-        "packed" if cfg.packing else "padded", "hidden states in chunks" if spec.chunked else "logits",
+        "packed" if cfg.packing else "padded",
+        f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if cfg.stage == "sft" else "",
     )
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
@@ -213,7 +235,9 @@ def train(cfg: TrainConfig) -> Path:
         _loop(cfg, engine, state, _loop_parts(cfg, engine, tokenizer, data, info, total_steps, spec), metrics, clock)
         metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
         if cfg.generate_samples or cfg.generate_val_samples:
-            _generate_samples(cfg, engine, tokenizer, data.val, state, metrics, info)
+            # The preference stages' validation sets are groups of replies, with no openings to answer.
+            val_splits = data.val if cfg.stage == "sft" else []
+            _generate_samples(cfg, engine, tokenizer, val_splits, state, metrics, info)
     finally:
         metrics.close()
     # Tear the process group down here, not at interpreter exit: ZeRO-3 on CPU ranks can otherwise abort
@@ -221,6 +245,13 @@ def train(cfg: TrainConfig) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return output_dir
+
+
+def _sample_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> SampleSpec:
+    """How the stage's samples become batches and losses."""
+    if cfg.stage == "sft":
+        return BatchSpec(cfg.packing, tokenizer.pad_token_id, uses_chunked_loss(cfg, engine))
+    return PreferenceSpec(cfg.stage, cfg.packing, tokenizer.pad_token_id, cfg.dpo)
 
 
 def _build_engine(cfg: TrainConfig, tokenizer: Any, info: DistInfo, total_steps: int, clock: StartupClock) -> Any:
@@ -343,8 +374,11 @@ class LoopParts:
 
 
 def _loop_parts(
-    cfg: TrainConfig, engine: Any, tokenizer: Any, data: RunData, info: DistInfo, total_steps: int, spec: BatchSpec
+    cfg: TrainConfig, engine: Any, tokenizer: Any, data: RunData, info: DistInfo, total_steps: int, spec: SampleSpec
 ) -> LoopParts:
+    # DPO keeps its reference log-probabilities in every checkpoint: a resume cannot compute them again.
+    write_more = (lambda folder: save_references(folder, data.samples, [s.samples for s in data.val])) if (
+        cfg.stage == "dpo") else None
     return LoopParts(
         total_steps=total_steps,
         steps_per_epoch=data.plan.steps_per_epoch,
@@ -352,7 +386,7 @@ def _loop_parts(
         run_step=StepRunner(engine, spec, info.world_size, cfg.dtype),
         evaluate=Evaluator(data.val, data.val_rule, cfg.eval_size, cfg.per_device_eval_batch_size, spec, info.rank,
                            info.world_size),
-        saver=Saver(cfg, tokenizer, total_steps, data.plan.steps_per_epoch),
+        saver=Saver(cfg, tokenizer, total_steps, data.plan.steps_per_epoch, write_more),
         show_progress=info.is_main,
     )
 
@@ -371,7 +405,7 @@ def _loop(
     while state.optimizer_step < total_steps:
         samples = parts.reader.read(state.optimizer_step)
         loss_sum, data_time = parts.run_step(samples, state.optimizer_step)
-        pending.add(state.optimizer_step + 1, loss_sum, samples.supervised)
+        pending.add(state.optimizer_step + 1, loss_sum, samples.loss_units)
         state.count_step(len(samples.micro_batches), samples.tokens)
         meter.add(samples.tokens, data_time)
         progress.update(1)

@@ -1,4 +1,5 @@
-"""`trainer_sft.py` with faults injected from the environment, for tests of what a real run survives.
+"""`trainer_sft.py` (or the command of FAULT_STAGE: rm, dpo) with faults injected from the environment, for tests of
+what a real run survives.
 
 FAULT_RANK (default 1) is the rank that misbehaves (a process started alone is rank 0):
 - FAULT_KILL_AFTER_SAVE_STEP=k: SIGKILL that rank right after the checkpoint of step k is committed.
@@ -50,4 +51,4 @@ if NAN_STEPS and is_fault_rank:
 
     loss.token_sums = poisoned_sums
 
-exit_process(main_train(sys.argv[1:]))
+exit_process(main_train(sys.argv[1:], os.environ.get("FAULT_STAGE", "sft")))

@@ -32,7 +32,7 @@ def test_a_step_counts_the_tokens_of_every_rank_and_reads_this_ranks_micro_batch
     first_four = [POOL[i] for i in order[:4]]
     for step in ranks:
         assert step.tokens == sum(len(s.input_ids) for s in first_four)
-        assert step.supervised == 8
+        assert step.loss_units == 8
         assert all(micro.counted and len(micro.samples) == 1 for micro in step.micro_batches)
     read = [micro.samples[0] for step in ranks for micro in step.micro_batches]
     assert sorted(s.input_ids for s in read) == sorted(s.input_ids for s in first_four)
@@ -45,7 +45,7 @@ def test_a_short_last_step_runs_a_stand_in_that_does_not_count() -> None:
     assert sum(micro.counted for micro in micro_batches) == 1
     assert all(len(micro.samples) == 1 for micro in micro_batches)
     (last,) = [micro.samples[0] for micro in micro_batches if micro.counted]
-    assert steps[0].tokens == steps[1].tokens == len(last.input_ids) and steps[0].supervised == 2
+    assert steps[0].tokens == steps[1].tokens == len(last.input_ids) and steps[0].loss_units == 2
 
 
 def test_samples_are_cut_by_the_rule_and_the_next_epoch_reads_a_new_order() -> None:

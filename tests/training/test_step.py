@@ -91,8 +91,8 @@ def test_a_stand_in_micro_batch_adds_nothing_to_the_steps_loss(
 def test_pending_losses_are_read_together_as_token_means_then_cleared() -> None:
     pending = PendingLosses()
     assert pending.read() == []
-    pending.add(1, torch.tensor(12.0, dtype=torch.float64), supervised=4)
-    pending.add(2, torch.tensor(float("nan"), dtype=torch.float64), supervised=3)
+    pending.add(1, torch.tensor(12.0, dtype=torch.float64), loss_units=4)
+    pending.add(2, torch.tensor(float("nan"), dtype=torch.float64), loss_units=3)
     (first, loss_1), (second, loss_2) = pending.read()
     assert (first, loss_1, second) == (1, 3.0, 2) and math.isnan(loss_2)
     assert pending.read() == []

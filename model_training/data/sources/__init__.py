@@ -14,16 +14,18 @@ from model_training.data.sources import (
     natural_instructions,
     oasst1,
     oasst_export,
+    preference_jsonl,
     text,
 )
 from model_training.data.sources.common import Source
 
 SOURCES: dict[str, Source] = {
-    "oasst_export": Source(oasst_export.OasstExportConfig, oasst_export.load, hub=False),
-    "oasst1": Source(oasst1.Oasst1Config, oasst1.load),
+    "oasst_export": Source(oasst_export.OasstExportConfig, oasst_export.load, hub=False, compare=oasst_export.compare),
+    "oasst1": Source(oasst1.Oasst1Config, oasst1.load, compare=oasst1.compare),
     "dolly15k": Source(dolly15k.Dolly15kConfig, dolly15k.load),
     "alpaca": Source(alpaca.AlpacaConfig, alpaca.load),
-    "hh_rlhf": Source(hh_rlhf.HhRlhfConfig, hh_rlhf.load),
+    "hh_rlhf": Source(hh_rlhf.HhRlhfConfig, hh_rlhf.load, compare=hh_rlhf.compare),
+    "preference_jsonl": Source(preference_jsonl.PreferenceJsonlConfig, None, compare=preference_jsonl.compare),
     "chat_jsonl": Source(chat_jsonl.ChatJsonlConfig, chat_jsonl.load),
     "text": Source(text.TextConfig, text.load),
     "natural_instructions": Source(natural_instructions.NaturalInstructionsConfig, natural_instructions.load),

@@ -58,12 +58,14 @@ def _conversation(row: dict, index: int) -> Conversation:
         raise InvalidRecord("missing field 'messages'")
     if not isinstance(messages, list):
         raise InvalidRecord(f"field 'messages' must be a list, got {type(messages).__name__}")
-    system, turns = _turns(messages)
+    system, turns = message_turns(messages)
+    if turns and turns[-1].role == "prompter":
+        turns.pop()
     return conversation("chat", index, turns, system=system, lang=optional(row, "lang") or None)
 
 
-def _turns(messages: list) -> tuple[str | None, list[Turn]]:
-    """(system text, turns) of a `messages` list; a trailing user turn is dropped."""
+def message_turns(messages: list) -> tuple[str | None, list[Turn]]:
+    """(system text, turns) of a `messages` list (see `load`), unchecked for order."""
     system = None
     turns: list[Turn] = []
     for number, message in enumerate(messages, start=1):
@@ -83,6 +85,4 @@ def _turns(messages: list) -> tuple[str | None, list[Turn]]:
             turns.append(Turn(_ROLES[role], content, f"message {number} ({role})"))
         else:
             raise InvalidRecord(f"message {number} has unknown role {role!r}")
-    if turns and turns[-1].role == "prompter":
-        turns.pop()
     return system, turns

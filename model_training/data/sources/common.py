@@ -9,6 +9,9 @@ A source is one module of this package and one line of `SOURCES` (__init__.py). 
   message tree as the OpenAssistant trainer splits. A malformed record raises FileFormatError naming the file,
   the record and the field, unless `options.skip_invalid`; what a load filters itself (records in other
   languages) it counts in `context.report`.
+A source that holds ranked replies (OASST trees, hh-rlhf pairs, preference files) also has
+- `compare(path, options, context) -> (train, validation)`: its `Comparison`s, split by the same rule, which the
+  preference stages (trainer_rm.py, trainer_dpo.py) read instead of conversations.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from model_training.data.records import ROLES, Conversation, InvalidRecord, Message, Record
+from model_training.data.records import ROLES, Comparison, Conversation, InvalidRecord, Message, Record
 from model_training.data.selection import held_out_groups
 
 
@@ -78,6 +81,8 @@ class LoadContext:
 
 Splits = tuple[list[Record], list[Record]]
 """(train, validation) records."""
+ComparisonSplits = tuple[list[Comparison], list[Comparison]]
+"""(train, validation) comparisons."""
 Options = TypeVar("Options", bound=DatasetConfig)
 R = TypeVar("R")
 
@@ -87,9 +92,12 @@ class Source(Generic[Options]):
     """One entry of `SOURCES`: a source's options schema and its load."""
 
     options: type[Options]
-    load: Callable[[str | Path, Options, LoadContext], Splits]
+    load: Callable[[str | Path, Options, LoadContext], Splits] | None
+    """The source's conversations (or text) for supervised fine-tuning; None for a source of ranked replies only."""
     hub: bool = True
     """Whether `input_file_path` may name a hub dataset (read through `datasets`); false: local files only."""
+    compare: Callable[[str | Path, Options, LoadContext], ComparisonSplits] | None = None
+    """The source's ranked replies for the preference stages; None for a source that has none."""
 
 
 def split_by_record(records: Sequence[R], options: DatasetConfig) -> tuple[list[R], list[R]]:
@@ -155,6 +163,29 @@ def conversation(
     """The Conversation of checked turns: alternating from a prompter, ending with an assistant, none blank.
 
     Message ids are "<name>:<record>:<turn>", unique within one source."""
+    return Conversation(messages=_messages(name, index, turns, "assistant"), system=system, lang=lang)
+
+
+def comparison(
+    name: str, index: int, prefix: list[Turn], replies: list[Turn], system: str | None = None, lang: str | None = None
+) -> Comparison:
+    """The Comparison of checked turns: `prefix` alternating from a prompter and ending with one, and at least two
+    different, non-blank assistant `replies` to it, best first."""
+    if len(replies) < 2:
+        raise InvalidRecord(f"{len(replies)} ranked repl{'y' if len(replies) == 1 else 'ies'}; a comparison needs at "
+                            "least two")
+    for turn in replies:
+        if not turn.text.strip():
+            raise InvalidRecord(f"{turn.where} is empty")
+    texts = [turn.text.strip() for turn in replies]
+    if len(set(texts)) < len(texts):
+        raise InvalidRecord(f"{replies[0].where} and {replies[1].where} are the same text; there is no preference "
+                            "between them to learn")
+    return Comparison(_messages(name, index, prefix, "prompter"), tuple(t.text for t in replies), system, lang)
+
+
+def _messages(name: str, index: int, turns: list[Turn], last_role: str) -> tuple[Message, ...]:
+    """The messages of turns that alternate from a prompter, end with `last_role` and are none blank."""
     if not turns:
         raise InvalidRecord("no prompter/assistant turns")
     for number, turn in enumerate(turns):
@@ -164,10 +195,11 @@ def conversation(
             )
         if not turn.text.strip():
             raise InvalidRecord(f"{turn.where} is empty")
-    if turns[-1].role != "assistant":
-        raise InvalidRecord(f"{turns[-1].where} is last; a conversation must end with an assistant turn")
-    messages = tuple(
+    if turns[-1].role != last_role:
+        what = "a conversation must end with an assistant turn" if last_role == "assistant" else (
+            "the conversation before the ranked replies must end with a prompter turn")
+        raise InvalidRecord(f"{turns[-1].where} is last; {what}")
+    return tuple(
         Message(role=turn.role, text=turn.text, message_id=f"{name}:{index}:{number}")
         for number, turn in enumerate(turns, start=1)
     )
-    return Conversation(messages=messages, system=system, lang=lang)
