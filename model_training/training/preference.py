@@ -22,6 +22,7 @@ training, on any ZeRO stage, for the price of one forward pass over the data. Th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,9 @@ def _sequence_layout(lengths: list[int], packing: bool, shape: torch.Size) -> tu
     """Each sequence's first flat position in the batch, and the sequence of every flat position (-1: padding)."""
     rows, width = shape
     ids = torch.full((rows * width,), -1, dtype=torch.long)
-    starts = []
-    for index, length in enumerate(lengths):
-        start = sum(lengths[:index]) if packing else index * width
-        starts.append(start)
+    # Packed: end to end in one row; padded: one row each.
+    starts = list(itertools.accumulate(lengths[:-1], initial=0)) if packing else [i * width for i in range(rows)]
+    for index, (start, length) in enumerate(zip(starts, lengths, strict=True)):
         ids[start : start + length] = index
     return starts, ids
 

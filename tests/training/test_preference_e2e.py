@@ -1,7 +1,9 @@
 """trainer_rm.py and trainer_dpo.py end to end: 2 DeepSpeed ranks on the CPU, the tiny Falcon, a planted preference
 (a marker word in the better reply, nothing else to tell the replies apart), then export.
 
-Each module fixture trains 24 steps of 8 groups with checkpoints at 12 and 24; resume tests continue from 12."""
+Each module fixture trains 24 steps of 8 groups with checkpoints at 12 and 24; resume tests continue from 12. The
+reward model starts from a saved folder (random weights), so that a ZeRO-3 run starts from the same weights: ZeRO-3
+initializes a model built from a config partitioned, with other random draws."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from helpers import (
     FAULT_WORKER,
     REPO,
+    VOCAB_ROWS,
     assert_same_weights,
     check_ok,
     cpu_env,
@@ -50,9 +53,34 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rm_run(tmp_path_factory: pytest.TempPathFactory, planted: Path) -> Path:
+def rm_start(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Falcon as a sequence classifier with one score, random weights, and the chat tokenizer, saved."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from model_training.config import load_config
+    from model_training.models.builder import load_tokenizer
+
+    cfg = load_config(["defaults-rm", "tiny-falcon", "preference-sample"], stage="rm")
+    tokenizer = load_tokenizer(cfg)
+    options = dict(cfg.model_config)
+    config = AutoConfig.for_model(options.pop("model_type"), **options, num_labels=1, vocab_size=VOCAB_ROWS,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("rm_start") / "model"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def rm_args(data: Path, output_dir: Path, start: Path, *overrides: str) -> list[str]:
+    return planted_run("rm", data, output_dir, f"model_name={start}", "model_config=null", "tokenizer_name=null",
+                       *overrides)
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory: pytest.TempPathFactory, planted: Path, rm_start: Path) -> Path:
     run = tmp_path_factory.mktemp("rm") / "run"
-    check_ok(run_deepspeed(planted_run("rm", planted, run), script=REPO / "trainer_rm.py"))
+    check_ok(run_deepspeed(rm_args(planted, run, rm_start), script=REPO / "trainer_rm.py"))
     return run
 
 
@@ -88,7 +116,7 @@ def export(checkpoint: Path, folder: Path) -> Path:
 
 def test_reward_model_learns_the_planted_preference(rm_run: Path) -> None:
     losses = step_losses(rm_run)
-    assert losses[1] == pytest.approx(math.log(2), abs=0.15)  # a random head: replies score alike
+    assert losses[1] == pytest.approx(math.log(2), abs=0.15)  # a random head: replies score about alike
     first, last = evaluations(rm_run)
     assert last["accuracy"] >= 0.9
     assert last["margin"] > first["margin"] > 0
@@ -137,48 +165,24 @@ def test_reward_model_exports_as_a_sequence_classifier_that_scores_through_the_c
     assert right >= 18
 
 
-def test_reward_model_resumes_exactly(rm_run: Path, planted: Path, tmp_path: Path) -> None:
-    ckpt = rm_run / "checkpoint-000012"
-    check_ok(run_deepspeed([*planted_run("rm", planted, tmp_path), f"resume_from_checkpoint={ckpt}"],
-                           script=REPO / "trainer_rm.py"))
-    assert_continues_exactly(tmp_path, rm_run)
+def test_reward_model_under_zero3_agrees_with_zero2(
+    rm_run: Path, planted: Path, rm_start: Path, tmp_path: Path
+) -> None:
+    check_ok(run_deepspeed(rm_args(planted, tmp_path, rm_start, "max_steps=3", "save_strategy=no",
+                                   "deepspeed_config=configs/zero3_config.json"), script=REPO / "trainer_rm.py"))
+    zero3, zero2 = step_losses(tmp_path), step_losses(rm_run)
+    assert sorted(zero3) == [1, 2, 3]
+    assert [zero3[s] for s in zero3] == pytest.approx([zero2[s] for s in zero3], rel=1e-5)
 
 
-def test_reward_model_under_zero3_agrees_with_zero2(rm_run: Path, planted: Path, tmp_path: Path) -> None:
-    """Both start from the same weights, a reward model folder (ZeRO-3 initializes a model from a config
-    partitioned, with other random draws), and train 3 steps alike."""
-    start = export(rm_run / "checkpoint-000012", tmp_path / "start")
-    losses = {}
-    for stage in (2, 3):
-        run = tmp_path / f"zero{stage}"
-        check_ok(run_deepspeed(planted_run("rm", planted, run, f"model_name={start}", "model_config=null",
-                                           "tokenizer_name=null", "max_steps=3", "save_strategy=no",
-                                           f"deepspeed_config=configs/zero{stage if stage == 3 else ''}_config.json"),
-                               script=REPO / "trainer_rm.py"))
-        losses[stage] = step_losses(run)
-    assert sorted(losses[3]) == [1, 2, 3]
-    assert list(losses[3].values()) == pytest.approx(list(losses[2].values()), rel=1e-5)
-
-
-@pytest.mark.heavy
-def test_killed_reward_model_run_resumes_exactly(rm_run: Path, planted: Path, tmp_path: Path) -> None:
+def test_killed_reward_model_run_resumes_exactly(rm_run: Path, planted: Path, rm_start: Path, tmp_path: Path) -> None:
     """SIGKILL one rank right after checkpoint 12; resumed in its folder, the run continues exactly."""
-    args = planted_run("rm", planted, tmp_path)
+    args = rm_args(planted, tmp_path, rm_start)
     killed = run_deepspeed(args, script=FAULT_WORKER, FAULT_STAGE="rm", FAULT_KILL_AFTER_SAVE_STEP="12")
     assert killed.returncode != 0
     assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-000012"
     check_ok(run_deepspeed([*args, "--resume_from_checkpoint"], script=REPO / "trainer_rm.py"))
     assert_continues_exactly(tmp_path, rm_run)
-
-
-def test_a_comparison_with_one_reply_stops_the_run_with_file_and_line(tmp_path: Path) -> None:
-    data = tmp_path / "prefs.jsonl"
-    data.write_text('{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}\n'
-                    '{"prompt": "Hey", "chosen": "Hello!"}\n')
-    result = run_torchrun(planted_run("rm", data, tmp_path / "run"), nproc=1, script=REPO / "trainer_rm.py")
-    assert result.returncode == 2
-    assert f"error: {data}, line 2: missing field 'rejected'" in result.stdout
-    assert not (tmp_path / "run").exists()
 
 
 def test_dpo_starts_at_its_reference_and_learns_the_planted_preference(dpo_run: Path) -> None:
@@ -202,14 +206,36 @@ def test_dpo_resumes_exactly_with_the_references_its_checkpoint_kept(dpo_run: Pa
     assert_continues_exactly(tmp_path, dpo_run)
 
 
-def test_dpo_exports_a_chat_model_as_sft_does(dpo_run: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dpo_export(dpo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(dpo_run, tmp_path_factory.mktemp("dpo_export") / "export")
+
+
+def test_dpo_exports_a_chat_model_as_sft_does(dpo_export: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = export(dpo_run, tmp_path / "export")
-    assert json.loads((folder / "config.json").read_text())["architectures"] == ["FalconForCausalLM"]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert json.loads((dpo_export / "config.json").read_text())["architectures"] == ["FalconForCausalLM"]
+    tokenizer = AutoTokenizer.from_pretrained(dpo_export)
+    model = AutoModelForCausalLM.from_pretrained(dpo_export)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say something about the river."}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_a_reward_model_starts_from_a_chat_model_export(dpo_export: Path, planted: Path, tmp_path: Path) -> None:
+    """The backbone's weights from the export, a new score head, the language-model head dropped; one step at
+    learning rate 0 keeps them as loaded (here one process without DeepSpeed)."""
+    from safetensors.torch import load_file
+
+    from model_training.layout import TORCH_MODEL_STATES
+
+    run = tmp_path / "run"
+    check_ok(run_torchrun(rm_args(planted, run, dpo_export, "max_steps=1", "eval_steps=null", "learning_rate=0.0",
+                                  "--no-deepspeed"), nproc=1, script=REPO / "trainer_rm.py"))
+    (states,) = (run / "checkpoint-000001").rglob(TORCH_MODEL_STATES)
+    trained = torch.load(states, weights_only=True)["module"]
+    exported = load_file(dpo_export / "model.safetensors")
+    assert trained.keys() - exported.keys() == {"score.weight"}
+    assert all(torch.equal(trained[name], tensor) for name, tensor in exported.items() if name in trained)
+    assert exported.keys() - trained.keys() <= {"lm_head.weight"}  # tied to the embeddings, if written at all
