@@ -672,11 +672,18 @@ def _validate_preference_stage(cfg: TrainConfig) -> None:
     command = STAGE_COMMANDS[cfg.stage]
     if cfg.peft.type is not None or cfg.quantization.load_in_4bit:
         raise ConfigError(f"{command} trains every weight; set peft.type=null and quantization.load_in_4bit=false")
-    if cfg.generate_val_samples or (cfg.stage == "rm" and cfg.generate_samples):
-        key = "generate_val_samples" if cfg.generate_val_samples else "generate_samples"
-        raise ConfigError(f"key '{key}' is set, but {command} has no validation conversations to answer"
-                          + (" and a reward model does not generate" if cfg.stage == "rm" else "")
-                          + f"; set {key} to its default")
+    if cfg.stage == "rm" and cfg.generate_samples:
+        raise ConfigError("key 'generate_samples' is set, but a reward model does not generate; set it to []")
+    if cfg.generate_val_samples:
+        raise ConfigError(f"key 'generate_val_samples' is set, but {command} has no validation conversations to "
+                          "answer, only ranked replies; set it to 0")
+    if cfg.use_system_prefix:
+        raise ConfigError(f"key 'use_system_prefix' is true, but {command} reads each comparison's own system "
+                          "message (preference_jsonl's messages); set it to false")
+    if cfg.stage == "dpo" and cfg.residual_dropout:
+        raise ConfigError(f"key 'residual_dropout' is {cfg.residual_dropout}, but DPO's reference log-probabilities "
+                          "are the starting policy's without dropout, so the margins would not start at 0; set "
+                          "residual_dropout=0")
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

@@ -70,18 +70,21 @@ def test_a_section_of_another_stage_is_refused_and_a_config_without_one_takes_th
 
 
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
-        (("dpo.beta", 0.0), "key 'dpo.beta' must be positive, got 0.0"),
-        (("dpo.loss_type", "hinge"), "key 'dpo.loss_type' is 'hinge'; expected one of sigmoid, ipo"),
-        (("dpo.label_smoothing", 0.5), r"key 'dpo.label_smoothing' must be in \[0, 0.5\), got 0.5"),
-        (("peft.type", "lora"), "trainer_dpo.py trains every weight; set peft.type=null"),
-        (("generate_val_samples", 2), "key 'generate_val_samples' is set, but trainer_dpo.py has no validation"),
+        ([("dpo.beta", 0.0)], "key 'dpo.beta' must be positive, got 0.0"),
+        ([("dpo.loss_type", "hinge")], "key 'dpo.loss_type' is 'hinge'; expected one of sigmoid, ipo"),
+        ([("dpo.label_smoothing", 0.5)], r"key 'dpo.label_smoothing' must be in \[0, 0.5\), got 0.5"),
+        ([("peft.type", "lora")], "trainer_dpo.py trains every weight; set peft.type=null"),
+        ([("generate_val_samples", 2)], "key 'generate_val_samples' is set, but trainer_dpo.py has no validation"),
+        ([("residual_dropout", 0.1)], "key 'residual_dropout' is 0.1, but DPO's reference log-probabilities are"),
+        ([("use_system_prefix", True), ("system_prefix", "Be brief.")],
+         "key 'use_system_prefix' is true, but trainer_dpo.py reads each comparison's own system message"),
     ],
 )
-def test_dpo_options_are_checked(override: tuple[str, object], message: str) -> None:
+def test_dpo_options_are_checked(overrides: list[tuple[str, object]], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(["defaults-dpo", "tiny-falcon", "preference-sample"], [override], stage="dpo")
+        load_config(["defaults-dpo", "tiny-falcon", "preference-sample"], overrides, stage="dpo")
 
 
 def test_every_section_in_the_file_is_tested() -> None:

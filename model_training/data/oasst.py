@@ -442,8 +442,6 @@ def _sft_threads(root: _Node, top_k: int | None) -> Iterator[Thread]:
         path.pop()
 
 
-
-
 def _ranked_groups(node: _Node, parent: _Node | None, path: Thread, top_k: int | None) -> Iterator[RankedGroup]:
     """Depth-first, OpenAssistant's mode="rm": each prompter message on a path that passes the thread filter,
     with its ranked replies when it has at least two; a subtree under a rejected message is not visited."""

@@ -4,6 +4,7 @@ tokens; the preference stages: training/preference.py)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,9 @@ class Evaluator:
 
     def _sums(self, engine: Any, samples: list[Any]) -> torch.Tensor:
         """The metrics' sums of `samples`, then their loss units, all ranks."""
-        mine = samples[self.rank :: self.world_size]
-        num_batches = math.ceil(math.ceil(len(samples) / self.world_size) / self.batch_size)
         sums = torch.zeros(len(self.spec.metrics) + 1, dtype=torch.float64, device=engine.device)
-        for b in range(num_batches):
-            chunk = mine[b * self.batch_size : (b + 1) * self.batch_size]
+        for indices in rank_batches(len(samples), self.batch_size, self.rank, self.world_size):
+            chunk = [samples[i] for i in indices]
             inputs, targets = self.spec.device_batch(chunk or samples[:1], engine.device)
             values = self.spec.sums(engine, inputs, targets)
             if chunk:
@@ -61,3 +60,12 @@ class Evaluator:
                 sums += torch.cat([values.double(), units])
         dist.all_reduce(sums)
         return sums
+
+
+def rank_batches(count: int, batch_size: int, rank: int, world_size: int) -> Iterator[list[int]]:
+    """The indices of `rank`'s batches of `count` items: rank r takes items r, r + world, ...; every rank gets as
+    many batches, the last ones empty on a rank short of items (it runs a stand-in that counts nothing, since ZeRO-3
+    forwards are collective)."""
+    mine = list(range(rank, count, world_size))
+    for b in range(math.ceil(math.ceil(count / world_size) / batch_size)):
+        yield mine[b * batch_size : (b + 1) * batch_size]

@@ -22,8 +22,8 @@ training, on any ZeRO stage, for the price of one forward pass over the data. Th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from model_training.data.preferences import PreferenceGroup
 from model_training.models.reward_head import reward_position
 from model_training.training.batches import PAD_TO_MULTIPLE_OF, RunData, inputs_on
 from model_training.training.distributed import DistInfo
+from model_training.training.evaluation import rank_batches
 from model_training.training.loss import reduction_dtype
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -56,13 +57,13 @@ class PairTargets:
     """Index (into the batch's sequences) of the better reply of each pair."""
     worse: torch.Tensor
     """Index of the worse reply of each pair."""
-    positions: torch.Tensor
+    positions: torch.Tensor | None = None
     """Flat (row * width + column) position of each sequence's reward token (rm)."""
-    labels: torch.Tensor
+    labels: torch.Tensor | None = None
     """The batch's labels (dpo: the reply tokens whose log-probabilities are summed)."""
-    sequence_ids: torch.Tensor
-    """The sequence each position of the batch belongs to, flat (dpo)."""
-    reference: torch.Tensor | None
+    sequence_ids: torch.Tensor | None = None
+    """The sequence each position of the batch belongs to, flat, -1 on padding (dpo)."""
+    reference: torch.Tensor | None = None
     """(pairs, 2) reference log-probabilities of (better, worse), float64 (dpo, once computed)."""
 
 
@@ -84,20 +85,28 @@ class PreferenceSpec:
         sequences = [s for group in groups for s in group.sequences]
         batch = collate(sequences, self.packing, self.pad_id, PAD_TO_MULTIPLE_OF)
         labels = batch.pop("labels")
-        starts, ids = _sequence_layout([len(s.input_ids) for s in sequences], self.packing, labels.shape)
-        positions = torch.tensor([start + reward_position(s.input_ids, self.pad_id)
-                                  for start, s in zip(starts, sequences)], dtype=torch.long)
+        rows, width = labels.shape
+        lengths = [len(s.input_ids) for s in sequences]
+        if self.packing:  # end to end in one row
+            starts = list(itertools.accumulate(lengths[:-1], initial=0))
+        else:  # a row each
+            starts = [row * width for row in range(rows)]
         better, worse, first = [], [], 0
-        for group in groups:
+        for group in groups:  # every ordered pair of each group, best first
             k = len(group.sequences)
-            pairs = [(first + i, first + j) for i in range(k) for j in range(i + 1, k)]
-            better += [i for i, _ in pairs]
-            worse += [j for _, j in pairs]
+            better += [first + i for i in range(k) for _ in range(i + 1, k)]
+            worse += [first + j for i in range(k) for j in range(i + 1, k)]
             first += k
+        pairs = {"better": torch.tensor(better), "worse": torch.tensor(worse)}
+        if self.stage == "rm":
+            positions = [start + reward_position(s.input_ids, self.pad_id) for start, s in zip(starts, sequences)]
+            return inputs_on(batch, device), PairTargets(**pairs, positions=torch.tensor(positions))
+        ids = torch.full((rows * width,), -1, dtype=torch.long)
+        for index, (start, length) in enumerate(zip(starts, lengths)):
+            ids[start : start + length] = index
         references = [g.reference for g in groups]
         reference = None if None in references else torch.tensor(references, dtype=torch.float64)
-        return inputs_on(batch, device), PairTargets(torch.tensor(better), torch.tensor(worse), positions, labels,
-                                                     ids, reference)
+        return inputs_on(batch, device), PairTargets(**pairs, labels=labels, sequence_ids=ids, reference=reference)
 
     def loss_sum(self, engine: Any, inputs: dict[str, Any], targets: PairTargets) -> torch.Tensor:
         return self.sums(engine, inputs, targets)[0]
@@ -116,17 +125,6 @@ class PreferenceSpec:
 
     def units(self, targets: PairTargets) -> int:
         return len(targets.better)
-
-
-def _sequence_layout(lengths: list[int], packing: bool, shape: torch.Size) -> tuple[list[int], torch.Tensor]:
-    """Each sequence's first flat position in the batch, and the sequence of every flat position (-1: padding)."""
-    rows, width = shape
-    ids = torch.full((rows * width,), -1, dtype=torch.long)
-    # Packed: end to end in one row; padded: one row each.
-    starts = list(itertools.accumulate(lengths[:-1], initial=0)) if packing else [i * width for i in range(rows)]
-    for index, (start, length) in enumerate(zip(starts, lengths, strict=True)):
-        ids[start : start + length] = index
-    return starts, ids
 
 
 def ranking_sums(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
@@ -193,9 +191,7 @@ def compute_references(
     share (every rank runs as many forwards, as ZeRO-3 needs), all ranks then holding all of them."""
     engine.eval()
     values = torch.zeros(len(groups), 2, dtype=torch.float64, device=engine.device)
-    mine = list(range(rank, len(groups), world_size))
-    for b in range(math.ceil(math.ceil(len(groups) / world_size) / batch_size)):
-        indices = mine[b * batch_size : (b + 1) * batch_size]
+    for indices in rank_batches(len(groups), batch_size, rank, world_size):
         inputs, targets = spec.device_batch([groups[i] for i in indices] or groups[:1], engine.device)
         logps, _ = sequence_logps(engine(**inputs).logits, targets)
         if indices:
@@ -206,17 +202,24 @@ def compute_references(
 
 
 def save_references(folder: Path, train: list[PreferenceGroup], val: list[list[PreferenceGroup]]) -> None:
-    torch.save({"train": [g.reference for g in train], "val": [[g.reference for g in split] for split in val]},
-               folder / REFERENCE_FILE)
+    """The reference log-probabilities of `train` and each of `val` into `folder`, with the digest of the sequences
+    they belong to."""
+    torch.save({"train": [g.reference for g in train], "val": [[g.reference for g in split] for split in val],
+                "digest": _digest(train, val)}, folder / REFERENCE_FILE)
 
 
 def load_references(
     folder: Path, train: list[PreferenceGroup], val: list[list[PreferenceGroup]]
 ) -> tuple[list[PreferenceGroup], list[list[PreferenceGroup]]]:
-    """`train` and `val` with the reference log-probabilities a checkpoint kept; ValueError when they do not fit."""
-    saved = torch.load(folder / REFERENCE_FILE, weights_only=True)
-    if len(saved["train"]) != len(train) or [len(s) for s in saved["val"]] != [len(s) for s in val]:
-        raise ValueError(f"{folder / REFERENCE_FILE} holds the references of other data")
+    """`train` and `val` with the reference log-probabilities a checkpoint kept; ValueError when the file cannot be
+    read or belongs to other sequences (another cut, another validation length)."""
+    path = folder / REFERENCE_FILE
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever torch.load raises for a damaged file (pickle, zip, EOF)
+        raise ValueError(f"{path} cannot be read ({type(err).__name__})") from None
+    if saved.get("digest") != _digest(train, val):
+        raise ValueError(f"{path} holds the references of other sequences than this run's")
 
     def attach(groups: list[PreferenceGroup], refs: list) -> list[PreferenceGroup]:
         return [dataclasses.replace(g, reference=tuple(r)) for g, r in zip(groups, refs, strict=True)]
@@ -224,12 +227,29 @@ def load_references(
     return attach(train, saved["train"]), [attach(g, r) for g, r in zip(val, saved["val"], strict=True)]
 
 
+def _digest(train: list[PreferenceGroup], val: list[list[PreferenceGroup]]) -> str:
+    digest = hashlib.sha256()
+    for groups in [train, *val]:
+        for group in groups:
+            for sequence in group.sequences:
+                digest.update(repr((sequence.input_ids, sequence.labels)).encode())
+        digest.update(b"/")
+    return digest.hexdigest()
+
+
 def with_references(
-    engine: Any, spec: PreferenceSpec, data: RunData, batch_size: int, info: DistInfo, resume_from: Path | None
+    engine: Any,
+    spec: PreferenceSpec,
+    data: RunData,
+    batch_size: int,
+    eval_size: int | None,
+    info: DistInfo,
+    resume_from: Path | None,
 ) -> RunData:
     """`data` with DPO's reference log-probabilities: computed by the engine at its starting weights, or, on a
-    resume, read from the checkpoint (ConfigError when they do not fit its data)."""
-    val = [split.samples for split in data.val]
+    resume, read from the checkpoint (ConfigError when they do not fit its data). Validation keeps the first
+    `eval_size` pairs of each set, all that evaluation reads."""
+    val = [split.samples[:eval_size] for split in data.val]
     if resume_from is None:
         train = compute_references(engine, spec, data.samples, batch_size, info.rank, info.world_size)
         val = [compute_references(engine, spec, groups, batch_size, info.rank, info.world_size) if groups else groups
@@ -237,8 +257,8 @@ def with_references(
     else:
         try:
             train, val = load_references(resume_from, data.samples, val)
-        except (OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"cannot resume from {resume_from}: no usable reference log-probabilities "
-                              f"({err})") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot resume from {resume_from}: no usable reference log-probabilities: "
+                              f"{err}") from None
     return dataclasses.replace(data, samples=train,
                                val=[dataclasses.replace(split, samples=v) for split, v in zip(data.val, val)])

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
-from model_training.data.formatting import format_system_prefix
+from model_training.data.formatting import FormattedSample, format_system_prefix
 from model_training.data.preferences import PreferenceGroup, PreparedPreferences, prepare_preferences
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
 from model_training.data.windows import LengthRule, WholeSamples
@@ -139,9 +139,17 @@ def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupCl
         micro_batch_size=cfg.per_device_train_batch_size,
         accumulation_steps=cfg.gradient_accumulation_steps,
         seed=cfg.rng_seed,
-        lengths=tuple(min(s.num_tokens, cfg.max_length) for s in samples) if cfg.sort_by_length else None,
+        lengths=tuple(_sort_length(s, cfg.max_length) for s in samples) if cfg.sort_by_length else None,
     )
     return RunData(samples, plan, train_rule, data.val, val_rule)
+
+
+def _sort_length(sample: FormattedSample | PreferenceGroup, max_length: int) -> int:
+    """The length `sort_by_length` orders by: a sample's as it trains, a group's longest sequence (cut when formatted),
+    which its padded rows take."""
+    if isinstance(sample, PreferenceGroup):
+        return max(len(s.input_ids) for s in sample.sequences)
+    return min(sample.num_tokens, max_length)
 
 
 def _length_rules(cfg: TrainConfig, tokenizer: Any) -> tuple[LengthRule, LengthRule]:
@@ -161,12 +169,19 @@ def _fingerprint_data(data: RunData) -> str:
     digest = hashlib.sha256(repr((plan.sources, plan.samples_per_step, plan.seed, plan.lengths is not None,
                                   data.train_rule.fingerprint())).encode())
     for sample in data.samples:
-        # A preference group's sequences, each with its place in the group.
-        for sequence in sample.sequences if isinstance(sample, PreferenceGroup) else (sample,):
-            digest.update(np.asarray(sequence.input_ids, dtype=np.int64).tobytes())
-            digest.update(np.asarray(sequence.labels, dtype=np.int64).tobytes())
-        digest.update(b"|")
+        if isinstance(sample, PreferenceGroup):
+            # Each group closed by a separator: the same sequences grouped otherwise are other data.
+            for sequence in sample.sequences:
+                _hash_sample(digest, sequence)
+            digest.update(b"|")
+        else:
+            _hash_sample(digest, sample)
     return digest.hexdigest()[:16]
+
+
+def _hash_sample(digest: Any, sample: FormattedSample) -> None:
+    digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
+    digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
 
 
 def _fingerprint_model(cfg: TrainConfig) -> str:
@@ -174,6 +189,8 @@ def _fingerprint_model(cfg: TrainConfig) -> str:
     source = cfg.model_name if cfg.model_config is None else repr(sorted(cfg.model_config.items()))
     if cfg.stage != "sft":  # SFT keeps the fingerprint its earlier checkpoints carry
         source += f"|stage={cfg.stage}"
+    if cfg.stage == "dpo":  # another objective is another run
+        source += repr(asdict(cfg.dpo))
     if cfg.peft.type is not None:  # full fine-tuning keeps the fingerprint its earlier checkpoints carry
         source += repr((asdict(cfg.peft), asdict(cfg.quantization)))
     return hashlib.sha256(source.encode()).hexdigest()[:16]
@@ -219,7 +236,7 @@ def train(cfg: TrainConfig) -> Path:
         _resume(cfg, engine, state, resume_from)
         clock.phase("resume")
     if cfg.stage == "dpo":
-        data = with_references(engine, spec, data, cfg.per_device_eval_batch_size, info, resume_from)
+        data = with_references(engine, spec, data, cfg.per_device_eval_batch_size, cfg.eval_size, info, resume_from)
         clock.phase("reference log-probabilities", "from the checkpoint" if resume_from else "computed")
     logger.info(
         "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
@@ -376,9 +393,11 @@ class LoopParts:
 def _loop_parts(
     cfg: TrainConfig, engine: Any, tokenizer: Any, data: RunData, info: DistInfo, total_steps: int, spec: SampleSpec
 ) -> LoopParts:
-    # DPO keeps its reference log-probabilities in every checkpoint: a resume cannot compute them again.
-    write_more = (lambda folder: save_references(folder, data.samples, [s.samples for s in data.val])) if (
-        cfg.stage == "dpo") else None
+
+    def keep_references(folder: Path) -> None:
+        # A resume cannot compute them again from weights that have moved on.
+        save_references(folder, data.samples, [split.samples for split in data.val])
+
     return LoopParts(
         total_steps=total_steps,
         steps_per_epoch=data.plan.steps_per_epoch,
@@ -386,7 +405,8 @@ def _loop_parts(
         run_step=StepRunner(engine, spec, info.world_size, cfg.dtype),
         evaluate=Evaluator(data.val, data.val_rule, cfg.eval_size, cfg.per_device_eval_batch_size, spec, info.rank,
                            info.world_size),
-        saver=Saver(cfg, tokenizer, total_steps, data.plan.steps_per_epoch, write_more),
+        saver=Saver(cfg, tokenizer, total_steps, data.plan.steps_per_epoch,
+                    keep_references if cfg.stage == "dpo" else None),
         show_progress=info.is_main,
     )
 
