@@ -33,6 +33,7 @@ from model_training.training.checkpoint import resolve_checkpoint
 pytestmark = pytest.mark.slow
 
 GOLDEN = Path(__file__).with_name("golden_losses.json")
+GOLDEN_FINGERPRINTS = Path(__file__).with_name("golden_fingerprints.json")
 
 
 def module_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -78,6 +79,17 @@ def test_golden_losses(zero2_run: Path) -> None:
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(losses, indent=2) + "\n")
     assert losses == json.loads(GOLDEN.read_text())
+
+
+def test_checkpoints_of_earlier_versions_stay_resumable(zero2_run: Path) -> None:
+    """The data and model fingerprints a resume compares, as every earlier version of the trainer wrote them for this
+    run: a change would refuse to resume their checkpoints. Regenerate with UPDATE_GOLDEN=1 only for a deliberate
+    change (and say in the release notes that older checkpoints no longer resume)."""
+    state = json.loads((zero2_run / "checkpoint-000008" / "trainer_state.json").read_text())
+    fingerprints = {key: state[key] for key in ("data_fingerprint", "model_fingerprint")}
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_FINGERPRINTS.write_text(json.dumps(fingerprints, indent=2) + "\n")
+    assert fingerprints == json.loads(GOLDEN_FINGERPRINTS.read_text())
 
 
 def test_loss_does_not_depend_on_how_the_step_is_split(tmp_path: Path) -> None:
