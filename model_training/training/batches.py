@@ -92,9 +92,6 @@ class SampleSpec(Protocol):
     def device_batch(self, samples: list[Any], device: torch.device) -> tuple[dict[str, Any], Any]:
         """The model's keyword inputs on `device`, and what the loss needs of the batch (kept on the host)."""
 
-    def loss_sum(self, engine: Any, inputs: dict[str, Any], targets: Any) -> torch.Tensor:
-        """The batch's loss, summed over its loss units."""
-
     def sums(self, engine: Any, inputs: dict[str, Any], targets: Any) -> torch.Tensor:
         """The sums of `metrics` over the batch, loss first."""
 
@@ -124,14 +121,11 @@ class BatchSpec:
         return inputs_on(batch, device), labels
 
     metrics = ("loss", "accuracy")
-    """What `sums` adds up, in order; divided by `units` they are the evaluation's metrics."""
-
-    def loss_sum(self, engine: Any, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-        """The batch's summed token losses, through `loss.token_sums` (the fault tests' seam)."""
-        return loss.token_sums(engine, inputs, labels, self.chunked)[0]
+    """What `sums` adds up, in order; divided by the loss units they are the training and evaluation metrics."""
 
     def sums(self, engine: Any, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-        """(summed token losses, correct next-token predictions) of the batch, on the device."""
+        """(summed token losses, correct next-token predictions) of the batch, on the device, through
+        `loss.token_sums` (the fault tests' seam)."""
         return torch.stack(loss.token_sums(engine, inputs, labels, self.chunked))
 
     def units(self, labels: torch.Tensor) -> int:

@@ -108,9 +108,6 @@ class PreferenceSpec:
         reference = None if None in references else torch.tensor(references, dtype=torch.float64)
         return inputs_on(batch, device), PairTargets(**pairs, labels=labels, sequence_ids=ids, reference=reference)
 
-    def loss_sum(self, engine: Any, inputs: dict[str, Any], targets: PairTargets) -> torch.Tensor:
-        return self.sums(engine, inputs, targets)[0]
-
     def sums(self, engine: Any, inputs: dict[str, Any], targets: PairTargets) -> torch.Tensor:
         """The sums over the batch's pairs of `metrics`, loss first, on the device."""
         if self.stage == "rm":

@@ -42,27 +42,27 @@ class StepRunner:
     def __call__(self, samples: StepSamples, step: int) -> tuple[torch.Tensor, float]:
         """Run the micro-batches of optimizer step `step` (0-based) through forward, backward and the engine's step.
 
-        Returns this rank's sum of token losses, a float64 device tensor left unread, and the host seconds spent
-        building batches.
+        Returns this rank's sums of the spec's metrics (the loss first), a float64 device tensor left unread, and
+        the host seconds spent building batches.
         """
         engine = self.engine
-        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        sums = torch.zeros(len(self.spec.metrics), dtype=torch.float64, device=engine.device)
         data_time = 0.0
         for micro_batch in samples.micro_batches:
             data_start = time.perf_counter()
-            inputs, labels = self.spec.device_batch(micro_batch.samples, engine.device)
+            inputs, targets = self.spec.device_batch(micro_batch.samples, engine.device)
             data_time += time.perf_counter() - data_start
-            micro_loss_sum = self.spec.loss_sum(engine, inputs, labels)
+            micro_sums = self.spec.sums(engine, inputs, targets)
             if not micro_batch.counted:
-                micro_loss_sum = torch.where(torch.tensor(False), micro_loss_sum, 0.0)  # NaN * 0 would stay NaN
-            loss_sum += micro_loss_sum.detach().double()
+                micro_sums = torch.where(torch.tensor(False), micro_sums, 0.0)  # NaN * 0 would stay NaN
+            sums += micro_sums.detach().double()
             # DeepSpeed (and DDP without it) averages gradients over ranks; x world_size turns that into a sum, so
             # the gradient is that of (sum of losses of the whole step) / (its loss units: supervised tokens, pairs).
-            engine.backward(micro_loss_sum * (self.world_size / samples.loss_units), scale_wrt_gas=False)
+            engine.backward(micro_sums[0] * (self.world_size / samples.loss_units), scale_wrt_gas=False)
             if self.guard_updates and engine.is_gradient_accumulation_boundary():
-                self._refuse_nonfinite_update(loss_sum, step)
+                self._refuse_nonfinite_update(sums[0], step)
             engine.step()
-        return loss_sum, data_time
+        return sums, data_time
 
     def _refuse_nonfinite_update(self, loss_sum: torch.Tensor, step: int) -> None:
         """Stop before an update that DeepSpeed would apply despite a non-finite loss on some rank (a host sync
@@ -78,7 +78,7 @@ class StepRunner:
 
 
 class PendingLosses:
-    """The losses of the steps not read yet, kept on the device.
+    """The losses (and the spec's other training metrics) of the steps not read yet, kept on the device.
 
     Reading a loss waits for the device (and all-reduces it); at every step that would leave the GPU idle
     between steps. The steps since the last read are read together, with one all-reduce, where a value is
@@ -88,16 +88,19 @@ class PendingLosses:
     def __init__(self) -> None:
         self._steps: list[tuple[int, torch.Tensor, int]] = []
 
-    def add(self, step: int, loss_sum: torch.Tensor, loss_units: int) -> None:
-        """Step `step`'s summed losses on this rank (a device tensor), and the step's loss units (all ranks)."""
-        self._steps.append((step, loss_sum, loss_units))
+    def add(self, step: int, sums: torch.Tensor, loss_units: int) -> None:
+        """Step `step`'s metric sums on this rank (a device tensor, the loss first), and its loss units (all
+        ranks)."""
+        self._steps.append((step, sums, loss_units))
 
-    def read(self) -> list[tuple[int, float]]:
-        """(step, loss) of every pending step, oldest first: the mean over the loss units of the whole step."""
+    def read(self) -> list[tuple[int, list[float]]]:
+        """(step, metrics) of every pending step, oldest first: each metric's mean over the loss units of the whole
+        step, the loss first."""
         if not self._steps:
             return []
-        sums = torch.stack([loss_sum for _, loss_sum, _ in self._steps])
+        sums = torch.stack([step_sums.reshape(-1) for _, step_sums, _ in self._steps])
         dist.all_reduce(sums)
-        losses = [(step, total / units) for (step, _, units), total in zip(self._steps, sums.tolist())]
+        means = [(step, [total / units for total in totals])
+                 for (step, _, units), totals in zip(self._steps, sums.tolist())]
         self._steps.clear()
-        return losses
+        return means

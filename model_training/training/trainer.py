@@ -96,10 +96,10 @@ class TrainerState:
         self.micro_step += micro_batches
         self.tokens_seen += tokens
 
-    def count_nonfinite(self, losses: list[tuple[int, float]], max_in_row: int) -> float:
-        """Count the steps among `losses` (step, loss) whose loss was not finite (their updates were skipped);
-        stop the run after `max_in_row` of them in a row. Returns the last step's loss."""
-        for step, loss in losses:
+    def count_nonfinite(self, losses: list[tuple[int, list[float]]], max_in_row: int) -> list[float]:
+        """Count the steps among `losses` (step, metrics: the loss first) whose loss was not finite (their updates
+        were skipped); stop the run after `max_in_row` of them in a row. Returns the last step's metrics."""
+        for step, (loss, *_) in losses:
             if math.isfinite(loss):
                 self.nonfinite_in_row = 0
                 continue
@@ -424,8 +424,8 @@ def _loop(
     first_step = state.optimizer_step + 1
     while state.optimizer_step < total_steps:
         samples = parts.reader.read(state.optimizer_step)
-        loss_sum, data_time = parts.run_step(samples, state.optimizer_step)
-        pending.add(state.optimizer_step + 1, loss_sum, samples.loss_units)
+        sums, data_time = parts.run_step(samples, state.optimizer_step)
+        pending.add(state.optimizer_step + 1, sums, samples.loss_units)
         state.count_step(len(samples.micro_batches), samples.tokens)
         meter.add(samples.tokens, data_time)
         progress.update(1)
@@ -441,10 +441,12 @@ def _loop(
         if not (log_now or eval_now or save_now):
             continue
         # The losses are read only here (a host sync): the steps in between run back to back on the device.
-        loss = state.count_nonfinite(pending.read(), cfg.max_nonfinite_steps)
+        # The last step's metrics: the loss, then the spec's others (accuracy; DPO's rewards and margin).
+        loss, *others = state.count_nonfinite(pending.read(), cfg.max_nonfinite_steps)
         record: dict[str, Any] = {}
         if log_now:
             record.update(_log_record(engine, state, loss, meter.read_and_reset(), parts.steps_per_epoch))
+            record.update(zip(parts.run_step.spec.metrics[1:], others, strict=True))
             progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
         if eval_now:

@@ -94,7 +94,7 @@ def test_dpo_loss_and_gradients_equal_a_direct_computation(loss_type: str, label
     ]
     spec = PreferenceSpec("dpo", True, tokenizer.pad_token_id, options)
     inputs, targets = spec.device_batch(groups, torch.device("cpu"))
-    ours = spec.loss_sum(model, inputs, targets)
+    ours = spec.sums(model, inputs, targets)[0]
     ours.backward()
     our_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()

@@ -42,13 +42,14 @@ def test_the_gradient_is_that_of_the_whole_steps_token_mean() -> None:
     engine, spec = engine_and_spec()
     reference = copy.deepcopy(engine.module)
     step = StepSamples([MicroBatch(SAMPLES[:1], True), MicroBatch(SAMPLES[1:], True)], SUPERVISED, tokens=21)
-    loss_sum, data_time = StepRunner(engine, spec, world_size=1, dtype="fp32")(step, 0)
+    (loss_sum, correct), data_time = StepRunner(engine, spec, world_size=1, dtype="fp32")(step, 0)
 
     # The same tokens in one batch, averaged: the gradient the step must have applied.
     inputs, labels = spec.device_batch(SAMPLES, torch.device("cpu"))
-    expected_sum, _ = loss.supervised_token_sums(reference(**inputs).logits, labels)
+    expected_sum, expected_correct = loss.supervised_token_sums(reference(**inputs).logits, labels)
     (expected_sum / SUPERVISED).backward()
     torch.testing.assert_close(loss_sum, expected_sum.detach().double(), rtol=1e-6, atol=0)
+    assert correct == expected_correct  # the step's training accuracy, beside its loss
     assert data_time > 0
     # beta1 0.9, no clipping: Adam's first moment after the first update is 0.1 x the gradient (each parameter's
     # within 1e-5 of its norm: two micro-batches sum in another order than one batch).
@@ -77,7 +78,7 @@ def test_a_stand_in_micro_batch_adds_nothing_to_the_steps_loss(
     counted_sum, _ = real_sums(copy.deepcopy(engine.module), inputs, labels, False)
     before = [p.detach().clone() for p in engine.module.parameters()]
     step = StepSamples([MicroBatch(SAMPLES[:1], True), MicroBatch(SAMPLES[1:2], False)], 6, tokens=7)
-    loss_sum, _ = StepRunner(engine, spec, world_size=1, dtype="fp32")(step, 0)
+    (loss_sum, _), _ = StepRunner(engine, spec, world_size=1, dtype="fp32")(step, 0)
 
     assert len(calls) == 2
     if poisoned_call == 1:
@@ -91,8 +92,8 @@ def test_a_stand_in_micro_batch_adds_nothing_to_the_steps_loss(
 def test_pending_losses_are_read_together_as_token_means_then_cleared() -> None:
     pending = PendingLosses()
     assert pending.read() == []
-    pending.add(1, torch.tensor(12.0, dtype=torch.float64), loss_units=4)
-    pending.add(2, torch.tensor(float("nan"), dtype=torch.float64), loss_units=3)
-    (first, loss_1), (second, loss_2) = pending.read()
-    assert (first, loss_1, second) == (1, 3.0, 2) and math.isnan(loss_2)
+    pending.add(1, torch.tensor([12.0, 2.0], dtype=torch.float64), loss_units=4)
+    pending.add(2, torch.tensor([float("nan"), 3.0], dtype=torch.float64), loss_units=3)
+    (first, (loss_1, accuracy_1)), (second, (loss_2, accuracy_2)) = pending.read()
+    assert (first, loss_1, accuracy_1, second, accuracy_2) == (1, 3.0, 0.5, 2, 1.0) and math.isnan(loss_2)
     assert pending.read() == []

@@ -21,14 +21,15 @@ def test_a_step_counts_its_micro_batches_and_tokens() -> None:
 
 def test_nonfinite_losses_are_counted_and_a_finite_one_ends_the_row(caplog: pytest.LogCaptureFixture) -> None:
     state = TrainerState()
-    assert state.count_nonfinite([(1, 2.5), (2, NAN), (3, math.inf)], max_in_row=3) == math.inf
+    assert state.count_nonfinite([(1, [2.5, 0.5]), (2, [NAN, 0.4]), (3, [math.inf, 0.3])], max_in_row=3) == [
+        math.inf, 0.3]
     assert (state.skipped_steps, state.nonfinite_in_row) == (2, 2)
     assert "non-finite loss at optimizer step 3" in caplog.text
-    assert state.count_nonfinite([(4, 2.0)], max_in_row=3) == 2.0
+    assert state.count_nonfinite([(4, [2.0, 0.6])], max_in_row=3) == [2.0, 0.6]
     assert (state.skipped_steps, state.nonfinite_in_row) == (2, 0)
 
 
 def test_too_many_nonfinite_losses_in_a_row_stop_training() -> None:
     state = TrainerState(nonfinite_in_row=1, skipped_steps=1)  # a row a resume carries on
     with pytest.raises(TrainingError, match="2 optimizer steps in a row with a non-finite loss, the last at step 7"):
-        state.count_nonfinite([(7, NAN), (8, 1.0)], max_in_row=2)
+        state.count_nonfinite([(7, [NAN]), (8, [1.0])], max_in_row=2)
