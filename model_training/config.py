@@ -39,6 +39,7 @@ from model_training.data.chat_formats import CHAT_FORMATS
 from model_training.data.sources import SOURCES
 from model_training.data.sources.common import DatasetConfig
 from model_training.hub import is_hub_id
+from model_training.layout import is_training_run
 
 logger = logging.getLogger(__name__)
 
@@ -571,12 +572,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def _check_local_folders(cfg: TrainConfig) -> None:
-    """A local model or tokenizer folder must exist and hold what transformers loads from it."""
+    """A local model or tokenizer folder must exist and hold what transformers loads from it; a model may also be
+    a training checkpoint or run folder."""
     model = _local_folder(cfg, "model_name")
-    if model is not None and not (model / "config.json").is_file():
+    # A training checkpoint is exported when the run starts (training/start.py), with its tokenizer.
+    checkpoint = model is not None and is_training_run(model)
+    if checkpoint and cfg.peft.type is not None:
+        raise ConfigError(f"key 'model_name' is the training checkpoint {model}, which LoRA cannot take as its "
+                          "base; export it first (python export_model.py CHECKPOINT --output_folder DIR) and set "
+                          "model_name=DIR")
+    if model is not None and not checkpoint and not (model / "config.json").is_file():
         raise ConfigError(f"key 'model_name': the folder {model} has no config.json; expected a model folder "
-                          "saved by save_pretrained")
+                          "saved by save_pretrained, or a training checkpoint or run folder")
     tokenizer_key = "tokenizer_name" if cfg.tokenizer_name is not None else "model_name"
+    if checkpoint and tokenizer_key == "model_name":
+        return
     tokenizer = _local_folder(cfg, tokenizer_key)
     if tokenizer is not None and not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"key '{tokenizer_key}': the folder {tokenizer} holds no tokenizer; expected one of "

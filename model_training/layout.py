@@ -11,6 +11,8 @@ A run folder (`output_dir`)::
     samples.jsonl, samples.md   answers generated after training (training/answers.py)
     training_curves.png         loss, learning rate, tokens/s and grad norm against steps
     base_model/                 a LoRA run's random-weight base, kept for its export
+    start_model/                a `model_name` that is a training checkpoint, exported to start from
+                                (training/start.py; replaced when stale, so an overwrite keeps it)
 
 A checkpoint folder::
 
@@ -43,6 +45,7 @@ SAMPLES_JSONL = "samples.jsonl"
 SAMPLES_MD = "samples.md"
 CURVES = "training_curves.png"
 BASE_MODEL_DIR = "base_model"
+START_MODEL_DIR = "start_model"
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -65,6 +68,13 @@ def checkpoint_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return f"checkpoint-{step:06d}"
+
+
+def is_training_run(folder: Path) -> bool:
+    """Whether `folder` is a training checkpoint or a run folder that holds checkpoints, rather than a model."""
+    if (folder / MANIFEST).is_file() or (folder / POINTER).is_file():
+        return True
+    return folder.is_dir() and any(CHECKPOINT_RE.fullmatch(p.name) for p in folder.iterdir())
 
 
 def earlier_run(output_dir: Path) -> list[str]:

@@ -471,3 +471,14 @@ def test_an_override_that_is_not_yaml_is_a_string_unless_it_opens_like_yaml() ->
 def test_closest_name_lists_up_to_n_names() -> None:
     assert closest_name("falconx", ["falcon", "falcon_h1", "llama"], n=3) == "; did you mean 'falcon' or 'falcon_h1'?"
     assert closest_name("xyz", ["falcon"]) == ""
+
+
+def test_a_training_checkpoint_is_a_model_to_start_from_but_not_a_lora_base(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-000008").mkdir()  # a run folder: exported when the run starts (training/start.py)
+    overrides = [("model_name", str(tmp_path)), ("model_config", None), ("tokenizer_name", None)]
+    assert load_config(["defaults-dpo", "tiny-falcon", "preference-sample"], overrides, stage="dpo").model_name
+    with pytest.raises(ConfigError, match="is the training checkpoint .*, which LoRA cannot take as its base; export"):
+        load_config(["defaults", "tiny-falcon", "oasst-sample"], [*overrides, ("peft.type", "lora")])
+    (tmp_path / "checkpoint-000008").rmdir()
+    with pytest.raises(ConfigError, match="has no config.json; expected a model folder saved by save_pretrained, or"):
+        load_config(["defaults", "tiny-falcon", "oasst-sample"], overrides)

@@ -56,6 +56,7 @@ from model_training.training.preference import PreferenceSpec, save_references, 
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
+from model_training.training.start import start_model_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError
 from model_training.training.throughput import ThroughputMeter
 from model_training.training.torch_engine import build_torch_engine, holds_torch_engine_state
@@ -212,7 +213,9 @@ def train(cfg: TrainConfig) -> Path:
     _seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
 
-    tokenizer = load_tokenizer(cfg)
+    # A training checkpoint as model_name is exported first; the run's own config (fingerprint, saves) keeps it.
+    model_cfg = start_model_config(cfg, info)
+    tokenizer = load_tokenizer(model_cfg)
     clock.phase("tokenizer")
     data = _run_data(cfg, tokenizer, info, clock)
     plan = data.plan
@@ -224,7 +227,7 @@ def train(cfg: TrainConfig) -> Path:
     if info.is_main and cfg.overwrite_output_dir:
         _remove_earlier_run(output_dir)
 
-    engine = _build_engine(cfg, tokenizer, info, total_steps, clock)
+    engine = _build_engine(model_cfg, tokenizer, info, total_steps, clock)
     clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
     if info.is_main:
         # Written once the run has started: a launch that fails earlier leaves no run folder behind.

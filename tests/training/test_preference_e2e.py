@@ -196,6 +196,29 @@ def test_dpo_starts_at_its_reference_and_learns_the_planted_preference(dpo_run: 
     assert {"logp_chosen", "logp_rejected"} <= last.keys()
 
 
+def test_dpo_starts_from_an_sft_run_folder_exported_once(zero2_run: Path, planted: Path, tmp_path: Path) -> None:
+    """model_name = an SFT run folder: its newest checkpoint is exported into start_model/ and trained from; at
+    learning rate 0 the run's weights stay the export's, and a second launch reuses the export."""
+    from safetensors.torch import load_file
+
+    from model_training.layout import TORCH_MODEL_STATES
+
+    run = tmp_path / "run"
+    args = planted_run("dpo", planted, run, f"model_name={zero2_run}", "model_config=null", "tokenizer_name=null",
+                       "max_steps=1", "eval_steps=null", "learning_rate=0.0", "--no-deepspeed")
+    check_ok(run_torchrun(args, nproc=1, script=REPO / "trainer_dpo.py"))
+    start = run / "start_model"
+    assert (start / "source.txt").read_text() == str((zero2_run / "checkpoint-000008").resolve())
+    assert step_losses(run)[1] == pytest.approx(math.log(2), abs=1e-6)
+    (states,) = (run / "checkpoint-000001").rglob(TORCH_MODEL_STATES)
+    trained = torch.load(states, weights_only=True)["module"]
+    exported = load_file(start / "model.safetensors")
+    assert all(torch.equal(trained[name], tensor) for name, tensor in exported.items())
+
+    again = check_ok(run_torchrun([*args, "overwrite_output_dir=true"], nproc=1, script=REPO / "trainer_dpo.py"))
+    assert "exported from" in again.stdout and "before" in again.stdout
+
+
 def test_dpo_resumes_exactly_with_the_references_its_checkpoint_kept(dpo_run: Path, planted: Path,
                                                                      tmp_path: Path) -> None:
     ckpt = dpo_run / "checkpoint-000012"
