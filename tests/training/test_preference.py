@@ -83,8 +83,10 @@ def direct_logp(model: torch.nn.Module, sequence) -> tuple[torch.Tensor, int]:
     return sum(logps[t - 1, sequence.input_ids[t]] for t in positions), len(positions)
 
 
-@pytest.mark.parametrize(("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
-def test_dpo_loss_and_gradients_equal_a_direct_computation(loss_type: str, label_smoothing: float) -> None:
+@pytest.mark.parametrize(("loss_type", "label_smoothing", "packing"),
+                         [("sigmoid", 0.0, True), ("sigmoid", 0.2, True), ("ipo", 0.0, True), ("sigmoid", 0.0, False)])
+def test_dpo_loss_and_gradients_equal_a_direct_computation(loss_type: str, label_smoothing: float,
+                                                           packing: bool) -> None:
     model, tokenizer = tiny("dpo")
     options = DpoConfig(beta=0.3, loss_type=loss_type, label_smoothing=label_smoothing)
     references = [(-40.0, -35.5), (-22.25, -30.0), (-18.0, -17.0)]
@@ -92,7 +94,7 @@ def test_dpo_loss_and_gradients_equal_a_direct_computation(loss_type: str, label
         PreferenceGroup(format_comparison(comparison(2, prompt), tokenizer, "openassistant").sequences, reference)
         for prompt, reference in zip(["Capital of France?", "Where is Paris?", "Name a city."], references)
     ]
-    spec = PreferenceSpec("dpo", True, tokenizer.pad_token_id, options)
+    spec = PreferenceSpec("dpo", packing, tokenizer.pad_token_id, options)
     inputs, targets = spec.device_batch(groups, torch.device("cpu"))
     ours = spec.sums(model, inputs, targets)[0]
     ours.backward()
