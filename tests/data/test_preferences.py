@@ -189,3 +189,24 @@ def test_a_source_of_the_other_kind_is_a_config_error(tokenizer) -> None:
     sft = load_config(["defaults", "tiny-falcon"], [("datasets", [{"preference_jsonl": {}}]), ("data_cache_dir", None)])
     with pytest.raises(ConfigError, match=r"datasets\[0\].preference_jsonl holds ranked replies, not conversations"):
         prepare_data(sft, tokenizer)
+
+
+def test_show_dataset_stats_counts_groups_and_pairs_of_the_bundled_preference_data(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from model_training.cli import main_train
+
+    argv = ["--configs", "defaults-rm", "tiny-falcon", "preference-sample", "data_cache_dir=null",
+            "--show_dataset_stats"]
+    assert main_train(argv, stage="rm") == 0
+    rows = {tuple(line.split()[:2]): line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
+    # The sample export's 95 ranked groups (77 of two replies, 18 of three) split by tree; hh-rlhf's and the
+    # preference file's pairs split by record.
+    assert rows[("oasst_export", "train")] == ["85", "119"] and rows[("oasst_export", "val")] == ["10", "12"]
+    assert rows[("hh_rlhf", "train")] == ["31", "31"] and rows[("preference_jsonl", "val")] == ["4", "4"]
+    assert main_train(argv, stage="dpo") == 2  # defaults-rm names the rm stage
+    argv[1] = "defaults-dpo"
+    assert main_train(argv, stage="dpo") == 0
+    rows = {tuple(line.split()[:2]): line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
+    # Best against each: K - 1 pairs of a group of K, each its own sample (68 groups of two, 17 of three).
+    assert rows[("oasst_export", "train")] == ["102", "102"]
