@@ -241,14 +241,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.stage == "dpo":
         data = with_references(engine, spec, data, cfg.per_device_eval_batch_size, cfg.eval_size, info, resume_from)
         clock.phase("reference log-probabilities", "from the checkpoint" if resume_from else "computed")
-    logger.info(
-        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
-        "%s micro-batches%s",
-        cfg.stage, len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
-        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", info.world_size,
-        "packed" if cfg.packing else "padded",
-        f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if cfg.stage == "sft" else "",
-    )
+    _log_plan(cfg, data, total_steps, engine, spec, info.world_size)
 
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
@@ -265,6 +258,18 @@ def train(cfg: TrainConfig) -> Path:
     dist.barrier()
     dist.destroy_process_group()
     return output_dir
+
+
+def _log_plan(cfg: TrainConfig, data: RunData, total_steps: int, engine: Any, spec: SampleSpec, world: int) -> None:
+    plan = data.plan
+    logger.info(
+        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
+        "%s micro-batches%s",
+        cfg.stage, len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
+        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", world,
+        "packed" if cfg.packing else "padded",
+        f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if cfg.stage == "sft" else "",
+    )
 
 
 def _sample_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> SampleSpec:
