@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
@@ -87,6 +88,11 @@ class FormattedSample:
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
+
+    def update_digest(self, digest: Any) -> None:
+        """Feed the ids and labels to a hashlib `digest`: what fingerprints of samples are made of."""
+        digest.update(np.asarray(self.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(self.labels, dtype=np.int64).tobytes())
 
 
 def chat_template(chat_format: str = DEFAULT_CHAT_FORMAT) -> str:

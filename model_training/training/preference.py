@@ -229,7 +229,7 @@ def _digest(train: list[PreferenceGroup], val: list[list[PreferenceGroup]]) -> s
     for groups in [train, *val]:
         for group in groups:
             for sequence in group.sequences:
-                digest.update(repr((sequence.input_ids, sequence.labels)).encode())
+                sequence.update_digest(digest)
         digest.update(b"/")
     return digest.hexdigest()
 

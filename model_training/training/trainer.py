@@ -173,16 +173,11 @@ def _fingerprint_data(data: RunData) -> str:
         if isinstance(sample, PreferenceGroup):
             # Each group closed by a separator: the same sequences grouped otherwise are other data.
             for sequence in sample.sequences:
-                _hash_sample(digest, sequence)
+                sequence.update_digest(digest)
             digest.update(b"|")
         else:
-            _hash_sample(digest, sample)
+            sample.update_digest(digest)
     return digest.hexdigest()[:16]
-
-
-def _hash_sample(digest: Any, sample: FormattedSample) -> None:
-    digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
-    digest.update(np.asarray(sample.labels, dtype=np.int64).tobytes())
 
 
 def _fingerprint_model(cfg: TrainConfig) -> str:
