@@ -31,9 +31,9 @@ NO_EFFECT: dict[str, str] = {
     "use_system_tag": "OpenAssistant's system-property tags (from its dataset labels) are not built here",
     "system_property_dropout": "OpenAssistant's system-property tags (from its dataset labels) are not built here",
     "system_add_length": "OpenAssistant's system-property tags (from its dataset labels) are not built here",
-    "is_reward_model": "trainer_sft.py trains language models; reward models are another trainer's",
-    "pooling": "a reward-model setting; trainer_sft.py trains language models",
-    "score_l2_reg": "a reward-model setting; trainer_sft.py trains language models",
+    "is_reward_model": "the command sets what is trained: trainer_rm.py trains reward models",
+    "pooling": "trainer_rm.py reads each reward at the last token that is not padding (transformers' pooling)",
+    "score_l2_reg": "trainer_rm.py's loss is the ranking loss alone, without a penalty on the scores",
     "peft_type": "the adapter kind is set by peft.type (lora)",
     "int8_training": "8-bit training is not supported; a 4-bit base for LoRA is quantization.load_in_4bit",
 }
