@@ -118,6 +118,15 @@ def read_metrics(output_dir: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+TIMINGS = ("tokens_per_s", "data_time")
+"""Metrics of the machine rather than of the training: left out where two runs are compared."""
+
+
+def metrics_by_step(output_dir: Path) -> dict[int, dict]:
+    """Each step's metrics but the timings; a run resumed in its own folder appends, so a later line wins."""
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in read_metrics(output_dir)}
+
+
 def step_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
 

@@ -24,6 +24,7 @@ from helpers import (
     check_ok,
     cpu_env,
     free_port,
+    metrics_by_step,
     read_metrics,
     run_deepspeed,
     run_torchrun,
@@ -42,7 +43,6 @@ RUN = [*TINY, "max_steps=6", "save_steps=3", "logging_steps=1"]
 ACCUMULATE_2 = [*RUN, "gradient_accumulation_steps=2"]
 """2 micro-batches of 8 samples per step on each rank."""
 PLAIN = [*ACCUMULATE_2, "--no-deepspeed"]
-TIMINGS = ("tokens_per_s", "data_time")
 
 
 def engine_files(ckpt: Path) -> dict[str, dict]:
@@ -144,8 +144,7 @@ def test_killed_run_resumes_exactly(ranks: int, reference: str, tmp_path: Path, 
 
     resumed = check_ok(run_torchrun([*args, "--resume_from_checkpoint"], nproc=ranks))
     assert "resumed from" in resumed.stdout and "at optimizer step 3" in resumed.stdout
-    mine = {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in read_metrics(tmp_path)}
-    theirs = {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in read_metrics(reference_run)}
+    mine, theirs = metrics_by_step(tmp_path), metrics_by_step(reference_run)
     assert [mine[step] for step in (4, 5, 6)] == [theirs[step] for step in (4, 5, 6)]
     after, uninterrupted = (engine_files(run / "checkpoint-000006") for run in (tmp_path, reference_run))
     assert_same_weights(after[TORCH_MODEL_STATES]["module"], uninterrupted[TORCH_MODEL_STATES]["module"])

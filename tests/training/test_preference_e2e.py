@@ -22,6 +22,7 @@ from helpers import (
     assert_same_weights,
     check_ok,
     cpu_env,
+    metrics_by_step,
     read_metrics,
     run_deepspeed,
     run_torchrun,
@@ -33,8 +34,6 @@ from test_train_e2e import module_weights
 from model_training.training.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
-
-TIMINGS = ("tokens_per_s", "data_time")
 
 
 def planted_run(stage: str, data: Path, output_dir: Path, *overrides: str) -> list[str]:
@@ -99,8 +98,7 @@ def evaluations(run: Path) -> list[dict]:
 def assert_continues_exactly(resumed: Path, reference: Path) -> None:
     """Steps 13-24's metrics (but timings) and the final weights are the uninterrupted run's, bit for bit."""
     def after(run: Path) -> dict[int, dict]:
-        return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in read_metrics(run)
-                if r["step"] > 12}
+        return {step: metrics for step, metrics in metrics_by_step(run).items() if step > 12}
 
     assert after(resumed) == after(reference)
     assert sorted(after(resumed)) == list(range(13, 25))

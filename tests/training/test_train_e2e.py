@@ -22,6 +22,7 @@ from helpers import (
     check_ok,
     cpu_env,
     free_port,
+    metrics_by_step,
     read_metrics,
     run_deepspeed,
     step_losses,
@@ -138,7 +139,6 @@ def test_one_micro_batch_gives_the_gradient_of_four_accumulated(tmp_path: Path) 
 RESUME_RUN = [*TINY, "max_steps=80", "save_steps=20", "save_total_limit=null", "logging_steps=1"]
 """5 epochs of 16 steps, a checkpoint every 20: resumed at 20, 60 steps over 3 epoch boundaries and 2 evaluations."""
 AFTER_RESUME = range(21, 81)
-TIMINGS = ("tokens_per_s", "data_time")
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,7 @@ def run_80(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def metrics_after_resume(run: Path) -> dict[int, dict]:
     """Steps 21-80's metrics but the timings; a run resumed in its own folder appends, so a later line wins."""
-    records = [r for r in read_metrics(run) if r["step"] in AFTER_RESUME]
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in records}
+    return {step: metrics for step, metrics in metrics_by_step(run).items() if step in AFTER_RESUME}
 
 
 def assert_continues_exactly(resumed: Path, reference: Path) -> None:
