@@ -221,6 +221,8 @@ class TrainConfig:
     linear warmup, then cosine (to 10% of the peak), linear (to 0) or constant (training/schedule.py)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `learning_rate`."""
+    lr_decay_steps: int | None = None
+    """Optimizer steps of the cosine or linear decay after the warmup, then held at its end; null: to the end."""
     num_train_epochs: float = 1
     """Passes over the training data; a fraction trains that share of the first epoch's steps (ignored when
     `max_steps` is set)."""
@@ -510,6 +512,9 @@ def validate(cfg: TrainConfig) -> None:
     _validate_preference_stage(cfg)
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
+    if cfg.lr_decay_steps is not None and (cfg.lr_decay_steps < 1 or cfg.lr_scheduler_type == "warmup_decay"):
+        raise ConfigError(f"key 'lr_decay_steps' is {cfg.lr_decay_steps}; expected at least 1, with "
+                          f"lr_scheduler_type cosine or linear (it is {cfg.lr_scheduler_type})")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"key 'max_steps' must be at least 1 or null, got {cfg.max_steps}")
     if not 0.0 <= cfg.residual_dropout < 1.0:

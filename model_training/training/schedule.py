@@ -5,7 +5,8 @@
   then log(k) / log(W) up to the peak over W = max(2, warmup_steps) updates, then a linear decay (the last
   update of a run gets 2 / (total_steps - W) of the peak; DeepSpeed's curve reaches 0 just after it).
 - `cosine`, `linear`, `constant`: a linear warmup from 0 to the peak over `warmup_steps`, then a cosine decay
-  to 10% of the peak, a linear decay to 0, or none.
+  to 10% of the peak, a linear decay to 0, or none; the decay lasts until the last step, or `decay_steps` steps
+  and then stays at its end (the RLHF Falcon-40B card: cosine over 100 of its 200 steps).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ COSINE_FLOOR = 0.1
 KINDS = ("warmup_decay", "cosine", "linear", "constant")
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str, decay_steps: int | None = None) -> float:
     """Multiplier of the peak learning rate for the update made at optimizer step `step` (0-based)."""
     if kind == "warmup_decay":
         return _deepspeed_warmup_decay(step, warmup_steps, total_steps)
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, total_steps - warmup_steps)
+    decay_steps = max(1, decay_steps or total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     if kind == "constant":
         return 1.0
@@ -52,9 +53,9 @@ def _deepspeed_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> f
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, kind: str
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, kind: str, decay_steps: int | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
     # DeepSpeed steps it once per applied optimizer step and saves/loads its state with the checkpoint.
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, kind)
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, kind, decay_steps)
     )

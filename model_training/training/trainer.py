@@ -292,7 +292,8 @@ def _build_engine(cfg: TrainConfig, tokenizer: Any, info: DistInfo, total_steps:
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
-        lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type),
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type,
+                                                 cfg.lr_decay_steps),
     )
     return engine
 

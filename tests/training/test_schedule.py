@@ -23,6 +23,15 @@ def test_decay_kinds_end_where_documented(kind: str, end: float) -> None:
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_a_decay_of_its_own_length_then_holds_its_end() -> None:
+    """The RLHF Falcon-40B card's schedule: 10 warmup steps, a cosine over 100 steps to 10% of the peak, held to
+    the run's 200th step."""
+    values = [lr_multiplier(s, 10, 200, "cosine", decay_steps=100) for s in range(200)]
+    assert values[9] < values[10] == 1.0
+    assert values[60] == pytest.approx(COSINE_FLOOR + (1 - COSINE_FLOOR) / 2)
+    assert values[110:] == [pytest.approx(COSINE_FLOOR)] * 90
+
+
 def test_cosine_midpoint() -> None:
     assert lr_multiplier(7, 2, 12, "cosine") == pytest.approx(COSINE_FLOOR + (1 - COSINE_FLOOR) / 2)
 
