@@ -25,6 +25,12 @@ Rows, each a fresh process under `deepspeed --num_gpus 1`, so that its start-up 
   dpo               DPO (trainer_dpo.py, sections defaults-dpo falcon-7b-dpo) on the same pairs and settings; its
                     reference pass (one forward over every pair) runs before step 1, so it counts in the time to
                     the first step, not in tokens/s.
+  ppo               PPO (trainer_rl.py, sections defaults alfred-40b-ppo) on the Falcon proxy: the policy and the value
+                    model trained (ZeRO-2), the frozen reference and reward model whole in bf16, all four 1.95B, from
+                    random-weight folders the bench saves; prompts are the draw's conversations up to the reply.
+                    Two figures: rollout tokens/s (continuation tokens sampled per second of generation) and train
+                    tokens/s (prompt and continuation tokens through the policy's and the value model's optimizer
+                    steps per second of training), each the mean over the steps after the first.
   7b-zero3-offload  the full 32-layer Falcon-7B shape (6.9B parameters), our trainer on ZeRO-3 with the optimizer
                     (fp32 master weights and Adam moments) in CPU memory: configs/zero3_offload_config.json less
                     its parameter offload. Answers "can it be fine-tuned on one 80 GB GPU".
@@ -76,7 +82,8 @@ LLAMA_VOCAB = 32000
 """Llama's embedding rows, for the Llama-shaped row's tokenizer."""
 EOS = "<|endoftext|>"
 IGNORE_INDEX = -100
-DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "llama", "rm", "dpo", "7b-zero3-offload", "7b-qlora")
+DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "llama", "rm", "dpo", "ppo", "7b-zero3-offload",
+                "7b-qlora")
 
 
 @dataclass(frozen=True)
@@ -124,9 +131,13 @@ class Settings:
     steps_7b: int = 5
     warmup: int = 3
     warmup_7b: int = 2
+    ppo_steps: int = 4
+    ppo_rollouts: int = 32
+    """Rollouts per PPO step, generated in one batch; the value model takes 8 optimizer steps over them (the card's)."""
+    ppo_new_tokens: int = 128
     timeouts: dict[str, int] = field(default_factory=lambda: {
         "baseline": 90, "ours": 60, "baseline-best": 90, "ours-best": 120, "llama": 60, "rm": 60, "dpo": 75,
-        "7b-zero3-offload": 150, "7b-qlora": 90,
+        "ppo": 150, "7b-zero3-offload": 150, "7b-qlora": 90,
     })
     """Seconds each row may take; a row that runs out is reported as timed out and the next one runs."""
     smoke: bool = False
@@ -135,7 +146,7 @@ class Settings:
 SMOKE = Settings(
     small=Shape(64, 2, 4), full=Shape(64, 4, 4), llama=Shape(64, 2, 4, kv_heads=2, llama_mlp=176), median=40,
     max_length=128, samples=128, micro_batch=2, accumulation=2, dtype="fp32", steps=4, steps_7b=3, warmup=1,
-    warmup_7b=1, timeouts=dict.fromkeys(DEFAULT_ROWS, 300), smoke=True,
+    warmup_7b=1, ppo_steps=3, ppo_rollouts=8, ppo_new_tokens=16, timeouts=dict.fromkeys(DEFAULT_ROWS, 300), smoke=True,
 )
 
 
@@ -285,7 +296,7 @@ class Row:
     overrides: tuple[str, ...] = ()
     sections: tuple[str, ...] = ("defaults", "falcon-7b")
     stage: str = "sft"
-    """Our trainer's stage (ours): sft, rm or dpo."""
+    """Our trainer's stage (ours): sft, rm, dpo or rl."""
 
     def output_dir(self, workdir: Path) -> Path:
         return workdir / "runs" / self.name
@@ -337,6 +348,13 @@ def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
             sections=("defaults-rm", "falcon-7b-rm"), **proxy, **pairs),
         Row("dpo", "ours", setup="trainer_dpo.py, ZeRO-2, pairs", deepspeed_config=zero2, stage="dpo",
             sections=("defaults-dpo", "falcon-7b-dpo"), **proxy, **pairs),
+        Row("ppo", "ours", setup="trainer_rl.py, ZeRO-2, policy + value trained, reference + reward model frozen",
+            deepspeed_config=zero2, stage="rl", sections=("defaults", "alfred-40b-ppo"), shape=settings.small,
+            steps=settings.ppo_steps, warmup=1, micro_batch=max(1, settings.ppo_rollouts // 8), accumulation=1,
+            overrides=("ppo.frozen_zero3=false", f"ppo.num_rollouts={settings.ppo_rollouts}",
+                       f"ppo.rollout_batch_size={settings.ppo_rollouts}",
+                       f"ppo.max_new_tokens={settings.ppo_new_tokens}",
+                       f"ppo.max_prompt_length={settings.max_length}")),
         Row("7b-zero3-offload", "ours", setup="trainer_sft.py, ZeRO-3, optimizer offloaded to CPU",
             deepspeed_config=offload_optimizer_only(workdir), **seven_b, **like),
         # Section falcon-7b-qlora, on the bench's data: its format, length and batch are the other rows'.
@@ -349,12 +367,15 @@ def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
 
 def trainer_argv(row: Row, settings: Settings, dataset: Dataset, workdir: Path) -> list[str]:
     """Our trainer's command line for `row`: a config section, then the bench's model, data and batch."""
-    model = [f"model_config.{key}={json.dumps(value)}" for key, value in row.shape.model_config().items()]
-    source, path = ("chat_jsonl", dataset.chat_jsonl) if row.stage == "sft" else (
+    model = ["model_name=null", *(f"model_config.{key}={json.dumps(value)}" for key, value in
+                                  row.shape.model_config().items()), f"tokenizer_name={dataset.tokenizer}"]
+    if row.stage == "rl":  # PPO starts from saved models (`save_ppo_models`)
+        model = [f"model_name={workdir / 'ppo-policy'}", "model_config=null", "tokenizer_name=null",
+                 f"ppo.reward_model={workdir / 'ppo-reward'}"]
+    source, path = ("chat_jsonl", dataset.chat_jsonl) if row.stage in ("sft", "rl") else (
         "preference_jsonl", dataset.preference_jsonl)
     return [
-        "--configs", *row.sections,
-        "model_name=null", *model, f"tokenizer_name={dataset.tokenizer}",
+        "--configs", *row.sections, *model,
         f"datasets=[{{{source}: {{input_file_path: {path}, val_split: 0.0}}}}]",
         f"data_cache_dir={workdir / 'tokenized'}", f"output_dir={row.output_dir(workdir)}",
         f"max_length={settings.max_length}", f"max_steps={row.steps}", "logging_steps=1", "save_strategy=no",
@@ -363,6 +384,27 @@ def trainer_argv(row: Row, settings: Settings, dataset: Dataset, workdir: Path) 
         f"deepspeed_config={row.deepspeed_config}", f"per_device_train_batch_size={row.micro_batch}",
         f"gradient_accumulation_steps={row.accumulation}", *row.overrides,
     ]
+
+
+def save_ppo_models(shape: Shape, dataset: Dataset, workdir: Path, dtype: str) -> None:
+    """The ppo row's starting points, random weights with the bench's tokenizer: a causal LM (the policy, also the
+    reference) in workdir/ppo-policy and a sequence classifier with one score (the reward model, also the value
+    model's start) in workdir/ppo-reward. Built on the CPU: the parent holds no CUDA context."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from model_training.data.formatting import prepare_tokenizer
+
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(dataset.tokenizer))
+    options = shape.model_config()
+    for name, auto, head in (("ppo-policy", AutoModelForCausalLM, {}),
+                             ("ppo-reward", AutoModelForSequenceClassification, {"num_labels": 1})):
+        folder = workdir / name
+        config = AutoConfig.for_model(options["model_type"], **{k: v for k, v in options.items() if k != "model_type"},
+                                      pad_token_id=tokenizer.pad_token_id, **head)
+        torch.manual_seed(0)
+        auto.from_config(config, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def count_parameters(shape: Shape) -> int:
@@ -500,6 +542,8 @@ class Outcome:
     peak_gpu_gib: float | None = None
     peak_rss_gib: float | None = None
     first_step_s: float | None = None
+    rollout_tokens_per_s: float | None = None
+    """The ppo row's: continuation tokens sampled per second of generation."""
     seconds: float = 0.0
     log: str = ""
 
@@ -515,6 +559,18 @@ def steady_rate(steps: list[dict[str, float]], warmup: int) -> tuple[float | Non
         return None, first
     start, end = steps[warmup - 1], steps[-1]
     return (end["tokens"] - start["tokens"]) / (end["wall_s"] - start["wall_s"]), first
+
+
+def ppo_rates(steps: list[dict[str, float]], warmup: int) -> tuple[float | None, float | None, float | None]:
+    """(train tokens/s, rollout tokens/s, seconds to the end of step 1) of a PPO run: the means of its per-step rates
+    after the first `warmup` steps."""
+    steps = sorted(steps, key=lambda s: s["step"])
+    first = steps[0]["wall_s"] if steps else None
+    timed = steps[warmup:]
+    if not timed:
+        return None, None, first
+    return (sum(s["train_tokens_per_s"] for s in timed) / len(timed),
+            sum(s["rollout_tokens_per_s"] for s in timed) / len(timed), first)
 
 
 def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: dict[str, str],
@@ -562,7 +618,10 @@ def run_row(row: Row, settings: Settings, dataset: Dataset, workdir: Path, env: 
     measured = json.loads(result.read_text()) if result.exists() else {}
     # Our trainer's metrics are on disk step by step: a row stopped early still tells its rate so far.
     steps = measured["steps"] if row.runner == "hf" and measured else _metrics_steps(output_dir / METRICS)
-    outcome.tokens_per_s, outcome.first_step_s = steady_rate(steps, row.warmup)
+    if row.stage == "rl":
+        outcome.tokens_per_s, outcome.rollout_tokens_per_s, outcome.first_step_s = ppo_rates(steps, row.warmup)
+    else:
+        outcome.tokens_per_s, outcome.first_step_s = steady_rate(steps, row.warmup)
     if measured.get("peak_gpu_bytes") is not None:
         outcome.peak_gpu_gib = measured["peak_gpu_bytes"] / GIB
     if measured:
@@ -661,6 +720,11 @@ def table(outcomes: list[Outcome]) -> str:
         lines.append(f"- Llama-shaped proxy, the settings of `ours`: {llama.tokens_per_s:,.0f} real tokens/s at "
                      f"{100 * llama.mfu:.1f}% MFU (the Falcon proxy: {ours.tokens_per_s:,.0f} at "
                      f"{100 * ours.mfu:.1f}%).")
+    ppo = full.get("ppo")
+    if ppo and ppo.tokens_per_s and ppo.rollout_tokens_per_s:
+        lines.append(f"- ppo on the Falcon proxy (four models of its size on one GPU): rollout "
+                     f"{ppo.rollout_tokens_per_s:,.0f} generated tokens/s, train {ppo.tokens_per_s:,.0f} tokens/s at "
+                     f"{100 * ppo.mfu:.1f}% MFU.")
     for stage in ("rm", "dpo"):
         row = full.get(stage)
         if row and ours and row.tokens_per_s and ours.tokens_per_s:
@@ -735,6 +799,8 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown or 'none given'}; known: {', '.join(all_rows)}")
     datasets = prepare_datasets(settings, args.workdir, [all_rows[name] for name in rows])
     dataset = next(iter(datasets.values()))  # the same lengths and labels in each vocabulary
+    if "ppo" in rows:
+        save_ppo_models(all_rows["ppo"].shape, datasets[all_rows["ppo"].shape.vocab], args.workdir, settings.dtype)
     header = [
         f"# Throughput ({'CPU smoke' if settings.smoke else 'GPU'})",
         "",

@@ -37,6 +37,7 @@ _DESCRIPTIONS = {
     "sft": "Supervised fine-tuning",
     "rm": "Reward model training (a scalar head, ranking loss)",
     "dpo": "Direct preference optimization",
+    "rl": "PPO against a reward model (a policy, a value model, a frozen reference and reward model)",
 }
 
 
@@ -150,10 +151,12 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
         return report_user_error(err, quiet=_launcher_rank() != 0)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
-    from model_training.training.trainer import run_or_exit
+    from model_training.training.trainer import run_or_exit, train
 
+    if args.config.stage == "rl":
+        from model_training.training.rl import train_rl as train
     try:
-        return run_or_exit(args.config)
+        return run_or_exit(args.config, train)
     except (ConfigError, FileFormatError) as err:
         # Every rank found the same mistake (a resume that does not fit, a model the config cannot build).
         return report_user_error(err, quiet=_launcher_rank() != 0)
@@ -203,6 +206,8 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
     from model_training.models.builder import load_tokenizer
     from model_training.training.sampler import plan_sources
 
+    if cfg.stage == "rl":
+        return _show_prompt_stats(cfg, load_tokenizer(cfg))
     if cfg.stage != "sft":
         return _show_preference_stats(cfg, load_tokenizer(cfg))
     data = prepare_data(cfg, load_tokenizer(cfg))
@@ -221,6 +226,15 @@ def _show_preference_stats(cfg: TrainConfig, tokenizer: Any) -> int:
             pairs = sum(g.loss_units for g in split.samples)
             tokens = sum(g.num_tokens for g in split.samples)
             print(f"{split.name:<24} {side:<6} {len(split.samples):>8} {pairs:>8} {tokens:>10} {split.truncated:>6}")
+    return 0
+
+
+def _show_prompt_stats(cfg: TrainConfig, tokenizer: Any) -> int:
+    from model_training.training.rollouts import load_prompts
+
+    lengths = sorted(len(p.input_ids) for p in load_prompts(cfg, tokenizer))
+    print(f"prompts {len(lengths)}, tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]} "
+          f"(limit {cfg.ppo.max_prompt_length})")
     return 0
 
 

@@ -120,9 +120,70 @@ class DpoConfig:
     """Probability that a pair's label is wrong (conservative DPO, sigmoid only): the loss mixes in the flipped pair."""
 
 
-STAGES = ("sft", "rm", "dpo")
-"""The training stages, each with its command: trainer_sft.py, trainer_rm.py, trainer_dpo.py."""
-STAGE_COMMANDS = {"sft": "trainer_sft.py", "rm": "trainer_rm.py", "dpo": "trainer_dpo.py"}
+@dataclass
+class PpoConfig:
+    """PPO (trainer_rl.py): the policy (`model_name`) and a value model trained on rollouts scored by a frozen reward
+    model, with a KL penalty against the frozen starting policy. A step is one round: rollouts, then the policy's
+    and the value model's optimizer steps on them."""
+
+    reward_model: str | None = None
+    """The frozen reward model: a trainer_rm.py export, checkpoint or run folder (a hub id works too)."""
+    value_model: str | None = None
+    """Where the value model starts (a reward model: its score head becomes the per-token value); null: reward_model."""
+    frozen_zero3: bool = False
+    """Partition the frozen reference and reward model over the ranks (ZeRO-3 inference) instead of holding each whole
+    on every rank in the run's dtype: for models that do not fit."""
+    prompt_file: str | None = None
+    """A JSON-lines file of prompts, {"prompt": text} or {"messages": [...ending on a user turn]} per line; null: the
+    conversations of `datasets`, each up to its last assistant turn."""
+    max_prompt_length: int = 1024
+    """Longest prompt in tokens (chat format included); a longer one is an error that names it."""
+    num_rollouts: int = 1024
+    """Continuations generated per step, over all ranks."""
+    rollout_batch_size: int = 16
+    """Prompts each rank generates from (and scores) at once."""
+    policy_epochs: int = 1
+    """Passes of the policy over each step's rollouts."""
+    ppo_steps_per_epoch: int = 1
+    """Policy optimizer steps per pass: each takes an equal share of the rollouts."""
+    value_epochs: int = 1
+    """Passes of the value model over each step's rollouts."""
+    value_steps_per_epoch: int = 8
+    """Value optimizer steps per pass."""
+    value_learning_rate: float | None = None
+    """Peak learning rate of the value model; null: `learning_rate`."""
+    kl_coef: float = 0.01
+    """Weight of the per-token KL penalty, -kl_coef * (log pi - log pi_ref), in each token's reward."""
+    gamma: float = 1.0
+    """Discount of future rewards."""
+    lam: float = 0.95
+    """GAE's lambda: 1 is the Monte Carlo return, 0 the one-step estimate."""
+    clip_policy: float = 0.2
+    """Clip range of the policy's probability ratio."""
+    clip_value: float = 0.2
+    """Clip range of the value's change from its rollout-time estimate."""
+    whiten_advantages: bool = True
+    """Normalize the advantages of each step to zero mean and unit variance, over all ranks."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards of each step to unit variance, over all ranks, before GAE."""
+    score_on_eod: bool = True
+    """The reward model's score is the reward of the continuation's last token, its end of document (EOD); false: it
+    is spread evenly over the continuation's tokens."""
+    max_new_tokens: int = 1024
+    """Longest continuation in tokens."""
+    min_new_tokens: int = 0
+    """Shortest continuation: the end token is not sampled before this many tokens."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p; 1: all tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    samples_to_log: int = 4
+    """Continuations of each logged step shown in the samples table (wandb, samples.jsonl)."""
+
+
+STAGES = ("sft", "rm", "dpo", "rl")
+"""The training stages, each with its command: trainer_sft.py, trainer_rm.py, trainer_dpo.py, trainer_rl.py."""
+STAGE_COMMANDS = {"sft": "trainer_sft.py", "rm": "trainer_rm.py", "dpo": "trainer_dpo.py", "rl": "trainer_rl.py"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,11 +352,13 @@ class TrainConfig:
 
     # --- stage ---
     stage: str | None = None
-    """What is trained: sft (a chat model), rm (a reward model: a scalar head on the model, ranking loss) or dpo
-    (a chat model from preference pairs); null: the command's (trainer_sft.py, trainer_rm.py, trainer_dpo.py). A
-    section that sets it runs with its own command only."""
+    """What is trained: sft (a chat model), rm (a reward model: a scalar head on the model, ranking loss), dpo (a chat
+    model from preference pairs) or rl (PPO against a reward model); null: the command's (trainer_sft.py,
+    trainer_rm.py, trainer_dpo.py, trainer_rl.py). A section that sets it runs with its own command only."""
     dpo: DpoConfig = field(default_factory=DpoConfig)
     """DPO's options (stage dpo)."""
+    ppo: PpoConfig = field(default_factory=PpoConfig)
+    """PPO's options (stage rl)."""
 
     @functools.cached_property
     def dataset_specs(self) -> list[DatasetSpec]:
@@ -325,6 +388,14 @@ _POSITIVE = (
     "max_nonfinite_steps",
     "generate_max_new_tokens",
     "peft.r",
+    "ppo.max_prompt_length",
+    "ppo.num_rollouts",
+    "ppo.rollout_batch_size",
+    "ppo.policy_epochs",
+    "ppo.ppo_steps_per_epoch",
+    "ppo.value_epochs",
+    "ppo.value_steps_per_epoch",
+    "ppo.max_new_tokens",
 )
 
 
@@ -510,6 +581,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"key 'generate_val_samples' must be at least 0, got {cfg.generate_val_samples}")
     _validate_peft(cfg)
     _validate_preference_stage(cfg)
+    _validate_rl_stage(cfg)
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
     if cfg.lr_decay_steps is not None and (cfg.lr_decay_steps < 1 or cfg.lr_scheduler_type == "warmup_decay"):
@@ -599,8 +671,8 @@ def _check_local_folders(cfg: TrainConfig) -> None:
 
 
 def _local_folder(cfg: TrainConfig, key: str) -> Path | None:
-    """The existing folder that `key` names; None for null or a hub id."""
-    name = getattr(cfg, key)
+    """The existing folder that `key` (dotted for a nested key) names; None for null or a hub id."""
+    name = _get(cfg, key)
     if name is None or is_hub_id(name, PROJECT_ROOT):
         return None
     folder = resolve_input_path(name)
@@ -699,6 +771,45 @@ def _validate_preference_stage(cfg: TrainConfig) -> None:
         raise ConfigError(f"key 'residual_dropout' is {cfg.residual_dropout}, but DPO's reference log-probabilities "
                           "are the starting policy's without dropout, so the margins would not start at 0; set "
                           "residual_dropout=0")
+
+
+def _validate_rl_stage(cfg: TrainConfig) -> None:
+    ppo = cfg.ppo
+    ranges = {"ppo.kl_coef": (ppo.kl_coef, 0.0, None), "ppo.gamma": (ppo.gamma, 0.0, 1.0),
+              "ppo.lam": (ppo.lam, 0.0, 1.0), "ppo.samples_to_log": (ppo.samples_to_log, 0, None),
+              "ppo.min_new_tokens": (ppo.min_new_tokens, 0, ppo.max_new_tokens)}
+    for key, (value, low, high) in ranges.items():
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"key '{key}' must be in [{low}, {'inf' if high is None else high}], got {value}")
+    for key in ("clip_policy", "clip_value", "temperature"):
+        if getattr(ppo, key) <= 0:
+            raise ConfigError(f"key 'ppo.{key}' must be positive, got {getattr(ppo, key)}")
+    if not 0.0 < ppo.top_p <= 1.0:
+        raise ConfigError(f"key 'ppo.top_p' must be in (0, 1], got {ppo.top_p}")
+    if ppo.value_learning_rate is not None and ppo.value_learning_rate <= 0:
+        raise ConfigError(f"key 'ppo.value_learning_rate' must be positive or null, got {ppo.value_learning_rate}")
+    if cfg.stage != "rl":
+        return
+    if not cfg.deepspeed:
+        raise ConfigError("trainer_rl.py trains the policy and the value model on DeepSpeed; drop deepspeed=false")
+    if cfg.peft.type is not None or cfg.quantization.load_in_4bit:
+        raise ConfigError("trainer_rl.py trains every weight; set peft.type=null and quantization.load_in_4bit=false")
+    if cfg.residual_dropout:
+        raise ConfigError(f"key 'residual_dropout' is {cfg.residual_dropout}, but PPO's ratio to the rollout policy "
+                          "and the KL to the reference are taken without dropout; set residual_dropout=0")
+    if cfg.generate_samples or cfg.generate_val_samples:
+        raise ConfigError("keys 'generate_samples' and 'generate_val_samples' are set, but trainer_rl.py logs its own "
+                          "samples of each logged step (ppo.samples_to_log); set them to [] and 0")
+    if cfg.model_config is not None:
+        raise ConfigError("key 'model_config' is set, but PPO starts from a trained policy, which is also its frozen "
+                          "reference; set model_name to an SFT export, checkpoint or run folder")
+    for key in ("ppo.reward_model", "ppo.value_model"):
+        folder = _local_folder(cfg, key)
+        if folder is not None and not is_training_run(folder) and not (folder / "config.json").is_file():
+            raise ConfigError(f"key '{key}': the folder {folder} has no config.json; expected a reward model saved by "
+                              "export_model.py, or a trainer_rm.py checkpoint or run folder")
+    if ppo.prompt_file is None and not cfg.dataset_specs:
+        raise ConfigError("trainer_rl.py needs prompts: set 'ppo.prompt_file' or 'datasets'")
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

@@ -9,10 +9,12 @@ A run folder (`output_dir`)::
     .staging-checkpoint-000100/ a save in progress or a crashed one; cleared by the next save
     .deleting-checkpoint-000040/ a checkpoint being removed; never loaded
     samples.jsonl, samples.md   answers generated after training (training/answers.py)
+    rollout_samples.jsonl       PPO: continuations of each logged step with their scores (training/rl.py)
     training_curves.png         loss, learning rate, tokens/s and grad norm against steps
     base_model/                 a LoRA run's random-weight base, kept for its export
     start_model/                a `model_name` that is a training checkpoint, exported to start from
                                 (training/start.py; replaced when stale, so an overwrite keeps it)
+    start_reward_model/, start_value_model/   the same for PPO's `ppo.reward_model` and `ppo.value_model`
 
 A checkpoint folder::
 
@@ -30,6 +32,8 @@ A checkpoint folder::
     tokenizer/                  the tokenizer with the chat tokens and chat template
     model_config/               the model's transformers config and generation config
     adapter/                    a LoRA run's peft config, naming the base it applies to
+    value/global_step80/...     PPO (trainer_rl.py): the value model's engine state, beside the policy's above
+    value/model_config/         the value model's transformers config
 """
 
 from __future__ import annotations
@@ -43,9 +47,13 @@ METRICS = "metrics.jsonl"
 POINTER = "latest"
 SAMPLES_JSONL = "samples.jsonl"
 SAMPLES_MD = "samples.md"
+ROLLOUT_SAMPLES = "rollout_samples.jsonl"
 CURVES = "training_curves.png"
 BASE_MODEL_DIR = "base_model"
 START_MODEL_DIR = "start_model"
+START_REWARD_MODEL_DIR = "start_reward_model"
+START_VALUE_MODEL_DIR = "start_value_model"
+VALUE_MODEL_DIR = "value"
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -89,7 +97,7 @@ def earlier_run(output_dir: Path) -> list[str]:
 
 def remove_run(output_dir: Path) -> list[str]:
     """Delete the files a run wrote into ``output_dir`` (and nothing else there); return their names."""
-    owned = {RUN_CONFIG, SAMPLES_JSONL, SAMPLES_MD, CURVES, BASE_MODEL_DIR, *earlier_run(output_dir)}
+    owned = {RUN_CONFIG, SAMPLES_JSONL, SAMPLES_MD, ROLLOUT_SAMPLES, CURVES, BASE_MODEL_DIR, *earlier_run(output_dir)}
     removed = []
     for name in sorted(owned):
         path = output_dir / name

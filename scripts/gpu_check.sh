@@ -12,7 +12,7 @@
 # of time shows where the time went; every figure is left under $OUT.
 # Knobs: ROWS (bench rows, default all of bench/throughput.py's), SKIP_TESTS=1, DEADLINE (seconds the whole call
 # may take, default 470, 8 minutes with the machine's start; rows that do not fit are reported as skipped, run
-# them in a second call: ROWS=rm,dpo,7b-zero3-offload,7b-qlora SKIP_TESTS=1 bash scripts/gpu_check.sh).
+# them in a second call: ROWS=rm,dpo,ppo,7b-zero3-offload,7b-qlora SKIP_TESTS=1 bash scripts/gpu_check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.wheels

@@ -56,6 +56,23 @@ def write_planted_preferences(path: Path, count: int, seed: int = 0) -> Path:
     return path
 
 
+def write_planted_chats(path: Path, count: int, seed: int = 0) -> Path:
+    """`count` chat_jsonl conversations in the form of `write_planted_preferences`' data, one reply each, half of the
+    replies with PLANTED_MARKER: an SFT policy trained on them says the marker about half the time."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        reply = rng.choices(_WORDS, k=rng.randint(5, 9))
+        if index % 2:
+            reply.insert(rng.randrange(len(reply) + 1), PLANTED_MARKER)
+        rows.append({"messages": [{"role": "user", "content": f"Say something about the {rng.choice(_WORDS)}."},
+                                  {"role": "assistant", "content": " ".join(reply) + "."}]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -87,9 +87,72 @@ def test_dpo_options_are_checked(overrides: list[tuple[str, object]], message: s
         load_config(["defaults-dpo", "tiny-falcon", "preference-sample"], overrides, stage="dpo")
 
 
+ALFRED_CARD = {
+    "dtype": "bf16", "learning_rate": 1.85e-6, "warmup_steps": 10, "lr_scheduler_type": "cosine", "lr_decay_steps": 100,
+    "max_steps": 200, "ppo.num_rollouts": 1024, "ppo.policy_epochs": 1, "ppo.value_epochs": 1,
+    "ppo.ppo_steps_per_epoch": 1, "ppo.value_steps_per_epoch": 8, "ppo.kl_coef": 0.01, "ppo.gamma": 1.0,
+    "ppo.lam": 0.95, "ppo.clip_policy": 0.2, "ppo.clip_value": 0.2, "ppo.whiten_advantages": True,
+    "ppo.whiten_rewards": False, "ppo.score_on_eod": True, "ppo.max_new_tokens": 1024, "ppo.min_new_tokens": 0,
+    "ppo.top_p": 1.0, "ppo.temperature": 1.0,
+}  # fmt: skip
+"""The trainer configuration the RLHF-tuned Falcon-40B's model card publishes."""
+
+
+def test_the_alfred_section_holds_every_value_of_the_published_recipe() -> None:
+    cfg = load_config(["defaults", "alfred-40b-ppo", "oasst-top1"], stage="rl")
+    assert cfg.stage == "rl" and cfg.deepspeed and zero_stage_of(cfg) == 3
+    for key, value in ALFRED_CARD.items():
+        found = cfg
+        for part in key.split("."):
+            found = getattr(found, part)
+        assert found == value, key
+
+
+def zero_stage_of(cfg: TrainConfig) -> int:
+    return json.loads(resolve_input_path(cfg.deepspeed_config).read_text())["zero_optimization"]["stage"]
+
+
+def run_folder(path: Path) -> Path:
+    """A folder the config takes for a training run (its `latest` pointer), as tiny-ppo's model folders are."""
+    path.mkdir(parents=True)
+    (path / "latest").write_text("checkpoint-000001\n")
+    return path
+
+
+def test_tiny_ppo_validates_once_its_runs_exist_and_names_them_when_they_do_not(tmp_path: Path) -> None:
+    sections = ["defaults", "tiny-falcon", "oasst-sample", "tiny-ppo"]
+    runs = [("model_name", str(run_folder(tmp_path / "sft"))), ("ppo.reward_model", str(run_folder(tmp_path / "rm")))]
+    with pytest.raises(ConfigError, match=r"key 'ppo.reward_model' is the local path '\S+/missing', but the folder"):
+        load_config(sections, [*runs, ("ppo.reward_model", str(tmp_path / "missing"))], stage="rl")
+    cfg = load_config(sections, runs, stage="rl")
+    assert cfg.model_config is None and cfg.ppo.num_rollouts % cfg.per_device_train_batch_size == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([("ppo.top_p", 0.0)], r"key 'ppo.top_p' must be in \(0, 1\], got 0.0"),
+        ([("ppo.lam", 1.5)], r"key 'ppo.lam' must be in \[0.0, 1.0\], got 1.5"),
+        ([("ppo.min_new_tokens", 40)], r"key 'ppo.min_new_tokens' must be in \[0, 32\], got 40"),
+        ([("ppo.clip_policy", 0.0)], "key 'ppo.clip_policy' must be positive, got 0.0"),
+        ([("ppo.value_steps_per_epoch", 0)], "key 'ppo.value_steps_per_epoch' must be at least 1, got 0"),
+        ([("deepspeed", False)], "trainer_rl.py trains the policy and the value model on DeepSpeed"),
+        ([("residual_dropout", 0.1)], "key 'residual_dropout' is 0.1, but PPO's ratio"),
+        ([("generate_samples", ["Hi"])], "trainer_rl.py logs its own samples"),
+        ([("model_name", None), ("model_config", {"model_type": "falcon"}), ("tokenizer_name", "data/tokenizer")],
+         "key 'model_config' is set, but PPO starts from a trained policy"),
+        ([("ppo.reward_model", "data/tokenizer")], "key 'ppo.reward_model': the folder .* has no config.json"),
+    ],
+)
+def test_ppo_options_are_checked(overrides: list[tuple[str, object]], message: str, tmp_path: Path) -> None:
+    runs = [("model_name", str(run_folder(tmp_path / "sft"))), ("ppo.reward_model", str(run_folder(tmp_path / "rm")))]
+    with pytest.raises(ConfigError, match=message):
+        load_config(["defaults", "tiny-falcon", "oasst-sample", "tiny-ppo"], runs + overrides, stage="rl")
+
+
 def test_every_section_in_the_file_is_tested() -> None:
     assert set(read_sections(DEFAULT_CONFIG_FILE)) == {"defaults", *MODEL_SECTIONS, *DATA_SECTIONS,
-                                                       *PREFERENCE_SECTIONS}
+                                                       *PREFERENCE_SECTIONS, "alfred-40b-ppo", "tiny-ppo"}
     # And no other file in configs/ adds sections (every *.yaml there is read).
     assert set(read_config_folder()) == set(read_sections(DEFAULT_CONFIG_FILE))
 

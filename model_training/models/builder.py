@@ -94,8 +94,9 @@ def build_model(
     global _hf_deepspeed_config
     stage = zero_stage(ds_config)
     _check_fits_zero(cfg, stage)
-    if stage == 3:
-        _hf_deepspeed_config = HfDeepSpeedConfig(ds_config)
+    # Alive, transformers partitions every model it builds under zero.Init: only while this one is built under ZeRO-3
+    # (PPO builds its frozen models whole beside partitioned ones).
+    _hf_deepspeed_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     device = training_device()
     # The same seed on every rank: random weights must be identical across data-parallel replicas. torch's
     # generators (every device's) are all that initialization draws from; transformers.set_seed would also

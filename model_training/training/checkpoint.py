@@ -76,10 +76,12 @@ def save_checkpoint(
     save_total_limit: int | None,
     write_extra: Callable[[Path], None] | None = None,
     trained_only: bool = False,
+    more_engines: dict[str, Any] | None = None,
 ) -> Path:
     """Save a checkpoint of ``engine`` at ``step`` and return its committed folder. Call on every rank.
 
     ``trained_only``: leave out the frozen parameters (a LoRA run's base), which are not ours to keep.
+    ``more_engines``: other engines committed with it, each in the subfolder its key names (PPO's value model).
 
     ``trainer_state`` (JSON-serialisable) and ``write_extra(staging_dir)`` are used on rank 0 only, so
     ``write_extra`` must not run collectives (no ZeRO-3 parameter gathering). If any rank fails to write,
@@ -98,7 +100,7 @@ def save_checkpoint(
     error = _prepare_staging(target) if _rank() == 0 else None
     _raise_if_any_failed(_gather((_describe(error), None)), target, "preparing the staging folder" + untouched, error)
 
-    digests, error = _write_files(engine, target, trainer_state, write_extra, trained_only)
+    digests, error = _write_files(engine, target, trainer_state, write_extra, trained_only, more_engines or {})
     reports = _gather((_describe(error), digests))
     if _rank() == 0 and any(e is not None for e, _ in reports):
         # Every rank is past its writes (all reached the gather): the folder can go, freeing the space.
@@ -160,6 +162,7 @@ def _write_files(
     trainer_state: dict,
     write_extra: Callable[[Path], None] | None,
     trained_only: bool,
+    more_engines: dict[str, Any],
 ) -> tuple[dict[str, dict], BaseException | None]:
     """This rank's files in the staging folder, and the digest of each: the engine's state, the RNG states and,
     on rank 0, the trainer state and the caller's extras.
@@ -168,14 +171,20 @@ def _write_files(
     files it wrote itself: it sees its own writes even where a network filesystem caches directory listings.
     """
     rank, staging = _rank(), target.staging
-    try:
-        written, error = _save_engine(engine, staging, deepspeed_tag(target.step), trained_only)
-    except Exception as exc:
-        # Not a failed write (those are contained) but the engine failing midway: the other ranks may wait in
-        # one of DeepSpeed's collectives, which this rank cannot rejoin. Stop now; the launcher stops the others.
-        raise CheckpointError(
-            target.failure(f"inside {type(engine).__name__} on rank {rank}: {_describe(exc)}")
-        ) from exc
+    written: list[Path] = []
+    error: BaseException | None = None
+    for folder, each in [(staging, engine), *((staging / name, e) for name, e in more_engines.items())]:
+        try:
+            # After a failed write the other engines still save: every rank must run the same collectives.
+            files, failed = _save_engine(each, folder, deepspeed_tag(target.step), trained_only and each is engine)
+        except Exception as exc:
+            # Not a failed write (those are contained) but the engine failing midway: the other ranks may wait in
+            # one of DeepSpeed's collectives, which this rank cannot rejoin. Stop now; the launcher stops the others.
+            raise CheckpointError(
+                target.failure(f"inside {type(each).__name__} on rank {rank}: {_describe(exc)}")
+            ) from exc
+        written += files
+        error = error or failed
     if error is not None:
         return {}, error
     try:
@@ -576,24 +585,28 @@ def read_trainer_state(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / TRAINER_STATE).read_text())
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path, trained_only: bool = False) -> dict:
+def load_checkpoint(
+    engine: Any, ckpt_dir: Path, trained_only: bool = False, more_engines: dict[str, Any] | None = None
+) -> dict:
     """Load model, optimizer and lr scheduler into ``engine`` and this rank's RNG states from ``ckpt_dir``;
     return the trainer state. Call on every rank, with the same number of ranks that saved the checkpoint.
-    ``trained_only``: the checkpoint holds only the trained weights (LoRA); the rest stays as built."""
+    ``trained_only``: the checkpoint holds only the trained weights (LoRA); the rest stays as built.
+    ``more_engines``: the other engines `save_checkpoint` committed with it, by subfolder."""
     ckpt_dir = Path(ckpt_dir)
     trainer_state = read_trainer_state(ckpt_dir)
     tag = _read_manifest(ckpt_dir)["deepspeed_tag"]
-    load_path, _ = engine.load_checkpoint(
-        str(ckpt_dir),
-        tag=tag,
-        load_module_strict=not trained_only,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load tag {tag!r} from {ckpt_dir}")
-    # DeepSpeed's CPU Adam keeps part of its state outside the checkpoint (see there).
-    replay_cpu_adam_steps(engine.basic_optimizer)
+    for folder, each in [(ckpt_dir, engine), *((ckpt_dir / name, e) for name, e in (more_engines or {}).items())]:
+        load_path, _ = each.load_checkpoint(
+            str(folder),
+            tag=tag,
+            load_module_strict=not (trained_only and each is engine),
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load tag {tag!r} from {folder}")
+        # DeepSpeed's CPU Adam keeps part of its state outside the checkpoint (see there).
+        replay_cpu_adam_steps(each.basic_optimizer)
     # Last, so that nothing the engine does while loading draws from the restored generators.
     _restore_rng_state(ckpt_dir, _rank())
     return trainer_state

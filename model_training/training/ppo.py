@@ -4,10 +4,11 @@ Every function takes `(batch, tokens)` tensors of the continuation tokens only (
 1 on real continuation tokens and 0 on the padding after a continuation's end, and never reads a masked position:
 
 - `token_rewards`: the per-token reward, -kl_coef * (log pi - log pi_ref) on every token (the KL penalty against
-  the frozen reference), plus the reward model's score on the continuation's last token ("score on EOD");
+  the frozen reference), plus the reward model's score on the continuation's last token ("score on EOD"), or
+  spread evenly over its tokens;
 - `gae`: generalized advantage estimation, A_t = sum_l (gamma lambda)^l delta_{t+l} with
   delta_t = r_t + gamma V_{t+1} - V_t, V past the last token being 0, and the returns A_t + V_t;
-- `whiten`: (x - mean) / std over the masked tokens of the whole batch;
+- `whiten`: (x - mean) / std over the masked tokens of the whole batch (of every rank, given their sum);
 - `policy_loss`: the clipped surrogate, mean over tokens of max(-A r, -A clip(r, 1 - e, 1 + e)) with
   r = exp(log pi - log pi_old), and the fraction of tokens where the clip binds;
 - `value_loss`: 0.5 * mean of max((V - R)^2, (clip(V, V_old - e, V_old + e) - R)^2), and its clip fraction.
@@ -15,6 +16,8 @@ Means are over the masked tokens of the batch, as TRL's and the published recipe
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -24,12 +27,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> torch.Tensor:
     """`x` normalized to unit variance over the masked positions (and to zero mean with `shift_mean`); masked-out
-    positions are 0. The variance is the unbiased one, as TRL's."""
-    mean = masked_mean(x, mask)
-    count = mask.sum()
-    variance = ((x - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1)
+    positions are 0. The variance is the unbiased one, as TRL's. `total(t)`: the sum of `t` over the batch's parts
+    (an all-reduce over the ranks), for a batch split over ranks."""
+    sums = total(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+    mean, count = sums[0] / sums[1].clamp(min=1), sums[1]
+    variance = total(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -37,15 +46,26 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
 
 
 def token_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    score_on_eod: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token rewards, per-token KL estimate log pi - log pi_ref): the KL penalty on every token and each
-    continuation's score (`scores`, one per row) added on its last real token."""
+    continuation's score (`scores`, one per row) added on its last real token, or with `score_on_eod` false, an equal
+    share of it on each of its tokens. `mask` is 1 from column 0 to each continuation's end."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-    rows = torch.arange(len(scores), device=scores.device)
-    rewards[rows, last] += scores.to(rewards.dtype) * (mask.sum(dim=1) > 0)
+    lengths = mask.sum(dim=1)
+    scores = scores.to(rewards.dtype)
+    if score_on_eod:
+        last = (lengths.long() - 1).clamp(min=0)
+        rows = torch.arange(len(scores), device=scores.device)
+        rewards[rows, last] += scores * (lengths > 0)
+    else:
+        rewards += (scores / lengths.clamp(min=1)).unsqueeze(1)
     return rewards * mask, kl
 
 

@@ -27,9 +27,12 @@ class Saver:
         total_steps: int,
         steps_per_epoch: int,
         write_more: Callable[[Path], None] | None = None,
+        more_engines: dict[str, Any] | None = None,
     ) -> None:
-        """`write_more(folder)`: what else a stage keeps in each checkpoint (DPO: the reference log-probabilities)."""
+        """`write_more(folder)`: what else a stage keeps in each checkpoint (DPO: the reference log-probabilities).
+        `more_engines`: engines saved beside the main one, each in the subfolder its key names (PPO's value model)."""
         self.write_more = write_more
+        self.more_engines = more_engines
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.total_steps = total_steps
@@ -59,6 +62,7 @@ class Saver:
             self.cfg.save_total_limit,
             write_extra=lambda folder: self._write_extra(engine.module, folder),
             trained_only=is_lora_model(engine.module),
+            more_engines=self.more_engines,
         )
 
     def _write_extra(self, model: Any, folder: Path) -> None:

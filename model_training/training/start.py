@@ -1,14 +1,17 @@
 """The starting model of a run whose `model_name` is a training checkpoint, or a run folder (its newest complete
-checkpoint): how the preference stages start from an SFT run without a separate export.
+checkpoint): how the preference stages start from an SFT run without a separate export (and PPO from its reward
+model's run, `model_folder`).
 
 Rank 0 exports the checkpoint once (export/export.py: any ZeRO layout, streamed, in the run's dtype) into the run
 folder's `start_model/`, a Hugging Face folder with the tokenizer, from which the tokenizer and the model are then
-loaded like any other. An export already there is reused while it comes from the same checkpoint (its
-`source.txt`), so a resume does not export again; one from another checkpoint is replaced.
+loaded like any other. An export already there is reused while it comes from the same checkpoint, the same folder
+with the same manifest (its `source.txt`), so a resume does not export again; one from another checkpoint, or from a
+checkpoint saved again at the same path by another run, is replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch.distributed as dist
 
 from model_training.config import PROJECT_ROOT, ConfigError, TrainConfig, resolve_input_path
 from model_training.hub import is_hub_id
-from model_training.layout import START_MODEL_DIR, is_training_run
+from model_training.layout import MANIFEST, START_MODEL_DIR, is_training_run
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
 from model_training.training.distributed import DistInfo
@@ -33,33 +36,44 @@ def start_model_config(cfg: TrainConfig, info: DistInfo) -> TrainConfig:
     """`cfg` to load the tokenizer and the model with: `cfg` itself, or, when `model_name` is a training checkpoint
     or run folder, `cfg` with `model_name` its export (module docstring). Call on every rank; ConfigError on every
     rank when the checkpoint cannot be exported."""
-    if cfg.model_name is None or is_hub_id(cfg.model_name, PROJECT_ROOT):
+    if cfg.model_name is None:
         return cfg
-    folder = resolve_input_path(cfg.model_name)
+    return replace(cfg, model_name=model_folder(cfg.model_name, "model_name", START_MODEL_DIR, cfg, info))
+
+
+def model_folder(name: str, key: str, export_dir: str, cfg: TrainConfig, info: DistInfo) -> str:
+    """The model that config key `key` names (`name`) as a hub id or folder to load from: `name` itself, or, when it
+    is a training checkpoint or run folder, its export into `output_dir/export_dir` (module docstring). Call on
+    every rank; ConfigError on every rank when the checkpoint cannot be exported."""
+    if is_hub_id(name, PROJECT_ROOT):
+        return name
+    folder = resolve_input_path(name)
     if not is_training_run(folder):
-        return cfg
-    target = Path(cfg.output_dir).absolute() / START_MODEL_DIR
-    shared = [_export_once(folder, target, cfg.dtype) if info.is_main else None]
+        return name
+    target = Path(cfg.output_dir).absolute() / export_dir
+    shared = [_export_once(folder, target, cfg.dtype, key) if info.is_main else None]
     # Also the barrier: the other ranks load the export only once rank 0 has written it.
     dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
         raise ConfigError(shared[0])
-    return replace(cfg, model_name=str(target))
+    return str(target)
 
 
-def _export_once(folder: Path, target: Path, dtype: str) -> str | None:
+def _export_once(folder: Path, target: Path, dtype: str, key: str) -> str | None:
     """Export the checkpoint `folder` names into `target` unless it holds that export already; the error's message."""
     from model_training.export.export import ExportError, export_model  # the exporter, only where it is needed
 
     try:
         checkpoint = resolve_checkpoint(folder, folder).resolve()
-        if (target / SOURCE_FILE).is_file() and (target / SOURCE_FILE).read_text() == str(checkpoint):
+        # The manifest holds every file's hash: a checkpoint saved again at this path has another one.
+        source = f"{checkpoint}\n{hashlib.sha256((checkpoint / MANIFEST).read_bytes()).hexdigest()}\n"
+        if (target / SOURCE_FILE).is_file() and (target / SOURCE_FILE).read_text() == source:
             logger.info("starting model: %s, exported from %s before", target, checkpoint)
             return None
         export_model(checkpoint, target, TORCH_DTYPES[dtype], SHARD_SIZE, overwrite=True)
         # Written after the folder is whole: an export cut short has none, and is done again.
-        (target / SOURCE_FILE).write_text(str(checkpoint))
+        (target / SOURCE_FILE).write_text(source)
     except (CheckpointError, ExportError, OSError) as err:
-        return f"key 'model_name': cannot start from the training checkpoint {folder}: {err}"
+        return f"key '{key}': cannot start from the training checkpoint {folder}: {err}"
     logger.info("starting model: %s exported into %s (%s)", checkpoint, target, dtype)
     return None

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ class TrainerState:
         return losses[-1][1]
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -192,7 +193,7 @@ def _fingerprint_model(cfg: TrainConfig) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
-def _setup_logging(info: DistInfo) -> None:
+def setup_logging(info: DistInfo) -> None:
     logging.basicConfig(
         level=logging.INFO if info.is_main else logging.WARNING,
         format=f"[%(asctime)s rank{info.rank}] %(levelname)s %(name)s: %(message)s",
@@ -203,9 +204,9 @@ def train(cfg: TrainConfig) -> Path:
     """Run the training described by `cfg`; return the run folder."""
     clock = StartupClock()
     info = init_distributed(cfg.local_rank, cfg.deepspeed)
-    _setup_logging(info)
+    setup_logging(info)
     clock.phase("process start, imports and distributed init")
-    _seed_everything(cfg.rng_seed)
+    seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
 
     # A training checkpoint as model_name is exported first; the run's own config (fingerprint, saves) keeps it.
@@ -218,11 +219,11 @@ def train(cfg: TrainConfig) -> Path:
     total_steps = cfg.max_steps or math.ceil(plan.steps_per_epoch * cfg.num_train_epochs)
     state = TrainerState(data_fingerprint=_fingerprint_data(data), model_fingerprint=_fingerprint_model(cfg))
     # A resume that does not fit is refused before anything is built or written.
-    resume_from = _checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
+    resume_from = checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
     if info.is_main and cfg.overwrite_output_dir:
-        _remove_earlier_run(output_dir)
+        remove_earlier_run(output_dir)
 
-    engine = _build_engine(model_cfg, tokenizer, info, total_steps, clock)
+    engine = build_engine(model_cfg, tokenizer, info, total_steps, clock)
     clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
     if info.is_main:
         # Written once the run has started: a launch that fails earlier leaves no run folder behind.
@@ -274,7 +275,7 @@ def _sample_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> SampleSpec:
     return PreferenceSpec(cfg.stage, cfg.packing, tokenizer.pad_token_id, cfg.dpo)
 
 
-def _build_engine(cfg: TrainConfig, tokenizer: Any, info: DistInfo, total_steps: int, clock: StartupClock) -> Any:
+def build_engine(cfg: TrainConfig, tokenizer: Any, info: DistInfo, total_steps: int, clock: StartupClock) -> Any:
     """The model inside its engine: DeepSpeed's, or without DeepSpeed the plain PyTorch one (torch_engine.py),
     each with PyTorch's AdamW and our schedule."""
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
@@ -311,18 +312,18 @@ class StartupClock:
         self.last = now
 
 
-def _remove_earlier_run(output_dir: Path) -> None:
+def remove_earlier_run(output_dir: Path) -> None:
     """`overwrite_output_dir`: the earlier run in output_dir goes before anything of this one is written."""
     removed = remove_run(output_dir)
     if removed:
         logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), output_dir)
 
 
-def _checkpoint_to_resume(cfg: TrainConfig, state: TrainerState, output_dir: Path) -> Path:
+def checkpoint_to_resume(cfg: TrainConfig, state: Any, output_dir: Path) -> Path:
     """The committed checkpoint to continue from, checked before anything is built: it must exist and verify
     (every file against its manifest's hash, the ranks sharing the work, unless `verify_checkpoint_hashes` is
     off), have been saved by the same engine (DeepSpeed or not) and as many ranks, and train the same model on the
-    same data in the same order."""
+    same data in the same order: `state`'s data_fingerprint and model_fingerprint (TrainerState's, or PPO's)."""
     try:
         ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
     except CheckpointError as err:
@@ -355,7 +356,7 @@ def _checkpoint_to_resume(cfg: TrainConfig, state: TrainerState, output_dir: Pat
 
 
 def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, ckpt: Path) -> None:
-    """Load the engine, data position and RNG states of a checkpoint `_checkpoint_to_resume` accepted."""
+    """Load the engine, data position and RNG states of a checkpoint `checkpoint_to_resume` accepted."""
     try:
         saved = load_checkpoint(engine, ckpt, trained_only=is_lora_model(engine.module))
     except CheckpointError as err:
@@ -504,10 +505,11 @@ def _generate_samples(
         metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], state.optimizer_step)
 
 
-def run_or_exit(cfg: TrainConfig) -> int:
-    """`train`, with the failures a user can act on reported as one clear line and exit status 1."""
+def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path] = train) -> int:
+    """`run(cfg)` (`train`, or PPO's `train_rl`), with the failures a user can act on reported as one clear line and
+    exit status 1."""
     try:
-        train(cfg)
+        run(cfg)
     except (TrainingError, CheckpointError) as err:
         logger.error("%s", err)
         return 1

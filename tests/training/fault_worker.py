@@ -1,4 +1,4 @@
-"""`trainer_sft.py` (or the command of FAULT_STAGE: rm, dpo) with faults injected from the environment, for tests of
+"""`trainer_sft.py` (or the command of FAULT_STAGE: rm, dpo, rl) with faults injected from the environment, for tests of
 what a real run survives.
 
 FAULT_RANK (default 1) is the rank that misbehaves (a process started alone is rank 0):

@@ -33,6 +33,15 @@ def test_token_rewards_are_the_kl_penalty_with_the_score_on_the_last_token() -> 
     assert kl[1, 2:].tolist() == [0.0, 0.0]
 
 
+def test_without_score_on_eod_the_score_is_spread_over_the_continuation() -> None:
+    rewards, _ = token_rewards(SCORES, LOGPROBS, REF, MASK, kl_coef=0.01, score_on_eod=False)
+    for b, n in enumerate(rows(MASK)):
+        for t in range(n):
+            expected = -0.01 * (LOGPROBS[b, t].item() - REF[b, t].item()) + SCORES[b].item() / n
+            assert rewards[b, t].item() == pytest.approx(expected, abs=1e-12), (b, t)
+        assert rewards[b, n:].abs().sum() == 0
+
+
 @pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.5)])
 def test_gae_equals_the_sum_of_discounted_td_errors(gamma: float, lam: float) -> None:
     rewards, _ = token_rewards(SCORES, LOGPROBS, REF, MASK, kl_coef=0.01)
@@ -89,3 +98,18 @@ def test_the_clipped_value_loss_and_its_clip_fraction() -> None:
     assert loss.item() == pytest.approx(0.5 * sum(terms) / len(terms), rel=1e-12)
     assert clipped.item() == pytest.approx(sum(binds) / len(binds))
     assert 0 < clipped.item() < 1
+
+
+def test_whitening_a_batch_split_in_parts_equals_whitening_it_whole() -> None:
+    """As over ranks: each part whitened with `total` adding the other part's sums (what the all-reduce does) equals
+    the whole batch whitened at once."""
+    whole = whiten(VALUES, MASK)
+    for index in (0, 1):
+        x, mask = VALUES[index : index + 1], MASK[index : index + 1]
+        other_x, other_mask = VALUES[1 - index : 2 - index], MASK[1 - index : 2 - index]
+        mean = (VALUES * MASK).sum() / MASK.sum()
+        # whiten asks for two totals: (sum, count), then the sum of squared deviations from the joint mean.
+        others = iter([torch.stack([(other_x * other_mask).sum(), other_mask.sum()]),
+                       ((other_x - mean) ** 2 * other_mask).sum()])
+        split = whiten(x, mask, total=lambda t, others=others: t + next(others))
+        assert torch.allclose(split, whole[index : index + 1], rtol=1e-12)

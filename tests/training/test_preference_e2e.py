@@ -206,7 +206,7 @@ def test_dpo_starts_from_an_sft_run_folder_exported_once(zero2_run: Path, plante
                        "max_steps=1", "eval_steps=null", "learning_rate=0.0", "--no-deepspeed")
     check_ok(run_torchrun(args, nproc=1, script=REPO / "trainer_dpo.py"))
     start = run / "start_model"
-    assert (start / "source.txt").read_text() == str((zero2_run / "checkpoint-000008").resolve())
+    assert (start / "source.txt").read_text().splitlines()[0] == str((zero2_run / "checkpoint-000008").resolve())
     assert step_losses(run)[1] == pytest.approx(math.log(2), abs=1e-6)
     (states,) = (run / "checkpoint-000001").rglob(TORCH_MODEL_STATES)
     trained = torch.load(states, weights_only=True)["module"]

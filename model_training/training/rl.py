@@ -1,0 +1,413 @@
+"""The PPO recipe (trainer_rl.py): config -> prompts -> four models -> rollouts -> policy and value steps ->
+checkpoints.
+
+`train_rl(cfg)` wires these in order:
+  1. process group, seeds, the policy's tokenizer; the reward and value models' folders (a trainer_rm.py checkpoint or
+     run folder is exported once, training/start.py), each checked to share the policy's tokenizer; the prompts;
+  2. the frozen models first, the reference (the starting policy) and the reward model: in the run's dtype, whole on
+     every rank, or partitioned by ZeRO-3 inference engines (`ppo.frozen_zero3`); then the two trained engines, the
+     policy and the value model (the reward model with its score head read per token, models/reward_head.py),
+     each with its own gradient accumulation, learning rate and schedule;
+  3. resume: both engines, the counters and the RNG states from one committed checkpoint;
+  4. the loop: each step samples `num_rollouts` continuations (rollouts.py), scores them with the four models,
+     turns them into per-token rewards, advantages and returns (ppo.py), then runs the policy's optimizer steps and
+     the value model's; metrics, samples and checkpoints at their intervals.
+
+Schedules count optimizer steps: the policy takes policy_epochs * ppo_steps_per_epoch of them per PPO step and the
+value model value_epochs * value_steps_per_epoch, and each engine's warm-up and decay are scaled by its own count,
+so both follow `warmup_steps` and `lr_decay_steps` in PPO steps (the published recipe's "10 warm-up steps, cosine
+over 100" for the policy, whose count is 1).
+
+Losses are means over the continuation tokens of an optimizer step on all ranks: each micro-batch's token sum is
+divided by the step's tokens on all ranks (and multiplied by the world size, which DeepSpeed's gradient averaging
+divides by), however the rows fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.layout import (
+    MODEL_CONFIG_DIR,
+    ROLLOUT_SAMPLES,
+    RUN_CONFIG,
+    START_REWARD_MODEL_DIR,
+    START_VALUE_MODEL_DIR,
+    VALUE_MODEL_DIR,
+)
+from model_training.models.builder import build_model, load_tokenizer
+from model_training.training.checkpoint import CheckpointError, load_checkpoint
+from model_training.training.distributed import DistInfo, init_distributed
+from model_training.training.metrics import MetricsLogger
+from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
+from model_training.training.rollouts import (
+    Prompt,
+    Rollouts,
+    check_same_tokenizer,
+    decode_samples,
+    draw_prompts,
+    generate,
+    load_prompts,
+    prompts_digest,
+    sequence_scores,
+    token_logprobs,
+    token_values,
+)
+from model_training.training.saver import Saver
+from model_training.training.start import model_folder, start_model_config
+from model_training.training.step import TrainingError
+from model_training.training.trainer import (
+    StartupClock,
+    build_engine,
+    checkpoint_to_resume,
+    remove_earlier_run,
+    seed_everything,
+    setup_logging,
+)
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("reward", "kl", "entropy", "length", "policy_loss", "policy_clipfrac", "value_loss", "value_clipfrac")
+
+
+@dataclass
+class RlState:
+    """Counters that a resume restores; the prompts of the next step follow from `step`."""
+
+    step: int = 0
+    """PPO steps done (rollouts, then the policy's and the value model's optimizer steps)."""
+    generated_tokens: int = 0
+    """Continuation tokens sampled, all ranks."""
+    data_fingerprint: str = ""
+    """The prompts and how they are drawn; a resume that would draw others is refused."""
+    model_fingerprint: str = ""
+    """The four models and PPO's options; a resume with others is refused."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state[f.name])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a step's rollouts split over optimizer steps, per rank."""
+
+    rollouts: int
+    """Rollouts per rank and step."""
+    policy_rows: int
+    """Rollouts per policy optimizer step, per rank."""
+    value_rows: int
+    """Rollouts per value optimizer step, per rank."""
+    micro_batch: int
+    """Rollouts per forward and backward."""
+
+
+@dataclass(frozen=True)
+class Models:
+    policy: Any
+    """The policy's DeepSpeed engine."""
+    value: Any
+    """The value model's DeepSpeed engine."""
+    reference: torch.nn.Module
+    reward: torch.nn.Module
+
+
+def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
+    """The split of each step's rollouts (`Plan`); ConfigError when they do not divide evenly."""
+    ppo, micro = cfg.ppo, cfg.per_device_train_batch_size
+    if ppo.num_rollouts % world_size:
+        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {world_size} ranks cannot share "
+                          "evenly; use a multiple of the number of ranks")
+    rollouts = ppo.num_rollouts // world_size
+    rows = {}
+    for key in ("ppo_steps_per_epoch", "value_steps_per_epoch"):
+        steps = getattr(ppo, key)
+        if rollouts % steps or (rollouts // steps) % micro:
+            raise ConfigError(
+                f"each rank's {rollouts} rollouts per step do not split into 'ppo.{key}' ({steps}) optimizer steps of "
+                f"whole micro-batches of 'per_device_train_batch_size' ({micro}); choose values that divide evenly")
+        rows[key] = rollouts // steps
+    return Plan(rollouts, rows["ppo_steps_per_epoch"], rows["value_steps_per_epoch"], micro)
+
+
+def train_rl(cfg: TrainConfig) -> Path:
+    """Run the PPO training described by `cfg`; return the run folder."""
+    if not cfg.ppo.reward_model:  # a section may leave it to the command line (`--show_config` prints it unset)
+        raise ConfigError("key 'ppo.reward_model' is not set; trainer_rl.py needs a reward model (a trainer_rm.py "
+                          "export, checkpoint or run folder)")
+    clock = StartupClock()
+    info = init_distributed(cfg.local_rank, True)
+    setup_logging(info)
+    clock.phase("process start, imports and distributed init")
+    seed_everything(cfg.rng_seed)
+    output_dir = Path(cfg.output_dir)
+    model_cfg = start_model_config(cfg, info)
+    tokenizer = load_tokenizer(model_cfg)
+    reward_name = model_folder(cfg.ppo.reward_model, "ppo.reward_model", START_REWARD_MODEL_DIR, cfg, info)
+    value_name = reward_name if cfg.ppo.value_model is None else model_folder(
+        cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
+    check_same_tokenizer(tokenizer, reward_name, "ppo.reward_model")
+    check_same_tokenizer(tokenizer, value_name, "ppo.value_model")
+    prompts = load_prompts(cfg, tokenizer)
+    plan = plan_steps(cfg, info.world_size)
+    total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(prompts) / cfg.ppo.num_rollouts)
+    clock.phase("prompts", f"{len(prompts)} prompts, {total_steps} steps of {cfg.ppo.num_rollouts} rollouts")
+    state = RlState(data_fingerprint=_fingerprint_data(cfg, prompts), model_fingerprint=_fingerprint_models(cfg))
+    resume_from = checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
+    if info.is_main and cfg.overwrite_output_dir:
+        remove_earlier_run(output_dir)
+
+    models = _build_models(cfg, model_cfg, value_name, reward_name, tokenizer, info, plan, total_steps, clock)
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
+    value_engine = {VALUE_MODEL_DIR: models.value}
+    saver = Saver(cfg, tokenizer, total_steps, total_steps,
+                  write_more=lambda folder: _write_value_config(models, folder), more_engines=value_engine)
+    if resume_from is not None:
+        try:
+            state.load_state_dict(load_checkpoint(models.policy, resume_from, more_engines=value_engine))
+        except CheckpointError as err:
+            raise ConfigError(f"cannot resume from {resume_from}: {err}") from None
+        clock.phase("resume", f"from {resume_from} at step {state.step}")
+    metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
+    try:
+        _loop(cfg, models, state, prompts, plan, tokenizer, saver, metrics, info, total_steps)
+    finally:
+        metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return output_dir
+
+
+def _fingerprint_data(cfg: TrainConfig, prompts: list[Prompt]) -> str:
+    return hashlib.sha256(repr((prompts_digest(prompts), cfg.ppo.num_rollouts, cfg.rng_seed)).encode()).hexdigest()[:16]
+
+
+def _fingerprint_models(cfg: TrainConfig) -> str:
+    """The models and every option of the objective (not how many samples are logged, nor where frozen models sit)."""
+    options = {k: v for k, v in asdict(cfg.ppo).items() if k not in ("samples_to_log", "frozen_zero3")}
+    return hashlib.sha256(repr(("rl", cfg.model_name, sorted(options.items()))).encode()).hexdigest()[:16]
+
+
+def _build_models(
+    cfg: TrainConfig, model_cfg: TrainConfig, value_name: str, reward_name: str, tokenizer: Any, info: DistInfo,
+    plan: Plan, total_steps: int, clock: StartupClock,
+) -> Models:
+    """The four models (module docstring, 2); the frozen ones first, while no ZeRO-3 build is alive."""
+    ppo = cfg.ppo
+    reward_cfg = replace(model_cfg, stage="rm", model_name=reward_name, tokenizer_name=None)
+    reference = _frozen(model_cfg, tokenizer, ppo.frozen_zero3)
+    reward = _frozen(reward_cfg, tokenizer, ppo.frozen_zero3)
+    clock.phase("frozen models", "partitioned (ZeRO-3 inference)" if ppo.frozen_zero3 else f"whole, {cfg.dtype}")
+    policy_steps = ppo.policy_epochs * ppo.ppo_steps_per_epoch
+    policy = build_engine(_trained(model_cfg, plan.policy_rows, plan.micro_batch, policy_steps, cfg.learning_rate),
+                          tokenizer, info, total_steps * policy_steps, clock)
+    value_steps = ppo.value_epochs * ppo.value_steps_per_epoch
+    value_cfg = replace(reward_cfg, model_name=value_name)
+    value = build_engine(_trained(value_cfg, plan.value_rows, plan.micro_batch, value_steps,
+                                  ppo.value_learning_rate or cfg.learning_rate),
+                         tokenizer, info, total_steps * value_steps, clock)
+    clock.phase("engines", f"policy and value on ZeRO stage {zero_stage(policy.config)}")
+    return Models(policy, value, reference, reward)
+
+
+def _trained(
+    cfg: TrainConfig, rows: int, micro_batch: int, steps_per_ppo_step: int, learning_rate: float
+) -> TrainConfig:
+    """`cfg` for one trained engine: its accumulation, learning rate, and its schedule in its own optimizer steps."""
+    decay = None if cfg.lr_decay_steps is None else cfg.lr_decay_steps * steps_per_ppo_step
+    return replace(cfg, gradient_accumulation_steps=rows // micro_batch, learning_rate=learning_rate,
+                   warmup_steps=cfg.warmup_steps * steps_per_ppo_step, lr_decay_steps=decay)
+
+
+def _frozen(cfg: TrainConfig, tokenizer: Any, partitioned: bool) -> torch.nn.Module:
+    """A model that is only read: whole on this rank, or partitioned over the ranks by a ZeRO-3 engine without an
+    optimizer, whose hooks gather each layer's weights for its forward."""
+    if not partitioned:
+        return build_model(cfg, tokenizer, {}).requires_grad_(False).eval()
+    ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1,
+                 "gradient_accumulation_steps": 1, "bf16": {"enabled": cfg.dtype == "bf16"},
+                 "fp16": {"enabled": cfg.dtype == "fp16"}}
+    model = build_model(cfg, tokenizer, ds_config).requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return engine.module.eval()
+
+
+def _write_value_config(models: Models, folder: Path) -> None:
+    models.value.module.config.save_pretrained(folder / VALUE_MODEL_DIR / MODEL_CONFIG_DIR)
+
+
+def _loop(
+    cfg: TrainConfig, models: Models, state: RlState, prompts: list[Prompt], plan: Plan, tokenizer: Any, saver: Saver,
+    metrics: MetricsLogger, info: DistInfo, total_steps: int,
+) -> None:
+    progress = tqdm(total=total_steps, initial=state.step, disable=not info.is_main, dynamic_ncols=True)
+    while state.step < total_steps:
+        record, rollouts = _ppo_step(cfg, models, state.step, prompts, plan, tokenizer, info)
+        state.step += 1
+        state.generated_tokens += record.pop("generated_tokens")
+        progress.update(1)
+        progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        if state.step == total_steps or state.step % cfg.logging_steps == 0:
+            metrics.log({"step": state.step, **record, "tokens": state.generated_tokens,
+                         "lr": models.policy.get_lr()[0], "value_lr": models.value.get_lr()[0]})
+            _log_samples(cfg, rollouts, tokenizer, metrics, state.step)
+        if saver.due(state.step):
+            saver.save(models.policy, state.step, state.state_dict())
+    progress.close()
+
+
+def _ppo_step(
+    cfg: TrainConfig, models: Models, step: int, prompts: list[Prompt], plan: Plan, tokenizer: Any, info: DistInfo,
+) -> tuple[dict[str, Any], Rollouts]:
+    """One PPO step (0-based `step`): rollouts, scores, advantages, the optimizer steps; its metrics, all ranks."""
+    ppo, start = cfg.ppo, time.perf_counter()
+    mine = draw_prompts(prompts, step, ppo.num_rollouts, cfg.rng_seed, info.rank, info.world_size)
+    rollouts = generate(models.policy.module, mine, ppo, tokenizer, partitioned=zero_stage(models.policy.config) == 3)
+    generated = time.perf_counter()
+    entropy = _score(models, rollouts, cfg, tokenizer.pad_token_id)
+    mask = rollouts.mask.float()
+    rewards, kl = token_rewards(rollouts.scores, rollouts.logprobs, rollouts.ref_logprobs, mask, ppo.kl_coef,
+                                ppo.score_on_eod)
+    if ppo.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False, total=_all_ranks)
+    advantages, returns = gae(rewards, rollouts.values, mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = whiten(advantages, mask, total=_all_ranks)
+    scored = time.perf_counter()
+    seed = [cfg.rng_seed, step]
+    policy_sums = _update(models.policy, rollouts, advantages, ppo.policy_epochs, plan.policy_rows, plan.micro_batch,
+                          [*seed, 0], lambda engine, part, target: _policy_sums(engine, part, target, cfg))
+    value_sums = _update(models.value, rollouts, returns, ppo.value_epochs, plan.value_rows, plan.micro_batch,
+                         [*seed, 1], lambda engine, part, target: _value_sums(engine, part, target, cfg))
+    trained = time.perf_counter()
+    trained_tokens = rollouts.attention_mask.sum() * (ppo.policy_epochs + ppo.value_epochs)
+    found = torch.stack([rollouts.scores.sum(), kl.sum(), (entropy * mask).sum(), mask.sum(),
+                         torch.tensor(float(len(rollouts.sources))), trained_tokens.float()]).double()
+    sums = _all_ranks(torch.cat([found, policy_sums, value_sums])).tolist()
+    score, kl_sum, entropy_sum, tokens, rows, trained_tokens, p_loss, p_clip, p_tokens, v_loss, v_clip, v_tokens = sums
+    values = [score / rows, kl_sum / rows, entropy_sum / tokens, tokens / rows, p_loss / p_tokens, p_clip / p_tokens,
+              v_loss / v_tokens, v_clip / v_tokens]
+    record = dict(zip(METRICS, values, strict=True))
+    record.update(rollout_tokens_per_s=tokens / (generated - start),
+                  train_tokens_per_s=trained_tokens / (trained - scored), generated_tokens=int(tokens))
+    return record, rollouts
+
+
+def _all_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over the ranks."""
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def _score(models: Models, rollouts: Rollouts, cfg: TrainConfig, pad_id: int) -> torch.Tensor:
+    """Fill in what the four models say of the rollouts, in chunks of `rollout_batch_size` rows; the (B, T) entropy
+    of the policy at each continuation token."""
+    width = rollouts.mask.shape[1]
+    per_token: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    scores = []
+    models.policy.eval()
+    models.value.eval()
+    for start in range(0, len(rollouts.sources), cfg.ppo.rollout_batch_size):
+        part = rollouts.rows(slice(start, start + cfg.ppo.rollout_batch_size))
+        logprobs, entropy = token_logprobs(models.policy, part, cfg.ppo.temperature, entropy=True)
+        found = {"logprobs": logprobs, "entropy": entropy, "values": token_values(models.value, part),
+                 "ref_logprobs": token_logprobs(models.reference, part, cfg.ppo.temperature)[0]}
+        for key, value in found.items():
+            per_token[key].append(F.pad(value, (0, width - value.shape[1])))
+        scores.append(sequence_scores(models.reward, part, pad_id))
+    models.policy.train()
+    models.value.train()
+    rollouts.logprobs, rollouts.ref_logprobs, rollouts.values = (
+        torch.cat(per_token[key]) for key in ("logprobs", "ref_logprobs", "values"))
+    rollouts.scores = torch.cat(scores)
+    return torch.cat(per_token["entropy"])
+
+
+SumsOf = Callable[[Any, Rollouts, torch.Tensor], torch.Tensor]
+
+
+def _update(
+    engine: Any, rollouts: Rollouts, target: torch.Tensor, epochs: int, rows_per_step: int, micro_batch: int,
+    seed: list[int], sums_of: SumsOf,
+) -> torch.Tensor:
+    """`epochs` passes of optimizer steps of `engine` over the rollouts, `rows_per_step` rows each (the rows shuffled
+    anew each pass, seeded by `seed`), in micro-batches; this rank's sums of (loss, clip fraction, tokens), weighted
+    by tokens. `sums_of(engine, rows, their target)` gives a micro-batch's sums."""
+    world, totals = dist.get_world_size(), torch.zeros(3, dtype=torch.float64, device=engine.device)
+    for epoch in range(epochs):
+        order = torch.from_numpy(np.random.default_rng([*seed, epoch]).permutation(len(rollouts.sources)))
+        for first in range(0, len(order), rows_per_step):
+            rows = order[first : first + rows_per_step]
+            # The step's tokens on all ranks: every micro-batch's loss is a share of the one mean.
+            tokens = _all_ranks(rollouts.mask[rows].sum().double())
+            step_sums = torch.zeros_like(totals)
+            for start in range(0, len(rows), micro_batch):
+                chosen = rows[start : start + micro_batch]
+                part = rollouts.rows(chosen)
+                sums = sums_of(engine, part, target[chosen][:, : part.mask.shape[1]])
+                engine.backward(sums[0] * (world / tokens), scale_wrt_gas=False)
+                step_sums += sums.detach().double()
+                if engine.is_gradient_accumulation_boundary():
+                    _refuse_nonfinite(step_sums[0], engine)
+                engine.step()
+            totals += step_sums
+    return totals
+
+
+def _refuse_nonfinite(loss_sum: torch.Tensor, engine: Any) -> None:
+    """Stop before an update from a non-finite loss on any rank (a host sync per optimizer step; PPO's steps are few
+    and long)."""
+    if not bool(_all_ranks((~torch.isfinite(loss_sum)).double().reshape(1)).item()):
+        return
+    raise TrainingError(f"non-finite loss in an optimizer step of the {type(engine.module).__name__}; training "
+                        "stops before the update; lower the learning rate, then resume from the last checkpoint")
+
+
+def _policy_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    logprobs, _ = token_logprobs(engine, part, cfg.ppo.temperature)
+    mask = part.mask.to(logprobs.dtype)
+    loss, clipfrac = policy_loss(logprobs, part.logprobs, advantages, mask, cfg.ppo.clip_policy)
+    tokens = mask.sum()
+    return torch.stack([loss * tokens, clipfrac * tokens, tokens])
+
+
+def _value_sums(engine: Any, part: Rollouts, returns: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    values = token_values(engine, part)
+    mask = part.mask.to(values.dtype)
+    loss, clipfrac = value_loss(values, part.values, returns, mask, cfg.ppo.clip_value)
+    tokens = mask.sum()
+    return torch.stack([loss * tokens, clipfrac * tokens, tokens])
+
+
+def _log_samples(cfg: TrainConfig, rollouts: Rollouts, tokenizer: Any, metrics: MetricsLogger, step: int) -> None:
+    """Rank 0's first rollouts of the step: a line each in rollout_samples.jsonl, and a wandb table."""
+    rows = decode_samples(rollouts, tokenizer, cfg.ppo.samples_to_log)
+    if not metrics.enabled or not rows:
+        return
+    with open(Path(cfg.output_dir) / ROLLOUT_SAMPLES, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
+    columns = list(rows[0])
+    metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], step)
