@@ -1,8 +1,8 @@
 """PPO on DeepSpeed: a policy from an SFT run, a value model from a reward model, both trained on rollouts the frozen
 reward model scores, with a KL penalty against the frozen starting policy (the RLHF Falcon-40B recipe).
 
-    deepspeed trainer_rl.py --configs defaults falcon-40b alfred-40b-ppo model_name=SFT_RUN ppo.reward_model=RM_RUN
-    # CPU: DS_ACCELERATOR=cpu, after the tiny SFT (runs/tiny) and reward model (runs/tiny-rm) runs of the README
+    deepspeed trainer_rl.py --configs defaults alfred-40b-ppo oasst-top1 model_name=SFT_RUN ppo.reward_model=RM_RUN
+    # CPU: DS_ACCELERATOR=cpu, after the README's tiny SFT (runs/tiny-falcon) and reward model (runs/tiny-rm) runs
     deepspeed --num_gpus 2 trainer_rl.py --configs defaults tiny-falcon oasst-sample tiny-ppo
 
 Sections, overrides and flags are trainer_sft.py's (model_training/config.py documents every key, `ppo.*` here).

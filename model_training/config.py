@@ -134,10 +134,12 @@ class PpoConfig:
     """Partition the frozen reference and reward model over the ranks (ZeRO-3 inference) instead of holding each whole
     on every rank in the run's dtype: for models that do not fit."""
     prompt_file: str | None = None
-    """A JSON-lines file of prompts, {"prompt": text} or {"messages": [...ending on a user turn]} per line; null: the
-    conversations of `datasets`, each up to its last assistant turn."""
+    """A JSON-lines file of prompts, {"prompt": text} or {"messages": [...ending on a user turn]} per line (`datasets`
+    are then not read); null: the conversations of `datasets`, each up to its last assistant turn."""
     max_prompt_length: int = 1024
     """Longest prompt in tokens (chat format included); a longer one is an error that names it."""
+    drop_long_prompts: bool = False
+    """Leave out the prompts longer than max_prompt_length (how many is logged) instead of stopping at the first."""
     num_rollouts: int = 1024
     """Continuations generated per step, over all ranks."""
     rollout_batch_size: int = 16

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
 from model_training.layout import (
@@ -52,6 +53,7 @@ from model_training.layout import (
     VALUE_MODEL_DIR,
 )
 from model_training.models.builder import build_model, load_tokenizer
+from model_training.models.reward_head import is_reward_model
 from model_training.training.checkpoint import CheckpointError, load_checkpoint
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.metrics import MetricsLogger
@@ -70,7 +72,7 @@ from model_training.training.rollouts import (
     token_values,
 )
 from model_training.training.saver import Saver
-from model_training.training.start import model_folder, start_model_config
+from model_training.training.start import SOURCE_FILE, model_folder, start_model_config
 from model_training.training.step import TrainingError
 from model_training.training.trainer import (
     StartupClock,
@@ -127,8 +129,10 @@ class Models:
     """The policy's DeepSpeed engine."""
     value: Any
     """The value model's DeepSpeed engine."""
-    reference: torch.nn.Module
-    reward: torch.nn.Module
+    reference: Any
+    """The frozen starting policy: the model, or the ZeRO-3 inference engine that holds it partitioned."""
+    reward: Any
+    """The frozen reward model, held as the reference is."""
 
 
 def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
@@ -160,28 +164,27 @@ def train_rl(cfg: TrainConfig) -> Path:
     clock.phase("process start, imports and distributed init")
     seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
-    model_cfg = start_model_config(cfg, info)
-    tokenizer = load_tokenizer(model_cfg)
-    reward_name = model_folder(cfg.ppo.reward_model, "ppo.reward_model", START_REWARD_MODEL_DIR, cfg, info)
-    value_name = reward_name if cfg.ppo.value_model is None else model_folder(
-        cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
-    check_same_tokenizer(tokenizer, reward_name, "ppo.reward_model")
-    check_same_tokenizer(tokenizer, value_name, "ppo.value_model")
+    plan = plan_steps(cfg, info.world_size)  # before minutes of exports: a split that does not fit fails at once
+    sources = _model_sources(cfg, info)
+    tokenizer = load_tokenizer(sources.policy)
+    check_same_tokenizer(tokenizer, sources.reward, "ppo.reward_model")
+    check_same_tokenizer(tokenizer, sources.value, "ppo.value_model")
     prompts = load_prompts(cfg, tokenizer)
-    plan = plan_steps(cfg, info.world_size)
-    total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(prompts) / cfg.ppo.num_rollouts)
+    steps_per_epoch = math.ceil(len(prompts) / cfg.ppo.num_rollouts)
+    total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps_per_epoch)
     clock.phase("prompts", f"{len(prompts)} prompts, {total_steps} steps of {cfg.ppo.num_rollouts} rollouts")
-    state = RlState(data_fingerprint=_fingerprint_data(cfg, prompts), model_fingerprint=_fingerprint_models(cfg))
+    state = RlState(data_fingerprint=_fingerprint_data(cfg, prompts),
+                    model_fingerprint=_fingerprint_models(cfg, sources))
     resume_from = checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
     if info.is_main and cfg.overwrite_output_dir:
         remove_earlier_run(output_dir)
 
-    models = _build_models(cfg, model_cfg, value_name, reward_name, tokenizer, info, plan, total_steps, clock)
+    models = _build_models(cfg, sources, tokenizer, info, plan, total_steps, clock)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
     value_engine = {VALUE_MODEL_DIR: models.value}
-    saver = Saver(cfg, tokenizer, total_steps, total_steps,
+    saver = Saver(cfg, tokenizer, total_steps, steps_per_epoch,
                   write_more=lambda folder: _write_value_config(models, folder), more_engines=value_engine)
     if resume_from is not None:
         try:
@@ -203,19 +206,58 @@ def _fingerprint_data(cfg: TrainConfig, prompts: list[Prompt]) -> str:
     return hashlib.sha256(repr((prompts_digest(prompts), cfg.ppo.num_rollouts, cfg.rng_seed)).encode()).hexdigest()[:16]
 
 
-def _fingerprint_models(cfg: TrainConfig) -> str:
-    """The models and every option of the objective (not how many samples are logged, nor where frozen models sit)."""
+@dataclass(frozen=True)
+class ModelSources:
+    """Where each of the four models is loaded from."""
+
+    policy: TrainConfig
+    """The run's config with `model_name` the policy's folder (also the reference's)."""
+    reward: str
+    value: str
+
+
+def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
+    """The four models' folders, a training checkpoint or run folder exported once (training/start.py); ConfigError
+    when the reward model is not one."""
+    policy = start_model_config(cfg, info)
+    reward = model_folder(cfg.ppo.reward_model, "ppo.reward_model", START_REWARD_MODEL_DIR, cfg, info)
+    value = reward if cfg.ppo.value_model is None else model_folder(
+        cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
+    try:
+        config = AutoConfig.from_pretrained(reward, cache_dir=cfg.cache_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"key 'ppo.reward_model': cannot load {reward}: {err}") from None
+    if not is_reward_model(config):
+        raise ConfigError(f"key 'ppo.reward_model': {reward} is a {', '.join(config.architectures or ['model'])}, not "
+                          "a reward model (a *ForSequenceClassification, as trainer_rm.py trains and exports)")
+    return ModelSources(policy, reward, value)
+
+
+def _fingerprint_models(cfg: TrainConfig, sources: ModelSources) -> str:
+    """The four models' sources (a local folder by its files' names and sizes, its config and where it was exported
+    from: a reference or reward model exported anew from another checkpoint is another run) and every option of the
+    objective (not how many samples are logged, nor where the frozen models sit)."""
     options = {k: v for k, v in asdict(cfg.ppo).items() if k not in ("samples_to_log", "frozen_zero3")}
-    return hashlib.sha256(repr(("rl", cfg.model_name, sorted(options.items()))).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(repr(("rl", sorted(options.items()))).encode())
+    for name in (sources.policy.model_name, sources.reward, sources.value):
+        folder = Path(name)
+        if not folder.is_dir():  # a hub id
+            digest.update(name.encode())
+            continue
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+            if path.name in ("config.json", SOURCE_FILE):
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _build_models(
-    cfg: TrainConfig, model_cfg: TrainConfig, value_name: str, reward_name: str, tokenizer: Any, info: DistInfo,
-    plan: Plan, total_steps: int, clock: StartupClock,
+    cfg: TrainConfig, sources: ModelSources, tokenizer: Any, info: DistInfo, plan: Plan, total_steps: int,
+    clock: StartupClock,
 ) -> Models:
     """The four models (module docstring, 2); the frozen ones first, while no ZeRO-3 build is alive."""
-    ppo = cfg.ppo
-    reward_cfg = replace(model_cfg, stage="rm", model_name=reward_name, tokenizer_name=None)
+    ppo, model_cfg = cfg.ppo, sources.policy
+    reward_cfg = replace(model_cfg, stage="rm", model_name=sources.reward, tokenizer_name=None)
     reference = _frozen(model_cfg, tokenizer, ppo.frozen_zero3)
     reward = _frozen(reward_cfg, tokenizer, ppo.frozen_zero3)
     clock.phase("frozen models", "partitioned (ZeRO-3 inference)" if ppo.frozen_zero3 else f"whole, {cfg.dtype}")
@@ -223,7 +265,7 @@ def _build_models(
     policy = build_engine(_trained(model_cfg, plan.policy_rows, plan.micro_batch, policy_steps, cfg.learning_rate),
                           tokenizer, info, total_steps * policy_steps, clock)
     value_steps = ppo.value_epochs * ppo.value_steps_per_epoch
-    value_cfg = replace(reward_cfg, model_name=value_name)
+    value_cfg = replace(reward_cfg, model_name=sources.value)
     value = build_engine(_trained(value_cfg, plan.value_rows, plan.micro_batch, value_steps,
                                   ppo.value_learning_rate or cfg.learning_rate),
                          tokenizer, info, total_steps * value_steps, clock)
@@ -240,9 +282,10 @@ def _trained(
                    warmup_steps=cfg.warmup_steps * steps_per_ppo_step, lr_decay_steps=decay)
 
 
-def _frozen(cfg: TrainConfig, tokenizer: Any, partitioned: bool) -> torch.nn.Module:
+def _frozen(cfg: TrainConfig, tokenizer: Any, partitioned: bool) -> Any:
     """A model that is only read: whole on this rank, or partitioned over the ranks by a ZeRO-3 engine without an
-    optimizer, whose hooks gather each layer's weights for its forward."""
+    optimizer, whose hooks gather each layer's weights for its forward. The engine itself is returned: once it is
+    collected, it removes those hooks."""
     if not partitioned:
         return build_model(cfg, tokenizer, {}).requires_grad_(False).eval()
     ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1,
@@ -250,7 +293,8 @@ def _frozen(cfg: TrainConfig, tokenizer: Any, partitioned: bool) -> torch.nn.Mod
                  "fp16": {"enabled": cfg.dtype == "fp16"}}
     model = build_model(cfg, tokenizer, ds_config).requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    return engine.module.eval()
+    engine.eval()
+    return engine
 
 
 def _write_value_config(models: Models, folder: Path) -> None:
@@ -283,7 +327,13 @@ def _ppo_step(
     """One PPO step (0-based `step`): rollouts, scores, advantages, the optimizer steps; its metrics, all ranks."""
     ppo, start = cfg.ppo, time.perf_counter()
     mine = draw_prompts(prompts, step, ppo.num_rollouts, cfg.rng_seed, info.rank, info.world_size)
-    rollouts = generate(models.policy.module, mine, ppo, tokenizer, partitioned=zero_stage(models.policy.config) == 3)
+    # Each rank samples from its own seed, drawn from the step: the ranks' continuations are independent, and a resume
+    # samples what the run would have.
+    device = models.policy.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(np.random.SeedSequence([cfg.rng_seed, step, info.rank]).generate_state(1)[0]))
+        rollouts = generate(models.policy.module, mine, ppo, tokenizer,
+                            partitioned=zero_stage(models.policy.config) == 3)
     generated = time.perf_counter()
     entropy = _score(models, rollouts, cfg, tokenizer.pad_token_id)
     mask = rollouts.mask.float()
@@ -301,9 +351,11 @@ def _ppo_step(
     value_sums = _update(models.value, rollouts, returns, ppo.value_epochs, plan.value_rows, plan.micro_batch,
                          [*seed, 1], lambda engine, part, target: _value_sums(engine, part, target, cfg))
     trained = time.perf_counter()
+    # One all-reduce for every metric: each rank's sums, then the means over all ranks.
+    rows = torch.tensor(float(len(rollouts.sources)), device=mask.device)
     trained_tokens = rollouts.attention_mask.sum() * (ppo.policy_epochs + ppo.value_epochs)
-    found = torch.stack([rollouts.scores.sum(), kl.sum(), (entropy * mask).sum(), mask.sum(),
-                         torch.tensor(float(len(rollouts.sources))), trained_tokens.float()]).double()
+    found = torch.stack([rollouts.scores.sum(), kl.sum(), (entropy * mask).sum(), mask.sum(), rows,
+                         trained_tokens.float()]).double()
     sums = _all_ranks(torch.cat([found, policy_sums, value_sums])).tolist()
     score, kl_sum, entropy_sum, tokens, rows, trained_tokens, p_loss, p_clip, p_tokens, v_loss, v_clip, v_tokens = sums
     values = [score / rows, kl_sum / rows, entropy_sum / tokens, tokens / rows, p_loss / p_tokens, p_clip / p_tokens,

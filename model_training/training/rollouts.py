@@ -23,6 +23,7 @@ runs with `synced_gpus` until every rank's continuations have ended.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ from model_training.data.records import InvalidRecord
 from model_training.data.sources.chat_jsonl import message_turns
 from model_training.data.sources.common import Turn, required
 from model_training.data.sources.rows import convert_rows, read_rows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,19 @@ def load_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
     unique = list(first.values())
     if not unique:
         raise ConfigError("no prompts: the prompt file or datasets hold no conversation with an assistant turn")
+    limit = cfg.ppo.max_prompt_length
+    if cfg.ppo.drop_long_prompts:
+        kept = [p for p in unique if len(p.input_ids) <= limit]
+        if len(kept) < len(unique):
+            logger.warning("left out %d of %d prompts longer than ppo.max_prompt_length (%d tokens)",
+                           len(unique) - len(kept), len(unique), limit)
+        if not kept:
+            raise ConfigError(f"every prompt is longer than 'ppo.max_prompt_length' ({limit}); raise the limit")
+        return kept
     longest = max(unique, key=lambda p: len(p.input_ids))
-    if len(longest.input_ids) > cfg.ppo.max_prompt_length:
+    if len(longest.input_ids) > limit:
         raise ConfigError(f"the prompt {longest.source} is {len(longest.input_ids)} tokens long, longer than "
-                          f"'ppo.max_prompt_length' ({cfg.ppo.max_prompt_length}); raise the limit or drop the prompt")
+                          f"'ppo.max_prompt_length' ({limit}); raise the limit, or set ppo.drop_long_prompts=true")
     return unique
 
 
