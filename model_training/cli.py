@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,17 +203,38 @@ def _check_writable_folder(folder: Path, key: str) -> None:
 def _show_dataset_stats(cfg: TrainConfig) -> int:
     from model_training.data.registry import prepare_data
     from model_training.data.stats import format_stats
-    from model_training.models.builder import load_tokenizer
     from model_training.training.sampler import plan_sources
 
+    tokenizer = _stats_tokenizer(cfg)
     if cfg.stage == "rl":
-        return _show_prompt_stats(cfg, load_tokenizer(cfg))
+        return _show_prompt_stats(cfg, tokenizer)
     if cfg.stage != "sft":
-        return _show_preference_stats(cfg, load_tokenizer(cfg))
-    data = prepare_data(cfg, load_tokenizer(cfg))
+        return _show_preference_stats(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer)
     draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
     print(format_stats(data, [d.per_epoch for d in draws], cfg.max_length, cfg.val_max_length or cfg.max_length))
     return 0
+
+
+def _stats_tokenizer(cfg: TrainConfig) -> Any:
+    """The run's tokenizer, without exporting anything: a training checkpoint or run folder as `model_name` holds its
+    tokenizer in its newest checkpoint's tokenizer/ folder."""
+    from model_training.config import PROJECT_ROOT, resolve_input_path
+    from model_training.hub import is_hub_id
+    from model_training.layout import TOKENIZER_DIR, is_training_run
+    from model_training.models.builder import load_tokenizer
+    from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
+
+    name = cfg.model_name
+    if cfg.tokenizer_name is None and name is not None and not is_hub_id(name, PROJECT_ROOT):
+        folder = resolve_input_path(name)
+        if is_training_run(folder):
+            try:
+                checkpoint = resolve_checkpoint(folder, folder)
+            except CheckpointError as err:
+                raise ConfigError(f"key 'model_name': {err}") from None
+            cfg = replace(cfg, tokenizer_name=str(checkpoint / TOKENIZER_DIR))
+    return load_tokenizer(cfg)
 
 
 def _show_preference_stats(cfg: TrainConfig, tokenizer: Any) -> int:

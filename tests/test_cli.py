@@ -15,9 +15,9 @@ from model_training.cli import parse_train_args
 from model_training.config import ConfigError
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, script: str = "trainer_sft.py") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "trainer_sft.py"), *args],
+        [sys.executable, str(REPO / script), *args],
         cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=300,
     )
 
@@ -106,6 +106,23 @@ def test_show_dataset_stats_from_another_working_directory(tmp_path: Path) -> No
     assert filters_header.split() == ["dataset", "records", "other_language", "duplicates", "too_short", "too_long",
                                       "per_epoch"]
     assert int(oasst.split()[-1]) == int(train[4])  # an epoch draws every training sample by default
+
+
+@pytest.mark.slow
+def test_dataset_stats_of_a_stage_that_starts_from_a_training_run_read_its_checkpoints_tokenizer(
+    zero2_run: Path,
+) -> None:
+    """No export for statistics: the tokenizer comes from the newest checkpoint's tokenizer/ folder."""
+    start = [f"model_name={zero2_run}", "model_config=null", "tokenizer_name=null", "--show_dataset_stats"]
+    dpo = run_cli("--configs", "defaults-dpo", "tiny-falcon", "preference-sample", *start, script="trainer_dpo.py")
+    assert dpo.returncode == 0, dpo.stderr
+    assert [line.split()[:2] for line in dpo.stdout.splitlines()[1:3]] == [["oasst_export", "train"],
+                                                                           ["oasst_export", "val"]]
+    ppo = run_cli("--configs", "defaults", "tiny-falcon", "oasst-sample", "tiny-ppo", f"ppo.reward_model={zero2_run}",
+                  *start, script="trainer_rl.py")
+    assert ppo.returncode == 0, ppo.stderr
+    assert ppo.stdout.startswith("prompts ") and "(limit 256)" in ppo.stdout
+    assert not (zero2_run / "start_model").exists()
 
 
 def test_mixture_sections_report_each_source_and_its_draw() -> None:

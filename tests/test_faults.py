@@ -176,7 +176,25 @@ def reward_model(*args: str) -> Callable[[Path], list[str]]:
                             *(arg.replace("{scratch}", str(scratch)) for arg in args)]
 
 
+def ppo(*args: str) -> Callable[[Path], list[str]]:
+    """trainer_rl.py's tiny section from {scratch}/sft (a run folder as the config sees one) with `args`."""
+
+    def command(scratch: Path) -> list[str]:
+        (scratch / "sft").mkdir()
+        (scratch / "sft" / "latest").write_text("checkpoint-000001\n")
+        return [str(REPO / "trainer_rl.py"), "--configs", "defaults", "tiny-falcon", "oasst-sample", "tiny-ppo",
+                f"model_name={scratch / 'sft'}", f"output_dir={scratch / 'out'}",
+                *(arg.replace("{scratch}", str(scratch)) for arg in args)]
+
+    return command
+
+
 FAULTS = [
+    Fault("PPO without a reward model", ppo("ppo.reward_model=null"),
+          r"key 'ppo\.reward_model' is not set; trainer_rl\.py needs a reward model"),
+    Fault("PPO's rollouts in uneven micro-batches",
+          ppo("ppo.reward_model={scratch}/sft", "ppo.value_steps_per_epoch=3"),
+          r"each rank's 16 rollouts per step do not split into 'ppo\.value_steps_per_epoch' \(3\) optimizer steps"),
     Fault("a reward-model section run by trainer_sft.py",
           lambda scratch: [str(TRAINER), "--configs", "defaults-rm", "tiny-falcon", "preference-sample",
                            "--show_config"],
