@@ -219,21 +219,18 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
 def _stats_tokenizer(cfg: TrainConfig) -> Any:
     """The run's tokenizer, without exporting anything: a training checkpoint or run folder as `model_name` holds its
     tokenizer in its newest checkpoint's tokenizer/ folder."""
-    from model_training.config import PROJECT_ROOT, resolve_input_path
-    from model_training.hub import is_hub_id
-    from model_training.layout import TOKENIZER_DIR, is_training_run
+    from model_training.layout import TOKENIZER_DIR
     from model_training.models.builder import load_tokenizer
     from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
+    from model_training.training.start import training_run
 
-    name = cfg.model_name
-    if cfg.tokenizer_name is None and name is not None and not is_hub_id(name, PROJECT_ROOT):
-        folder = resolve_input_path(name)
-        if is_training_run(folder):
-            try:
-                checkpoint = resolve_checkpoint(folder, folder)
-            except CheckpointError as err:
-                raise ConfigError(f"key 'model_name': {err}") from None
-            cfg = replace(cfg, tokenizer_name=str(checkpoint / TOKENIZER_DIR))
+    folder = training_run(cfg.model_name) if cfg.tokenizer_name is None and cfg.model_name is not None else None
+    if folder is not None:
+        try:
+            checkpoint = resolve_checkpoint(folder, folder)
+        except CheckpointError as err:
+            raise ConfigError(f"key 'model_name': {err}") from None
+        cfg = replace(cfg, tokenizer_name=str(checkpoint / TOKENIZER_DIR))
     return load_tokenizer(cfg)
 
 

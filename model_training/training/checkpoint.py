@@ -173,7 +173,7 @@ def _write_files(
     rank, staging = _rank(), target.staging
     written: list[Path] = []
     error: BaseException | None = None
-    for folder, each in [(staging, engine), *((staging / name, e) for name, e in more_engines.items())]:
+    for folder, each in _by_folder(staging, engine, more_engines):
         try:
             # After a failed write the other engines still save: every rank must run the same collectives.
             files, failed = _save_engine(each, folder, deepspeed_tag(target.step), trained_only and each is engine)
@@ -273,6 +273,12 @@ def _save_engine(
     with _ContainedWrites(engine) as contained:
         engine.save_checkpoint(str(staging), tag=tag, save_latest=False, exclude_frozen_parameters=trained_only)
     return contained.written, (contained.errors[0] if contained.errors else None)
+
+
+def _by_folder(root: Path, engine: Any, more_engines: dict[str, Any]) -> list[tuple[Path, Any]]:
+    """Each engine of a checkpoint with the folder its state lives in: the main one in `root`, the others in their
+    subfolders."""
+    return [(root, engine), *((root / name, other) for name, other in more_engines.items())]
 
 
 def _save_rng_state(staging: Path, rank: int) -> Path:
@@ -595,7 +601,7 @@ def load_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     trainer_state = read_trainer_state(ckpt_dir)
     tag = _read_manifest(ckpt_dir)["deepspeed_tag"]
-    for folder, each in [(ckpt_dir, engine), *((ckpt_dir / name, e) for name, e in (more_engines or {}).items())]:
+    for folder, each in _by_folder(ckpt_dir, engine, more_engines or {}):
         load_path, _ = each.load_checkpoint(
             str(folder),
             tag=tag,

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,9 @@ from model_training.training.rollouts import (
 )
 from model_training.training.saver import Saver
 from model_training.training.start import SOURCE_FILE, model_folder, start_model_config
-from model_training.training.step import TrainingError
+from model_training.training.step import TrainingError, nonfinite_on_any_rank
 from model_training.training.trainer import (
+    FieldsState,
     StartupClock,
     build_engine,
     checkpoint_to_resume,
@@ -89,7 +90,7 @@ METRICS = ("reward", "kl", "entropy", "length", "policy_loss", "policy_clipfrac"
 
 
 @dataclass
-class RlState:
+class RlState(FieldsState):
     """Counters that a resume restores; the prompts of the next step follow from `step`."""
 
     step: int = 0
@@ -100,13 +101,6 @@ class RlState:
     """The prompts and how they are drawn; a resume that would draw others is refused."""
     model_fingerprint: str = ""
     """The four models and PPO's options; a resume with others is refused."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in fields(self):
-            setattr(self, f.name, state[f.name])
 
 
 @dataclass(frozen=True)
@@ -168,7 +162,8 @@ def train_rl(cfg: TrainConfig) -> Path:
     sources = _model_sources(cfg, info)
     tokenizer = load_tokenizer(sources.policy)
     check_same_tokenizer(tokenizer, sources.reward, "ppo.reward_model")
-    check_same_tokenizer(tokenizer, sources.value, "ppo.value_model")
+    if sources.value != sources.reward:
+        check_same_tokenizer(tokenizer, sources.value, "ppo.value_model")
     prompts = load_prompts(cfg, tokenizer)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo.num_rollouts)
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps_per_epoch)
@@ -432,7 +427,7 @@ def _update(
 def _refuse_nonfinite(loss_sum: torch.Tensor, engine: Any) -> None:
     """Stop before an update from a non-finite loss on any rank (a host sync per optimizer step; PPO's steps are few
     and long)."""
-    if not bool(_all_ranks((~torch.isfinite(loss_sum)).double().reshape(1)).item()):
+    if not nonfinite_on_any_rank(loss_sum):
         return
     raise TrainingError(f"non-finite loss in an optimizer step of the {type(engine.module).__name__}; training "
                         "stops before the update; lower the learning rate, then resume from the last checkpoint")

@@ -35,8 +35,7 @@ from transformers import GenerationConfig
 from model_training.config import ConfigError, PpoConfig, TrainConfig, resolve_input_path
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_prompt
 from model_training.data.records import InvalidRecord
-from model_training.data.sources.chat_jsonl import message_turns
-from model_training.data.sources.common import Turn, required
+from model_training.data.sources.preference_jsonl import prompt_turns
 from model_training.data.sources.rows import convert_rows, read_rows
 
 logger = logging.getLogger(__name__)
@@ -105,12 +104,7 @@ def _file_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
         raise ConfigError(f"key 'ppo.prompt_file': {err}") from None
 
     def convert(row: dict, index: int) -> Prompt:
-        if (row.get("prompt") is None) == (row.get("messages") is None):
-            raise InvalidRecord("needs exactly one of the fields 'prompt' and 'messages'")
-        if row.get("prompt") is not None:
-            system, turns = None, [Turn("prompter", required(row, "prompt"), "field 'prompt'")]
-        else:
-            system, turns = message_turns(row["messages"] if isinstance(row["messages"], list) else [None])
+        system, turns = prompt_turns(row)
         try:
             ids = format_prompt(turns, tokenizer, system, cfg.chat_format)
         except ValueError as err:

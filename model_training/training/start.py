@@ -45,10 +45,8 @@ def model_folder(name: str, key: str, export_dir: str, cfg: TrainConfig, info: D
     """The model that config key `key` names (`name`) as a hub id or folder to load from: `name` itself, or, when it
     is a training checkpoint or run folder, its export into `output_dir/export_dir` (module docstring). Call on
     every rank; ConfigError on every rank when the checkpoint cannot be exported."""
-    if is_hub_id(name, PROJECT_ROOT):
-        return name
-    folder = resolve_input_path(name)
-    if not is_training_run(folder):
+    folder = training_run(name)
+    if folder is None:
         return name
     target = Path(cfg.output_dir).absolute() / export_dir
     shared = [_export_once(folder, target, cfg.dtype, key) if info.is_main else None]
@@ -57,6 +55,14 @@ def model_folder(name: str, key: str, export_dir: str, cfg: TrainConfig, info: D
     if shared[0] is not None:
         raise ConfigError(shared[0])
     return str(target)
+
+
+def training_run(name: str) -> Path | None:
+    """The training checkpoint or run folder a model name refers to; None for a hub id or a model folder."""
+    if is_hub_id(name, PROJECT_ROOT):
+        return None
+    folder = resolve_input_path(name)
+    return folder if is_training_run(folder) else None
 
 
 def _export_once(folder: Path, target: Path, dtype: str, key: str) -> str | None:

@@ -67,14 +67,20 @@ class StepRunner:
     def _refuse_nonfinite_update(self, loss_sum: torch.Tensor, step: int) -> None:
         """Stop before an update that DeepSpeed would apply despite a non-finite loss on some rank (a host sync
         on every step, paid only where DeepSpeed does not skip such updates itself)."""
-        flag = (~torch.isfinite(loss_sum)).float().reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+        if nonfinite_on_any_rank(loss_sum):
             raise TrainingError(
                 f"non-finite loss at optimizer step {step + 1}; ZeRO stage {zero_stage(self.engine.config)} in "
                 f"{self.dtype} cannot skip the update, so training stops before it is applied; resume from the last "
                 "checkpoint"
             )
+
+
+def nonfinite_on_any_rank(loss_sum: torch.Tensor) -> bool:
+    """Whether `loss_sum` is not finite on some rank (an all-reduce and a host sync): every rank gets the same answer,
+    so all stop together before an update."""
+    flag = (~torch.isfinite(loss_sum)).float().reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class PendingLosses:

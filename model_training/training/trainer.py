@@ -65,8 +65,20 @@ from model_training.training.torch_engine import build_torch_engine, holds_torch
 logger = logging.getLogger(__name__)
 
 
+class FieldsState:
+    """`state_dict` / `load_state_dict` of a dataclass whose every field is what a resume restores (the counters
+    saved in trainer_state.json: SFT's and the preference stages' `TrainerState`, PPO's `RlState`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state[f.name])
+
+
 @dataclass
-class TrainerState:
+class TrainerState(FieldsState):
     """Counters that a resume restores; the data position follows from `optimizer_step`."""
 
     optimizer_step: int = 0
@@ -84,13 +96,6 @@ class TrainerState:
     other data is refused."""
     model_fingerprint: str = ""
     """Model source and shape; a resume with another model is refused."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in fields(self):
-            setattr(self, f.name, state[f.name])
 
     def count_step(self, micro_batches: int, tokens: int) -> None:
         """One optimizer step consumed: its micro-batches on this rank and its tokens on all ranks."""

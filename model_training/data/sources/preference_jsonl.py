@@ -34,17 +34,21 @@ def compare(path: str | Path, options: PreferenceJsonlConfig, context: LoadConte
     return load_rows(path, options, context, _comparison)
 
 
-def _comparison(row: dict, index: int) -> Comparison:
+def prompt_turns(row: dict) -> tuple[str | None, list[Turn]]:
+    """(system text, turns) of a row's conversation: `prompt`, one user turn, or `messages` as `chat_jsonl` reads them,
+    exactly one of the two; unchecked for order (PPO's prompt files read the same fields)."""
     # A field absent from a row reads as null: the library gives every row the columns of the whole file.
     if (row.get("prompt") is None) == (row.get("messages") is None):
         raise InvalidRecord("needs exactly one of the fields 'prompt' and 'messages'")
-    system = None
     if row.get("prompt") is not None:
-        prefix = [Turn("prompter", required(row, "prompt"), "field 'prompt'")]
-    else:
-        messages = row["messages"]
-        if not isinstance(messages, list):
-            raise InvalidRecord(f"field 'messages' must be a list, got {type(messages).__name__}")
-        system, prefix = message_turns(messages)
+        return None, [Turn("prompter", required(row, "prompt"), "field 'prompt'")]
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise InvalidRecord(f"field 'messages' must be a list, got {type(messages).__name__}")
+    return message_turns(messages)
+
+
+def _comparison(row: dict, index: int) -> Comparison:
+    system, prefix = prompt_turns(row)
     replies = [Turn("assistant", required(row, name), f"field {name!r}") for name in ("chosen", "rejected")]
     return comparison("preference", index, prefix, replies, system)
