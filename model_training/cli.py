@@ -61,17 +61,21 @@ def _parser(stage: str) -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         default=None,
-        help="continue from the newest complete checkpoint in output_dir, or from the folder given",
+        help="continue from the newest complete checkpoint in output_dir, or from the folder given; auto: the "
+        "newest one when output_dir holds one, else start (the same command for a first start and every requeue)",
     )
     parser.add_argument("--wandb-entity", dest="wandb_entity", default=None, help="Weights & Biases entity")
     parser.add_argument("--rng_seed", type=int, default=None, help="seed of weights, dropout and data order")
     parser.add_argument(
         "--show_dataset_stats", action="store_true", default=None, help="print dataset statistics and exit"
     )
+    parser.add_argument("--prepare_only", action="store_true", default=None,
+                        help="prepare the datasets' token stores (data_cache_dir), say what was stored, and exit")
     return parser
 
 
-_FLAG_KEYS = ("deepspeed", "local_rank", "resume_from_checkpoint", "wandb_entity", "rng_seed", "show_dataset_stats")
+_FLAG_KEYS = ("deepspeed", "local_rank", "resume_from_checkpoint", "wandb_entity", "rng_seed", "show_dataset_stats",
+              "prepare_only")
 
 
 def _split_overrides(tokens: list[str]) -> list[tuple[str, Any]]:
@@ -144,8 +148,11 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
             return 0
         if args.config.show_dataset_stats:
             return _show_dataset_stats(args.config)
+        if args.config.prepare_only:
+            return _prepare_only(args.config)
         _check_writable_folder(Path(args.config.output_dir), "output_dir")
         _refuse_to_overwrite_a_run(args.config)
+        resolve_auto_resume(args.config)
     except (ConfigError, FileFormatError) as err:
         # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
         return report_user_error(err, quiet=_launcher_rank() != 0)
@@ -175,6 +182,35 @@ def _refuse_to_overwrite_a_run(cfg: TrainConfig) -> None:
             f"key 'output_dir' is '{cfg.output_dir}', which holds an earlier run ({shown}); resume it with "
             "--resume_from_checkpoint, choose another output_dir, or set overwrite_output_dir=true to replace it"
         )
+
+
+AUTO_RESUME = "auto"
+"""`resume_from_checkpoint: auto`: resume when output_dir holds a checkpoint, start when it holds no run."""
+
+
+def resolve_auto_resume(cfg: TrainConfig) -> None:
+    """`resume_from_checkpoint: auto` becomes "latest" when output_dir holds a complete checkpoint (its manifest and
+    file sizes check out; the resume checks the hashes), or null (a new run) when it holds no run at all; an earlier
+    run without such a checkpoint is refused as a new run would be. Decided from the files alone, before any process
+    group: every rank sees the same folder and decides alike."""
+    if cfg.resume_from_checkpoint != AUTO_RESUME:
+        return
+    from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
+
+    output_dir = Path(cfg.output_dir)
+    try:
+        resolve_checkpoint("latest", output_dir)
+    except CheckpointError as err:
+        found = earlier_run(output_dir)
+        if found:
+            raise ConfigError(
+                f"key 'resume_from_checkpoint' is auto, but output_dir '{cfg.output_dir}' holds an earlier run "
+                f"({', '.join(found[:4])}) and no checkpoint to resume: {err}; resume a checkpoint by its path, choose "
+                "another output_dir, or set overwrite_output_dir=true to replace it"
+            ) from None
+        cfg.resume_from_checkpoint = None
+        return
+    cfg.resume_from_checkpoint = "latest"
 
 
 def _launcher_rank() -> int:
@@ -213,6 +249,34 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
     data = prepare_data(cfg, tokenizer)
     draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
     print(format_stats(data, [d.per_epoch for d in draws], cfg.max_length, cfg.val_max_length or cfg.max_length))
+    return 0
+
+
+def _prepare_only(cfg: TrainConfig) -> int:
+    """`--prepare_only`: every dataset's token store, prepared (or found), one line each."""
+    from model_training.data.preferences import prepare_preferences
+    from model_training.data.registry import prepare_data
+
+    if cfg.stage == "rl" and cfg.ppo.prompt_file is not None:
+        print("nothing to prepare: PPO reads its prompts from ppo.prompt_file at each start")
+        return 0
+    if cfg.data_cache_dir is None:
+        raise ConfigError("key 'data_cache_dir' is null, so nothing prepared would be kept; set it to the folder the "
+                          "training job will read")
+    tokenizer = _stats_tokenizer(cfg)
+    data = prepare_preferences(cfg, tokenizer) if cfg.stage in ("rm", "dpo") else prepare_data(cfg, tokenizer)
+    if _launcher_rank() != 0:  # several processes prepared together (srun, a launcher): one says what they did
+        return 0
+    unit = "groups" if cfg.stage in ("rm", "dpo") else "samples"
+    total = 0
+    for train, val, cached in zip(data.train, data.val, data.cached, strict=True):
+        store = train.samples.store
+        size = sum(p.stat().st_size for p in store.folder.iterdir())
+        total += size
+        print(f"{train.name}: {'found' if cached else 'prepared'} {store.folder}  {len(train.samples)} train + "
+              f"{len(val.samples)} validation {unit}, {len(store.ids)} tokens, {size / 1e6:.1f} MB "
+              f"({size / max(len(store.ids), 1):.2f} bytes a token)")
+    print(f"{len(data.train)} token stores in {Path(cfg.data_cache_dir).expanduser()}, {total / 1e6:.1f} MB")
     return 0
 
 

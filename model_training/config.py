@@ -257,7 +257,12 @@ class TrainConfig:
     dedupe: bool = True
     """Drop conversations that repeat an earlier one exactly (same system, roles and texts), across sources."""
     data_cache_dir: str | None = "~/.cache/model_training/tokenized"
-    """Tokenized datasets are kept here and reused while their inputs stay the same (data/cache.py); null: off."""
+    """Token stores of the prepared datasets, reused while their inputs stay the same, shared by every process that
+    sees the folder (data/cache.py); null: each process prepares its own and keeps nothing."""
+    data_workers: int | None = None
+    """Processes a rank forks to tokenize a dataset it must prepare; null: its cores, shared with its node's ranks."""
+    data_wait_timeout: float = 1800.0
+    """Seconds a process waits on another's share of a data preparation without any chunk finishing, then stops."""
     packing: bool = True
     """Lay each micro-batch's samples end to end in one row, no padding; each sample attends only to itself (every
     family of models/families.py: Falcon, Llama, Mistral, Qwen2, GPT-NeoX)."""
@@ -265,6 +270,9 @@ class TrainConfig:
     """Cross-entropy from the last hidden states chunk by chunk, without full fp32 logits (ZeRO-0/1/2, not LoRA)."""
     show_dataset_stats: bool = False
     """Print per-dataset statistics (threads, tokens, truncation) and exit."""
+    prepare_only: bool = False
+    """Prepare the datasets' token stores in `data_cache_dir` (all cores, no GPU, no launcher needed), say what was
+    stored, and exit: run ahead of a job, whose ranks then start with a cache hit."""
 
     # --- optimization ---
     learning_rate: float = 1e-5
@@ -343,10 +351,14 @@ class TrainConfig:
     local_rank: int = -1
     """Set by launchers that pass --local_rank; the LOCAL_RANK environment variable wins when present."""
     resume_from_checkpoint: str | None = None
-    """"latest" (the newest complete checkpoint in output_dir) or a checkpoint folder to continue from."""
+    """"latest" (the newest complete checkpoint in output_dir), "auto" (latest when output_dir holds one, else a new
+    run: a requeued job's command) or a checkpoint folder to continue from."""
     verify_checkpoint_hashes: bool = True
     """Before resuming, check every file of the checkpoint against the hash its manifest recorded (the ranks
     share the reading); false skips it, and a corrupted file would then be trained on."""
+    stop_grace_period: float = 240.0
+    """Seconds from a stop signal (SIGTERM, SIGUSR1, SIGINT) to the committed checkpoint; past them the ranks exit
+    without it (status 124), before the scheduler's kill. Keep it under the lead of SLURM's --signal."""
     rng_seed: int = 0xA1221F97
     """Seed of weight initialization, dropout and data order (OpenAssistant's default, 0xa1221f97)."""
     max_nonfinite_steps: int = 3
@@ -584,6 +596,8 @@ def validate(cfg: TrainConfig) -> None:
     _validate_peft(cfg)
     _validate_preference_stage(cfg)
     _validate_rl_stage(cfg)
+    if cfg.stop_grace_period <= 0:
+        raise ConfigError(f"key 'stop_grace_period' must be positive (seconds), got {cfg.stop_grace_period}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
     if cfg.lr_decay_steps is not None and (cfg.lr_decay_steps < 1 or cfg.lr_scheduler_type == "warmup_decay"):
@@ -591,6 +605,10 @@ def validate(cfg: TrainConfig) -> None:
                           f"lr_scheduler_type cosine or linear (it is {cfg.lr_scheduler_type})")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"key 'max_steps' must be at least 1 or null, got {cfg.max_steps}")
+    if cfg.data_workers is not None and cfg.data_workers < 1:
+        raise ConfigError(f"key 'data_workers' must be at least 1 or null, got {cfg.data_workers}")
+    if cfg.data_wait_timeout <= 0:
+        raise ConfigError(f"key 'data_wait_timeout' must be positive (seconds), got {cfg.data_wait_timeout}")
     if not 0.0 <= cfg.residual_dropout < 1.0:
         raise ConfigError(f"key 'residual_dropout' must be in [0, 1), got {cfg.residual_dropout}")
     if (cfg.model_name is None) == (cfg.model_config is None):

@@ -34,6 +34,11 @@ A checkpoint folder::
     adapter/                    a LoRA run's peft config, naming the base it applies to
     value/global_step80/...     PPO (trainer_rl.py): the value model's engine state, beside the policy's above
     value/model_config/         the value model's transformers config
+    universal/                  added after the commit, the first time the checkpoint is resumed on another number
+                                of ranks (training/reshard.py): its ZeRO shards rewritten as DeepSpeed's universal
+                                checkpoint, with a manifest of its own (SFT, rm, dpo; PPO resumes on as many ranks)
+      global_step80/zero/<parameter>/fp32.pt, exp_avg.pt, exp_avg_sq.pt, step.pt
+      global_step80/zero/optimizer_state.pt, and the model-states file (without the weights)
 """
 
 from __future__ import annotations
@@ -63,12 +68,21 @@ MODEL_CONFIG_DIR = "model_config"
 ADAPTER_DIR = "adapter"
 TORCH_MODEL_STATES = "torch_model_states.pt"
 TORCH_OPTIM_STATES = "torch_optim_states.pt"
+UNIVERSAL_DIR = "universal"
+ZERO12_MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO_OPTIM_SHARD_RE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+"""DeepSpeed's optimizer shard of one rank (ZeRO-1/2/3; bf16 runs prefix it with "bf16_", the content is the same)."""
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d{6,})")
 STAGING_PREFIX = ".staging-"
 DELETING_PREFIX = ".deleting-"
 TRANSIENT_RE = re.compile(r"\.(staging|deleting)-checkpoint-\d{6,}")
 """Checkpoint folders in transit; only these are ever cleared without being a committed checkpoint."""
+
+
+def zero3_model_states(rank: int) -> str:
+    """DeepSpeed's ZeRO-3 model-states file of `rank` (shapes, buffers, the rank's partition of frozen weights)."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 
 
 def checkpoint_name(step: int) -> str:

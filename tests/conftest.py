@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TINY_RUN, check_ok, run_deepspeed
+from helpers import RESUME_RUN, TINY_RUN, check_ok, run_deepspeed
 
 
 def _train_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
@@ -25,6 +25,14 @@ def zero2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same run under ZeRO-3."""
     return _train_tiny(tmp_path_factory, "zero3", "deepspeed_config=configs/zero3_config.json")
+
+
+@pytest.fixture(scope="session")
+def run_80(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted 2-rank ZeRO-2 run of RESUME_RUN that the resume tests must reproduce."""
+    run = tmp_path_factory.mktemp("run_80") / "run"
+    check_ok(run_deepspeed([*RESUME_RUN, f"output_dir={run}"]))
+    return run
 
 
 @pytest.fixture

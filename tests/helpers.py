@@ -27,6 +27,9 @@ VOCAB_ROWS = 2032
 TINY = ["--configs", "defaults", "tiny-falcon", "oasst-sample"]
 TINY_RUN = [*TINY, "max_steps=8", "save_steps=4", "logging_steps=1", "eval_steps=4"]
 """The short run the session fixtures train: 8 steps, checkpoints at 4 and 8, metrics every step."""
+RESUME_RUN = [*TINY, "max_steps=80", "save_steps=20", "save_total_limit=null", "logging_steps=1"]
+"""5 epochs of 16 steps, a checkpoint every 20: resumed at 20, 60 steps over 3 epoch boundaries and 2 evaluations
+(the session fixture `run_80` is it, uninterrupted)."""
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 

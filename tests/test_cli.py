@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from helpers import REPO, TINY, cpu_env
 
-from model_training.cli import parse_train_args
+from model_training.cli import parse_train_args, resolve_auto_resume
 from model_training.config import ConfigError
 
 
@@ -173,3 +174,54 @@ def test_empty_dataset_after_filters_is_an_error() -> None:
     assert result.returncode == 2
     assert "datasets[0].oasst_export has no training samples after its filters" in result.stderr
     assert "lang='xx'" in result.stderr
+
+
+def test_prepare_only_fills_the_token_stores_then_finds_them(tmp_path: Path) -> None:
+    args = ["--configs", "defaults", "tiny-falcon", "falcon-40b-instruct-mix", f"data_cache_dir={tmp_path}",
+            "--prepare_only"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == ["chat_jsonl", "oasst_export", "alpaca", "text"]
+    assert all(" prepared " in line and str(tmp_path) in line and "bytes a token" in line for line in lines[:-1])
+    assert lines[-1].startswith(f"4 token stores in {tmp_path}")
+    second = run_cli(*args)
+    assert second.stdout.count(" found ") == 4 and " prepared " not in second.stdout
+    groups = run_cli("--configs", "defaults-dpo", "tiny-falcon", "preference-sample", f"data_cache_dir={tmp_path}",
+                     "--prepare_only", script="trainer_dpo.py")
+    assert groups.returncode == 0 and groups.stdout.count(" prepared ") == 3 and " validation groups, " in groups.stdout
+    uncached = run_cli(*args[:-2], "data_cache_dir=null", "--prepare_only")
+    assert uncached.returncode == 2 and "key 'data_cache_dir' is null" in uncached.stderr
+
+
+def committed_checkpoint(run: Path, step: int) -> Path:
+    """The smallest folder the resolver takes for a committed checkpoint: a file and a manifest that lists it."""
+    folder = run / f"checkpoint-{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+    manifest = {"format_version": 2, "step": step, "world_size": 1, "deepspeed_tag": f"global_step{step}",
+                "files": {"trainer_state.json": {"size": 2, "xxh3_128": "unused by this check"}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_resume_auto_starts_a_new_run_resumes_one_or_refuses_what_else_the_folder_holds(tmp_path: Path) -> None:
+    """`resume_from_checkpoint=auto`, the requeued job's unchanged command: an empty (or missing) output_dir starts a
+    run, one with a complete checkpoint resumes the newest, one with an earlier run but no such checkpoint is refused
+    as a new run would be."""
+    def resolved(folder: Path) -> str | None:
+        cfg = parse_train_args([*TINY, f"output_dir={folder}", "--resume_from_checkpoint", "auto"]).config
+        resolve_auto_resume(cfg)
+        return cfg.resume_from_checkpoint
+
+    assert resolved(tmp_path / "new") is None
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.yaml").write_text("{}")  # a start that stopped before its first step
+    assert resolved(tmp_path / "new") is None
+    committed_checkpoint(tmp_path / "run", 20)
+    assert resolved(tmp_path / "run") == "latest"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"key 'resume_from_checkpoint' is auto, but output_dir '\S+other' holds an "
+                                          r"earlier run \(metrics.jsonl\) and no checkpoint to resume: No usable"):
+        resolved(tmp_path / "other")

@@ -401,6 +401,7 @@ def test_unknown_key_on_the_command_line() -> None:
         ("quantization.load_in_4bit=true", r"4-bit weights cannot be trained directly; set peft.type=lora"),
         ("quantization.quant_type=int4", r"key 'quantization.quant_type' is 'int4'; expected one of nf4, fp4"),
         ("generate_val_samples=-1", r"'generate_val_samples' must be at least 0"),
+        ("stop_grace_period=0", r"key 'stop_grace_period' must be positive \(seconds\), got 0"),
         ("peft.alhpa=8", r"unknown key 'peft.alhpa' on the command line; did you mean 'alpha'\?"),
     ],
 )

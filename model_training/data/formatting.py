@@ -30,12 +30,14 @@ The format's definition is the single source of truth: `chat_template()` renders
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from model_training.data.chat_formats import (
@@ -184,9 +186,14 @@ def format_text(text: str, tokenizer: PreTrainedTokenizerBase, max_length: int) 
     `max_length` tokens (each piece a sample; the first token of a piece has no prediction to learn)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 for text, got {max_length}")
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    ids = text_ids([text], tokenizer)[0]
     pieces = [tuple(ids[i : i + max_length]) for i in range(0, len(ids), max_length)]
     return [FormattedSample(p, p, truncated=False) for p in pieces if len(p) > 1]
+
+
+def text_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Each plain text's ids and a closing eos, before `format_text` cuts them into pieces."""
+    return [ids + [tokenizer.eos_token_id] for ids in encode_texts(tokenizer, texts, True)]
 
 
 def format_prompt(
@@ -258,44 +265,116 @@ def _build(
     generation_prompt: bool,
     last_reply_only: bool = False,
 ) -> tuple[list[int], list[int]]:
+    pieces = _pieces(messages, system, fmt, generation_prompt, last_reply_only)
+    return _build_many([pieces], tokenizer, fmt)[0]
+
+
+def format_conversations(
+    conversations: Sequence[tuple[Sequence[MessageLike], str | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
+    last_reply_only: bool = False,
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each (messages, system) as `format_conversation` builds it without a length limit, with every
+    text of them tokenized in one batch call: what data preparation formats a chunk of records with."""
+    fmt = get_chat_format(chat_format)
+    for messages, _ in conversations:
+        _check_roles(messages, last_role="assistant")
+    pieces = [_pieces(m, system, fmt, generation_prompt=False, last_reply_only=last_reply_only)
+              for m, system in conversations]
+    return _build_many(pieces, tokenizer, fmt)
+
+
+def _build_many(
+    conversations: list[list[_Piece]], tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat
+) -> list[tuple[list[int], list[int]]]:
+    """Each conversation's pieces as (ids, labels), their texts tokenized together."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token")
-    pieces = _pieces(messages, system, fmt, generation_prompt, last_reply_only)
     if fmt.segmented:
-        return _build_segmented(pieces, tokenizer)
-    return _build_rendered(pieces, tokenizer)
+        # split_special_tokens: a control token's string inside a text stays plain text (module docstring).
+        texts = encode_texts(tokenizer, [p[0] for pieces in conversations for p in pieces if p[1]], True)
+        encoded = iter(texts)
+        # Each marker's id looked up once per call, not once per conversation.
+        markers = {marker: [tokenizer.eos_token_id if marker == EOS else _special_id(tokenizer, marker)]
+                   for pieces in conversations for marker, is_text, _ in pieces if not is_text}
+        return [_build_segmented(pieces, encoded, markers) for pieces in conversations]
+    rendered = [_render(pieces, tokenizer) for pieces in conversations]
+    encodings = encode_texts(tokenizer, [text for text, _ in rendered], False, with_offsets=True)
+    return [_labels_by_offsets(ids, offsets, spans) for (ids, offsets), (_, spans) in zip(encodings, rendered)]
 
 
-def _build_segmented(pieces: list[_Piece], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """Each text tokenized alone; markers are single tokens (a special token or eos)."""
+def _build_segmented(
+    pieces: list[_Piece], encoded: Iterator[list[int]], markers: dict[str, list[int]]
+) -> tuple[list[int], list[int]]:
+    """Each text tokenized alone (the next of `encoded`); markers are single tokens (a special token or eos: the id
+    `markers` holds for it)."""
     input_ids: list[int] = []
     labels: list[int] = []
     for piece, is_text, supervised in pieces:
-        if is_text:
-            # split_special_tokens: a control token's string inside a text stays plain text (module docstring).
-            ids = tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True)
-        else:
-            ids = [tokenizer.eos_token_id if piece == EOS else _special_id(tokenizer, piece)]
+        ids = next(encoded) if is_text else markers[piece]
         input_ids += ids
         labels += ids if supervised else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
 
 
-def _build_rendered(pieces: list[_Piece], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """The rendered string tokenized whole (what the template does); labels from character offsets."""
+def _render(pieces: list[_Piece], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered string (what the template writes) and the character spans that carry loss."""
     text, spans = "", []
     for piece, _, supervised in pieces:
         piece = tokenizer.eos_token if piece == EOS else piece
         if supervised:
             spans.append((len(text), len(text) + len(piece)))
         text += piece
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
-    labels = [
-        token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
-        for token, (start, _) in zip(input_ids, encoded["offset_mapping"])
-    ]
+    return text, spans
+
+
+def _labels_by_offsets(
+    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """The rendered string's ids with their labels: a token is supervised when its first character is in a span."""
+    labels = [token if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+              for token, (start, _) in zip(input_ids, offsets)]
     return input_ids, labels
+
+
+_local = threading.local()
+
+
+def _backend_copy(tokenizer: PreTrainedTokenizerBase, backend: Tokenizer, split_special_tokens: bool) -> Tokenizer:
+    """This thread's copy of `tokenizer`'s backend for `split_special_tokens`; a tokenizer that gained tokens since
+    (`prepare_tokenizer`) gets a new one."""
+    if not hasattr(_local, "copies"):
+        _local.copies = weakref.WeakKeyDictionary()
+    made = _local.copies.setdefault(tokenizer, {})
+    version = (len(tokenizer), split_special_tokens)
+    if version not in made:
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.encode_special_tokens = split_special_tokens
+        made[version] = copy
+    return made[version]
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], split_special_tokens: bool, with_offsets: bool = False
+) -> list[Any]:
+    """Each text's ids without added special tokens (with `with_offsets`, (ids, character offsets)), in one batch call
+    of the fast tokenizer's backend, which tokenizes without holding the GIL: threads that call this tokenize side by
+    side (data/build.py). Equal to `tokenizer(text, add_special_tokens=False, split_special_tokens=...)` per text.
+
+    `split_special_tokens` is a setting of the whole backend, so each thread encodes with a copy of its own made for
+    that setting, never flipping it under another thread. A tokenizer without a backend encodes text by text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        encoded = [tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens,
+                             return_offsets_mapping=with_offsets) for text in texts]
+        if with_offsets:
+            return [(list(e["input_ids"]), list(e["offset_mapping"])) for e in encoded]
+        return [list(e["input_ids"]) for e in encoded]
+    copy = _backend_copy(tokenizer, backend, split_special_tokens)
+    if with_offsets:
+        return [(e.ids, e.offsets) for e in copy.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in copy.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def _special_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:

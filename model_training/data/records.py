@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROLES = ("prompter", "assistant")
 """The roles of a conversation's turns, in the order they alternate."""
@@ -76,6 +78,11 @@ class FileFormatError(ValueError):
         self.path = path
         self.line = line
         self.reason = reason
+        self.unit = unit
+
+    def __reduce__(self) -> tuple:
+        # Raised in a data preparation process and raised again in the rank that waits for it (data/build.py).
+        return type(self), (self.path, self.line, self.reason, self.unit)
 
 
 class InvalidRecord(Exception):
@@ -84,23 +91,46 @@ class InvalidRecord(Exception):
 
 
 def text_lines(path: Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file, gunzipped when the name ends in .gz. A file that is not what its name
-    says raises FileFormatError at the line where reading failed: the first for data that is not gzip, the
-    one after the last whole line for a gzip stream cut short."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    read = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for line in lines:
-                yield line
-                read += 1
-    except gzip.BadGzipFile:
-        raise FileFormatError(path, read + 1, "not gzip data; expected a gzip-compressed file (.gz)") from None
-    except (EOFError, zlib.error):
-        reason = "the gzip data ends early or is damaged (an interrupted copy?); expected a whole .gz file"
-        raise FileFormatError(path, read + 1, reason) from None
-    except UnicodeDecodeError as error:
-        raise FileFormatError(path, read + 1, f"not UTF-8 text ({error.reason}); expected UTF-8") from None
+    """The lines of a UTF-8 text file, gunzipped when the name ends in .gz (see `TextLines`)."""
+    return iter(TextLines(path))
+
+
+class TextLines:
+    """The lines of a UTF-8 text file, gunzipped when the name ends in .gz, with universal newlines. A file that is
+    not what its name says raises FileFormatError at the line where reading failed: the first for data that is not
+    gzip, the one after the last whole line for a gzip stream cut short. `fraction()` tells, while the lines are
+    read, how far into the file (compressed, for .gz) reading has come."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._raw: Any = None
+
+    def __iter__(self) -> Iterator[str]:
+        path = self.path
+        opener = gzip.open if path.suffix == ".gz" else open
+        read = 0
+        try:
+            with opener(path, "rt", encoding="utf-8") as lines:
+                # The file under the text layer (under the decompressor for .gz): its position is the bytes read.
+                self._raw = getattr(lines.buffer, "fileobj", lines.buffer)
+                for line in lines:
+                    yield line
+                    read += 1
+        except gzip.BadGzipFile:
+            raise FileFormatError(path, read + 1, "not gzip data; expected a gzip-compressed file (.gz)") from None
+        except (EOFError, zlib.error):
+            reason = "the gzip data ends early or is damaged (an interrupted copy?); expected a whole .gz file"
+            raise FileFormatError(path, read + 1, reason) from None
+        except UnicodeDecodeError as error:
+            raise FileFormatError(path, read + 1, f"not UTF-8 text ({error.reason}); expected UTF-8") from None
+        finally:
+            self._raw = None
+
+    def fraction(self) -> float:
+        """The share of the file's bytes read so far (1.0 once the lines are done)."""
+        if self._raw is None or self._raw.closed:
+            return 1.0
+        return min(1.0, self._raw.tell() / max(1, os.path.getsize(self.path)))
 
 
 def json_line(line: str) -> object:

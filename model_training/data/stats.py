@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from model_training.data.registry import PreparedData, TokenizedSplit
+from model_training.data.store import StoredSamples
 from model_training.data.windows import EVALUATION, LengthRule
 
 _COLUMNS = (
@@ -25,10 +28,16 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 
 def split_row(split: TokenizedSplit, side: str, limit: int) -> dict[str, object]:
-    cut = [LengthRule(limit).apply(sample, EVALUATION, index) for index, sample in enumerate(split.samples)]
-    lengths = sorted(len(s.input_ids) for s in cut)
+    """One row of the table: `split`'s samples cut to their first `limit` tokens."""
+    samples = split.samples
+    if isinstance(samples, StoredSamples):  # from the arrays, without building each sample
+        lengths = sorted(np.minimum(samples.lengths, limit).tolist())
+        supervised = int(samples.supervised_in_first(limit).sum())
+    else:
+        cut = [LengthRule(limit).apply(sample, EVALUATION, index) for index, sample in enumerate(samples)]
+        lengths = sorted(len(s.input_ids) for s in cut)
+        supervised = sum(s.num_supervised for s in cut)
     tokens = sum(lengths)
-    supervised = sum(s.num_supervised for s in cut)
     return {
         "dataset": split.name,
         "split": side,

@@ -27,6 +27,9 @@ Nothing is read whole: ``torch.load(mmap=True)`` maps the files and reads no ten
 ``LazyTensor`` records where its values lie, and ``LazyTensor.load`` copies them, chunk by chunk, straight
 into a tensor of the wanted dtype. The pages a chunk came from are handed back to the kernel right after the
 copy, so the process never holds the fp32 masters, let alone the Adam moments beside them.
+
+``read_optimizer_state`` maps the same shards for what a resume on another number of ranks needs
+(training/reshard.py): each trained parameter's fp32 master and Adam moments, whole, and the optimizer's step.
 """
 
 from __future__ import annotations
@@ -34,19 +37,16 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
-import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model_training.layout import TORCH_MODEL_STATES
+from model_training.layout import TORCH_MODEL_STATES, ZERO12_MODEL_STATES, ZERO_OPTIM_SHARD_RE, zero3_model_states
 
-# DeepSpeed prefixes the optimizer shards of bf16 runs with "bf16_"; their content is the same.
-_OPTIM_RE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
-_ZERO12_MODEL_FILE = "mp_rank_00_model_states.pt"
 _CHUNK_NUMEL = 1 << 24
 """Values copied between two page releases: 64 MiB of fp32 source mapped at a time."""
 
@@ -133,23 +133,74 @@ def read_zero_checkpoint(tag_dir: Path, trained_only: bool = False) -> ZeroCheck
     if (tag_dir / TORCH_MODEL_STATES).is_file():
         module = _load(tag_dir / TORCH_MODEL_STATES)["module"]
         return ZeroCheckpoint(tensors={name: _whole(t) for name, t in module.items()}, zero_stage=0, world_size=1)
+    optim_states, stage = _optimizer_shards(tag_dir)
+    if stage in (1, 2):
+        tensors = _zero12_tensors(tag_dir, optim_states, trained_only)
+    else:
+        tensors = _zero3_tensors(tag_dir, optim_states, trained_only)
+    return ZeroCheckpoint(tensors=tensors, zero_stage=stage, world_size=len(optim_states))
+
+
+def _optimizer_shards(tag_dir: Path) -> tuple[list[dict], int]:
+    """Every rank's optimizer state (mapped), in rank order, and the ZeRO stage (1, 2 or 3) that wrote them."""
     optim_files = _rank_files(tag_dir)
     optim_states = [_load(path)["optimizer_state_dict"] for path in optim_files]
     stage = int(optim_states[0].get("zero_stage", 0))
-    world_size = len(optim_files)
     partitions = optim_states[0].get("partition_count")
     partitions = max(partitions) if isinstance(partitions, list) else partitions
-    if partitions != world_size:
+    if partitions != len(optim_files):
         raise ZeroCheckpointError(
-            f"{tag_dir} holds {world_size} optimizer shards but they were written by {partitions} ranks"
+            f"{tag_dir} holds {len(optim_files)} optimizer shards but they were written by {partitions} ranks"
         )
-    if stage in (1, 2):
-        tensors = _zero12_tensors(tag_dir, optim_states, trained_only)
-    elif stage == 3:
-        tensors = _zero3_tensors(tag_dir, optim_states, trained_only)
-    else:
+    if stage not in (1, 2, 3):
         raise ZeroCheckpointError(f"{optim_files[0]} has ZeRO stage {stage!r}; only stages 1, 2 and 3 are read")
-    return ZeroCheckpoint(tensors=tensors, zero_stage=stage, world_size=world_size)
+    return optim_states, stage
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """What a ZeRO checkpoint's optimizer holds, by parameter name (each name the optimizer owns once; a tied alias
+    is not repeated): ``tensors[name]`` maps ``"fp32"`` (the master weights) and each of ``ADAM_MOMENTS`` to a
+    LazyTensor of the parameter's shape."""
+
+    tensors: dict[str, dict[str, LazyTensor]]
+    step: Any
+    """The optimizer's step count as saved (AdamW: a 0-dim tensor), the same for every parameter."""
+    zero_stage: int
+    world_size: int
+    rank0_state: dict
+    """Rank 0's optimizer state as unpickled, mapped: the settings every rank shares (loss scaler, param groups)."""
+    model_states: dict
+    """The model-states file of rank 0 as unpickled, mapped: shapes, scheduler, counters."""
+
+
+def read_optimizer_state(tag_dir: Path) -> OptimizerState:
+    """Map the optimizer shards in ``tag_dir`` (ZeRO-1/2/3, one per rank) and locate the fp32 master and the Adam
+    moments of every trained parameter; reads no values yet. Raises ZeroCheckpointError as `read_zero_checkpoint`
+    does, and for an optimizer other than Adam(W)."""
+    tag_dir = Path(tag_dir)
+    optim_states, stage = _optimizer_shards(tag_dir)
+    if stage in (1, 2):
+        model_states = _load(tag_dir / ZERO12_MODEL_STATES)
+        base = [state["base_optimizer_state"]["state"] for state in optim_states]
+        masters, fp32 = _zero12_masters, "single_partition_of_fp32_groups"
+    else:
+        model_states = _load(tag_dir / zero3_model_states(0))
+        base = [state["optimizer_state_dict"]["state"] for state in optim_states]
+        masters, fp32 = _zero3_masters, "fp32_flat_groups"
+    if not all(key in group for group in base[0].values() for key in ("step", *ADAM_MOMENTS)):
+        raise ZeroCheckpointError(f"{tag_dir}: the optimizer state is not Adam's (step, exp_avg, exp_avg_sq)")
+    found: dict[str, dict[str, LazyTensor]] = {}
+    flats: dict[str, FlatOf] = {"fp32": lambda rank, group: optim_states[rank][fp32][group]}
+    for key in ADAM_MOMENTS:
+        flats[key] = lambda rank, group, key=key: base[rank][group][key]
+    for key, flat_of in flats.items():
+        for name, tensor in masters(tag_dir, model_states, optim_states, flat_of).items():
+            found.setdefault(name, {})[key] = tensor
+    return OptimizerState(found, base[0][0]["step"], stage, len(optim_states), optim_states[0], model_states)
 
 
 def _rank_files(tag_dir: Path) -> list[Path]:
@@ -159,7 +210,7 @@ def _rank_files(tag_dir: Path) -> list[Path]:
         raise ZeroCheckpointError(f"{tag_dir} comes from a tensor- or pipeline-parallel run, which is not supported")
     ranks = {}
     for path in tag_dir.iterdir():
-        match = _OPTIM_RE.fullmatch(path.name)
+        match = ZERO_OPTIM_SHARD_RE.fullmatch(path.name)
         if match:
             rank = int(match.group(1))
             if rank in ranks:
@@ -187,8 +238,15 @@ def _whole(tensor: torch.Tensor) -> LazyTensor:
     return LazyTensor(tensor.shape, tensor.dtype, (Piece(tensor.reshape(-1), 0, tensor.numel()),))
 
 
-def _zero12_tensors(tag_dir: Path, optim_states: list[dict], trained_only: bool) -> dict[str, LazyTensor]:
-    model_states = _load(tag_dir / _ZERO12_MODEL_FILE)
+FlatOf = Callable[[int, int], torch.Tensor]
+"""(rank, param group) -> that rank's flat fp32 values of the group in its optimizer shard: the masters, or an Adam
+moment."""
+
+
+def _zero12_masters(
+    tag_dir: Path, model_states: dict, optim_states: list[dict], flat_of: FlatOf
+) -> dict[str, LazyTensor]:
+    """Every parameter the optimizer owns, its pieces the `flat_of` slices that ``param_slice_mappings`` locate."""
     masters: dict[str, LazyTensor] = {}
     for group, shapes in enumerate(model_states["param_shapes"]):
         pieces: dict[str, list[Piece]] = {name: [] for name in shapes}
@@ -197,7 +255,7 @@ def _zero12_tensors(tag_dir: Path, optim_states: list[dict], trained_only: bool)
                 raise ZeroCheckpointError(
                     f"rank {rank}'s optimizer shard has no param_slice_mappings (written by an old DeepSpeed)"
                 )
-            flat = state["single_partition_of_fp32_groups"][group]
+            flat = flat_of(rank, group)
             for name, address in state["param_slice_mappings"][group].items():
                 if name not in pieces:
                     raise ZeroCheckpointError(f"rank {rank}'s optimizer shard holds {name}, which has no shape")
@@ -207,33 +265,48 @@ def _zero12_tensors(tag_dir: Path, optim_states: list[dict], trained_only: bool)
             if sum(p.numel for p in tensor.pieces) != tensor.numel:
                 raise ZeroCheckpointError(f"the optimizer shards in {tag_dir} do not cover {name} exactly")
             masters[name] = tensor
+    return masters
+
+
+def _zero12_tensors(tag_dir: Path, optim_states: list[dict], trained_only: bool) -> dict[str, LazyTensor]:
+    model_states = _load(tag_dir / ZERO12_MODEL_STATES)
+    masters = _zero12_masters(tag_dir, model_states, optim_states,
+                              lambda rank, group: optim_states[rank]["single_partition_of_fp32_groups"][group])
     # The module has every other entry in full: buffers, frozen parameters, tied names (resolved below).
     module = model_states["module"]
     tensors = {name: masters[name] if name in masters else _whole(value) for name, value in module.items()}
     return _tie(tensors, model_states["shared_params"], trained_only)
 
 
+def _zero3_masters(tag_dir: Path, first: dict, optim_states: list[dict], flat_of: FlatOf) -> dict[str, LazyTensor]:
+    """Every parameter the optimizer owns: rank r's partition of each lies in its `flat_of` values, one parameter
+    after another in ``param_shapes`` order (`_gather_partitions`)."""
+    world_size, masters = len(optim_states), {}
+    for group, shapes in enumerate(first["param_shapes"]):
+        flats = [flat_of(rank, group) for rank in range(world_size)]
+        offset = 0
+        for name, shape in shapes.items():
+            shape = torch.Size(shape)
+            masters[name] = _gather_partitions(name, shape, [(flat, offset) for flat in flats])
+            offset += math.ceil(shape.numel() / world_size)
+        if offset != flats[0].numel():
+            raise ZeroCheckpointError(
+                f"param group {group} in {tag_dir}: the parameter shapes need {offset} values per rank, the "
+                f"optimizer shards hold {flats[0].numel()}"
+            )
+    return masters
+
+
 def _zero3_tensors(tag_dir: Path, optim_states: list[dict], trained_only: bool) -> dict[str, LazyTensor]:
     world_size = len(optim_states)
-    model_states = [_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt") for r in range(world_size)]
+    model_states = [_load(tag_dir / zero3_model_states(r)) for r in range(world_size)]
     first = model_states[0]
     tensors: dict[str, LazyTensor] = {name: _whole(first["module"][name]) for name in first["buffer_names"]}
     for name, shape in (first.get("frozen_param_shapes") or {}).items():
         fragments = [state["frozen_param_fragments"][name] for state in model_states]
         tensors[name] = _gather_partitions(name, torch.Size(shape), [(f.reshape(-1), 0) for f in fragments])
-
-    groups = [state["fp32_flat_groups"] for state in optim_states]
-    for group, shapes in enumerate(first["param_shapes"]):
-        offset = 0
-        for name, shape in shapes.items():
-            shape = torch.Size(shape)
-            tensors[name] = _gather_partitions(name, shape, [(flats[group], offset) for flats in groups])
-            offset += math.ceil(shape.numel() / world_size)
-        if offset != groups[0][group].numel():
-            raise ZeroCheckpointError(
-                f"param group {group} in {tag_dir}: the parameter shapes need {offset} values per rank, the "
-                f"optimizer shards hold {groups[0][group].numel()}"
-            )
+    tensors.update(_zero3_masters(tag_dir, first, optim_states,
+                                  lambda rank, group: optim_states[rank]["fp32_flat_groups"][group]))
     return _tie(tensors, first["shared_params"], trained_only)
 
 

@@ -47,13 +47,15 @@ def sample_prompts(
         for q in queries
     ]
     # Several validation samples can open alike (replies to the same prompt): each opening is asked once.
-    openings = {}
+    openings: dict[tuple[int, ...], str] = {}
     for split in val_splits:
         for sample in split.samples:
+            if len(openings) == val_count:  # the rest is not read (a store's samples are built when read)
+                break
             opening = _opening(sample)
             if opening:  # plain text is supervised from its first token: it has no prompt to answer
                 openings.setdefault(tuple(opening), split.name)
-    prompts += [SamplePrompt(f"val/{name}", list(ids)) for ids, name in list(openings.items())[:val_count]]
+    prompts += [SamplePrompt(f"val/{name}", list(ids)) for ids, name in openings.items()]
     return prompts
 
 

@@ -67,17 +67,16 @@ class StepReader:
     def read(self, step: int) -> StepSamples:
         """Optimizer step `step` (0-based, counted over all epochs)."""
         data, plan = self._data, self._data.plan
-        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+        epoch = plan.locate(step).epoch
         if epoch != self._order_epoch:
             self._order, self._order_epoch = plan.epoch_order(epoch), epoch
         # Every rank knows every sample and how it is cut this epoch, so the step's token counts need no
         # communication.
-        cut = {i: data.train_rule.apply(data.samples[i], epoch, i)
-               for i in plan.global_step_samples(self._order, step_in_epoch)}
+        cut = {i: data.train_rule.apply(data.samples[i], epoch, i) for i in plan.step_samples(self._order, step)}
         micro_batches = [
             MicroBatch([cut[i] for i in indices], True) if indices
             else MicroBatch([data.train_rule.apply(data.samples[0], epoch, 0)], False)
-            for indices in plan.micro_batches(self._order, step_in_epoch)
+            for indices in plan.micro_batches(self._order, step)
         ]
         # A step whose windows hold no supervised token at all has nothing to learn; 1 keeps the division finite.
         loss_units = max(1, sum(s.loss_units for s in cut.values()))

@@ -41,6 +41,8 @@ from model_training.layout import (
     STAGING_PREFIX,
     TRAINER_STATE,
     TRANSIENT_RE,
+    UNIVERSAL_DIR,
+    ZERO_OPTIM_SHARD_RE,
     checkpoint_name,
 )
 
@@ -97,18 +99,19 @@ def save_checkpoint(
     untouched = "; earlier checkpoints and the latest pointer are untouched"
 
     # The gather is the barrier that keeps other ranks from writing into the staging folder before it exists.
-    error = _prepare_staging(target) if _rank() == 0 else None
-    _raise_if_any_failed(_gather((_describe(error), None)), target, "preparing the staging folder" + untouched, error)
+    error = _prepare_staging(target) if current_rank() == 0 else None
+    reports = gather_from_ranks((describe_error(error), None))
+    _raise_if_any_failed(reports, target, "preparing the staging folder" + untouched, error)
 
     digests, error = _write_files(engine, target, trainer_state, write_extra, trained_only, more_engines or {})
-    reports = _gather((_describe(error), digests))
-    if _rank() == 0 and any(e is not None for e, _ in reports):
+    reports = gather_from_ranks((describe_error(error), digests))
+    if current_rank() == 0 and any(e is not None for e, _ in reports):
         # Every rank is past its writes (all reached the gather): the folder can go, freeing the space.
         shutil.rmtree(target.staging, ignore_errors=True)
     _raise_if_any_failed(reports, target, "writing" + untouched, error)
 
-    error = _commit_on_rank_0(engine, target, reports, save_total_limit) if _rank() == 0 else None
-    _raise_if_any_failed(_gather((_describe(error), None)), target, "committing", error)
+    error = _commit_on_rank_0(engine, target, reports, save_total_limit) if current_rank() == 0 else None
+    _raise_if_any_failed(gather_from_ranks((describe_error(error), None)), target, "committing", error)
     return target.final
 
 
@@ -170,7 +173,7 @@ def _write_files(
     A failed write is returned, not raised, so that every rank runs the same collectives. Each rank hashes the
     files it wrote itself: it sees its own writes even where a network filesystem caches directory listings.
     """
-    rank, staging = _rank(), target.staging
+    rank, staging = current_rank(), target.staging
     written: list[Path] = []
     error: BaseException | None = None
     for folder, each in _by_folder(staging, engine, more_engines):
@@ -181,7 +184,7 @@ def _write_files(
             # Not a failed write (those are contained) but the engine failing midway: the other ranks may wait in
             # one of DeepSpeed's collectives, which this rank cannot rejoin. Stop now; the launcher stops the others.
             raise CheckpointError(
-                target.failure(f"inside {type(each).__name__} on rank {rank}: {_describe(exc)}")
+                target.failure(f"inside {type(each).__name__} on rank {rank}: {describe_error(exc)}")
             ) from exc
         written += files
         error = error or failed
@@ -193,7 +196,7 @@ def _write_files(
             (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
             if write_extra is not None:
                 write_extra(staging)
-        return {_relative(path, staging): _digest(path) for path in written}, None
+        return {relative_name(path, staging): file_digest(path) for path in written}, None
     except Exception as exc:
         return {}, exc
 
@@ -207,7 +210,7 @@ def _commit_on_rank_0(
     for _, rank_digests in reports:
         digests.update(rank_digests)
     try:
-        _commit(target.staging, target.final, _build_manifest(engine, target.step, target.staging, digests))
+        commit_folder(target.staging, target.final, _build_manifest(engine, target.step, target.staging, digests))
         _write_pointer(target.output_dir, target.name)
     except Exception as exc:
         return exc
@@ -317,20 +320,20 @@ def _build_manifest(engine: Any, step: int, staging: Path, digests: dict[str, di
     (the caller's extras, DeepSpeed's recovery scripts) and so can hash those itself."""
     files = dict(digests)
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        relative = _relative(path, staging)
+        relative = relative_name(path, staging)
         if relative not in files:
-            files[relative] = _digest(path)
+            files[relative] = file_digest(path)
     return {
         "format_version": FORMAT_VERSION,
         "step": step,
-        "world_size": _world_size(),
+        "world_size": current_world_size(),
         "deepspeed_tag": deepspeed_tag(step),
         "zero_stage": engine.zero_optimization_stage(),
         "files": dict(sorted(files.items())),
     }
 
 
-def _digest(path: Path) -> dict:
+def file_digest(path: Path) -> dict:
     """Size and hash of ``path``; the fsync makes the bytes durable before the manifest vouches for them."""
     with open(path, "rb") as f:
         digest = _hash_file(f, "xxh3_128")
@@ -359,7 +362,7 @@ def _hash_mismatch(ckpt_dir: Path, relative: str, expected: dict) -> str | None:
     return f"Checkpoint {ckpt_dir} is damaged: {relative} does not match its {kind} (changed after the save)"
 
 
-def _commit(staging: Path, final: Path, manifest: dict) -> None:
+def commit_folder(staging: Path, final: Path, manifest: dict) -> None:
     """Write the manifest into ``staging`` and rename it to ``final``: the checkpoint appears whole or not.
     A run resumed from an earlier step saves a step again: the old folder goes aside under a name the
     resolver never loads (it falls back to an older checkpoint for that instant)."""
@@ -482,17 +485,23 @@ def verify_hashes_on_ranks(ckpt_dir: Path) -> float:
     the seconds it took this rank."""
     start = time.perf_counter()
     manifest = verify_checkpoint(ckpt_dir)
-    files = sorted(manifest["files"], key=lambda r: (-manifest["files"][r]["size"], r))
-    load = [0] * _world_size()
-    mine = []
-    for relative in files:
-        owner = load.index(min(load))
-        load[owner] += manifest["files"][relative]["size"]
-        if owner == _rank():
-            mine.append(relative)
-    reports = _gather(_mismatches(Path(ckpt_dir), manifest, mine, threads=4))
+    mine = deal_by_size({relative: entry["size"] for relative, entry in manifest["files"].items()})
+    reports = gather_from_ranks(_mismatches(Path(ckpt_dir), manifest, mine, threads=4))
     _raise_first([message for report in reports for message in report])
     return time.perf_counter() - start
+
+
+def deal_by_size(sizes: dict[str, int]) -> list[str]:
+    """This rank's share of work items (name -> size) dealt out over the ranks: largest first, each to the least
+    loaded rank, ties by name, so that every rank computes the same deal."""
+    load = [0] * current_world_size()
+    mine = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        owner = load.index(min(load))
+        load[owner] += sizes[name]
+        if owner == current_rank():
+            mine.append(name)
+    return mine
 
 
 def checkpoint_bytes(ckpt_dir: Path) -> int:
@@ -576,46 +585,95 @@ def _is_transient(path: Path) -> bool:
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict:
-    """The trainer state of a committed checkpoint that this run can load: the manifest is verified and the
-    world size must match (without touching an engine, so a caller can check its own state first)."""
+    """The trainer state of a committed checkpoint, its manifest verified (without touching an engine, so a caller can
+    check its own state first)."""
     ckpt_dir = Path(ckpt_dir)
-    manifest = verify_checkpoint(ckpt_dir)
-    saved, current = manifest["world_size"], _world_size()
-    if saved != current:
-        raise CheckpointError(
-            f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}. Its RNG states are per "
-            f"rank (and under ZeRO stages 1-3 its optimizer state too; this one: stage {manifest.get('zero_stage')}), "
-            f"so resuming on a different number of ranks is not supported for this checkpoint: resume with {saved} "
-            "ranks."
-        )
+    verify_checkpoint(ckpt_dir)
     return json.loads((ckpt_dir / TRAINER_STATE).read_text())
 
 
+def holds_rank_shards(manifest: dict) -> bool:
+    """Whether a checkpoint's engine state is cut per rank (DeepSpeed's ZeRO optimizer shards), so that another
+    number of ranks loads it only through its universal conversion (training/reshard.py). The plain PyTorch engine's
+    state, the same on every rank, loads on any number."""
+    return any(ZERO_OPTIM_SHARD_RE.fullmatch(Path(name).name) for name in manifest["files"])
+
+
 def load_checkpoint(
-    engine: Any, ckpt_dir: Path, trained_only: bool = False, more_engines: dict[str, Any] | None = None
+    engine: Any,
+    ckpt_dir: Path,
+    trained_only: bool = False,
+    more_engines: dict[str, Any] | None = None,
+    rng_seed: int = 0,
 ) -> dict:
-    """Load model, optimizer and lr scheduler into ``engine`` and this rank's RNG states from ``ckpt_dir``;
-    return the trainer state. Call on every rank, with the same number of ranks that saved the checkpoint.
+    """Load model, optimizer and lr scheduler into ``engine`` and the RNG states from ``ckpt_dir``; return the trainer
+    state. Call on every rank.
+
+    On the number of ranks that saved it, each rank restores its own RNG states. On another number, per-rank ZeRO
+    state is read from the checkpoint's universal conversion (training/reshard.py must have made it; the engines
+    built with DeepSpeed's ``"checkpoint": {"load_universal": true}``), and each rank's RNG streams are derived anew
+    from ``rng_seed``, the step and its rank (`seed_rank`), so that they do not depend on the old number of ranks.
     ``trained_only``: the checkpoint holds only the trained weights (LoRA); the rest stays as built.
     ``more_engines``: the other engines `save_checkpoint` committed with it, by subfolder."""
     ckpt_dir = Path(ckpt_dir)
-    trainer_state = read_trainer_state(ckpt_dir)
-    tag = _read_manifest(ckpt_dir)["deepspeed_tag"]
+    manifest = verify_checkpoint(ckpt_dir)
+    trainer_state = json.loads((ckpt_dir / TRAINER_STATE).read_text())
+    saved, current = manifest["world_size"], current_world_size()
+    universal = saved != current and holds_rank_shards(manifest)
     for folder, each in _by_folder(ckpt_dir, engine, more_engines or {}):
+        source = folder / UNIVERSAL_DIR if universal else folder
+        if universal and not _universal_load_configured(each, source):
+            raise CheckpointError(
+                f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}: its ZeRO-"
+                f"{manifest.get('zero_stage')} optimizer state is cut per rank, so it loads only through its "
+                f"universal conversion with load_universal on (the trainer makes both when it resumes)"
+            )
         load_path, _ = each.load_checkpoint(
-            str(folder),
-            tag=tag,
+            str(source),
+            tag=manifest["deepspeed_tag"],
             load_module_strict=not (trained_only and each is engine),
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load tag {tag!r} from {folder}")
+            raise CheckpointError(f"DeepSpeed could not load tag {manifest['deepspeed_tag']!r} from {source}")
+        if universal:
+            _unshare_step_counts(each.basic_optimizer)
         # DeepSpeed's CPU Adam keeps part of its state outside the checkpoint (see there).
         replay_cpu_adam_steps(each.basic_optimizer)
     # Last, so that nothing the engine does while loading draws from the restored generators.
-    _restore_rng_state(ckpt_dir, _rank())
+    if saved == current:
+        _restore_rng_state(ckpt_dir, current_rank())
+    else:
+        seed_rank(rng_seed, manifest["step"], current_rank())
     return trainer_state
+
+
+def _universal_load_configured(engine: Any, source: Path) -> bool:
+    """Whether `engine` loads DeepSpeed's universal checkpoints and `source` holds a committed one."""
+    return bool(getattr(engine, "load_universal_checkpoint", lambda: False)()) and _read_manifest(source) is not None
+
+
+def _unshare_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter's optimizer state its own step tensor. DeepSpeed's ZeRO-3 universal load hands one loaded
+    tensor to every sub-group, and PyTorch's Adam increments its step in place: with several sub-groups, each update
+    would count the shared step once per sub-group."""
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (every device's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_rank(seed: int, step: int, rank: int) -> None:
+    """Seed this rank's generators from (seed, step, rank) alone: the streams of a resume on another number of ranks,
+    the same for rank r whatever the number that saved the checkpoint."""
+    seed_everything(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
 def replay_cpu_adam_steps(optimizer: torch.optim.Optimizer) -> None:
@@ -658,26 +716,26 @@ def replay_cpu_adam_steps(optimizer: torch.optim.Optimizer) -> None:
 # --- distributed helpers ----------------------------------------------------------------------------------
 
 
-def _rank() -> int:
+def current_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _world_size() -> int:
+def current_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _gather(value: Any) -> list[Any]:
+def gather_from_ranks(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order. Doubles as a barrier: no rank returns before all have called."""
-    if _world_size() == 1:
+    if current_world_size() == 1:
         return [value]
-    values: list[Any] = [None] * _world_size()
+    values: list[Any] = [None] * current_world_size()
     dist.all_gather_object(values, value)
     return values
 
 
-def _describe(error: BaseException | None) -> str | None:
+def describe_error(error: BaseException | None) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_name(path: Path, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()

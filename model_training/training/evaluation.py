@@ -3,8 +3,9 @@ tokens; the preference stages: training/preference.py)."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,27 +40,34 @@ class Evaluator:
         engine.eval()
         results: dict[str, float] = {}
         for split in self.splits:
-            samples = [self.rule.apply(s, EVALUATION, j) for j, s in enumerate(split.samples[: self.size])]
-            if not samples:
+            count = len(split.samples) if self.size is None else min(self.size, len(split.samples))
+            if not count:
                 continue
-            *sums, units = self._sums(engine, samples).tolist()
+            # Each sample is read (from its store) and cut when its batch comes: no set is held whole.
+            cut = functools.partial(_cut, self.rule, split.samples)
+            *sums, units = self._sums(engine, cut, count).tolist()
             results.update({f"eval/{split.name}/{name}": value / units
                             for name, value in zip(self.spec.metrics, sums, strict=True)})
         engine.train()
         return results
 
-    def _sums(self, engine: Any, samples: list[Any]) -> torch.Tensor:
-        """The metrics' sums of `samples`, then their loss units, all ranks."""
+    def _sums(self, engine: Any, cut: Callable[[int], Any], count: int) -> torch.Tensor:
+        """The metrics' sums of the `count` samples `cut(j)` gives, then their loss units, all ranks."""
         sums = torch.zeros(len(self.spec.metrics) + 1, dtype=torch.float64, device=engine.device)
-        for indices in rank_batches(len(samples), self.batch_size, self.rank, self.world_size):
-            chunk = [samples[i] for i in indices]
-            inputs, targets = self.spec.device_batch(chunk or samples[:1], engine.device)
+        for indices in rank_batches(count, self.batch_size, self.rank, self.world_size):
+            chunk = [cut(i) for i in indices]
+            inputs, targets = self.spec.device_batch(chunk or [cut(0)], engine.device)
             values = self.spec.sums(engine, inputs, targets)
             if chunk:
                 units = torch.tensor([self.spec.units(targets)], dtype=torch.float64, device=engine.device)
                 sums += torch.cat([values.double(), units])
         dist.all_reduce(sums)
         return sums
+
+
+def _cut(rule: LengthRule | WholeSamples, samples: Sequence[Any], index: int) -> Any:
+    """Validation sample `index` as every evaluation sees it."""
+    return rule.apply(samples[index], EVALUATION, index)
 
 
 def rank_batches(count: int, batch_size: int, rank: int, world_size: int) -> Iterator[list[int]]:

@@ -24,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -180,34 +182,60 @@ def dpo_sums(
                         reward_rejected.sum(), chosen.detach().sum(), rejected.detach().sum()])
 
 
+class Referenced(Sequence[PreferenceGroup]):
+    """Groups with DPO's reference log-probabilities (`values`: one (better, worse) row per group), each attached when
+    its group is read: the groups stay where they lie (a token store), the references take 16 bytes a pair."""
+
+    def __init__(self, groups: Sequence[PreferenceGroup], values: np.ndarray) -> None:
+        if len(values) != len(groups):
+            raise ValueError(f"{len(values)} reference rows for {len(groups)} groups")
+        self.groups = groups
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @overload
+    def __getitem__(self, index: int) -> PreferenceGroup: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Referenced: ...
+
+    def __getitem__(self, index: int | slice) -> PreferenceGroup | Referenced:
+        if isinstance(index, slice):
+            return Referenced(self.groups[index], self.values[index])
+        return dataclasses.replace(self.groups[index], reference=tuple(self.values[index].tolist()))
+
+
 @torch.no_grad()
 def compute_references(
-    engine: Any, spec: PreferenceSpec, groups: list[PreferenceGroup], batch_size: int, rank: int, world_size: int
-) -> list[PreferenceGroup]:
+    engine: Any, spec: PreferenceSpec, groups: Sequence[PreferenceGroup], batch_size: int, rank: int, world_size: int
+) -> Referenced:
     """`groups` with their reference log-probabilities: the engine's in evaluation mode, each rank computing its
     share (every rank runs as many forwards, as ZeRO-3 needs), all ranks then holding all of them."""
     engine.eval()
     values = torch.zeros(len(groups), 2, dtype=torch.float64, device=engine.device)
     for indices in rank_batches(len(groups), batch_size, rank, world_size):
-        inputs, targets = spec.device_batch([groups[i] for i in indices] or groups[:1], engine.device)
+        inputs, targets = spec.device_batch([groups[i] for i in indices] or [groups[0]], engine.device)
         logps, _ = sequence_logps(engine(**inputs).logits, targets)
         if indices:
             values[indices] = logps.double().reshape(len(indices), 2)
     dist.all_reduce(values)
     engine.train()
-    return [dataclasses.replace(g, reference=tuple(v)) for g, v in zip(groups, values.tolist(), strict=True)]
+    return Referenced(groups, values.cpu().numpy())
 
 
-def save_references(folder: Path, train: list[PreferenceGroup], val: list[list[PreferenceGroup]]) -> None:
+def save_references(folder: Path, train: Referenced, val: list[Referenced]) -> None:
     """The reference log-probabilities of `train` and each of `val` into `folder`, with the digest of the sequences
     they belong to."""
-    torch.save({"train": [g.reference for g in train], "val": [[g.reference for g in split] for split in val],
-                "digest": _digest(train, val)}, folder / REFERENCE_FILE)
+    rows = lambda referenced: [tuple(row) for row in referenced.values.tolist()]  # noqa: E731
+    torch.save({"train": rows(train), "val": [rows(split) for split in val],
+                "digest": _digest(train.groups, [split.groups for split in val])}, folder / REFERENCE_FILE)
 
 
 def load_references(
-    folder: Path, train: list[PreferenceGroup], val: list[list[PreferenceGroup]]
-) -> tuple[list[PreferenceGroup], list[list[PreferenceGroup]]]:
+    folder: Path, train: Sequence[PreferenceGroup], val: list[Sequence[PreferenceGroup]]
+) -> tuple[Referenced, list[Referenced]]:
     """`train` and `val` with the reference log-probabilities a checkpoint kept; ValueError when the file cannot be
     read or belongs to other sequences (another cut, another validation length)."""
     path = folder / REFERENCE_FILE
@@ -218,13 +246,13 @@ def load_references(
     if saved.get("digest") != _digest(train, val):
         raise ValueError(f"{path} holds the references of other sequences than this run's")
 
-    def attach(groups: list[PreferenceGroup], refs: list) -> list[PreferenceGroup]:
-        return [dataclasses.replace(g, reference=tuple(r)) for g, r in zip(groups, refs, strict=True)]
+    def attach(groups: Sequence[PreferenceGroup], rows: list) -> Referenced:
+        return Referenced(groups, np.array(rows, dtype=np.float64).reshape(-1, 2))
 
     return attach(train, saved["train"]), [attach(g, r) for g, r in zip(val, saved["val"], strict=True)]
 
 
-def _digest(train: list[PreferenceGroup], val: list[list[PreferenceGroup]]) -> str:
+def _digest(train: Sequence[PreferenceGroup], val: list[Sequence[PreferenceGroup]]) -> str:
     digest = hashlib.sha256()
     for groups in [train, *val]:
         for group in groups:
@@ -249,8 +277,8 @@ def with_references(
     val = [split.samples[:eval_size] for split in data.val]
     if resume_from is None:
         train = compute_references(engine, spec, data.samples, batch_size, info.rank, info.world_size)
-        val = [compute_references(engine, spec, groups, batch_size, info.rank, info.world_size) if groups else groups
-               for groups in val]
+        val = [compute_references(engine, spec, groups, batch_size, info.rank, info.world_size) if len(groups)
+               else Referenced(groups, np.zeros((0, 2))) for groups in val]
     else:
         try:
             train, val = load_references(resume_from, data.samples, val)

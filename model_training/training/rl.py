@@ -8,10 +8,12 @@ checkpoints.
      every rank, or partitioned by ZeRO-3 inference engines (`ppo.frozen_zero3`); then the two trained engines, the
      policy and the value model (the reward model with its score head read per token, models/reward_head.py),
      each with its own gradient accumulation, learning rate and schedule;
-  3. resume: both engines, the counters and the RNG states from one committed checkpoint;
+  3. resume: both engines, the counters and the RNG states from one committed checkpoint, saved by as many ranks
+     (resume.py; PPO does not resume on another number of ranks);
   4. the loop: each step samples `num_rollouts` continuations (rollouts.py), scores them with the four models,
      turns them into per-token rewards, advantages and returns (ppo.py), then runs the policy's optimizer steps and
-     the value model's; metrics, samples and checkpoints at their intervals.
+     the value model's; metrics, samples and checkpoints at their intervals, and a stop with a checkpoint after the
+     step when a signal asks for one (preemption.py).
 
 Schedules count optimizer steps: the policy takes policy_epochs * ppo_steps_per_epoch of them per PPO step and the
 value model value_epochs * value_steps_per_epoch, and each engine's warm-up and decay are scaled by its own count,
@@ -32,6 +34,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +57,12 @@ from model_training.layout import (
 )
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
-from model_training.training.checkpoint import CheckpointError, load_checkpoint
+from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.metrics import MetricsLogger
 from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
+from model_training.training.preemption import StopRequest, run_stoppable
+from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
 from model_training.training.rollouts import (
     Prompt,
     Rollouts,
@@ -78,9 +83,8 @@ from model_training.training.trainer import (
     FieldsState,
     StartupClock,
     build_engine,
-    checkpoint_to_resume,
+    leave_process_group,
     remove_earlier_run,
-    seed_everything,
     setup_logging,
 )
 
@@ -148,10 +152,15 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
 
 
 def train_rl(cfg: TrainConfig) -> Path:
-    """Run the PPO training described by `cfg`; return the run folder."""
+    """Run the PPO training described by `cfg`; return the run folder. A signal stops it after the PPO step it is in
+    with a checkpoint and raises `Stopped` (preemption.py)."""
     if not cfg.ppo.reward_model:  # a section may leave it to the command line (`--show_config` prints it unset)
         raise ConfigError("key 'ppo.reward_model' is not set; trainer_rl.py needs a reward model (a trainer_rm.py "
                           "export, checkpoint or run folder)")
+    return run_stoppable(cfg.stop_grace_period, partial(_train_rl, cfg))
+
+
+def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     clock = StartupClock()
     info = init_distributed(cfg.local_rank, True)
     setup_logging(info)
@@ -170,7 +179,10 @@ def train_rl(cfg: TrainConfig) -> Path:
     clock.phase("prompts", f"{len(prompts)} prompts, {total_steps} steps of {cfg.ppo.num_rollouts} rollouts")
     state = RlState(data_fingerprint=_fingerprint_data(cfg, prompts),
                     model_fingerprint=_fingerprint_models(cfg, sources))
-    resume_from = checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
+    resume = _checkpoint_to_continue(cfg, state, output_dir)
+    if resume is not None and already_complete(resume, resume.saved["step"], total_steps):
+        leave_process_group()
+        return output_dir
     if info.is_main and cfg.overwrite_output_dir:
         remove_earlier_run(output_dir)
 
@@ -181,20 +193,32 @@ def train_rl(cfg: TrainConfig) -> Path:
     value_engine = {VALUE_MODEL_DIR: models.value}
     saver = Saver(cfg, tokenizer, total_steps, steps_per_epoch,
                   write_more=lambda folder: _write_value_config(models, folder), more_engines=value_engine)
-    if resume_from is not None:
+    if resume is not None:
         try:
-            state.load_state_dict(load_checkpoint(models.policy, resume_from, more_engines=value_engine))
+            state.load_state_dict(load_checkpoint(models.policy, resume.checkpoint, more_engines=value_engine))
         except CheckpointError as err:
-            raise ConfigError(f"cannot resume from {resume_from}: {err}") from None
-        clock.phase("resume", f"from {resume_from} at step {state.step}")
+            raise ConfigError(f"cannot resume from {resume.checkpoint}: {err}") from None
+        clock.phase("resume", f"from {resume.checkpoint} at step {state.step}")
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
-        _loop(cfg, models, state, prompts, plan, tokenizer, saver, metrics, info, total_steps)
+        _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop))
     finally:
         metrics.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
     return output_dir
+
+
+def _checkpoint_to_continue(cfg: TrainConfig, state: RlState, output_dir: Path) -> Resume | None:
+    """The checkpoint to resume from, if asked (resume.py checks it); ConfigError when another number of ranks saved
+    it: PPO's two engines resume on the number of ranks that saved them."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    resume = checkpoint_to_resume(cfg, state, output_dir)
+    if resume.world_size != dist.get_world_size():
+        raise ConfigError(f"cannot resume from {resume.checkpoint}: it was saved by {resume.world_size} ranks and this "
+                          f"run has {dist.get_world_size()}; PPO resumes on the number of ranks that saved it (only "
+                          f"SFT, the reward model and DPO resume on another): resume with {resume.world_size} ranks")
+    return resume
 
 
 def _fingerprint_data(cfg: TrainConfig, prompts: list[Prompt]) -> str:
@@ -296,23 +320,41 @@ def _write_value_config(models: Models, folder: Path) -> None:
     models.value.module.config.save_pretrained(folder / VALUE_MODEL_DIR / MODEL_CONFIG_DIR)
 
 
-def _loop(
-    cfg: TrainConfig, models: Models, state: RlState, prompts: list[Prompt], plan: Plan, tokenizer: Any, saver: Saver,
-    metrics: MetricsLogger, info: DistInfo, total_steps: int,
-) -> None:
-    progress = tqdm(total=total_steps, initial=state.step, disable=not info.is_main, dynamic_ncols=True)
-    while state.step < total_steps:
-        record, rollouts = _ppo_step(cfg, models, state.step, prompts, plan, tokenizer, info)
+@dataclass(frozen=True)
+class PpoRun:
+    """What the PPO loop reads and writes besides the models and the counters."""
+
+    prompts: list[Prompt]
+    plan: Plan
+    tokenizer: Any
+    saver: Saver
+    metrics: MetricsLogger
+    info: DistInfo
+    total_steps: int
+    stop: StopRequest
+
+
+def _loop(cfg: TrainConfig, models: Models, state: RlState, run: PpoRun) -> None:
+    """PPO steps up to the last; after each, the ranks agree whether a signal asked for a stop (one all-reduce of one
+    number): the step is then logged and saved, and `Stopped` raised."""
+    progress = tqdm(total=run.total_steps, initial=state.step, disable=not run.info.is_main, dynamic_ncols=True)
+    if run.stop.agreed():  # asked while starting: nothing trained since the checkpoint the run started from
+        run.stop.stopped(state.step, None)
+    while state.step < run.total_steps:
+        record, rollouts = _ppo_step(cfg, models, state.step, run.prompts, run.plan, run.tokenizer, run.info)
         state.step += 1
         state.generated_tokens += record.pop("generated_tokens")
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-        if state.step == total_steps or state.step % cfg.logging_steps == 0:
-            metrics.log({"step": state.step, **record, "tokens": state.generated_tokens,
-                         "lr": models.policy.get_lr()[0], "value_lr": models.value.get_lr()[0]})
-            _log_samples(cfg, rollouts, tokenizer, metrics, state.step)
-        if saver.due(state.step):
-            saver.save(models.policy, state.step, state.state_dict())
+        stopping = run.stop.agreed()
+        if stopping or state.step == run.total_steps or state.step % cfg.logging_steps == 0:
+            run.metrics.log({"step": state.step, **record, "tokens": state.generated_tokens,
+                             "lr": models.policy.get_lr()[0], "value_lr": models.value.get_lr()[0]})
+            _log_samples(cfg, rollouts, run.tokenizer, run.metrics, state.step)
+        save_now = run.saver.due(state.step) or (stopping and run.saver.enabled)
+        saved = run.saver.save(models.policy, state.step, state.state_dict()) if save_now else None
+        if stopping:
+            run.stop.stopped(state.step, saved)
     progress.close()
 
 

@@ -7,7 +7,10 @@ consumes one global batch; it is split into `world_size` contiguous parts by *gl
 nodes every drawn sample is read by exactly one rank, and the samples of a step do not depend on how the
 step is split between ranks and accumulation. The last step of an epoch may be short: its samples are
 spread as evenly as possible and a rank left with an empty micro-batch runs one that carries no loss (ZeRO
-needs every rank in every forward and backward). The position in the data is a pure function of the step.
+needs every rank in every forward and backward). The position in the data is a pure function of the step and of
+where the plan starts (`DataPosition`): a run starts at sample 0 of epoch 0; a resume whose global batch differs from
+its checkpoint's starts at the sample where the checkpoint's steps stopped reading, so that the samples already read
+stay read, and cuts the rest of that epoch, then every later one, into global batches of its own size.
 """
 
 from __future__ import annotations
@@ -44,6 +47,25 @@ OpenAssistant's sampler does: micro-batches of like lengths, in an order that st
 
 
 @dataclass(frozen=True)
+class DataPosition:
+    """Where optimizer step `step` (0-based, over all epochs) starts reading: sample `offset` of epoch `epoch`'s
+    order."""
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class StepPlace:
+    """The samples of one optimizer step, all ranks together: `count` of epoch `epoch`'s order from `first` on."""
+
+    epoch: int
+    first: int
+    count: int
+
+
+@dataclass(frozen=True)
 class StepPlan:
     sources: tuple[SourceDraw, ...]
     world_size: int
@@ -53,6 +75,8 @@ class StepPlan:
     seed: int
     lengths: tuple[int, ...] | None = None
     """With `sort_by_length`: each pool sample's length as it trains (capped at max_length)."""
+    start: DataPosition = DataPosition()
+    """Where the plan's first step reads (a resume with another global batch starts mid-epoch)."""
 
     @property
     def samples_per_step(self) -> int:
@@ -86,14 +110,35 @@ class StepPlan:
         runs = [by_length[start : start + SORT_RUN] for start in range(0, len(by_length), SORT_RUN)]
         return [run[int(i)] for run in runs for i in torch.randperm(len(run), generator=generator)]
 
-    def global_step_samples(self, order: list[int], step_in_epoch: int) -> list[int]:
-        """Every sample of one optimizer step, all ranks together (for counting supervised tokens)."""
-        start = step_in_epoch * self.samples_per_step
-        return order[start : start + self.samples_per_step]
+    def locate(self, step: int) -> StepPlace:
+        """Which samples optimizer step `step` (0-based, over all epochs; not before `start.step`) reads: the rest of
+        the start's epoch in global batches, then every later epoch from its first sample (a short last step each)."""
+        batch, count, start = self.samples_per_step, self.samples_per_epoch, self.start
+        k = step - start.step
+        if k < 0:
+            raise ValueError(f"step {step} comes before the plan's start at step {start.step}")
+        rest_of_epoch = math.ceil((count - start.offset) / batch)
+        if k < rest_of_epoch:
+            epoch, first = start.epoch, start.offset + k * batch
+        else:
+            k -= rest_of_epoch
+            epoch, first = start.epoch + 1 + k // self.steps_per_epoch, (k % self.steps_per_epoch) * batch
+        return StepPlace(epoch, first, min(batch, count - first))
 
-    def micro_batches(self, order: list[int], step_in_epoch: int) -> list[list[int]]:
+    def position(self, step: int) -> DataPosition:
+        """Where step `step` starts reading (after `step` steps): what a checkpoint saves of the data position."""
+        place = self.locate(step)
+        return DataPosition(step, place.epoch, place.first)
+
+    def step_samples(self, order: list[int], step: int) -> list[int]:
+        """Every sample of optimizer step `step`, all ranks together (for counting supervised tokens); `order` is the
+        order of its epoch (`locate(step).epoch`)."""
+        place = self.locate(step)
+        return order[place.first : place.first + place.count]
+
+    def micro_batches(self, order: list[int], step: int) -> list[list[int]]:
         """This rank's `accumulation_steps` micro-batches of one step; some may be empty in a short last step."""
-        mine = _even_parts(self.global_step_samples(order, step_in_epoch), self.world_size)[self.rank]
+        mine = _even_parts(self.step_samples(order, step), self.world_size)[self.rank]
         return _even_parts(mine, self.accumulation_steps)
 
 

@@ -38,10 +38,15 @@ class Saver:
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the run saves checkpoints at all (a stop on a signal saves one when it does)."""
+        return self.cfg.save_strategy != "no"
+
     def due(self, step: int) -> bool:
         """Whether a checkpoint is saved after optimizer step `step` (1-based): every `save_steps` steps, or at
         the end of each epoch, and always after the last step; never with `save_strategy` no."""
-        if self.cfg.save_strategy == "no":
+        if not self.enabled:
             return False
         if step == self.total_steps:
             return True

@@ -6,10 +6,12 @@
   3. the step plan (which samples each rank reads at each step), the DeepSpeed config, the model (built
      under ZeRO-3's partitioning when configured), the engine with AdamW and our schedule: DeepSpeed's, or
      with `deepspeed=false` the plain PyTorch one of torch_engine.py (one process or DDP), on the same loop;
-  4. resume: engine state, data position and RNG from a committed checkpoint;
+  4. resume (resume.py): engine state, data position and RNG from a committed checkpoint, on this number of ranks
+     or another (reshard.py), with what changed said on one line;
   5. the loop: each optimizer step (step.py) runs its micro-batches (batches.py; with `packing`, each one
      padding-free row), the loss normalized by the supervised tokens of the whole step on all ranks; metrics
-     (throughput.py), evaluation (evaluation.py) and atomic checkpoints (saver.py) at their intervals.
+     (throughput.py), evaluation (evaluation.py) and atomic checkpoints (saver.py) at their intervals, and a stop
+     with a checkpoint when a signal asks for one (preemption.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +34,40 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
-from model_training.data.formatting import FormattedSample, format_system_prefix
-from model_training.data.preferences import PreferenceGroup, PreparedPreferences, prepare_preferences
+from model_training.data.formatting import format_system_prefix
+from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
+from model_training.data.store import Concatenated, StoredSamples, update_digest
 from model_training.data.windows import LengthRule, WholeSamples
 from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, remove_run
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.lora import is_lora_model
 from model_training.training.answers import generate_answers, sample_prompts, write_samples
 from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
-from model_training.training.checkpoint import (
-    CheckpointError,
-    checkpoint_bytes,
-    load_checkpoint,
-    read_trainer_state,
-    resolve_checkpoint,
-    verify_hashes_on_ranks,
-)
+from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.evaluation import Evaluator
 from model_training.training.metrics import MetricsLogger
+from model_training.training.preemption import EXIT_STOPPED, Stopped, StopRequest, run_stoppable
 from model_training.training.preference import PreferenceSpec, save_references, with_references
+from model_training.training.resume import (
+    Resume,
+    already_complete,
+    apply_changed_hyperparameters,
+    checkpoint_to_resume,
+    continued_plan,
+    convert_if_needed,
+    describe_changes,
+    schedule,
+)
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
 from model_training.training.start import start_model_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError
 from model_training.training.throughput import ThroughputMeter
-from model_training.training.torch_engine import build_torch_engine, holds_torch_engine_state
+from model_training.training.torch_engine import build_torch_engine
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +80,15 @@ class FieldsState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every field the checkpoint holds; a field added since it was saved keeps the value it has."""
         for f in fields(self):
-            setattr(self, f.name, state[f.name])
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
 
 
 @dataclass
 class TrainerState(FieldsState):
-    """Counters that a resume restores; the data position follows from `optimizer_step`."""
+    """Counters that a resume restores, and the data position it continues from."""
 
     optimizer_step: int = 0
     """Optimizer steps consumed, applied or skipped; step k reads global batch k of the data plan."""
@@ -96,6 +105,18 @@ class TrainerState(FieldsState):
     other data is refused."""
     model_fingerprint: str = ""
     """Model source and shape; a resume with another model is refused."""
+    samples_per_step: int = 0
+    """The global batch (micro batch x accumulation x ranks) of this run's steps."""
+    data_epoch: int = 0
+    """With data_offset, where step optimizer_step starts reading: sample data_offset of epoch data_epoch's order
+    (written at each save, so that a resume with another global batch goes on from the samples already read)."""
+    data_offset: int = 0
+    """See data_epoch."""
+    epoch_steps: int = 0
+    """Optimizer steps per epoch in the global batch the run started with, which `num_train_epochs` counts: a resume
+    with another global batch keeps the schedule's length in optimizer steps."""
+    total_steps: int = 0
+    """The schedule's length in optimizer steps."""
 
     def count_step(self, micro_batches: int, tokens: int) -> None:
         """One optimizer step consumed: its micro-batches on this rank and its tokens on all ranks."""
@@ -121,12 +142,6 @@ class TrainerState(FieldsState):
         return losses[-1][1]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupClock) -> RunData:
     """The stage's samples (SFT: conversations cut when batched; rm, dpo: preference groups, cut when formatted) and
     the plan that orders them."""
@@ -138,7 +153,8 @@ def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupCl
         data = prepare_preferences(cfg, tokenizer)
         clock.phase("data", "preference groups")
         train_rule = val_rule = WholeSamples()
-    samples = [s for split in data.train for s in split.samples]
+    # One pool of every dataset's samples, read where they lie (a token store, data/store.py): nothing is copied.
+    samples = Concatenated([split.samples for split in data.train])
     plan = StepPlan(
         sources=plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options),
         world_size=info.world_size,
@@ -146,17 +162,23 @@ def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupCl
         micro_batch_size=cfg.per_device_train_batch_size,
         accumulation_steps=cfg.gradient_accumulation_steps,
         seed=cfg.rng_seed,
-        lengths=tuple(_sort_length(s, cfg.max_length) for s in samples) if cfg.sort_by_length else None,
+        lengths=_sort_lengths(data.train, cfg.max_length) if cfg.sort_by_length else None,
     )
     return RunData(samples, plan, train_rule, data.val, val_rule)
 
 
-def _sort_length(sample: FormattedSample | PreferenceGroup, max_length: int) -> int:
-    """The length `sort_by_length` orders by: a sample's as it trains, a group's longest sequence (cut when formatted),
-    which its padded rows take."""
-    if isinstance(sample, PreferenceGroup):
-        return max(len(s.input_ids) for s in sample.sequences)
-    return min(sample.num_tokens, max_length)
+def _sort_lengths(splits: list[Any], max_length: int) -> tuple[int, ...]:
+    """The lengths `sort_by_length` orders the pool by: a sample's as it trains, a group's longest sequence (cut when
+    formatted), which its padded rows take."""
+    lengths: list[int] = []
+    for split in splits:
+        if isinstance(split.samples, StoredSamples):
+            lengths += np.minimum(split.samples.lengths, max_length).tolist()
+        elif isinstance(split.samples, StoredGroups):
+            lengths += split.samples.lengths.tolist()
+        else:
+            lengths += [max(len(s.input_ids) for s in group.sequences) for group in split.samples]
+    return tuple(lengths)
 
 
 def _length_rules(cfg: TrainConfig, tokenizer: Any) -> tuple[LengthRule, LengthRule]:
@@ -175,14 +197,7 @@ def _fingerprint_data(data: RunData) -> str:
     plan = data.plan
     digest = hashlib.sha256(repr((plan.sources, plan.samples_per_step, plan.seed, plan.lengths is not None,
                                   data.train_rule.fingerprint())).encode())
-    for sample in data.samples:
-        if isinstance(sample, PreferenceGroup):
-            # Each group closed by a separator: the same sequences grouped otherwise are other data.
-            for sequence in sample.sequences:
-                sequence.update_digest(digest)
-            digest.update(b"|")
-        else:
-            sample.update_digest(digest)
+    update_digest(data.samples, digest)
     return digest.hexdigest()[:16]
 
 
@@ -206,7 +221,12 @@ def setup_logging(info: DistInfo) -> None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run the training described by `cfg`; return the run folder."""
+    """Run the training described by `cfg`; return the run folder. A signal stops it at the next optimizer step with
+    a checkpoint and raises `Stopped` (preemption.py)."""
+    return run_stoppable(cfg.stop_grace_period, partial(_train, cfg))
+
+
+def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     clock = StartupClock()
     info = init_distributed(cfg.local_rank, cfg.deepspeed)
     setup_logging(info)
@@ -219,16 +239,20 @@ def train(cfg: TrainConfig) -> Path:
     tokenizer = load_tokenizer(model_cfg)
     clock.phase("tokenizer")
     data = _run_data(cfg, tokenizer, info, clock)
-    plan = data.plan
-    # A fraction of an epoch trains that share of the first epoch's steps (OpenAssistant's num_train_epochs: 0.2).
-    total_steps = cfg.max_steps or math.ceil(plan.steps_per_epoch * cfg.num_train_epochs)
-    state = TrainerState(data_fingerprint=_fingerprint_data(data), model_fingerprint=_fingerprint_model(cfg))
+    state = TrainerState(data_fingerprint=_fingerprint_data(data), model_fingerprint=_fingerprint_model(cfg),
+                         samples_per_step=data.plan.samples_per_step)
     # A resume that does not fit is refused before anything is built or written.
-    resume_from = checkpoint_to_resume(cfg, state, output_dir) if cfg.resume_from_checkpoint else None
+    resume = _checkpoint_to_continue(cfg, data, state)
+    if resume is not None and already_complete(resume, resume.saved["optimizer_step"], state.total_steps):
+        leave_process_group()
+        return output_dir
+    if resume is not None:
+        data = replace(data, plan=continued_plan(data.plan, resume))
+        convert_if_needed(cfg, resume)
     if info.is_main and cfg.overwrite_output_dir:
         remove_earlier_run(output_dir)
 
-    engine = build_engine(model_cfg, tokenizer, info, total_steps, clock)
+    engine = build_engine(model_cfg, tokenizer, info, state.total_steps, clock, resume is not None and resume.universal)
     clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
     if info.is_main:
         # Written once the run has started: a launch that fails earlier leaves no run folder behind.
@@ -236,29 +260,53 @@ def train(cfg: TrainConfig) -> Path:
         (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
 
     spec = _sample_spec(cfg, tokenizer, engine)
-    if resume_from is not None:
-        _resume(cfg, engine, state, resume_from)
+    if resume is not None:
+        _resume(cfg, engine, state, resume, data.plan)
         clock.phase("resume")
     if cfg.stage == "dpo":
+        resume_from = None if resume is None else resume.checkpoint
         data = with_references(engine, spec, data, cfg.per_device_eval_batch_size, cfg.eval_size, info, resume_from)
         clock.phase("reference log-probabilities", "from the checkpoint" if resume_from else "computed")
-    _log_plan(cfg, data, total_steps, engine, spec, info.world_size)
+    _log_plan(cfg, data, state.total_steps, engine, spec, info.world_size)
+    _train_and_finish(cfg, engine, state, _loop_parts(cfg, engine, tokenizer, data, info, state, spec, stop), clock)
+    return output_dir
 
-    metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
+
+def _checkpoint_to_continue(cfg: TrainConfig, data: RunData, state: TrainerState) -> Resume | None:
+    """The checkpoint to resume from, if asked (resume.py checks it), and the schedule's length into `state`."""
+    resume = None
+    if cfg.resume_from_checkpoint:
+        # The fingerprint of the same data read in global batches of another size: the plan counts in the hash only
+        # through its samples_per_step, which these fields give.
+        resume = checkpoint_to_resume(cfg, state, Path(cfg.output_dir), lambda batch: _fingerprint_data(
+            replace(data, plan=replace(data.plan, world_size=batch, micro_batch_size=1, accumulation_steps=1))))
+    run_schedule = schedule(cfg, data.plan, resume)
+    state.epoch_steps, state.total_steps = run_schedule.epoch_steps, run_schedule.total_steps
+    return resume
+
+
+def _train_and_finish(
+    cfg: TrainConfig, engine: Any, state: TrainerState, parts: LoopParts, clock: StartupClock
+) -> None:
+    """The loop, then what follows the last step: the training curves and the sample answers."""
+    metrics = MetricsLogger(cfg, Path(cfg.output_dir), enabled=parts.show_progress)
     try:
-        _loop(cfg, engine, state, _loop_parts(cfg, engine, tokenizer, data, info, total_steps, spec), metrics, clock)
+        _loop(cfg, engine, state, parts, metrics, clock)
         metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
         if cfg.generate_samples or cfg.generate_val_samples:
             # The preference stages' validation sets are groups of replies, with no openings to answer.
-            val_splits = data.val if cfg.stage == "sft" else []
-            _generate_samples(cfg, engine, tokenizer, val_splits, state, metrics, info)
+            val_splits = parts.data.val if cfg.stage == "sft" else []
+            _generate_samples(cfg, engine, parts.tokenizer, val_splits, state, metrics, parts.info)
     finally:
         metrics.close()
-    # Tear the process group down here, not at interpreter exit: ZeRO-3 on CPU ranks can otherwise abort
-    # after finishing ("terminate called without an active exception") and turn a good run's exit status bad.
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Tear the process group down here, not at interpreter exit: ZeRO-3 on CPU ranks can otherwise abort after
+    finishing ("terminate called without an active exception") and turn a good run's exit status bad."""
     dist.barrier()
     dist.destroy_process_group()
-    return output_dir
 
 
 def _log_plan(cfg: TrainConfig, data: RunData, total_steps: int, engine: Any, spec: SampleSpec, world: int) -> None:
@@ -280,9 +328,17 @@ def _sample_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> SampleSpec:
     return PreferenceSpec(cfg.stage, cfg.packing, tokenizer.pad_token_id, cfg.dpo)
 
 
-def build_engine(cfg: TrainConfig, tokenizer: Any, info: DistInfo, total_steps: int, clock: StartupClock) -> Any:
+def build_engine(
+    cfg: TrainConfig,
+    tokenizer: Any,
+    info: DistInfo,
+    total_steps: int,
+    clock: StartupClock,
+    load_universal: bool = False,
+) -> Any:
     """The model inside its engine: DeepSpeed's, or without DeepSpeed the plain PyTorch one (torch_engine.py),
-    each with PyTorch's AdamW and our schedule."""
+    each with PyTorch's AdamW and our schedule. `load_universal`: the engine will load a checkpoint of another number
+    of ranks through its universal conversion (reshard.py)."""
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
     keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
     save_base_to = Path(cfg.output_dir) / BASE_MODEL_DIR if keep_base and info.is_main else None
@@ -291,6 +347,8 @@ def build_engine(cfg: TrainConfig, tokenizer: Any, info: DistInfo, total_steps: 
         clock.phase("model build")
         return build_torch_engine(model, cfg, info.world_size, total_steps)
     ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available(), total_steps=total_steps)
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     model = build_model(cfg, tokenizer, ds_config, save_base_to)
     clock.phase("model build")
     clean_cuda_arch_list()  # before DeepSpeed builds an op (the offloaded optimizer's CPU Adam)
@@ -324,67 +382,21 @@ def remove_earlier_run(output_dir: Path) -> None:
         logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), output_dir)
 
 
-def checkpoint_to_resume(cfg: TrainConfig, state: Any, output_dir: Path) -> Path:
-    """The committed checkpoint to continue from, checked before anything is built: it must exist and verify
-    (every file against its manifest's hash, the ranks sharing the work, unless `verify_checkpoint_hashes` is
-    off), have been saved by the same engine (DeepSpeed or not) and as many ranks, and train the same model on the
-    same data in the same order: `state`'s data_fingerprint and model_fingerprint (TrainerState's, or PPO's)."""
+def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, resume: Resume, plan: StepPlan) -> None:
+    """Load the engine, counters and RNG states of a checkpoint `checkpoint_to_resume` accepted, and say what
+    differs from its run (resume.py)."""
     try:
-        ckpt = resolve_checkpoint(cfg.resume_from_checkpoint, output_dir)
+        saved = load_checkpoint(engine, resume.checkpoint, trained_only=is_lora_model(engine.module),
+                                rng_seed=cfg.rng_seed)
     except CheckpointError as err:
-        raise ConfigError(f"cannot resume ('resume_from_checkpoint'): {err}") from None
-    if holds_torch_engine_state(ckpt) == cfg.deepspeed:
-        saved_by, setting = ("without", "deepspeed=false") if cfg.deepspeed else ("on", "deepspeed=true")
-        raise ConfigError(f"cannot resume from {ckpt}: it was saved by a run {saved_by} DeepSpeed, whose engine "
-                          f"state this run cannot load; resume it with {setting}")
-    try:
-        saved = read_trainer_state(ckpt)
-    except CheckpointError as err:
-        raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
-    for key, what in (("data_fingerprint", "training data or its order"), ("model_fingerprint", "model")):
-        if saved[key] != getattr(state, key):
-            raise ConfigError(
-                f"cannot resume from {ckpt}: the {what} differs from the checkpoint's "
-                f"({saved[key]} there, {getattr(state, key)} now); start a new run in another output_dir"
-            )
-    if cfg.verify_checkpoint_hashes:
-        try:
-            seconds = verify_hashes_on_ranks(ckpt)
-        except CheckpointError as err:
-            raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
-        gigabytes = checkpoint_bytes(ckpt) / 1e9
-        logger.info(
-            "every file of %s matches its manifest's hash: %.2f GB in %.1f s on %d ranks (%.2f s/GB of checkpoint)",
-            ckpt, gigabytes, seconds, dist.get_world_size(), seconds / max(gigabytes, 1e-9),
-        )
-    return ckpt
-
-
-def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, ckpt: Path) -> None:
-    """Load the engine, data position and RNG states of a checkpoint `checkpoint_to_resume` accepted."""
-    try:
-        saved = load_checkpoint(engine, ckpt, trained_only=is_lora_model(engine.module))
-    except CheckpointError as err:
-        raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
-    state.load_state_dict(saved)
-    _apply_changed_hyperparameters(cfg, engine)
-    logger.info("resumed from %s at optimizer step %d", ckpt, state.optimizer_step)
-
-
-def _apply_changed_hyperparameters(cfg: TrainConfig, engine: Any) -> None:
-    """The optimizer and scheduler states restored their old settings; the config's current ones win, logged."""
-    scheduler = engine.lr_scheduler
-    if scheduler.base_lrs != [cfg.learning_rate] * len(scheduler.base_lrs):
-        logger.warning("learning_rate changed on resume: %s -> %s", scheduler.base_lrs[0], cfg.learning_rate)
-        scheduler.base_lrs = [cfg.learning_rate] * len(scheduler.base_lrs)
-        for group, multiplier in zip(engine.optimizer.param_groups, scheduler.lr_lambdas):
-            group["lr"] = cfg.learning_rate * multiplier(scheduler.last_epoch)
-    wanted = {"weight_decay": cfg.weight_decay, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
-    for group in engine.optimizer.param_groups:
-        for key, value in wanted.items():
-            if key in group and tuple(np.atleast_1d(group[key])) != tuple(np.atleast_1d(value)):
-                logger.warning("%s changed on resume: %s -> %s", key, group[key], value)
-                group[key] = value
+        raise ConfigError(f"cannot resume from {resume.checkpoint}: {err}") from None
+    # This run's batch, schedule and data fingerprint (its batch's: the checkpoints it saves pair them); the rest is
+    # the checkpoint's.
+    mine = ("samples_per_step", "epoch_steps", "total_steps", "data_fingerprint")
+    state.load_state_dict({**saved, **{key: getattr(state, key) for key in mine}})
+    changes = describe_changes(cfg, resume, plan, state.total_steps)
+    apply_changed_hyperparameters(cfg, engine, changes, state.optimizer_step)
+    logger.info("resumed from %s at optimizer step %d", resume.checkpoint, state.optimizer_step)
 
 
 @dataclass(frozen=True)
@@ -393,15 +405,23 @@ class LoopParts:
 
     total_steps: int
     steps_per_epoch: int
+    data: RunData
     reader: StepReader
     run_step: StepRunner
     evaluate: Evaluator
     saver: Saver
-    show_progress: bool
+    stop: StopRequest
+    tokenizer: Any
+    info: DistInfo
+
+    @property
+    def show_progress(self) -> bool:
+        return self.info.is_main
 
 
 def _loop_parts(
-    cfg: TrainConfig, engine: Any, tokenizer: Any, data: RunData, info: DistInfo, total_steps: int, spec: SampleSpec
+    cfg: TrainConfig, engine: Any, tokenizer: Any, data: RunData, info: DistInfo, state: TrainerState,
+    spec: SampleSpec, stop: StopRequest,
 ) -> LoopParts:
 
     def keep_references(folder: Path) -> None:
@@ -409,15 +429,18 @@ def _loop_parts(
         save_references(folder, data.samples, [split.samples for split in data.val])
 
     return LoopParts(
-        total_steps=total_steps,
-        steps_per_epoch=data.plan.steps_per_epoch,
+        total_steps=state.total_steps,
+        steps_per_epoch=state.epoch_steps,
+        data=data,
         reader=StepReader(data),
         run_step=StepRunner(engine, spec, info.world_size, cfg.dtype),
         evaluate=Evaluator(data.val, data.val_rule, cfg.eval_size, cfg.per_device_eval_batch_size, spec, info.rank,
                            info.world_size),
-        saver=Saver(cfg, tokenizer, total_steps, data.plan.steps_per_epoch,
+        saver=Saver(cfg, tokenizer, state.total_steps, state.epoch_steps,
                     keep_references if cfg.stage == "dpo" else None),
-        show_progress=info.is_main,
+        stop=stop,
+        tokenizer=tokenizer,
+        info=info,
     )
 
 
@@ -425,13 +448,16 @@ def _loop(
     cfg: TrainConfig, engine: Any, state: TrainerState, parts: LoopParts, metrics: MetricsLogger, clock: StartupClock
 ) -> None:
     """Optimizer steps up to `parts.total_steps`; at their intervals the losses are read, logged, evaluated and
-    saved."""
+    saved. After each step the ranks agree whether a signal asked for a stop (one all-reduce of one number): the
+    step's losses are then logged and saved, without waiting for an evaluation, and `Stopped` is raised."""
     total_steps = parts.total_steps
     engine.train()
     meter, pending = ThroughputMeter(), PendingLosses()
     progress = tqdm(total=total_steps, initial=state.optimizer_step, disable=not parts.show_progress,
                     dynamic_ncols=True)
     first_step = state.optimizer_step + 1
+    if parts.stop.agreed():  # asked while starting: nothing trained since the checkpoint the run started from
+        parts.stop.stopped(state.optimizer_step, None)
     while state.optimizer_step < total_steps:
         samples = parts.reader.read(state.optimizer_step)
         sums, data_time = parts.run_step(samples, state.optimizer_step)
@@ -444,28 +470,43 @@ def _loop(
                 torch.cuda.synchronize()  # once: the phase ends when the device has finished the step
             clock.phase("first optimizer step")
 
-        step = state.optimizer_step
-        log_now = _every(step, cfg.logging_steps, total_steps)
-        eval_now = _every(step, cfg.eval_steps, total_steps)
-        save_now = parts.saver.due(step)
-        if not (log_now or eval_now or save_now):
-            continue
-        # The losses are read only here (a host sync): the steps in between run back to back on the device.
-        # The last step's metrics: the loss, then the spec's others (accuracy; DPO's rewards and margin).
-        loss, *others = state.count_nonfinite(pending.read(), cfg.max_nonfinite_steps)
-        record: dict[str, Any] = {}
-        if log_now:
-            record.update(_log_record(engine, state, loss, meter.read_and_reset(), parts.steps_per_epoch))
-            record.update(zip(parts.run_step.spec.metrics[1:], others, strict=True))
-            progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}")
-        if eval_now:
-            record.update(parts.evaluate(engine))
-        if record:
-            metrics.log({"step": step, **record})
-        if save_now:
-            parts.saver.save(engine, step, state.state_dict())
+        step, stopping = state.optimizer_step, parts.stop.agreed()
+        log_now = stopping or _every(step, cfg.logging_steps, total_steps)
+        eval_now = not stopping and _every(step, cfg.eval_steps, total_steps)
+        save_now = parts.saver.due(step) or (stopping and parts.saver.enabled)
+        if log_now or eval_now or save_now:
+            # The losses are read only here (a host sync): the steps in between run back to back on the device.
+            record = _read_losses(cfg, engine, state, parts, pending.read(), meter, progress, log_now)
+            if eval_now:
+                record.update(parts.evaluate(engine))
+            if record:
+                metrics.log({"step": step, **record})
+        saved = parts.saver.save(engine, step, _saved_state(state, parts)) if save_now else None
+        if stopping:
+            parts.stop.stopped(step, saved)
     progress.close()
+
+
+def _read_losses(
+    cfg: TrainConfig, engine: Any, state: TrainerState, parts: LoopParts, losses: list[tuple[int, list[float]]],
+    meter: ThroughputMeter, progress: tqdm, log_now: bool,
+) -> dict[str, Any]:
+    """Count the non-finite steps among the pending `losses`; with `log_now`, the metrics line of the last one."""
+    # The last step's metrics: the loss, then the spec's others (accuracy; DPO's rewards and margin).
+    loss, *others = state.count_nonfinite(losses, cfg.max_nonfinite_steps)
+    record: dict[str, Any] = {}
+    if log_now:
+        record.update(_log_record(engine, state, loss, meter.read_and_reset(), parts.steps_per_epoch))
+        record.update(zip(parts.run_step.spec.metrics[1:], others, strict=True))
+        progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+    return record
+
+
+def _saved_state(state: TrainerState, parts: LoopParts) -> dict[str, Any]:
+    """The trainer state a checkpoint holds: the counters, and where the next step reads."""
+    position = parts.data.plan.position(state.optimizer_step)
+    return {**state.state_dict(), "data_epoch": position.epoch, "data_offset": position.offset}
 
 
 def _every(step: int, interval: int | None, total_steps: int) -> bool:
@@ -512,10 +553,12 @@ def _generate_samples(
 
 def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path] = train) -> int:
     """`run(cfg)` (`train`, or PPO's `train_rl`), with the failures a user can act on reported as one clear line and
-    exit status 1."""
+    exit status 1, and a stop on a signal as EXIT_STOPPED."""
     try:
         run(cfg)
     except (TrainingError, CheckpointError) as err:
         logger.error("%s", err)
         return 1
+    except Stopped:
+        return EXIT_STOPPED
     return 0

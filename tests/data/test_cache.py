@@ -1,4 +1,4 @@
-"""The tokenized-dataset cache: a hit gives what a miss computes, and anything that shapes the samples is a new key."""
+"""The token stores' cache: a hit gives what a miss computes, and anything that shapes the samples is a new key."""
 
 from __future__ import annotations
 
@@ -12,14 +12,7 @@ import pytest
 from helpers import REPO
 
 from model_training.config import TrainConfig, load_config, parse_override
-from model_training.data.cache import (
-    TokenizedCache,
-    arrays_to_samples,
-    describe_dataset,
-    samples_to_arrays,
-    source_identity,
-)
-from model_training.data.formatting import FormattedSample
+from model_training.data.cache import TokenizedCache, describe_dataset, source_identity
 from model_training.data.registry import PreparedData, prepare_data
 from model_training.data.sources.oasst1 import Oasst1Config
 from model_training.models.builder import load_tokenizer
@@ -47,7 +40,13 @@ def prepared(cfg: TrainConfig, tokenizer=None) -> PreparedData:
 
 
 def cached(cache_dir: Path) -> set[str]:
-    return {p.name for p in cache_dir.glob("*.npz")}
+    """The stores in the cache folder (each a folder named by its key)."""
+    return {p.name for p in cache_dir.iterdir() if (p / "meta.json").exists()}
+
+
+def as_lists(data: PreparedData) -> tuple:
+    """Every split's name, counts and samples, the samples as a list (a store's are read from its arrays)."""
+    return tuple((s.name, list(s.samples), s.threads, s.turns, s.truncated, s.dropped) for s in data.train + data.val)
 
 
 def cache_events(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -62,7 +61,7 @@ def test_a_hit_gives_exactly_what_a_miss_computed(tmp_path: Path, caplog: pytest
     assert cache_events(caplog) == ["miss"] * 4 + ["hit"] * 4
     uncached = prepared(config(["falcon-40b-instruct-mix"], "data_cache_dir=null"))
     for other in (warm, uncached):
-        assert other.train == cold.train and other.val == cold.val
+        assert as_lists(other) == as_lists(cold)
         assert other.reports == cold.reports  # --show_dataset_stats reads these counts
     assert cold.reports[1].duplicates > 0  # the bundled export repeats conversations: dedupe counts survive
 
@@ -79,7 +78,7 @@ def test_a_cached_earlier_dataset_still_dedupes_a_recomputed_later_one(
     assert cache_events(caplog) == ["hit", "miss"]
     uncached = prepared(config([], f"datasets={PAIR}", f"data_dir={data_dir}", "data_cache_dir=null"))
     assert mixed.reports[1].duplicates > 0
-    assert mixed.train == uncached.train and mixed.val == uncached.val and mixed.reports == uncached.reports
+    assert as_lists(mixed) == as_lists(uncached) and mixed.reports == uncached.reports
 
 
 @pytest.mark.parametrize("override", ["max_length=64", "chat_format=human_bot", "dedupe=false", "rng_seed=1"])
@@ -131,20 +130,27 @@ def test_touching_a_file_changes_its_key_and_with_dedupe_those_after_it(
     assert len(cached(tmp_path / "cache") - before) == (2 if dedupe else 1)
 
 
-def test_a_corrupt_file_is_recomputed_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_store_is_prepared_again_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = config(["falcon-40b-instruct-mix"], f"data_cache_dir={tmp_path / 'cache'}")
-    cold = prepared(cfg)
-    files = sorted((tmp_path / "cache").glob("*.npz"))
-    files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])  # a half-written file
-    files[1].write_bytes(b"not an archive")
-    np.savez(files[2], key=np.array("another key"))  # a whole archive, but not this entry's
+    cold = as_lists(prepared(cfg))
+    stores = sorted(tmp_path / "cache" / name for name in cached(tmp_path / "cache"))
+    ids = stores[0] / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[: ids.stat().st_size // 2])  # cut short (an interrupted copy)
+    mask = stores[1] / "mask.npy"
+    altered = bytearray(mask.read_bytes())
+    altered[-1] ^= 1  # the same size, one label flipped
+    mask.write_bytes(bytes(altered))
+    (stores[2] / "meta.json").unlink()
+    np.save(stores[3] / "train_starts.npy", np.zeros(3, np.int64))  # another array, whatever its size
     caplog.set_level(logging.INFO, logger="model_training.data")
     again = prepared(cfg)
-    assert sum("is unreadable" in r.message for r in caplog.records) == 3
-    assert again.train == cold.train and again.val == cold.val and again.reports == cold.reports
+    damaged = " ".join(r.message for r in caplog.records if "is damaged" in r.message)
+    for reason in ("ids.npy has", "mask.npy does not match", "meta.json is missing", "train_starts.npy has"):
+        assert damaged.count(reason) == 1, damaged
+    assert as_lists(again) == cold
     caplog.clear()
     prepared(cfg)
-    assert cache_events(caplog) == ["hit"] * 4  # the bad files were rewritten
+    assert cache_events(caplog) == ["hit"] * 4  # the damaged stores were written again
 
 
 def test_an_unwritable_cache_folder_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -153,23 +159,13 @@ def test_an_unwritable_cache_folder_is_a_warning(tmp_path: Path, caplog: pytest.
     cfg = config(["oasst-sample"], f"data_cache_dir={blocker / 'cache'}")
     data = prepared(cfg)
     assert data.train[0].samples
-    assert any("could not write the tokenized cache" in r.message for r in caplog.records)
+    assert any("could not use the tokenized cache folder" in r.message for r in caplog.records)
 
 
 def test_caching_off(tmp_path: Path) -> None:
     cfg = config(["oasst-sample"], "data_cache_dir=null")
     assert TokenizedCache.for_config(cfg, load_tokenizer(cfg)) is None
     assert prepared(cfg).train[0].samples
-
-
-def test_samples_round_trip_through_arrays_and_bad_offsets_are_refused() -> None:
-    samples = [FormattedSample((5, 6, 7), (-100, 6, 7), False), FormattedSample((), (), False),
-               FormattedSample((9,), (9,), True)]
-    arrays = samples_to_arrays("train", samples)
-    assert arrays_to_samples("train", arrays) == samples
-    arrays["train_offsets"] = np.array([0, 3, 1, 4])
-    with pytest.raises(ValueError, match="do not fit together"):
-        arrays_to_samples("train", arrays)
 
 
 def test_a_hub_id_not_downloaded_yet_is_not_cached() -> None:

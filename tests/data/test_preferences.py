@@ -174,8 +174,8 @@ def test_a_long_sequence_keeps_its_end_and_dpo_pairs_the_best_with_each_other(to
     assert cut.input_ids == sequence.input_ids[-8:] and cut.truncated
     assert cut.labels == (IGNORE_INDEX, *sequence.labels[-7:])
     assert keep_end(sequence, 1000) is sequence
-    pairs = best_versus_each(group)
-    assert [p.sequences for p in pairs] == [group.sequences[0::1][:2], (group.sequences[0], group.sequences[2])]
+    pairs = best_versus_each(list(group.sequences))
+    assert pairs == [list(group.sequences[:2]), [group.sequences[0], group.sequences[2]]]
     assert PreferenceGroup(group.sequences).loss_units == 3
 
 
@@ -210,3 +210,39 @@ def test_show_dataset_stats_counts_groups_and_pairs_of_the_bundled_preference_da
     rows = {tuple(line.split()[:2]): line.split()[2:4] for line in capsys.readouterr().out.splitlines()[1:]}
     # Best against each: K - 1 pairs of a group of K, each its own sample (68 groups of two, 17 of three).
     assert rows[("oasst_export", "train")] == ["102", "102"]
+
+
+@pytest.mark.parametrize("stage, overrides", [
+    ("rm", ("max_length=24", "val_max_length=40")),
+    ("dpo", ("max_length=32", "datasets=[{oasst_export: {input_file_path: oasst_sample.jsonl.gz, lang: en, "
+             "val_split: 0.1, min_length: 12}}]")),
+])
+def test_stored_groups_are_what_formatting_each_comparison_gives(
+    tmp_path: Path, stage: str, overrides: tuple[str, ...]
+) -> None:
+    from model_training.config import parse_override
+    from model_training.data.preferences import StoredGroups, prepare_preferences
+
+    cfg = load_config([f"defaults-{stage}", "tiny-falcon", "preference-sample"],
+                      [parse_override(o) for o in (f"data_cache_dir={tmp_path}", *overrides)], stage=stage)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_preferences(cfg, tokenizer)
+    for (name, options), train, val in zip(cfg.dataset_specs, data.train, data.val, strict=True):
+        assert isinstance(train.samples, StoredGroups)
+        path = DATA / options.input_file_path
+        for groups, comparisons, limit in zip((train.samples, val.samples), compare(name, path, **vars(options)),
+                                              (cfg.max_length, cfg.val_max_length or cfg.max_length)):
+            expected = []
+            for comparison in comparisons:
+                group = format_comparison(comparison, tokenizer, cfg.chat_format)
+                lengths = [len(s.input_ids) for s in group.sequences]
+                if min(lengths) < options.min_length:
+                    continue
+                cut = [keep_end(s, limit) for s in group.sequences]
+                expected += [PreferenceGroup(tuple(p)) for p in best_versus_each(cut)] if stage == "dpo" else [
+                    PreferenceGroup(tuple(cut))]
+            assert list(groups) == expected
+    assert any(s.truncated for g in data.train[0].samples for s in g.sequences)  # the cut matters
+    again = prepare_preferences(cfg, tokenizer)
+    assert again.cached == [True] * len(data.train)
+    assert [list(s.samples) for s in again.train] == [list(s.samples) for s in data.train]

@@ -137,7 +137,7 @@ def test_every_source_loads_its_bundled_sample(tokenizer, name: str) -> None:
     (train,), (val,) = data.train, data.val
     assert train.name == val.name == name
     assert len(train.samples) > 10 and len(val.samples) >= 1
-    assert all(s.num_supervised > 0 for s in train.samples + val.samples)
+    assert all(s.num_supervised > 0 for s in [*train.samples, *val.samples])
     # Samples stay whole (they are cut when batches are built); the stats count those over max_length (256).
     assert train.truncated == sum(len(s.input_ids) > 256 for s in train.samples)
     report = data.reports[0]

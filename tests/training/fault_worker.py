@@ -5,14 +5,18 @@ FAULT_RANK (default 1) is the rank that misbehaves (a process started alone is r
 - FAULT_KILL_AFTER_SAVE_STEP=k: SIGKILL that rank right after the checkpoint of step k is committed.
 - FAULT_NAN_AT_STEPS=a,b: that rank's training loss is NaN in optimizer steps a, b (1-based; one micro-batch
   per step is assumed).
+- FAULT_SLOW_SAVE=s: every save of rank 0 (whatever FAULT_RANK says) sleeps s seconds once the engine state is in the
+  staging folder, so that a signal or a grace period lands in the middle of a save.
 
 The faults go in through the trainer's public seams, which it looks up at each call: `Saver.save`, the one call
-through which the loop saves, and `loss.token_sums`, the one loss of training and evaluation alike.
+through which the loop saves (and `Saver._write_extra`, rank 0's part of it), and `loss.token_sums`, the one loss of
+training and evaluation alike.
 """
 
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -23,6 +27,7 @@ from model_training.training.saver import Saver
 FAULT_RANK = os.environ.get("FAULT_RANK", "1")
 KILL_AFTER = os.environ.get("FAULT_KILL_AFTER_SAVE_STEP")
 NAN_STEPS = {int(s) for s in os.environ.get("FAULT_NAN_AT_STEPS", "").split(",") if s}
+SLOW_SAVE = float(os.environ.get("FAULT_SLOW_SAVE", "0"))
 is_fault_rank = os.environ.get("RANK", "0") == FAULT_RANK  # a process alone, without a launcher, is rank 0
 
 if KILL_AFTER and is_fault_rank:
@@ -50,5 +55,14 @@ if NAN_STEPS and is_fault_rank:
         return loss_sum, correct
 
     loss.token_sums = poisoned_sums
+
+if SLOW_SAVE:
+    real_write_extra = Saver._write_extra
+
+    def slow_write_extra(self, *args, **kwargs):
+        time.sleep(SLOW_SAVE)
+        return real_write_extra(self, *args, **kwargs)
+
+    Saver._write_extra = slow_write_extra
 
 exit_process(main_train(sys.argv[1:], os.environ.get("FAULT_STAGE", "sft")))

@@ -157,6 +157,19 @@ def test_killed_run_resumes_exactly(ranks: int, reference: str, tmp_path: Path, 
         assert all(torch.equal(state[k], reference_moments[index][k]) for k in state)
 
 
+def test_a_two_rank_run_resumes_in_a_process_alone(two_rank_run: Path, tmp_path: Path) -> None:
+    """The plain engine's state is every rank's: checkpoint 3 of the 2-rank DDP run resumes in one process with twice
+    the accumulation (the same 32 samples a step), its RNG streams derived anew, and steps 4-6 follow the uninterrupted
+    run within float32 rounding (four micro-batch gradients added in another order)."""
+    result = check_ok(run_torchrun([*PLAIN, "gradient_accumulation_steps=4", f"output_dir={tmp_path}",
+                                    f"resume_from_checkpoint={two_rank_run / 'checkpoint-000003'}"], nproc=1))
+    assert "resuming at step 3 with 2 -> 1 ranks; global batch unchanged (32 samples)" in result.stdout
+    mine, theirs = step_losses(tmp_path), step_losses(two_rank_run)
+    assert sorted(mine) == [4, 5, 6]
+    assert [mine[step] for step in (4, 5, 6)] == pytest.approx([theirs[step] for step in (4, 5, 6)], rel=1e-5)
+    assert not (two_rank_run / "checkpoint-000003" / "universal").exists()  # nothing to convert
+
+
 def test_export_loads_in_transformers_with_the_trained_weights(one_rank_run: Path, tmp_path: Path) -> None:
     """export_model.py reads the plain checkpoint into the same Hugging Face folder as a DeepSpeed one: sharded,
     with the tokenizer and configs, and the fp32 weights as they were trained."""

@@ -135,7 +135,7 @@ def test_references_are_the_starting_policy_and_a_checkpoint_keeps_them(tmp_path
 
     save_references(tmp_path, with_refs[:2], [with_refs[2:]])
     train, val = load_references(tmp_path, groups[:2], [groups[2:]])
-    assert [g.reference for g in train + val[0]] == [g.reference for g in with_refs]
+    assert [g.reference for g in [*train, *val[0]]] == [g.reference for g in with_refs]
     with pytest.raises(ValueError, match="holds the references of other sequences than this run's"):
         load_references(tmp_path, groups, [[]])
     (tmp_path / "reference_logps.pt").write_bytes(b"damaged")

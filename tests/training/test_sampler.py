@@ -1,14 +1,16 @@
-"""The step plan: a seeded per-epoch mixture, disjoint across global ranks, independent of how a step is split."""
+"""The step plan: a seeded per-epoch mixture, disjoint across global ranks, independent of how a step is split, and
+started mid-epoch where a resume with another global batch continues."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
 from model_training.config import ConfigError
-from model_training.training.sampler import SORT_RUN, SourceDraw, StepPlan, plan_sources
+from model_training.training.sampler import SORT_RUN, DataPosition, SourceDraw, StepPlace, StepPlan, plan_sources
 
 
 def options(**kw: object) -> SimpleNamespace:
@@ -25,7 +27,8 @@ ALL_50 = (SourceDraw(offset=0, length=50, per_epoch=50),)
 def read_in_epoch(ranks: list[StepPlan], epoch: int) -> list[list[int]]:
     """What every rank reads in one epoch (empty micro-batches read nothing)."""
     order = ranks[0].epoch_order(epoch)
-    return [[i for step in range(p.steps_per_epoch) for mb in p.micro_batches(order, step) for i in mb] for p in ranks]
+    steps = range(epoch * ranks[0].steps_per_epoch, (epoch + 1) * ranks[0].steps_per_epoch)
+    return [[i for step in steps for mb in p.micro_batches(order, step) for i in mb] for p in ranks]
 
 
 def test_order_is_a_seeded_permutation_that_changes_each_epoch() -> None:
@@ -100,3 +103,28 @@ def test_sort_by_length_orders_each_epoch_in_shuffled_runs_of_200() -> None:
     assert all(max(run) <= min(following) for run, following in zip(runs, runs[1:]))
     assert any(run != sorted(run) for run in runs)  # shuffled within each run
     assert order == plan.epoch_order(0) and order != plan.epoch_order(1)
+
+
+def test_a_plan_started_mid_epoch_reads_the_rest_of_the_epoch_then_whole_ones() -> None:
+    """3 steps of 8 samples read 24 of an epoch's 50; the plan of another global batch (5), started there, reads the
+    other 26 (the last step short), then every later epoch whole: no sample read twice or skipped."""
+    first = plans(world=2, micro=4, accumulation=1, sources=ALL_50)[0]
+    position = first.position(3)
+    assert position == DataPosition(step=3, epoch=0, offset=24)
+    ranks = [replace(p, start=position) for p in plans(world=1, micro=5, accumulation=1, sources=ALL_50)]
+    order = first.epoch_order(0)
+    read = [i for step in range(3) for i in first.step_samples(order, step)]
+    read += [i for step in range(3, 9) for mb in ranks[0].micro_batches(order, step) for i in mb]
+    assert sorted(read) == list(range(50)) and len(read) == 50
+    assert ranks[0].locate(8) == StepPlace(epoch=0, first=49, count=1)
+    assert ranks[0].locate(9) == StepPlace(epoch=1, first=0, count=5)
+    assert ranks[0].position(19) == DataPosition(step=19, epoch=2, offset=0)
+
+
+def test_a_plan_started_where_the_same_plan_was_reads_what_it_would_have() -> None:
+    plan = plans(world=2, micro=3, accumulation=2, sources=(SourceDraw(0, 37, 37),))[1]
+    resumed = replace(plan, start=plan.position(5))
+    for step in range(5, 20):
+        assert resumed.locate(step) == plan.locate(step)
+    with pytest.raises(ValueError, match="step 4 comes before the plan's start at step 5"):
+        resumed.locate(4)

@@ -18,8 +18,12 @@ class AlpacaConfig(DatasetConfig):
     """The hub id, a `datasets` folder, or the release's JSON array (`alpaca_data.json`) or JSON Lines."""
 
 
+convert_row = partial(instruction_record, "alpaca", "input", "output")
+"""One row as its conversation (`load`'s conversion)."""
+
+
 def load(path: str | Path, options: AlpacaConfig, context: LoadContext) -> Splits:
     """Records with `instruction`, `input` (may be empty or missing) and `output`: one two-message conversation
     each, whose prompt is `instruction + "\\n\\n" + input` when the input is not blank, else the instruction. The
     release is one JSON array; JSON Lines and the other sources work too. Split by record."""
-    return load_rows(path, options, context, partial(instruction_record, "alpaca", "input", "output"))
+    return load_rows(path, options, context, convert_row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,21 +39,32 @@ def load(path: str | Path, options: ChatJsonlConfig, context: LoadContext) -> Sp
     remain. Empty user or assistant content is invalid. Other keys of a message are ignored. Split by record;
     then, with the `lang` option, the records whose `lang` is another are dropped (and counted) on each side.
     """
-    train, val = load_rows(path, options, context, _conversation)
-    if not options.lang:
+    train, val = load_rows(path, options, context, convert_row)
+    keep = language_filter(options)
+    if keep is None:
         return train, val
+    return _kept(train, keep, context), _kept(val, keep, context)
+
+
+def language_filter(options: ChatJsonlConfig) -> Callable[[Conversation], bool] | None:
+    """Whether a record is kept by the `lang` option: it is in one of its languages or has none; None without it."""
+    if not options.lang:
+        return None
     langs = parse_languages(options.lang)
-    return _in_languages(train, langs, context), _in_languages(val, langs, context)
+    return lambda record: record.lang is None or record.lang in langs
 
 
-def _in_languages(records: list[Conversation], langs: set[str], context: LoadContext) -> list[Conversation]:
-    """The records in `langs` or without a language; the others are counted in the report."""
-    kept = [record for record in records if record.lang is None or record.lang in langs]
+def _kept(
+    records: list[Conversation], keep: Callable[[Conversation], bool], context: LoadContext
+) -> list[Conversation]:
+    """The records `keep` keeps; the others are counted in the report."""
+    kept = [record for record in records if keep(record)]
     context.report.add_other_language(len(records) - len(kept))
     return kept
 
 
-def _conversation(row: dict, index: int) -> Conversation:
+def convert_row(row: dict, index: int) -> Conversation:
+    """One row as its conversation (`load`'s conversion)."""
     messages = row.get("messages")
     if messages is None:
         raise InvalidRecord("missing field 'messages'")

@@ -12,6 +12,9 @@ A source is one module of this package and one line of `SOURCES` (__init__.py). 
 A source that holds ranked replies (OASST trees, hh-rlhf pairs, preference files) also has
 - `compare(path, options, context) -> (train, validation)`: its `Comparison`s, split by the same rule, which the
   preference stages (trainer_rm.py, trainer_dpo.py) read instead of conversations.
+A source whose records are rows names its row conversion in `Source.rows` (and a filter `load` applies after the
+split in `Source.keeps`): data preparation then streams a large JSON Lines file instead of calling `load`, with the
+same records (sources/stream.py).
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ class Source(Generic[Options]):
     """Whether `input_file_path` may name a hub dataset (read through `datasets`); false: local files only."""
     compare: Callable[[str | Path, Options, LoadContext], ComparisonSplits] | None = None
     """The source's ranked replies for the preference stages; None for a source that has none."""
+    rows: Callable[[dict, int], Record | None] | None = None
+    """The conversion `load` applies to each row (1-based), for a source whose records are rows: with it, data
+    preparation reads a JSON Lines file as a stream of chunks (sources/stream.py), each record as `load` gives it."""
+    keeps: Callable[[Options], Callable[[Record], bool] | None] | None = None
+    """The per-record filter `load` applies after its split, from the options (chat_jsonl's languages); a record it
+    refuses counts as in another language. None: no such filter."""
+    documents: bool = False
+    """A .txt file holds documents separated by blank lines (`text`), which data preparation streams too."""
 
 
 def split_by_record(records: Sequence[R], options: DatasetConfig) -> tuple[list[R], list[R]]:

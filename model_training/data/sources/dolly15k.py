@@ -18,8 +18,12 @@ class Dolly15kConfig(DatasetConfig):
     """The hub id, a `datasets` folder saved from it, or its rows as a .jsonl/.parquet file."""
 
 
+convert_row = partial(instruction_record, "dolly15k", "context", "response")
+"""One row as its conversation (`load`'s conversion)."""
+
+
 def load(path: str | Path, options: Dolly15kConfig, context: LoadContext) -> Splits:
     """Rows with `instruction`, `context` (may be empty or missing), `response` and `category` (not used): one
     two-message conversation each, whose prompt is the instruction, followed by a blank line and the context when
     the context is not blank. Split by record."""
-    return load_rows(path, options, context, partial(instruction_record, "dolly15k", "context", "response"))
+    return load_rows(path, options, context, convert_row)

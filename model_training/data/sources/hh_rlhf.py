@@ -39,7 +39,7 @@ def load(path: str | Path, options: HhRlhfConfig, context: LoadContext) -> Split
     line ("\\n\\n"); a marker anywhere else is part of the text. Markers are removed and each turn's text is
     stripped of surrounding whitespace. The turns must alternate, start with Human, end with Assistant and none
     may be empty; otherwise the row is invalid. Split by record."""
-    return load_rows(path, options, context, _conversation)
+    return load_rows(path, options, context, convert_row)
 
 
 def compare(path: str | Path, options: HhRlhfConfig, context: LoadContext) -> ComparisonSplits:
@@ -49,7 +49,8 @@ def compare(path: str | Path, options: HhRlhfConfig, context: LoadContext) -> Co
     return load_rows(path, options, context, _comparison)
 
 
-def _conversation(row: dict, index: int) -> Conversation:
+def convert_row(row: dict, index: int) -> Conversation:
+    """One row as its conversation (`load`'s conversion)."""
     return conversation("hh_rlhf", index, _turns(required(row, "chosen"), "chosen"))
 
 

@@ -22,20 +22,21 @@ def load(path: str | Path, options: TextConfig, context: LoadContext) -> Splits:
     with "\\n". Any other source has a `text` field per record, one document each. Blank documents are skipped, and
     not counted as invalid. Split by document."""
     if Path(str(path)).suffix != ".txt":
-        return load_rows(path, options, context, _document)
+        return load_rows(path, options, context, convert_row)
     table = read_rows(path, context.config_key)
-    return split_by_record(_documents(row["text"] for row in table.rows), options)
+    return split_by_record(documents(row["text"] for row in table.rows), options)
 
 
-def _document(row: dict, index: int) -> TextDocument | None:
+def convert_row(row: dict, index: int) -> TextDocument | None:
+    """One row as its document (`load`'s conversion); None for a blank one."""
     text = optional(row, "text")
     if text is None:
         raise InvalidRecord("missing field 'text'")
     return TextDocument(text) if text.strip() else None
 
 
-def _documents(lines: Iterable[str]) -> list[TextDocument]:
-    """The documents of a text file's lines: runs of non-blank lines."""
+def documents(lines: Iterable[str]) -> list[TextDocument]:
+    """The documents of a text file's lines (without their line breaks): runs of non-blank lines."""
     documents, current = [], []
     for line in lines:
         if line.strip():
