@@ -73,14 +73,17 @@ def test_zero3_run_trains_from_a_properly_initialized_model(zero3_run: Path) -> 
 
 
 def test_golden_losses(zero2_run: Path) -> None:
-    """Per-step losses of the fixed-seed tiny run, exactly: a change of numerics must be a visible diff.
+    """Per-step losses of the fixed-seed tiny run: a change of numerics must be a visible diff.
 
-    After a deliberate change, regenerate with UPDATE_GOLDEN=1 and commit the new file.
+    Not bit-exact across machines: torch picks its CPU kernels by the vector units it finds (AVX2, AVX-512), and
+    their fp32 sums differ in the last bits; the same run gave 7.109638061 and 7.109637756 at step 5 on two CPUs
+    (4e-8 relative). The tolerance sits 25x above that and far below what a change of the data, the loss or the
+    learning rate moves them by. After a deliberate change, regenerate with UPDATE_GOLDEN=1 and commit the new file.
     """
     losses = {str(step): loss for step, loss in step_losses(zero2_run).items()}
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(losses, indent=2) + "\n")
-    assert losses == json.loads(GOLDEN.read_text())
+    assert losses == pytest.approx(json.loads(GOLDEN.read_text()), rel=1e-6, abs=0)
 
 
 def test_checkpoints_of_earlier_versions_stay_resumable(zero2_run: Path) -> None:
