@@ -31,6 +31,10 @@ Rows, each a fresh process under `deepspeed --num_gpus 1`, so that its start-up 
                     Two figures: rollout tokens/s (continuation tokens sampled per second of generation) and train
                     tokens/s (prompt and continuation tokens through the policy's and the value model's optimizer
                     steps per second of training), each the mean over the steps after the first.
+  grpo              GRPO (trainer_rl.py, section defaults-grpo) on the same policy folder: the policy alone trained
+                    (ZeRO-2), no value model, no reference (kl_coef 0) and no reward model; groups of 8
+                    continuations of the draw's prompts rewarded by a length penalty (rewards:length_penalty).
+                    The same two figures as `ppo`.
   7b-zero3-offload  the full 32-layer Falcon-7B shape (6.9B parameters), our trainer on ZeRO-3 with the optimizer
                     (fp32 master weights and Adam moments) in CPU memory: configs/zero3_offload_config.json less
                     its parameter offload. Answers "can it be fine-tuned on one 80 GB GPU".
@@ -82,8 +86,8 @@ LLAMA_VOCAB = 32000
 """Llama's embedding rows, for the Llama-shaped row's tokenizer."""
 EOS = "<|endoftext|>"
 IGNORE_INDEX = -100
-DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "llama", "rm", "dpo", "ppo", "7b-zero3-offload",
-                "7b-qlora")
+DEFAULT_ROWS = ("baseline", "ours", "baseline-best", "ours-best", "llama", "rm", "dpo", "ppo", "grpo",
+                "7b-zero3-offload", "7b-qlora")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class Settings:
     ppo_new_tokens: int = 128
     timeouts: dict[str, int] = field(default_factory=lambda: {
         "baseline": 90, "ours": 60, "baseline-best": 90, "ours-best": 120, "llama": 60, "rm": 60, "dpo": 75,
-        "ppo": 150, "7b-zero3-offload": 150, "7b-qlora": 90,
+        "ppo": 150, "grpo": 120, "7b-zero3-offload": 150, "7b-qlora": 90,
     })
     """Seconds each row may take; a row that runs out is reported as timed out and the next one runs."""
     smoke: bool = False
@@ -355,6 +359,15 @@ def make_rows(settings: Settings, workdir: Path) -> dict[str, Row]:
                        f"ppo.rollout_batch_size={settings.ppo_rollouts}",
                        f"ppo.max_new_tokens={settings.ppo_new_tokens}",
                        f"ppo.max_prompt_length={settings.max_length}")),
+        Row("grpo", "ours", setup="trainer_rl.py, rl_algorithm grpo, ZeRO-2, policy trained, groups of 8",
+            deepspeed_config=zero2, stage="rl", sections=("defaults-grpo",), shape=settings.small,
+            steps=settings.ppo_steps, warmup=1, micro_batch=max(1, settings.ppo_rollouts // 8), accumulation=1,
+            overrides=("ppo.reward_model=null", f"ppo.num_rollouts={settings.ppo_rollouts}",
+                       f"ppo.rollout_batch_size={settings.ppo_rollouts}",
+                       f"ppo.max_new_tokens={settings.ppo_new_tokens}",
+                       f"ppo.max_prompt_length={settings.max_length}", "grpo.group_size=8",
+                       "grpo.reward_functions=[{function: 'model_training.training.rewards:length_penalty', "
+                       "options: {max_chars: 200}}]")),
         Row("7b-zero3-offload", "ours", setup="trainer_sft.py, ZeRO-3, optimizer offloaded to CPU",
             deepspeed_config=offload_optimizer_only(workdir), **seven_b, **like),
         # Section falcon-7b-qlora, on the bench's data: its format, length and batch are the other rows'.
@@ -369,7 +382,7 @@ def trainer_argv(row: Row, settings: Settings, dataset: Dataset, workdir: Path) 
     """Our trainer's command line for `row`: a config section, then the bench's model, data and batch."""
     model = ["model_name=null", *(f"model_config.{key}={json.dumps(value)}" for key, value in
                                   row.shape.model_config().items()), f"tokenizer_name={dataset.tokenizer}"]
-    if row.stage == "rl":  # PPO starts from saved models (`save_ppo_models`)
+    if row.stage == "rl":  # PPO and GRPO start from saved models (`save_ppo_models`)
         model = [f"model_name={workdir / 'ppo-policy'}", "model_config=null", "tokenizer_name=null",
                  f"ppo.reward_model={workdir / 'ppo-reward'}"]
     source, path = ("chat_jsonl", dataset.chat_jsonl) if row.stage in ("sft", "rl") else (
@@ -720,11 +733,11 @@ def table(outcomes: list[Outcome]) -> str:
         lines.append(f"- Llama-shaped proxy, the settings of `ours`: {llama.tokens_per_s:,.0f} real tokens/s at "
                      f"{100 * llama.mfu:.1f}% MFU (the Falcon proxy: {ours.tokens_per_s:,.0f} at "
                      f"{100 * ours.mfu:.1f}%).")
-    ppo = full.get("ppo")
-    if ppo and ppo.tokens_per_s and ppo.rollout_tokens_per_s:
-        lines.append(f"- ppo on the Falcon proxy (four models of its size on one GPU): rollout "
-                     f"{ppo.rollout_tokens_per_s:,.0f} generated tokens/s, train {ppo.tokens_per_s:,.0f} tokens/s at "
-                     f"{100 * ppo.mfu:.1f}% MFU.")
+    for stage, what in (("ppo", "four models of its size on one GPU"), ("grpo", "the policy alone")):
+        rl = full.get(stage)
+        if rl and rl.tokens_per_s and rl.rollout_tokens_per_s:
+            lines.append(f"- {stage} on the Falcon proxy ({what}): rollout {rl.rollout_tokens_per_s:,.0f} generated "
+                         f"tokens/s, train {rl.tokens_per_s:,.0f} tokens/s at {100 * rl.mfu:.1f}% MFU.")
     for stage in ("rm", "dpo"):
         row = full.get(stage)
         if row and ours and row.tokens_per_s and ours.tokens_per_s:
@@ -799,7 +812,7 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown or 'none given'}; known: {', '.join(all_rows)}")
     datasets = prepare_datasets(settings, args.workdir, [all_rows[name] for name in rows])
     dataset = next(iter(datasets.values()))  # the same lengths and labels in each vocabulary
-    if "ppo" in rows:
+    if "ppo" in rows or "grpo" in rows:  # both start from the saved policy
         save_ppo_models(all_rows["ppo"].shape, datasets[all_rows["ppo"].shape.vocab], args.workdir, settings.dtype)
     header = [
         f"# Throughput ({'CPU smoke' if settings.smoke else 'GPU'})",

@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -181,6 +182,33 @@ class PpoConfig:
     """Sampling temperature."""
     samples_to_log: int = 4
     """Continuations of each logged step shown in the samples table (wandb, samples.jsonl)."""
+
+
+@dataclass
+class GrpoConfig:
+    """GRPO (trainer_rl.py with `rl_algorithm: grpo`): `group_size` continuations of each prompt, rewarded by Python
+    functions and/or the reward model, each one's advantage relative to its group; no value model. Rollouts, prompts
+    and the policy's optimizer steps follow the `ppo` keys that are not about the value model or GAE."""
+
+    group_size: int = 8
+    """Continuations sampled per prompt; `ppo.num_rollouts` must be a multiple of group_size x ranks."""
+    reward_functions: list[Any] = field(default_factory=list)
+    """[{function: 'module:function', weight: 1.0, options: {...}}]: each continuation's reward is the weighted sum
+    (training/rewards.py; a weight of 0 only logs the function)."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score (`ppo.reward_model`) in the reward, when one is set."""
+    scale_rewards: bool = True
+    """Divide the advantages by their group's standard deviation (GRPO); false: only center them (Dr. GRPO, which
+    finds the division favours groups that are almost all right or all wrong)."""
+    loss_normalization: str = "token"
+    """How token losses are averaged: sequence (each continuation's mean, then their mean: GRPO; short answers weigh
+    more), token (over all tokens: DAPO) or constant (sum / (continuations x max_new_tokens): Dr. GRPO, unbiased)."""
+    clip_low: float = 0.2
+    """The ratio's lower clip, 1 - clip_low: how far one update may lower a token's probability."""
+    clip_high: float = 0.2
+    """The ratio's upper clip, 1 + clip_high; DAPO raises it (0.28) so rare tokens can grow and entropy holds."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL penalty to the reference in the loss (GRPO paper 0.04); 0: none, and no reference held."""
 
 
 STAGES = ("sft", "rm", "dpo", "rl")
@@ -372,7 +400,11 @@ class TrainConfig:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     """DPO's options (stage dpo)."""
     ppo: PpoConfig = field(default_factory=PpoConfig)
-    """PPO's options (stage rl)."""
+    """PPO's options (stage rl); GRPO reads its rollout and prompt keys too."""
+    rl_algorithm: str = "ppo"
+    """The rl stage's algorithm: ppo (a reward model and a value model) or grpo (group-relative, no value model)."""
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    """GRPO's options (rl_algorithm grpo)."""
 
     @functools.cached_property
     def dataset_specs(self) -> list[DatasetSpec]:
@@ -410,6 +442,7 @@ _POSITIVE = (
     "ppo.value_epochs",
     "ppo.value_steps_per_epoch",
     "ppo.max_new_tokens",
+    "grpo.group_size",
 )
 
 
@@ -808,6 +841,7 @@ def _validate_rl_stage(cfg: TrainConfig) -> None:
         raise ConfigError(f"key 'ppo.top_p' must be in (0, 1], got {ppo.top_p}")
     if ppo.value_learning_rate is not None and ppo.value_learning_rate <= 0:
         raise ConfigError(f"key 'ppo.value_learning_rate' must be positive or null, got {ppo.value_learning_rate}")
+    _validate_grpo(cfg)
     if cfg.stage != "rl":
         return
     if not cfg.deepspeed:
@@ -830,6 +864,28 @@ def _validate_rl_stage(cfg: TrainConfig) -> None:
                               "export_model.py, or a trainer_rm.py checkpoint or run folder")
     if ppo.prompt_file is None and not cfg.dataset_specs:
         raise ConfigError("trainer_rl.py needs prompts: set 'ppo.prompt_file' or 'datasets'")
+
+
+def _validate_grpo(cfg: TrainConfig) -> None:
+    grpo = cfg.grpo
+    if cfg.rl_algorithm not in ("ppo", "grpo"):
+        raise ConfigError(f"key 'rl_algorithm' is '{cfg.rl_algorithm}'; expected ppo or grpo")
+    if grpo.loss_normalization not in ("sequence", "token", "constant"):
+        raise ConfigError(f"key 'grpo.loss_normalization' is '{grpo.loss_normalization}'; expected sequence, token "
+                          "or constant")
+    if grpo.group_size < 2:
+        raise ConfigError(f"key 'grpo.group_size' is {grpo.group_size}; a group needs at least 2 continuations to "
+                          "compare")
+    ranges = {"grpo.clip_low": (grpo.clip_low, 0.0, 1.0), "grpo.clip_high": (grpo.clip_high, 0.0, None),
+              "grpo.kl_coef": (grpo.kl_coef, 0.0, None)}
+    for key, (value, low, high) in ranges.items():
+        if not math.isfinite(value) or value < low or (high is not None and value >= high):
+            raise ConfigError(f"key '{key}' must be in [{low}, {'inf' if high is None else high}), got {value}")
+    if not math.isfinite(grpo.reward_model_weight):
+        raise ConfigError(f"key 'grpo.reward_model_weight' must be a finite number, got {grpo.reward_model_weight}")
+    if cfg.stage == "rl" and cfg.rl_algorithm == "grpo" and not grpo.reward_functions and not cfg.ppo.reward_model:
+        raise ConfigError("GRPO needs rewards: set 'grpo.reward_functions' (e.g. [{function: "
+                          "'model_training.training.rewards:exact_answer'}]) or 'ppo.reward_model'")
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

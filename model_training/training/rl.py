@@ -59,15 +59,25 @@ from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
 from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from model_training.training.distributed import DistInfo, init_distributed
+from model_training.training.grpo import (
+    group_advantages,
+    group_stats,
+    k3,
+    step_denominator,
+    surrogate_sums,
+    token_losses,
+)
 from model_training.training.metrics import MetricsLogger
 from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
 from model_training.training.preemption import StopRequest, run_stoppable
 from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
+from model_training.training.rewards import RewardError, RewardFunction, load_reward_functions, reward_values
 from model_training.training.rollouts import (
     Prompt,
     Rollouts,
     check_same_tokenizer,
     decode_samples,
+    decode_texts,
     draw_prompts,
     generate,
     load_prompts,
@@ -91,6 +101,8 @@ from model_training.training.trainer import (
 logger = logging.getLogger(__name__)
 
 METRICS = ("reward", "kl", "entropy", "length", "policy_loss", "policy_clipfrac", "value_loss", "value_clipfrac")
+GRPO_METRICS = ("reward", "reward_std", "flat_groups", "kl", "entropy", "length", "policy_loss", "clip_low_frac",
+                "clip_high_frac")
 
 
 @dataclass
@@ -126,11 +138,12 @@ class Models:
     policy: Any
     """The policy's DeepSpeed engine."""
     value: Any
-    """The value model's DeepSpeed engine."""
+    """The value model's DeepSpeed engine; None for GRPO."""
     reference: Any
-    """The frozen starting policy: the model, or the ZeRO-3 inference engine that holds it partitioned."""
+    """The frozen starting policy: the model, or the ZeRO-3 inference engine that holds it partitioned; None for GRPO
+    without a KL term."""
     reward: Any
-    """The frozen reward model, held as the reference is."""
+    """The frozen reward model, held as the reference is; None for GRPO without one."""
 
 
 def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
@@ -140,8 +153,13 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
         raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {world_size} ranks cannot share "
                           "evenly; use a multiple of the number of ranks")
     rollouts = ppo.num_rollouts // world_size
-    rows = {}
-    for key in ("ppo_steps_per_epoch", "value_steps_per_epoch"):
+    grpo = cfg.rl_algorithm == "grpo"
+    if grpo and rollouts % cfg.grpo.group_size:
+        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}: each of the {world_size} ranks samples whole "
+                          f"groups of 'grpo.group_size' ({cfg.grpo.group_size}); use a multiple of "
+                          f"{cfg.grpo.group_size * world_size}")
+    rows = {"value_steps_per_epoch": rollouts} if grpo else {}
+    for key in ("ppo_steps_per_epoch",) if grpo else ("ppo_steps_per_epoch", "value_steps_per_epoch"):
         steps = getattr(ppo, key)
         if rollouts % steps or (rollouts // steps) % micro:
             raise ConfigError(
@@ -154,7 +172,7 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
 def train_rl(cfg: TrainConfig) -> Path:
     """Run the PPO training described by `cfg`; return the run folder. A signal stops it after the PPO step it is in
     with a checkpoint and raises `Stopped` (preemption.py)."""
-    if not cfg.ppo.reward_model:  # a section may leave it to the command line (`--show_config` prints it unset)
+    if not cfg.ppo.reward_model and cfg.rl_algorithm == "ppo":  # a section may leave it to the command line
         raise ConfigError("key 'ppo.reward_model' is not set; trainer_rl.py needs a reward model (a trainer_rm.py "
                           "export, checkpoint or run folder)")
     return run_stoppable(cfg.stop_grace_period, partial(_train_rl, cfg))
@@ -167,11 +185,14 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     clock.phase("process start, imports and distributed init")
     seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
-    plan = plan_steps(cfg, info.world_size)  # before minutes of exports: a split that does not fit fails at once
+    # Before minutes of exports: a split that does not fit, or a reward function that does not import, fails at once.
+    plan = plan_steps(cfg, info.world_size)
+    rewards = load_reward_functions(cfg.grpo.reward_functions) if cfg.rl_algorithm == "grpo" else []
     sources = _model_sources(cfg, info)
     tokenizer = load_tokenizer(sources.policy)
-    check_same_tokenizer(tokenizer, sources.reward, "ppo.reward_model")
-    if sources.value != sources.reward:
+    if sources.reward is not None:
+        check_same_tokenizer(tokenizer, sources.reward, "ppo.reward_model")
+    if sources.value not in (None, sources.reward):
         check_same_tokenizer(tokenizer, sources.value, "ppo.value_model")
     prompts = load_prompts(cfg, tokenizer)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo.num_rollouts)
@@ -190,9 +211,9 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
-    value_engine = {VALUE_MODEL_DIR: models.value}
-    saver = Saver(cfg, tokenizer, total_steps, steps_per_epoch,
-                  write_more=lambda folder: _write_value_config(models, folder), more_engines=value_engine)
+    value_engine = {VALUE_MODEL_DIR: models.value} if models.value is not None else None
+    write_more = (lambda folder: _write_value_config(models, folder)) if models.value is not None else None
+    saver = Saver(cfg, tokenizer, total_steps, steps_per_epoch, write_more=write_more, more_engines=value_engine)
     if resume is not None:
         try:
             state.load_state_dict(load_checkpoint(models.policy, resume.checkpoint, more_engines=value_engine))
@@ -201,7 +222,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
         clock.phase("resume", f"from {resume.checkpoint} at step {state.step}")
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
-        _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop))
+        _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop, rewards))
     finally:
         metrics.close()
     leave_process_group()
@@ -231,17 +252,23 @@ class ModelSources:
 
     policy: TrainConfig
     """The run's config with `model_name` the policy's folder (also the reference's)."""
-    reward: str
-    value: str
+    reward: str | None
+    """None for GRPO without a reward model."""
+    value: str | None
+    """None for GRPO."""
 
 
 def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
     """The four models' folders, a training checkpoint or run folder exported once (training/start.py); ConfigError
     when the reward model is not one."""
     policy = start_model_config(cfg, info)
+    if not cfg.ppo.reward_model:  # GRPO on reward functions alone (train_rl and the config checks allow no other)
+        return ModelSources(policy, None, None)
     reward = model_folder(cfg.ppo.reward_model, "ppo.reward_model", START_REWARD_MODEL_DIR, cfg, info)
-    value = reward if cfg.ppo.value_model is None else model_folder(
-        cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
+    value = None
+    if cfg.rl_algorithm == "ppo":
+        value = reward if cfg.ppo.value_model is None else model_folder(
+            cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
     try:
         config = AutoConfig.from_pretrained(reward, cache_dir=cfg.cache_dir)
     except (OSError, ValueError) as err:
@@ -257,8 +284,12 @@ def _fingerprint_models(cfg: TrainConfig, sources: ModelSources) -> str:
     from: a reference or reward model exported anew from another checkpoint is another run) and every option of the
     objective (not how many samples are logged, nor where the frozen models sit)."""
     options = {k: v for k, v in asdict(cfg.ppo).items() if k not in ("samples_to_log", "frozen_zero3")}
+    if cfg.rl_algorithm == "grpo":  # only then: the fingerprints of earlier PPO runs stay what they were
+        options["grpo"] = sorted(asdict(cfg.grpo).items())
     digest = hashlib.sha256(repr(("rl", sorted(options.items()))).encode())
     for name in (sources.policy.model_name, sources.reward, sources.value):
+        if name is None:
+            continue
         folder = Path(name)
         if not folder.is_dir():  # a hub id
             digest.update(name.encode())
@@ -274,15 +305,19 @@ def _build_models(
     cfg: TrainConfig, sources: ModelSources, tokenizer: Any, info: DistInfo, plan: Plan, total_steps: int,
     clock: StartupClock,
 ) -> Models:
-    """The four models (module docstring, 2); the frozen ones first, while no ZeRO-3 build is alive."""
-    ppo, model_cfg = cfg.ppo, sources.policy
+    """The four models (module docstring, 2), or GRPO's: the policy, and the reference and reward model where its KL
+    term and rewards read them; the frozen ones first, while no ZeRO-3 build is alive."""
+    ppo, model_cfg, grpo = cfg.ppo, sources.policy, cfg.rl_algorithm == "grpo"
     reward_cfg = replace(model_cfg, stage="rm", model_name=sources.reward, tokenizer_name=None)
-    reference = _frozen(model_cfg, tokenizer, ppo.frozen_zero3)
-    reward = _frozen(reward_cfg, tokenizer, ppo.frozen_zero3)
+    reference = None if grpo and not cfg.grpo.kl_coef else _frozen(model_cfg, tokenizer, ppo.frozen_zero3)
+    reward = None if sources.reward is None else _frozen(reward_cfg, tokenizer, ppo.frozen_zero3)
     clock.phase("frozen models", "partitioned (ZeRO-3 inference)" if ppo.frozen_zero3 else f"whole, {cfg.dtype}")
     policy_steps = ppo.policy_epochs * ppo.ppo_steps_per_epoch
     policy = build_engine(_trained(model_cfg, plan.policy_rows, plan.micro_batch, policy_steps, cfg.learning_rate),
                           tokenizer, info, total_steps * policy_steps, clock)
+    if grpo:
+        clock.phase("engines", f"policy on ZeRO stage {zero_stage(policy.config)}")
+        return Models(policy, None, reference, reward)
     value_steps = ppo.value_epochs * ppo.value_steps_per_epoch
     value_cfg = replace(reward_cfg, model_name=sources.value)
     value = build_engine(_trained(value_cfg, plan.value_rows, plan.micro_batch, value_steps,
@@ -332,6 +367,8 @@ class PpoRun:
     info: DistInfo
     total_steps: int
     stop: StopRequest
+    rewards: list[RewardFunction]
+    """GRPO's reward functions; empty for PPO."""
 
 
 def _loop(cfg: TrainConfig, models: Models, state: RlState, run: PpoRun) -> None:
@@ -341,15 +378,20 @@ def _loop(cfg: TrainConfig, models: Models, state: RlState, run: PpoRun) -> None
     if run.stop.agreed():  # asked while starting: nothing trained since the checkpoint the run started from
         run.stop.stopped(state.step, None)
     while state.step < run.total_steps:
-        record, rollouts = _ppo_step(cfg, models, state.step, run.prompts, run.plan, run.tokenizer, run.info)
+        if cfg.rl_algorithm == "grpo":
+            record, rollouts = _grpo_step(cfg, models, state.step, run)
+        else:
+            record, rollouts = _ppo_step(cfg, models, state.step, run.prompts, run.plan, run.tokenizer, run.info)
         state.step += 1
         state.generated_tokens += record.pop("generated_tokens")
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
         stopping = run.stop.agreed()
         if stopping or state.step == run.total_steps or state.step % cfg.logging_steps == 0:
-            run.metrics.log({"step": state.step, **record, "tokens": state.generated_tokens,
-                             "lr": models.policy.get_lr()[0], "value_lr": models.value.get_lr()[0]})
+            lrs = {"lr": models.policy.get_lr()[0]}
+            if models.value is not None:
+                lrs["value_lr"] = models.value.get_lr()[0]
+            run.metrics.log({"step": state.step, **record, "tokens": state.generated_tokens, **lrs})
             _log_samples(cfg, rollouts, run.tokenizer, run.metrics, state.step)
         save_now = run.saver.due(state.step) or (stopping and run.saver.enabled)
         saved = run.saver.save(models.policy, state.step, state.state_dict()) if save_now else None
@@ -364,13 +406,7 @@ def _ppo_step(
     """One PPO step (0-based `step`): rollouts, scores, advantages, the optimizer steps; its metrics, all ranks."""
     ppo, start = cfg.ppo, time.perf_counter()
     mine = draw_prompts(prompts, step, ppo.num_rollouts, cfg.rng_seed, info.rank, info.world_size)
-    # Each rank samples from its own seed, drawn from the step: the ranks' continuations are independent, and a resume
-    # samples what the run would have.
-    device = models.policy.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(np.random.SeedSequence([cfg.rng_seed, step, info.rank]).generate_state(1)[0]))
-        rollouts = generate(models.policy.module, mine, ppo, tokenizer,
-                            partitioned=zero_stage(models.policy.config) == 3)
+    rollouts = _sample(cfg, models, step, mine, tokenizer, info)
     generated = time.perf_counter()
     entropy = _score(models, rollouts, cfg, tokenizer.pad_token_id)
     mask = rollouts.mask.float()
@@ -403,6 +439,98 @@ def _ppo_step(
     return record, rollouts
 
 
+def _sample(cfg: TrainConfig, models: Models, step: int, prompts: list[Prompt], tokenizer: Any,
+            info: DistInfo) -> Rollouts:
+    """A continuation of each of this rank's prompts from the policy."""
+    # Each rank samples from its own seed, drawn from the step: the ranks' continuations are independent, and a resume
+    # samples what the run would have.
+    device = models.policy.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(np.random.SeedSequence([cfg.rng_seed, step, info.rank]).generate_state(1)[0]))
+        return generate(models.policy.module, prompts, cfg.ppo, tokenizer,
+                        partitioned=zero_stage(models.policy.config) == 3)
+
+
+def _grpo_step(cfg: TrainConfig, models: Models, step: int, run: PpoRun) -> tuple[dict[str, Any], Rollouts]:
+    """One GRPO step (0-based `step`): `group_size` continuations of each of this rank's prompts, their rewards and
+    group-relative advantages (grpo.py), the policy's optimizer steps; its metrics, all ranks."""
+    ppo, grpo, start = cfg.ppo, cfg.grpo, time.perf_counter()
+    size = grpo.group_size
+    drawn = draw_prompts(run.prompts, step, ppo.num_rollouts // size, cfg.rng_seed, run.info.rank,
+                         run.info.world_size)
+    # A group's continuations are consecutive rows of one rank: its advantages need no other rank.
+    mine = [prompt for prompt in drawn for _ in range(size)]
+    rollouts = _sample(cfg, models, step, mine, run.tokenizer, run.info)
+    generated = time.perf_counter()
+    entropy = _score(models, rollouts, cfg, run.tokenizer.pad_token_id)
+    values = _reward_values(run.rewards, mine, rollouts, run.tokenizer)
+    weights = torch.tensor([f.weight for f in run.rewards], dtype=torch.float64)
+    rewards = weights @ values if run.rewards else torch.zeros(len(mine), dtype=torch.float64)
+    if rollouts.scores is not None:
+        values = torch.cat([values, rollouts.scores.double().cpu().unsqueeze(0)])
+        rewards = rewards + grpo.reward_model_weight * values[-1]
+    advantages = group_advantages(rewards, size, grpo.scale_rewards).to(rollouts.mask.device)
+    rollouts.scores = rewards  # the samples table's score: the reward trained on
+    scored = time.perf_counter()
+    denominator = partial(step_denominator, normalization=grpo.loss_normalization, max_new_tokens=ppo.max_new_tokens)
+    policy_sums = _update(models.policy, rollouts, advantages, ppo.policy_epochs, run.plan.policy_rows,
+                          run.plan.micro_batch, [cfg.rng_seed, step, 0],
+                          lambda engine, part, target: _grpo_sums(engine, part, target, cfg), denominator)
+    trained = time.perf_counter()
+    # One all-reduce for every metric: each rank's sums, then the means over all ranks.
+    mask = rollouts.mask.double()
+    spread, flat = group_stats(rewards, size)
+    kl = k3(rollouts.logprobs, rollouts.ref_logprobs) if rollouts.ref_logprobs is not None else torch.zeros_like(mask)
+    found = torch.stack([rewards.sum(), spread, flat.double(), (kl * mask).sum().cpu(), (entropy * mask).sum().cpu(),
+                         mask.sum().cpu(), torch.tensor(float(len(mine)))]).double()
+    sums = _all_ranks(torch.cat([found, values.sum(dim=1), policy_sums.cpu()]).to(mask.device)).tolist()
+    reward, spread, flat, kl_sum, entropy_sum, tokens, rows = sums[:7]
+    per_source, (numerator, denominator_sum, low, high, trained_tokens) = sums[7:-5], sums[-5:]
+    groups = rows / size
+    record = dict(zip(GRPO_METRICS, [reward / rows, spread / groups, flat / groups, kl_sum / tokens,
+                                     entropy_sum / tokens, tokens / rows, numerator / denominator_sum,
+                                     low / trained_tokens, high / trained_tokens], strict=True))
+    if models.reference is None:
+        del record["kl"]  # no reference to measure it against
+    names = [f"reward/{f.path.rpartition(':')[2]}" for f in run.rewards]
+    names += ["reward/reward_model"] if len(per_source) > len(names) else []
+    record.update({name: total / rows for name, total in zip(names, per_source, strict=True)})
+    record.update(rollout_tokens_per_s=tokens / (generated - start),
+                  train_tokens_per_s=trained_tokens / (trained - scored), generated_tokens=int(tokens))
+    return record, rollouts
+
+
+def _reward_values(functions: list[RewardFunction], prompts: list[Prompt], rollouts: Rollouts,
+                   tokenizer: Any) -> torch.Tensor:
+    """(functions, rows) values of the reward functions (rewards.py), float64 on the CPU. When one fails on any rank,
+    every rank stops before the update: that rank with the function's line, the others saying where to look."""
+    texts = decode_texts(rollouts, tokenizer)
+    failure = ""
+    try:
+        table = reward_values(functions, [p for p, _ in texts], [c for _, c in texts],
+                              [dict(p.fields) for p in prompts], rollouts.sources)
+    except RewardError as err:
+        failure, table = str(err), []
+    failed = _all_ranks(torch.tensor(float(bool(failure)), device=rollouts.mask.device)).item()
+    if failure:
+        raise TrainingError(f"{failure}; the step is not applied")
+    if failed:
+        raise TrainingError("a reward function failed on another rank (its line is above); the step is not applied")
+    return torch.tensor(table, dtype=torch.float64).reshape(len(functions), len(prompts))
+
+
+def _grpo_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """A micro-batch's (loss numerator, its denominator, tokens clipped low, clipped high, tokens)."""
+    grpo = cfg.grpo
+    logprobs, _ = token_logprobs(engine, part, cfg.ppo.temperature)
+    mask = part.mask.to(logprobs.dtype)
+    losses, low, high = token_losses(logprobs, part.logprobs, part.ref_logprobs, advantages, grpo.clip_low,
+                                     grpo.clip_high, grpo.kl_coef)
+    numerator = surrogate_sums(losses, mask, grpo.loss_normalization)
+    denominator = step_denominator(mask, grpo.loss_normalization, cfg.ppo.max_new_tokens).to(logprobs.dtype)
+    return torch.stack([numerator, denominator, (low * mask).sum(), (high * mask).sum(), mask.sum()])
+
+
 def _all_ranks(t: torch.Tensor) -> torch.Tensor:
     """The sum of `t` over the ranks."""
     t = t.clone()
@@ -412,57 +540,67 @@ def _all_ranks(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _score(models: Models, rollouts: Rollouts, cfg: TrainConfig, pad_id: int) -> torch.Tensor:
-    """Fill in what the four models say of the rollouts, in chunks of `rollout_batch_size` rows; the (B, T) entropy
-    of the policy at each continuation token."""
+    """Fill in what the models say of the rollouts (each one that the run holds), in chunks of `rollout_batch_size`
+    rows; the (B, T) entropy of the policy at each continuation token."""
     width = rollouts.mask.shape[1]
     per_token: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
     scores = []
-    models.policy.eval()
-    models.value.eval()
+    trained = [engine for engine in (models.policy, models.value) if engine is not None]
+    for engine in trained:
+        engine.eval()
     for start in range(0, len(rollouts.sources), cfg.ppo.rollout_batch_size):
         part = rollouts.rows(slice(start, start + cfg.ppo.rollout_batch_size))
         logprobs, entropy = token_logprobs(models.policy, part, cfg.ppo.temperature, entropy=True)
-        found = {"logprobs": logprobs, "entropy": entropy, "values": token_values(models.value, part),
-                 "ref_logprobs": token_logprobs(models.reference, part, cfg.ppo.temperature)[0]}
+        found = {"logprobs": logprobs, "entropy": entropy}
+        if models.value is not None:
+            found["values"] = token_values(models.value, part)
+        if models.reference is not None:
+            found["ref_logprobs"] = token_logprobs(models.reference, part, cfg.ppo.temperature)[0]
         for key, value in found.items():
             per_token[key].append(F.pad(value, (0, width - value.shape[1])))
-        scores.append(sequence_scores(models.reward, part, pad_id))
-    models.policy.train()
-    models.value.train()
+        if models.reward is not None:
+            scores.append(sequence_scores(models.reward, part, pad_id))
+    for engine in trained:
+        engine.train()
     rollouts.logprobs, rollouts.ref_logprobs, rollouts.values = (
-        torch.cat(per_token[key]) for key in ("logprobs", "ref_logprobs", "values"))
-    rollouts.scores = torch.cat(scores)
+        torch.cat(per_token[key]) if per_token[key] else None for key in ("logprobs", "ref_logprobs", "values"))
+    rollouts.scores = torch.cat(scores) if scores else None
     return torch.cat(per_token["entropy"])
 
 
 SumsOf = Callable[[Any, Rollouts, torch.Tensor], torch.Tensor]
 
 
+def _tokens(mask: torch.Tensor) -> torch.Tensor:
+    return mask.sum().double()
+
+
 def _update(
     engine: Any, rollouts: Rollouts, target: torch.Tensor, epochs: int, rows_per_step: int, micro_batch: int,
-    seed: list[int], sums_of: SumsOf,
+    seed: list[int], sums_of: SumsOf, denominator: Callable[[torch.Tensor], torch.Tensor] = _tokens,
 ) -> torch.Tensor:
     """`epochs` passes of optimizer steps of `engine` over the rollouts, `rows_per_step` rows each (the rows shuffled
-    anew each pass, seeded by `seed`), in micro-batches; this rank's sums of (loss, clip fraction, tokens), weighted
-    by tokens. `sums_of(engine, rows, their target)` gives a micro-batch's sums."""
-    world, totals = dist.get_world_size(), torch.zeros(3, dtype=torch.float64, device=engine.device)
+    anew each pass, seeded by `seed`), in micro-batches; this rank's sums of what `sums_of(engine, rows, their
+    target rows)` gives of each micro-batch, its first entry the loss's numerator. The loss of an optimizer step is
+    the numerators' sum over its rows on all ranks divided by `denominator(the mask of those rows)` summed likewise:
+    the continuation tokens for PPO, GRPO's normalization (grpo.py)."""
+    world, totals = dist.get_world_size(), None
     for epoch in range(epochs):
         order = torch.from_numpy(np.random.default_rng([*seed, epoch]).permutation(len(rollouts.sources)))
         for first in range(0, len(order), rows_per_step):
             rows = order[first : first + rows_per_step]
-            # The step's tokens on all ranks: every micro-batch's loss is a share of the one mean.
-            tokens = _all_ranks(rollouts.mask[rows].sum().double())
-            step_sums = torch.zeros_like(totals)
+            # Counted on all ranks before the first backward: every micro-batch's loss is a share of the one mean.
+            whole = _all_ranks(denominator(rollouts.mask[rows]))
+            step_sums = None
             for start in range(0, len(rows), micro_batch):
                 chosen = rows[start : start + micro_batch]
-                part = rollouts.rows(chosen)
-                sums = sums_of(engine, part, target[chosen][:, : part.mask.shape[1]])
-                engine.backward(sums[0] * (world / tokens), scale_wrt_gas=False)
-                step_sums += sums.detach().double()
+                sums = sums_of(engine, rollouts.rows(chosen), target[chosen])
+                engine.backward(sums[0] * (world / whole), scale_wrt_gas=False)
+                step_sums = sums.detach().double() + (0 if step_sums is None else step_sums)
                 if engine.is_gradient_accumulation_boundary():
                     _refuse_nonfinite(step_sums[0], engine)
                 engine.step()
-            totals += step_sums
+            totals = step_sums + (0 if totals is None else totals)
     return totals
 
 
@@ -478,6 +616,7 @@ def _refuse_nonfinite(loss_sum: torch.Tensor, engine: Any) -> None:
 def _policy_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     logprobs, _ = token_logprobs(engine, part, cfg.ppo.temperature)
     mask = part.mask.to(logprobs.dtype)
+    advantages = advantages[:, : mask.shape[1]]
     loss, clipfrac = policy_loss(logprobs, part.logprobs, advantages, mask, cfg.ppo.clip_policy)
     tokens = mask.sum()
     return torch.stack([loss * tokens, clipfrac * tokens, tokens])
@@ -486,6 +625,7 @@ def _policy_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, cfg: Tra
 def _value_sums(engine: Any, part: Rollouts, returns: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     values = token_values(engine, part)
     mask = part.mask.to(values.dtype)
+    returns = returns[:, : mask.shape[1]]
     loss, clipfrac = value_loss(values, part.values, returns, mask, cfg.ppo.clip_value)
     tokens = mask.sum()
     return torch.stack([loss * tokens, clipfrac * tokens, tokens])

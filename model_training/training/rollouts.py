@@ -47,6 +47,8 @@ class Prompt:
 
     source: str
     input_ids: tuple[int, ...]
+    fields: tuple[tuple[str, Any], ...] = ()
+    """The prompt file record's other fields (e.g. a reference `answer`), which GRPO's reward functions read."""
 
 
 def load_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
@@ -94,6 +96,10 @@ def _opening_of_last_reply(sample: FormattedSample) -> tuple[int, ...]:
     return tuple(sample.input_ids[: max(start, 0)])
 
 
+PROMPT_FIELDS = ("prompt", "messages")
+"""What a prompt file's record holds of the prompt itself; its other fields are kept with it (`Prompt.fields`)."""
+
+
 def _file_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
     """The prompts of `ppo.prompt_file`: {"prompt": text} or {"messages": [...]} per line (a leading system message,
     then turns alternating from the user and ending with one)."""
@@ -109,7 +115,9 @@ def _file_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
             ids = format_prompt(turns, tokenizer, system, cfg.chat_format)
         except ValueError as err:
             raise InvalidRecord(str(err)) from None
-        return Prompt(f"{path.name} line {index}", tuple(ids))
+        fields = tuple((key, value) for key, value in row.items()
+                       if key not in PROMPT_FIELDS and value is not None)
+        return Prompt(f"{path.name} line {index}", tuple(ids), fields)
 
     return convert_rows(table, convert, skip_invalid=False)
 
@@ -119,6 +127,8 @@ def prompts_digest(prompts: list[Prompt]) -> str:
     digest = hashlib.sha256()
     for prompt in prompts:
         digest.update(np.asarray(prompt.input_ids, dtype=np.int64).tobytes() + b"|")
+        if prompt.fields:  # only where there are any: the digests of earlier runs' prompts stay what they were
+            digest.update(repr(prompt.fields).encode() + b"|")
     return digest.hexdigest()[:16]
 
 
@@ -262,17 +272,23 @@ def _forward(model: Any, rollouts: Rollouts) -> Any:
     return model(input_ids=rollouts.sequences, attention_mask=mask, position_ids=position_ids(mask))
 
 
-def decode_samples(rollouts: Rollouts, tokenizer: Any, count: int) -> list[dict[str, Any]]:
-    """The first `count` rollouts as rows {source, prompt, continuation, score} of the samples table."""
-    rows = []
-    for i in range(min(count, len(rollouts.sources))):
+def decode_texts(rollouts: Rollouts, tokenizer: Any, count: int | None = None) -> list[tuple[str, str]]:
+    """(prompt, continuation) text of the first `count` rollouts (all with None): the prompt as the chat format shows
+    it to the model, the continuation without its end token."""
+    texts = []
+    for i in range(len(rollouts.sources) if count is None else min(count, len(rollouts.sources))):
         width = rollouts.prompt_width
         prompt = rollouts.sequences[i, :width][rollouts.attention_mask[i, :width] == 1]
         continuation = rollouts.continuations[i][rollouts.mask[i] == 1]
-        rows.append({"source": rollouts.sources[i], "prompt": tokenizer.decode(prompt),
-                     "continuation": tokenizer.decode(continuation, skip_special_tokens=True),
-                     "score": None if rollouts.scores is None else round(float(rollouts.scores[i]), 4)})
-    return rows
+        texts.append((tokenizer.decode(prompt), tokenizer.decode(continuation, skip_special_tokens=True)))
+    return texts
+
+
+def decode_samples(rollouts: Rollouts, tokenizer: Any, count: int) -> list[dict[str, Any]]:
+    """The first `count` rollouts as rows {source, prompt, continuation, score} of the samples table."""
+    return [{"source": rollouts.sources[i], "prompt": prompt, "continuation": continuation,
+             "score": None if rollouts.scores is None else round(float(rollouts.scores[i]), 4)}
+            for i, (prompt, continuation) in enumerate(decode_texts(rollouts, tokenizer, count))]
 
 
 def check_same_tokenizer(tokenizer: Any, folder: str, key: str) -> None:
