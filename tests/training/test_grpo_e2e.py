@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import FAULT_WORKER, REPO, assert_same_weights, check_ok, metrics_by_step, read_metrics, run_deepspeed
+from test_preference_e2e import export
 from test_train_e2e import module_weights
 
 from model_training.training.checkpoint import resolve_checkpoint
@@ -105,6 +107,28 @@ def test_a_constant_reward_teaches_nothing(sft_run: Path, tmp_path: Path) -> Non
     assert all(r["flat_groups"] == 1.0 and r["reward"] == 1.0 and r["reward_std"] == 0.0 for r in records.values())
     first, last = rise(tmp_path)
     assert last < first + 0.12, (first, last)
+
+
+def test_the_policy_exports_and_answers_the_prompts(grpo_run: Path, tmp_path: Path) -> None:
+    """The last checkpoint exports as a chat model (no value model beside it) whose greedy answers are right more
+    often than the SFT policy's sampled ones were at step 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = grpo_run / f"checkpoint-{GRPO_STEPS:06d}"
+    assert not (checkpoint / "value").exists()
+    folder = export(checkpoint, tmp_path / "export")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
+    right = 0
+    for row in rows:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        right += answer.strip() == str(row["answer"])
+    first = {r["step"]: r for r in read_metrics(grpo_run)}[1]["reward/exact_answer"]
+    assert right / len(rows) > first, (right, first)
 
 
 def test_killed_grpo_run_resumes_exactly(grpo_run: Path, sft_run: Path, tmp_path: Path) -> None:
