@@ -34,13 +34,15 @@ from model_training.export.adapter import AdapterExportError, is_adapter_checkpo
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, write_weights
 from model_training.folders import hidden_sibling, replace_folder
-from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR
+from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR, is_training_run
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.reward_head import auto_model_class
+from model_training.run_folder import is_run_name
 from model_training.training.checkpoint import (
     NewestCheckpointUnusable,
     checkpoint_bytes,
     resolve_checkpoint,
+    run_folder,
     verify_checkpoint,
 )
 
@@ -96,10 +98,10 @@ def export_model(
     folder is then left as it was.
     """
     source, output_folder = Path(source), Path(output_folder)
+    _check_output_folder(output_folder, source, overwrite)  # before the checkpoint's hashes: minutes at 40B
     checkpoint = None if is_model_folder(source) else _resolve(source, allow_older, check_hashes)
     if merge_adapter and (checkpoint is None or not is_adapter_checkpoint(checkpoint)):
         raise ExportError(f"--merge_adapter: {source} is not a LoRA checkpoint (it has no adapter/ folder)")
-    _check_output_folder(output_folder, source, overwrite)
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(output_folder)
@@ -176,8 +178,10 @@ def _shard_contents(shard: Path) -> tuple[list[str], int, int]:
 def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
     if not source.is_dir():
         raise ExportError(f"{source} does not exist or is not a folder")
+    start = time.perf_counter()
     try:
-        checkpoint = resolve_checkpoint(source, source.parent, allow_older=allow_older)
+        # With the hashes, --allow_older passes over a newest checkpoint whose files changed after the save too.
+        checkpoint = resolve_checkpoint(source, source.parent, allow_older, check_hashes, _HASH_THREADS)
     except NewestCheckpointUnusable as err:
         raise ExportError(
             f"{err}; export an older checkpoint by naming its folder, or pass --allow_older to take the newest one "
@@ -188,8 +192,6 @@ def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
         if not (checkpoint / needed).is_dir():
             raise ExportError(f"checkpoint {checkpoint} has no {needed}/ folder (was it saved by this trainer?)")
     if check_hashes:
-        start = time.perf_counter()
-        verify_checkpoint(checkpoint, check_hashes=True, threads=_HASH_THREADS)
         seconds, gigabytes = time.perf_counter() - start, checkpoint_bytes(checkpoint) / 1e9
         logger.info("every file matches its manifest's hash: %.2f GB in %.1f s (%.2f s/GB, %d threads)",
                     gigabytes, seconds, seconds / max(gigabytes, 1e-9), _HASH_THREADS)
@@ -201,6 +203,11 @@ _HASH_THREADS = 4
 
 
 def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> None:
+    read = run_folder(source.absolute())
+    if not is_model_folder(source) and (output_folder.absolute() == read or is_training_run(output_folder) or (
+            output_folder.absolute().parent == read and is_run_name(output_folder.name))):
+        raise ExportError(f"the output folder {output_folder} is a training run, one of its checkpoints or a file of "
+                          f"the run {read} the export reads; choose a folder of its own")
     if not output_folder.exists():
         return
     if not output_folder.is_dir():

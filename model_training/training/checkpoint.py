@@ -418,27 +418,30 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: int) -> list[Path]:
     return deleted
 
 
-def resolve_checkpoint(spec: str | Path, output_dir: Path, allow_older: bool = True) -> Path:
+def resolve_checkpoint(
+    spec: str | Path, output_dir: Path, allow_older: bool = True, check_hashes: bool = False, threads: int = 1
+) -> Path:
     """Find the committed checkpoint folder that ``spec`` names.
 
     ``"latest"`` or a run folder: the checkpoint its ``latest`` pointer names, else the one with the highest
     step, if it verifies. When that one does not (a damaged or half-written folder), ``allow_older`` falls back
     to the next one that does, with a warning for each skipped; otherwise it is an error. A checkpoint folder:
     that folder, which must be committed and verify. A relative path that does not exist is tried under
-    ``output_dir``.
+    ``output_dir``. ``check_hashes``: a checkpoint verifies only when every file matches its manifest's hash
+    (verify_checkpoint on ``threads`` threads), so that ``allow_older`` passes over a damaged file too.
     """
     output_dir = Path(output_dir)
     if str(spec) == POINTER:
-        return _latest_in(output_dir, allow_older)
+        return _latest_in(output_dir, allow_older, check_hashes, threads)
     path = Path(spec)
     if not path.exists() and not path.is_absolute():
         path = output_dir / path
     if not path.is_dir():
         raise CheckpointError(f"No checkpoint or run folder at {spec!r} (also looked in {output_dir})")
     if _is_checkpoint_folder(path):
-        verify_checkpoint(path)
+        verify_checkpoint(path, check_hashes, threads)
         return path
-    return _latest_in(path, allow_older)
+    return _latest_in(path, allow_older, check_hashes, threads)
 
 
 def run_folder(path: Path) -> Path:
@@ -523,13 +526,13 @@ def _raise_first(messages: list[str]) -> None:
         raise CheckpointError(messages[0] + more)
 
 
-def _latest_in(run_dir: Path, allow_older: bool) -> Path:
+def _latest_in(run_dir: Path, allow_older: bool, check_hashes: bool = False, threads: int = 1) -> Path:
     folders = _checkpoint_folders(run_dir) if run_dir.is_dir() else []
     pointed = _pointer_target(run_dir)
     candidates = ([pointed] if pointed in folders else []) + [p for p in folders[::-1] if p != pointed]
     for path in candidates:
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, check_hashes, threads)
             return path
         except CheckpointError as exc:
             if not allow_older:

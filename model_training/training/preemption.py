@@ -37,6 +37,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from model_training.training.run_lock import release_held
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -210,6 +212,7 @@ def _leave_to_the_watcher(signum: int, frame: FrameType | None) -> None:
 
 def _exit_now(status: int) -> None:
     """Exit the process at once: the main thread may be blocked in a collective that will never finish."""
+    release_held()  # the run's lock: its process is gone, a requeue on another node must not find it held
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(status)

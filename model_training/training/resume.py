@@ -154,10 +154,16 @@ def schedule(cfg: TrainConfig, plan: StepPlan, resume: Resume | None) -> Schedul
     return Schedule(cfg.max_steps or math.ceil(epoch_steps * cfg.num_train_epochs), epoch_steps)
 
 
-def already_complete(resume: Resume, step: int, total_steps: int) -> bool:
-    """Whether the checkpoint's run had already reached its last step (`step` of `total_steps`); says so."""
+def already_complete(cfg: TrainConfig, resume: Resume, step: int, total_steps: int) -> bool:
+    """Whether the checkpoint's run had already reached its last step (`step` of `total_steps`); says so. A schedule
+    shorter than the checkpoint's steps is a mistake: ConfigError (nothing would train, nothing be said)."""
     if step < total_steps:
         return False
+    if step > total_steps:
+        key, value = ("max_steps", cfg.max_steps) if cfg.max_steps else ("num_train_epochs", cfg.num_train_epochs)
+        raise ConfigError(f"key '{key}' is {value}, which ends the schedule at step {total_steps}, but "
+                          f"{resume.checkpoint} is at step {step}; set max_steps to more than {step} to train on, or "
+                          "leave it out to resume the run as it was")
     logger.info("already complete at step %d (its schedule has %d steps): nothing to train; %s holds the final state",
                 step, total_steps, resume.checkpoint)
     return True
@@ -193,17 +199,37 @@ def describe_changes(cfg: TrainConfig, resume: Resume, plan: StepPlan, total_ste
     return changes
 
 
-def apply_changed_hyperparameters(cfg: TrainConfig, engine: Any, changes: list[str], step: int) -> None:
+SCHEDULE_KEYS = ("lr_scheduler_type", "warmup_steps", "lr_decay_steps")
+"""The schedule's settings, which the engine is built with: a change takes effect at the next step."""
+STEP_KEYS = ("max_grad_norm",)
+"""Settings of each optimizer step the engine is built with (not in its saved state)."""
+
+
+def changed_settings(cfg: TrainConfig, ckpt: Path) -> list[str]:
+    """The schedule's and the step's settings that differ from the checkpoint's config, each said on one line."""
+    try:
+        saved = read_run_config(ckpt / RUN_CONFIG)
+    except ConfigError:  # a config of an older schema: its settings are not known here
+        return []
+    changed = [key for key in (*SCHEDULE_KEYS, *STEP_KEYS) if getattr(saved, key) != getattr(cfg, key)]
+    for key in changed:
+        logger.warning("%s changed on resume: %s -> %s", key, getattr(saved, key), getattr(cfg, key))
+    return changed
+
+
+def apply_changed_hyperparameters(cfg: TrainConfig, engine: Any, changes: list[str], step: int,
+                                  changed: list[str] | None = None) -> None:
     """The optimizer and scheduler states restored their old settings; the config's current ones win, each change
-    logged. With another peak learning rate or `changes` (describe_changes), the next step's rate is this run's
-    schedule's, said on one line with the rate before and after."""
+    logged. With another peak learning rate, another schedule (`changed`: changed_settings) or `changes`
+    (describe_changes), the next step's rate is this run's schedule's, said on one line with the rate before and
+    after."""
     scheduler, groups = engine.lr_scheduler, engine.optimizer.param_groups
     before = groups[0]["lr"]
     new_peak = scheduler.base_lrs != [cfg.learning_rate] * len(scheduler.base_lrs)
     if new_peak:
         logger.warning("learning_rate changed on resume: %s -> %s", scheduler.base_lrs[0], cfg.learning_rate)
         scheduler.base_lrs = [cfg.learning_rate] * len(scheduler.base_lrs)
-    if new_peak or changes:
+    if new_peak or changes or set(changed or ()) & set(SCHEDULE_KEYS):
         # The restored rate is the checkpoint's schedule's; the scheduler was built for this run's length.
         for group, multiplier in zip(groups, scheduler.lr_lambdas):
             group["lr"] = cfg.learning_rate * multiplier(scheduler.last_epoch)

@@ -54,6 +54,7 @@ from model_training.layout import (
     START_REWARD_MODEL_DIR,
     START_VALUE_MODEL_DIR,
     VALUE_MODEL_DIR,
+    record_run_file,
 )
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
@@ -76,6 +77,7 @@ from model_training.training.rollouts import (
     token_logprobs,
     token_values,
 )
+from model_training.training.run_lock import holding_output_dir
 from model_training.training.saver import Saver
 from model_training.training.start import SOURCE_FILE, model_folder, start_model_config
 from model_training.training.step import TrainingError, nonfinite_on_any_rank
@@ -157,7 +159,7 @@ def train_rl(cfg: TrainConfig) -> Path:
     if not cfg.ppo.reward_model:  # a section may leave it to the command line (`--show_config` prints it unset)
         raise ConfigError("key 'ppo.reward_model' is not set; trainer_rl.py needs a reward model (a trainer_rm.py "
                           "export, checkpoint or run folder)")
-    return run_stoppable(cfg.stop_grace_period, partial(_train_rl, cfg))
+    return run_stoppable(cfg.stop_grace_period, lambda stop: holding_output_dir(cfg, partial(_train_rl, cfg, stop)))
 
 
 def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
@@ -180,7 +182,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     state = RlState(data_fingerprint=_fingerprint_data(cfg, prompts),
                     model_fingerprint=_fingerprint_models(cfg, sources))
     resume = _checkpoint_to_continue(cfg, state, output_dir)
-    if resume is not None and already_complete(resume, resume.saved["step"], total_steps):
+    if resume is not None and already_complete(cfg, resume, resume.saved["step"], total_steps):
         leave_process_group()
         return output_dir
     if info.is_main and cfg.overwrite_output_dir:
@@ -189,7 +191,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     models = _build_models(cfg, sources, tokenizer, info, plan, total_steps, clock)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
+        record_run_file(output_dir, RUN_CONFIG).write_text(to_yaml(cfg))
     value_engine = {VALUE_MODEL_DIR: models.value}
     saver = Saver(cfg, tokenizer, total_steps, steps_per_epoch,
                   write_more=lambda folder: _write_value_config(models, folder), more_engines=value_engine)
@@ -496,7 +498,7 @@ def _log_samples(cfg: TrainConfig, rollouts: Rollouts, tokenizer: Any, metrics: 
     rows = decode_samples(rollouts, tokenizer, cfg.ppo.samples_to_log)
     if not metrics.enabled or not rows:
         return
-    with open(Path(cfg.output_dir) / ROLLOUT_SAMPLES, "a", encoding="utf-8") as f:
+    with open(record_run_file(Path(cfg.output_dir), ROLLOUT_SAMPLES), "a", encoding="utf-8") as f:
         f.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
     columns = list(rows[0])
     metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], step)

@@ -39,7 +39,7 @@ from model_training.data.preferences import PreparedPreferences, StoredGroups, p
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
 from model_training.data.store import Concatenated, StoredSamples, update_digest
 from model_training.data.windows import LengthRule, WholeSamples
-from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, remove_run
+from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, record_run_file, remove_run
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.lora import is_lora_model
 from model_training.training.answers import generate_answers, sample_prompts, write_samples
@@ -55,12 +55,14 @@ from model_training.training.resume import (
     Resume,
     already_complete,
     apply_changed_hyperparameters,
+    changed_settings,
     checkpoint_to_resume,
     continued_plan,
     convert_if_needed,
     describe_changes,
     schedule,
 )
+from model_training.training.run_lock import holding_output_dir
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
@@ -223,7 +225,7 @@ def setup_logging(info: DistInfo) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by `cfg`; return the run folder. A signal stops it at the next optimizer step with
     a checkpoint and raises `Stopped` (preemption.py)."""
-    return run_stoppable(cfg.stop_grace_period, partial(_train, cfg))
+    return run_stoppable(cfg.stop_grace_period, lambda stop: holding_output_dir(cfg, partial(_train, cfg, stop)))
 
 
 def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
@@ -243,7 +245,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
                          samples_per_step=data.plan.samples_per_step)
     # A resume that does not fit is refused before anything is built or written.
     resume = _checkpoint_to_continue(cfg, data, state)
-    if resume is not None and already_complete(resume, resume.saved["optimizer_step"], state.total_steps):
+    if resume is not None and already_complete(cfg, resume, resume.saved["optimizer_step"], state.total_steps):
         leave_process_group()
         return output_dir
     if resume is not None:
@@ -257,7 +259,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     if info.is_main:
         # Written once the run has started: a launch that fails earlier leaves no run folder behind.
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
+        record_run_file(output_dir, RUN_CONFIG).write_text(to_yaml(cfg))
 
     spec = _sample_spec(cfg, tokenizer, engine)
     if resume is not None:
@@ -341,7 +343,7 @@ def build_engine(
     of ranks through its universal conversion (reshard.py)."""
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
     keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
-    save_base_to = Path(cfg.output_dir) / BASE_MODEL_DIR if keep_base and info.is_main else None
+    save_base_to = record_run_file(Path(cfg.output_dir), BASE_MODEL_DIR) if keep_base and info.is_main else None
     if not cfg.deepspeed:
         model = build_model(cfg, tokenizer, {}, save_base_to)
         clock.phase("model build")
@@ -395,7 +397,7 @@ def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, resume: Resume, 
     mine = ("samples_per_step", "epoch_steps", "total_steps", "data_fingerprint")
     state.load_state_dict({**saved, **{key: getattr(state, key) for key in mine}})
     changes = describe_changes(cfg, resume, plan, state.total_steps)
-    apply_changed_hyperparameters(cfg, engine, changes, state.optimizer_step)
+    apply_changed_hyperparameters(cfg, engine, changes, state.optimizer_step, changed_settings(cfg, resume.checkpoint))
     logger.info("resumed from %s at optimizer step %d", resume.checkpoint, state.optimizer_step)
 
 
