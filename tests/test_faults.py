@@ -418,3 +418,39 @@ def test_allow_older_passes_over_a_newest_checkpoint_whose_hashes_fail(zero2_run
                      r"global_step8/zero_pp_rank_0_mp_rank_00_optim_states\.pt does not match its xxh3_128", stderr)
     assert "exporting checkpoint " + str(tmp_path / "run" / "checkpoint-000004") in stderr
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_an_overwrite_keeps_a_file_of_the_users(zero2_run: Path, tmp_path: Path) -> None:
+    """overwrite_output_dir removes what the earlier run wrote (its .run-files, checkpoints, metrics), not a
+    samples.md the user keeps there."""
+    shutil.copytree(zero2_run, tmp_path / "run")
+    (tmp_path / "run" / "samples.md").write_text("my own notes")
+    status, stderr = run(trainer(f"output_dir={tmp_path / 'run'}", "overwrite_output_dir=true", "max_steps=1",
+                                 "--no-deepspeed"), ranks=1)
+    assert status == 0, stderr[-3000:]
+    assert (tmp_path / "run" / "samples.md").read_text() == "my own notes"
+    assert not (tmp_path / "run" / "checkpoint-000008").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.slow
+def test_a_resume_drops_a_torn_metrics_line_and_says_each_changed_setting(zero2_run: Path, tmp_path: Path) -> None:
+    """A metrics.jsonl cut in its last line (a kill mid-write) is cut back to its last whole line, said in one line,
+    before the resume appends; the schedule's and the step's changed settings are said each in one line."""
+    from model_training.training.plot import plot_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero2_run, run_dir)
+    whole = (run_dir / "metrics.jsonl").read_text()
+    torn = '{"epoch": 0.5, "loss": 4.1'
+    (run_dir / "metrics.jsonl").write_text(whole + torn)
+    result = run_deepspeed([*TINY, f"output_dir={run_dir}", "--resume_from_checkpoint", "max_steps=9",
+                            "logging_steps=1", "max_grad_norm=1.0", "lr_scheduler_type=linear"], timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert re.search(rf"metrics\.jsonl ended in a line cut short \({len(torn)} bytes without a newline, a run killed "
+                     r"while writing it\): dropped it before appending", result.stdout), result.stdout[-4000:]
+    assert "max_grad_norm changed on resume: 2.0 -> 1.0" in result.stdout
+    assert "lr_scheduler_type changed on resume: cosine -> linear" in result.stdout
+    records = (run_dir / "metrics.jsonl").read_text()
+    assert records.startswith(whole) and json.loads(records.splitlines()[-1])["step"] == 9
+    assert plot_run(run_dir).is_file()
