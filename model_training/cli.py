@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -269,21 +269,11 @@ def _prepare_only(cfg: TrainConfig) -> int:
 
 
 def _stats_tokenizer(cfg: TrainConfig) -> Any:
-    """The run's tokenizer, without exporting anything: a training checkpoint or run folder as `model_name` holds its
-    tokenizer in its newest checkpoint's tokenizer/ folder."""
-    from model_training.layout import TOKENIZER_DIR
+    """The run's tokenizer, without exporting anything (start.tokenizer_config)."""
     from model_training.models.builder import load_tokenizer
-    from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
-    from model_training.training.start import training_run
+    from model_training.training.start import tokenizer_config
 
-    folder = training_run(cfg.model_name) if cfg.tokenizer_name is None and cfg.model_name is not None else None
-    if folder is not None:
-        try:
-            checkpoint = resolve_checkpoint(folder, folder)
-        except CheckpointError as err:
-            raise ConfigError(f"key 'model_name': {err}") from None
-        cfg = replace(cfg, tokenizer_name=str(checkpoint / TOKENIZER_DIR))
-    return load_tokenizer(cfg)
+    return load_tokenizer(tokenizer_config(cfg))
 
 
 def _show_preference_stats(cfg: TrainConfig, tokenizer: Any) -> int:

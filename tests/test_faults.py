@@ -195,6 +195,20 @@ RUN_FAULTS = [
               r"max_steps to more than 8", ranks=2, on_a_run=True),
         marks=pytest.mark.slow,
     ),
+    pytest.param(
+        Fault("resume a ZeRO-2 checkpoint under ZeRO-3",
+              on_run("--resume_from_checkpoint", "deepspeed_config=configs/zero3_config.json"),
+              r"cannot resume from \S+/checkpoint-000008: it was saved under ZeRO-1/2, and deepspeed_config "
+              r"'configs/zero3_config\.json' asks for ZeRO-3, whose engine state DeepSpeed keeps in other files; "
+              r"resume it with a ZeRO-1/2 deepspeed_config", ranks=2, on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Fault("resume an fp32 run with dtype=bf16", on_run("--resume_from_checkpoint", "dtype=bf16"),
+              r"cannot resume from \S+/checkpoint-000008: it was saved by a run with dtype fp32, and this one has "
+              r"dtype bf16: .*resume it with dtype=fp32", ranks=2, on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
     Fault("export into one of the run's own checkpoints",
           lambda scratch: [str(EXPORTER), str(scratch / "run"), "--output_folder",
                            str(scratch / "run" / "checkpoint-000004"), "--overwrite"],

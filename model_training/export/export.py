@@ -11,6 +11,7 @@ end: the output folder is complete or absent, never half-written.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -32,7 +33,7 @@ from transformers import (
 from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read_run_config
 from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
-from model_training.export.writer import WeightEntry, write_weights
+from model_training.export.writer import WeightEntry, size_text, write_weights
 from model_training.folders import hidden_sibling, replace_folder
 from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR, is_training_run
 from model_training.models.dtypes import TORCH_DTYPES
@@ -117,10 +118,20 @@ def export_model(
         else:
             _export_checkpoint(checkpoint, partial, dtype, max_shard_size, trust_remote_code)
         replace_folder(partial, output_folder, aside=hidden_sibling(output_folder, "replaced"))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise ExportError(_disk_full(output_folder, getattr(err, "needed", None))) from err
         raise
     return output_folder
+
+
+def _disk_full(output_folder: Path, needed: int | None) -> str:
+    """The one line of an export that filled the disk (its partial folder removed)."""
+    free = shutil.disk_usage(output_folder.parent).free
+    weights = f"its weights need {size_text(needed)}" if needed is not None else "it needs more than that"
+    return (f"the disk of {output_folder.parent} is full: {size_text(free)} free once the partial export was "
+            f"removed, and {weights}; free space there, or choose another --output_folder")
 
 
 def is_model_folder(path: Path) -> bool:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from model_training.export.writer import size_text
 from model_training.folders import discard_folder, fsync_folder, replace_folder
 from model_training.layout import (
     CHECKPOINT_RE,
@@ -145,7 +146,25 @@ def _raise_if_any_failed(
     rank's own."""
     failed = [f"rank {r}: {error}" for r, (error, _) in enumerate(reports) if error is not None]
     if failed:
-        raise CheckpointError(target.failure(f"while {what} ({'; '.join(failed)})")) from cause
+        full = any(sign in error for error in failed for sign in DISK_FULL_SIGNS)
+        raise CheckpointError(target.failure(f"while {what} ({'; '.join(failed)})"
+                                             + (_disk_full_note(target.output_dir) if full else ""))) from cause
+
+
+DISK_FULL_SIGNS = ("[Errno 28]", "No space left on device", "unexpected pos")
+"""How a full disk shows in a failed write: the OS's ENOSPC, or torch's serializer ("failed writing file ...:
+unexpected pos 868864 vs 868752"), which turns it into a RuntimeError of its own."""
+
+
+def _disk_full_note(output_dir: Path) -> str:
+    """What a save that filled the disk needs: the space free now (the failed save's files removed) and the size of
+    the newest committed checkpoint, which a new one of the same run matches."""
+    free = shutil.disk_usage(output_dir).free
+    committed = _committed_checkpoints(output_dir) if output_dir.is_dir() else []
+    needed = (f"needs about {size_text(checkpoint_bytes(committed[-1]))}, as {committed[-1].name} did"
+              if committed else "needs more than that")
+    return (f"; the disk of {output_dir} is full: {size_text(free)} free once the partial checkpoint was removed, "
+            f"and a checkpoint of this run {needed}: free space there, or keep fewer checkpoints (save_total_limit)")
 
 
 def _prepare_staging(target: _SaveTarget) -> BaseException | None:

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from model_training.config import ConfigError, TrainConfig, read_run_config
-from model_training.layout import RUN_CONFIG
+from model_training.config import ConfigError, TrainConfig, read_deepspeed_json, read_run_config, zero_stage
+from model_training.layout import RUN_CONFIG, zero3_model_states
 from model_training.training.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
@@ -80,13 +80,38 @@ def checkpoint_to_resume(
             raise CheckpointError(f"it was saved by a run {saved_by} DeepSpeed, whose engine state this run cannot "
                                   f"load; resume it with {setting}")
         saved = read_trainer_state(ckpt)
-        world_size = verify_checkpoint(ckpt)["world_size"]
+        manifest = verify_checkpoint(ckpt)
+        world_size = manifest["world_size"]
+        if cfg.deepspeed:
+            _check_same_engine_layout(cfg, ckpt, manifest["deepspeed_tag"])
     except CheckpointError as err:
         raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     _check_fingerprints(ckpt, saved, state, fingerprint_for_batch)
     if cfg.verify_checkpoint_hashes:
         _verify_on_ranks(ckpt)
     return Resume(ckpt, saved, world_size, needs_universal(ckpt, dist.get_world_size()))
+
+
+def _check_same_engine_layout(cfg: TrainConfig, ckpt: Path, tag: str) -> None:
+    """CheckpointError when DeepSpeed would look for the engine state in files the checkpoint does not have: ZeRO-3
+    keeps each rank's model states apart, ZeRO-1/2 in one file; a bf16 run keeps its optimizer in other files than an
+    fp16 or fp32 one (DeepSpeed's AssertionError or FileNotFoundError, deep in the load, otherwise)."""
+    saved_stage3 = (ckpt / tag / zero3_model_states(0)).is_file()
+    stage = zero_stage(read_deepspeed_json(cfg.deepspeed_config)[1])
+    if saved_stage3 != (stage == 3):
+        saved = "ZeRO-3" if saved_stage3 else "ZeRO-1/2"
+        raise CheckpointError(
+            f"it was saved under {saved}, and deepspeed_config '{cfg.deepspeed_config}' asks for ZeRO-{stage}, whose "
+            f"engine state DeepSpeed keeps in other files; resume it with a {saved} deepspeed_config, or export it and "
+            "start a new run from the export")
+    try:
+        saved_dtype = read_run_config(ckpt / RUN_CONFIG).dtype
+    except ConfigError:  # a config of an older schema: the load says what it misses
+        return
+    if saved_dtype != cfg.dtype and "bf16" in (saved_dtype, cfg.dtype):
+        raise CheckpointError(
+            f"it was saved by a run with dtype {saved_dtype}, and this one has dtype {cfg.dtype}: DeepSpeed keeps "
+            f"the optimizer state of bf16 and of other runs in other files; resume it with dtype={saved_dtype}")
 
 
 def _check_fingerprints(

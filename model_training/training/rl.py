@@ -53,6 +53,7 @@ from model_training.layout import (
     RUN_CONFIG,
     START_REWARD_MODEL_DIR,
     START_VALUE_MODEL_DIR,
+    TOKENIZER_DIR,
     VALUE_MODEL_DIR,
     record_run_file,
 )
@@ -79,7 +80,7 @@ from model_training.training.rollouts import (
 )
 from model_training.training.run_lock import holding_output_dir
 from model_training.training.saver import Saver
-from model_training.training.start import SOURCE_FILE, model_folder, start_model_config
+from model_training.training.start import SOURCE_FILE, model_folder, saved_folder, start_model_config, tokenizer_config
 from model_training.training.step import TrainingError, nonfinite_on_any_rank
 from model_training.training.trainer import (
     FieldsState,
@@ -169,13 +170,12 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     clock.phase("process start, imports and distributed init")
     seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
-    plan = plan_steps(cfg, info.world_size)  # before minutes of exports: a split that does not fit fails at once
-    sources = _model_sources(cfg, info)
-    tokenizer = load_tokenizer(sources.policy)
-    check_same_tokenizer(tokenizer, sources.reward, "ppo.reward_model")
-    if sources.value != sources.reward:
-        check_same_tokenizer(tokenizer, sources.value, "ppo.value_model")
+    plan = plan_steps(cfg, info.world_size)
+    # Everything that can be checked without the exports is checked before their minutes (and their writes).
+    tokenizer = load_tokenizer(tokenizer_config(cfg))
+    _check_reward_and_value_models(cfg, tokenizer)
     prompts = load_prompts(cfg, tokenizer)
+    sources = _model_sources(cfg, info)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo.num_rollouts)
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps_per_epoch)
     clock.phase("prompts", f"{len(prompts)} prompts, {total_steps} steps of {cfg.ppo.num_rollouts} rollouts")
@@ -238,12 +238,18 @@ class ModelSources:
 
 
 def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
-    """The four models' folders, a training checkpoint or run folder exported once (training/start.py); ConfigError
-    when the reward model is not one."""
+    """The four models' folders, a training checkpoint or run folder exported once (training/start.py)."""
     policy = start_model_config(cfg, info)
     reward = model_folder(cfg.ppo.reward_model, "ppo.reward_model", START_REWARD_MODEL_DIR, cfg, info)
     value = reward if cfg.ppo.value_model is None else model_folder(
         cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
+    return ModelSources(policy, reward, value)
+
+
+def _check_reward_and_value_models(cfg: TrainConfig, tokenizer: Any) -> None:
+    """ConfigError when the reward model is not one, or the reward or value model has another tokenizer than the
+    policy's: read where they lie (a training checkpoint's own folders), before anything is exported."""
+    reward = saved_folder(cfg.ppo.reward_model, "ppo.reward_model", MODEL_CONFIG_DIR)
     try:
         config = AutoConfig.from_pretrained(reward, cache_dir=cfg.cache_dir)
     except (OSError, ValueError) as err:
@@ -251,7 +257,11 @@ def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
     if not is_reward_model(config):
         raise ConfigError(f"key 'ppo.reward_model': {reward} is a {', '.join(config.architectures or ['model'])}, not "
                           "a reward model (a *ForSequenceClassification, as trainer_rm.py trains and exports)")
-    return ModelSources(policy, reward, value)
+    check_same_tokenizer(tokenizer, saved_folder(cfg.ppo.reward_model, "ppo.reward_model", TOKENIZER_DIR),
+                         "ppo.reward_model")
+    if cfg.ppo.value_model not in (None, cfg.ppo.reward_model):
+        check_same_tokenizer(tokenizer, saved_folder(cfg.ppo.value_model, "ppo.value_model", TOKENIZER_DIR),
+                             "ppo.value_model")
 
 
 def _fingerprint_models(cfg: TrainConfig, sources: ModelSources) -> str:

@@ -66,7 +66,7 @@ from model_training.training.run_lock import holding_output_dir
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
-from model_training.training.start import start_model_config
+from model_training.training.start import start_model_config, tokenizer_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError
 from model_training.training.throughput import ThroughputMeter
 from model_training.training.torch_engine import build_torch_engine
@@ -236,9 +236,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
 
-    # A training checkpoint as model_name is exported first; the run's own config (fingerprint, saves) keeps it.
-    model_cfg = start_model_config(cfg, info)
-    tokenizer = load_tokenizer(model_cfg)
+    # A training checkpoint as model_name: its tokenizer is read where it lies, and the checkpoint is exported only
+    # once the data and the resume are checked; the run's own config (fingerprint, saves) keeps model_name.
+    tokenizer = load_tokenizer(tokenizer_config(cfg))
     clock.phase("tokenizer")
     data = _run_data(cfg, tokenizer, info, clock)
     state = TrainerState(data_fingerprint=_fingerprint_data(data), model_fingerprint=_fingerprint_model(cfg),
@@ -248,6 +248,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     if resume is not None and already_complete(cfg, resume, resume.saved["optimizer_step"], state.total_steps):
         leave_process_group()
         return output_dir
+    model_cfg = start_model_config(cfg, info)
     if resume is not None:
         data = replace(data, plan=continued_plan(data.plan, resume))
         convert_if_needed(cfg, resume)
