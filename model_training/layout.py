@@ -144,9 +144,10 @@ def foreign_files(output_dir: Path, names: list[str]) -> list[str]:
 
 
 def remove_run(output_dir: Path) -> list[str]:
-    """Delete the files a run wrote into ``output_dir`` (and nothing else there); return their names."""
+    """Delete the files a run wrote into ``output_dir`` (and nothing else there), its RUN_FILES last; return their
+    names."""
     written = run_files(output_dir) if (output_dir / RUN_FILES).exists() else LEGACY_RUN_FILES
-    owned = {*written, *earlier_run(output_dir), RUN_FILES}
+    owned = {*written, *earlier_run(output_dir)}
     removed = []
     for name in sorted(owned):
         path = output_dir / name
@@ -157,4 +158,5 @@ def remove_run(output_dir: Path) -> list[str]:
         else:
             continue
         removed.append(name)
+    (output_dir / RUN_FILES).unlink(missing_ok=True)
     return removed

@@ -32,6 +32,6 @@ def test_an_overwrite_removes_what_the_run_listed_and_keeps_the_users_samples(tm
     (tmp_path / "samples.md").write_text("the user's own notes")
     assert run_files(tmp_path) == ["config.yaml"]
     assert foreign_files(tmp_path, ["config.yaml", "samples.md", "training_curves.png"]) == ["samples.md"]
-    assert remove_run(tmp_path) == [".run-files", "checkpoint-000004", "config.yaml"]
+    assert remove_run(tmp_path) == ["checkpoint-000004", "config.yaml"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.md"]
     assert foreign_files(tmp_path, ["samples.md"]) == ["samples.md"]  # no run left: every file is the user's
