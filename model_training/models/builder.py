@@ -31,7 +31,7 @@ from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
 from model_training.folders import remove_folder, replace_folder
 from model_training.hub import is_hub_id
-from model_training.layout import BASE_MODEL_DIR
+from model_training.layout import BASE_MODEL_DIR, record_run_file
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packed_attention import enable_packed_attention
@@ -258,7 +258,7 @@ def _save_base(model: torch.nn.Module, folder: Path) -> None:
     partial, aside = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".replaced")
     remove_folder(partial)
     model.save_pretrained(partial)
-    replace_folder(partial, folder, aside=aside)
+    replace_folder(partial, record_run_file(folder.parent, folder.name), aside=aside)  # the run's, for an overwrite
     logger.info("LoRA base model (random weights) saved to %s for export", folder)
 
 

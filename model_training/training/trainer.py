@@ -344,7 +344,7 @@ def build_engine(
     of ranks through its universal conversion (reshard.py)."""
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
     keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
-    save_base_to = record_run_file(Path(cfg.output_dir), BASE_MODEL_DIR) if keep_base and info.is_main else None
+    save_base_to = Path(cfg.output_dir) / BASE_MODEL_DIR if keep_base and info.is_main else None
     if not cfg.deepspeed:
         model = build_model(cfg, tokenizer, {}, save_base_to)
         clock.phase("model build")

@@ -90,3 +90,18 @@ def test_two_launches_at_once_into_one_new_folder_train_one_run(tmp_path: Path) 
     assert sorted(p.name for p in output_dir.iterdir()) == [
         ".run-files", "checkpoint-000003", "config.yaml", "latest", "metrics.jsonl", "training_curves.png"]
     assert [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_launch_takes_over_the_lock_of_a_dead_run_with_a_line(tmp_path: Path) -> None:
+    """What a SIGKILLed run leaves: its lock, with a pid that runs no more on this host. The next launch (a requeue
+    resuming it, here a new run) takes it over, says so, and removes it at its clean exit."""
+    pid = dead_pid()
+    lock = write_lock(tmp_path / "run", this_host(), pid)
+    command = [sys.executable, str(REPO / "trainer_sft.py"), *TINY, f"output_dir={tmp_path / 'run'}", "max_steps=1",
+               "save_steps=1", "--no-deepspeed"]
+    result = subprocess.run(command, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(rf"output_dir \S+/run: took over the lock of a run that is gone \(host {re.escape(this_host())}, "
+                     rf"pid {pid}, started [\d: -]+ UTC, SLURM job 17\)", result.stderr), result.stderr[-3000:]
+    assert not lock.exists() and (tmp_path / "run" / "checkpoint-000001").is_dir()
