@@ -47,6 +47,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.console import ranks
 from model_training.layout import (
     MODEL_CONFIG_DIR,
     ROLLOUT_SAMPLES,
@@ -137,7 +138,7 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
     """The split of each step's rollouts (`Plan`); ConfigError when they do not divide evenly."""
     ppo, micro = cfg.ppo, cfg.per_device_train_batch_size
     if ppo.num_rollouts % world_size:
-        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {world_size} ranks cannot share "
+        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {ranks(world_size)} cannot share "
                           "evenly; use a multiple of the number of ranks")
     rollouts = ppo.num_rollouts // world_size
     rows = {}
@@ -215,9 +216,10 @@ def _checkpoint_to_continue(cfg: TrainConfig, state: RlState, output_dir: Path) 
         return None
     resume = checkpoint_to_resume(cfg, state, output_dir)
     if resume.world_size != dist.get_world_size():
-        raise ConfigError(f"cannot resume from {resume.checkpoint}: it was saved by {resume.world_size} ranks and this "
-                          f"run has {dist.get_world_size()}; PPO resumes on the number of ranks that saved it (only "
-                          f"SFT, the reward model and DPO resume on another): resume with {resume.world_size} ranks")
+        saved = ranks(resume.world_size)
+        raise ConfigError(f"cannot resume from {resume.checkpoint}: it was saved by {saved} and this run has "
+                          f"{dist.get_world_size()}; PPO resumes on the number of ranks that saved it (only SFT, the "
+                          f"reward model and DPO resume on another): resume with {saved}")
     return resume
 
 

@@ -200,7 +200,8 @@ def build_torch_engine(model: nn.Module, cfg: TrainConfig, world_size: int, tota
         trained, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay, fused=device.type == "cuda",
     )
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type, cfg.lr_decay_steps)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type, cfg.lr_decay_steps,
+                                cfg.min_lr_ratio)
     ddp = None
     if world_size > 1:
         # Buffers (rotary tables) are computed alike on every rank and never trained: no broadcast per forward.

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
 from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
@@ -312,10 +313,10 @@ def leave_process_group() -> None:
 def _log_plan(cfg: TrainConfig, data: RunData, total_steps: int, engine: Any, spec: SampleSpec, world: int) -> None:
     plan = data.plan
     logger.info(
-        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
+        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %s; "
         "%s micro-batches%s",
         cfg.stage, len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
-        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", world,
+        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", ranks(world),
         "packed" if cfg.packing else "padded",
         f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if cfg.stage == "sft" else "",
     )
@@ -357,7 +358,7 @@ def build_engine(
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type,
-                                                 cfg.lr_decay_steps),
+                                                 cfg.lr_decay_steps, cfg.min_lr_ratio),
     )
     return engine
 
