@@ -3,12 +3,16 @@
 The deepspeed launcher and torchrun export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 `srun` exports SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID instead; they are mapped to the same names
 (MASTER_ADDR/MASTER_PORT come from the sbatch script, see scripts/slurm/). Without any of these, a single
-process trains alone. A run on DeepSpeed starts the group through DeepSpeed; one without (`deepspeed=false`)
-through torch.distributed: NCCL on GPUs, gloo on CPUs, and an in-memory store for a process alone.
+process trains alone, on a free port. A group that cannot start (a port in use, a rank that cannot reach rank 0)
+is one line naming the rank, the cause and the fix (`LaunchError`). A run on DeepSpeed starts the group through
+DeepSpeed; one without (`deepspeed=false`) through torch.distributed: NCCL on GPUs, gloo on CPUs, and an in-memory
+store for a process alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,12 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+
+from model_training.ports import free_port
+
+
+class LaunchError(RuntimeError):
+    """The process group did not start; the message is one line: the rank, the cause and the fix."""
 
 
 @dataclass(frozen=True)
@@ -45,22 +55,40 @@ def init_distributed(local_rank_arg: int = -1, through_deepspeed: bool = True) -
     if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(max(local_rank_arg, 0)))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # Another job may hold the launchers' 29500; a process alone has no one to agree a port with.
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_arg, 0)))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    if through_deepspeed:
-        deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
-    elif not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if alone:  # no rendezvous, so no port: single processes side by side never collide
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        else:
-            dist.init_process_group(backend)
+    try:
+        if through_deepspeed:
+            # DeepSpeed prints "DeepSpeed ... shm_comm_op built successfully" on every CPU rank: rank 0 says it.
+            quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ["RANK"] != "0" else contextlib.nullcontext()
+            with quiet:
+                deepspeed.init_distributed(dist_init_required=not dist.is_initialized())
+        elif not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if alone:  # no rendezvous, so no port: single processes side by side never collide
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            else:
+                dist.init_process_group(backend)
+    except dist.DistError as err:
+        raise LaunchError(describe_failed_start(err)) from None
     info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
     if through_deepspeed:
         _unlink_cpu_allreduce_buffer(info.rank)
     return info
+
+
+def describe_failed_start(err: Exception) -> str:
+    """The one line of a process group that did not start: which rank, why, and what to do."""
+    rank, addr, port = os.environ.get("RANK", "0"), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if "EADDRINUSE" in str(err):
+        return (f"rank {rank}: port {port} on {addr} is in use by another process; pass --master_port=N (a free port) "
+                "to the launcher, or leave it out of scripts/quickstart.sh, which picks a free one")
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"rank {rank}: could not join the process group at {addr}:{port} ({cause}); rank 0 must be running "
+            "there: check its own error, and that MASTER_ADDR and --master_port name it")
 
 
 def _unlink_cpu_allreduce_buffer(rank: int) -> None:

@@ -63,6 +63,7 @@ from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.metrics import MetricsLogger
 from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
 from model_training.training.preemption import StopRequest, run_stoppable
+from model_training.training.report import ppo_line
 from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
 from model_training.training.rollouts import (
     Prompt,
@@ -85,6 +86,7 @@ from model_training.training.trainer import (
     StartupClock,
     build_engine,
     leave_process_group,
+    print_summary,
     remove_earlier_run,
     setup_logging,
 )
@@ -202,9 +204,13 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
         clock.phase("resume", f"from {resume.checkpoint} at step {state.step}")
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
+        tokens_before, loop_start = state.generated_tokens, time.perf_counter()
         _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop))
+        loop_seconds = time.perf_counter() - loop_start
     finally:
         metrics.close()
+    if info.is_main:  # its tokens/s: the continuations generated
+        print_summary(output_dir, state.step, state.generated_tokens - tokens_before, loop_seconds)
     leave_process_group()
     return output_dir
 
@@ -352,6 +358,8 @@ def _loop(cfg: TrainConfig, models: Models, state: RlState, run: PpoRun) -> None
         if stopping or state.step == run.total_steps or state.step % cfg.logging_steps == 0:
             run.metrics.log({"step": state.step, **record, "tokens": state.generated_tokens,
                              "lr": models.policy.get_lr()[0], "value_lr": models.value.get_lr()[0]})
+            if run.info.is_main:
+                progress.write(ppo_line(state.step, record))
             _log_samples(cfg, rollouts, run.tokenizer, run.metrics, state.step)
         save_now = run.saver.due(state.step) or (stopping and run.saver.enabled)
         saved = run.saver.save(models.policy, state.step, state.state_dict()) if save_now else None
