@@ -37,7 +37,7 @@ esac
 deepspeed --num_gpus "$NPROC" "${launcher[@]}" trainer_sft.py --configs defaults tiny-falcon oasst-sample \
     output_dir="$RUN" overwrite_output_dir=true "${trainer[@]}"
 python export_model.py "$RUN" --dtype bf16 --output_folder "$EXPORT" --max_shard_size 2GB --overwrite
-echo "The tiny model has 2 layers, trained for a few minutes from random weights: its answers below are nonsense on"
-echo "purpose. They show that training, export and generation work; a real model (README, Training) answers."
+echo "The tiny model (2 layers, random weights trained for half a minute on 246 conversations) answers nonsense on"
+echo "purpose: the answers show that training, export and generation work, not what a real model says."
 python -m model_training.generate "$EXPORT" "What is the capital of France?" "What is 3 plus 4?"
 echo "metrics: $RUN/metrics.jsonl   checkpoints: $RUN/checkpoint-*   export: $EXPORT"

@@ -51,7 +51,14 @@ from model_training.training.distributed import DistInfo, LaunchError, init_dist
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.evaluation import Evaluator
 from model_training.training.metrics import MetricsLogger
-from model_training.training.preemption import EXIT_STOPPED, Stopped, StopRequest, run_stoppable
+from model_training.training.preemption import (
+    EXIT_STOPPED,
+    Stopped,
+    StopRequest,
+    describe_exited,
+    exited_ranks,
+    run_stoppable,
+)
 from model_training.training.preference import PreferenceSpec, save_references, with_references
 from model_training.training.report import eval_lines, run_summary
 from model_training.training.resume import (
@@ -581,4 +588,12 @@ def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path] = train) ->
         return 1
     except Stopped:
         return EXIT_STOPPED
+    except (dist.DistError, RuntimeError) as err:
+        gone = exited_ranks()
+        if not gone:
+            raise
+        # A collective with a rank that died fails on the others ("Connection closed by peer"): say which one.
+        logger.error("%s (here: %s)", describe_exited(gone), str(err).strip().splitlines()[0] if str(err).strip() else
+                     type(err).__name__)
+        return 1
     return 0

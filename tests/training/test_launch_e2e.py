@@ -11,7 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DEEPSPEED, REPO, TINY, TRAINER, check_ok, cpu_env, free_port, step_losses
+from helpers import (
+    DEEPSPEED,
+    FAULT_WORKER,
+    REPO,
+    TINY,
+    TRAINER,
+    check_ok,
+    cpu_env,
+    free_port,
+    run_deepspeed,
+    step_losses,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +63,39 @@ def test_a_port_in_use_is_one_line_that_names_the_rank_the_port_and_the_fix(tmp_
 
 
 def test_a_process_alone_trains_while_the_launchers_default_port_is_taken(tmp_path: Path) -> None:
-    """`python trainer_sft.py` with no launcher: its one-process group rendezvous on a free port, not on 29500."""
-    env = {key: value for key, value in cpu_env().items() if key != "MASTER_PORT"}
+    """`python trainer_sft.py` with no launcher, from a shell that exported nothing: its one-process group rendezvous
+    on a free port, not on 29500; it sets setup_env.sh's defaults itself and says so in one line; the console shows
+    each validation and a summary."""
+    unset = ("MASTER_PORT", "DS_ACCELERATOR", "WANDB_MODE", "WANDB_API_KEY", "TOKENIZERS_PARALLELISM")
+    env = {key: value for key, value in cpu_env(HOME=str(tmp_path)).items() if key not in unset}
+    run = tmp_path / "run"
     with held(LAUNCHERS_DEFAULT_PORT):
-        result = subprocess.run([sys.executable, str(TRAINER), *TINY, f"output_dir={tmp_path}", "max_steps=2",
-                                 "logging_steps=1", "save_strategy=no"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, timeout=900)
+        result = subprocess.run([sys.executable, str(TRAINER), *TINY, f"output_dir={run}", "max_steps=2",
+                                 "logging_steps=1", "eval_steps=2", "save_steps=2"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     check_ok(result)
-    assert sorted(step_losses(tmp_path)) == [1, 2]
+    assert sorted(step_losses(run)) == [1, 2]
     assert not re.search(r"\b29500\b", result.stdout)
+    lines = result.stdout.replace("\r", "\n").splitlines()
+    assert [line for line in lines if line.startswith("environment:")] == [
+        "environment: TOKENIZERS_PARALLELISM=false WANDB_MODE=offline DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="
+        f"{Path(sys.prefix) / 'torch_extensions'} (scripts/setup_env.sh's defaults; export a value to choose another)"]
+    assert len([line for line in lines if re.fullmatch(
+        r"step 2 validation oasst_export: loss \d\.\d+, accuracy \d+\.\d%", line)]) == 1
+    assert any(re.fullmatch(r"done: 2 steps in [\d.]+ s, [\d,]+ tokens/s while training; run folder " + str(run), line)
+               for line in lines)
+    assert f"next, export it: python export_model.py {run} --output_folder {run}-export" in lines
+
+
+def test_a_rank_that_dies_is_named_by_the_rank_that_stays(tmp_path: Path) -> None:
+    """Rank 1 killed (SIGKILL: no word of its own) right after checkpoint 2: rank 0 says which rank exited, and
+    where to look, in one line without a traceback."""
+    result = run_deepspeed([*TINY, f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "logging_steps=1",
+                            "eval_steps=2"], script=FAULT_WORKER, FAULT_KILL_AFTER_SAVE_STEP="2")
+    assert result.returncode != 0
+    named = [line for line in result.stdout.splitlines() if re.search(r"rank 0: rank 1 \(pid \d+\) exited first", line)]
+    assert len(named) == 1, result.stdout[-4000:]
+    assert "its own error is above (none: the OS killed it" in named[0]
+    assert "Traceback" not in result.stdout
+    # The evaluation before it, on rank 0's console only.
+    assert result.stdout.replace("\r", "\n").count("step 2 validation oasst_export: loss") == 1
