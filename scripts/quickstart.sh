@@ -41,3 +41,5 @@ echo "The tiny model (2 layers, random weights trained for half a minute on 246 
 echo "purpose: the answers show that training, export and generation work, not what a real model says."
 python -m model_training.generate "$EXPORT" "What is the capital of France?" "What is 3 plus 4?"
 echo "metrics: $RUN/metrics.jsonl   checkpoints: $RUN/checkpoint-*   export: $EXPORT"
+# The environment ends with this script; the README's commands run inside it.
+echo "next: source $VENV/bin/activate   (once per shell; then the README's commands run as written)"

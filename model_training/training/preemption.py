@@ -13,6 +13,9 @@ Two things end a stop without its checkpoint, leaving the last committed one as 
 - the checkpoint not committed `grace_period` seconds after the first signal: the rank exits with
   `EXIT_STOP_TIMED_OUT`, before the scheduler's SIGKILL would come unannounced.
 A staging folder such an exit leaves is never loaded, and the next save clears it.
+A signal that comes once another rank of this node has exited (its launcher stops the others) is no stop: no
+collective, so no checkpoint, can finish without that rank. The rank says which one exited (`describe_exited`) and
+exits at once with status 1; a collective that fails for that reason says the same (trainer.run_or_exit).
 
 Signals are read by a thread of their own (Python's wakeup file descriptor): the main thread may sit in a collective
 or a checkpoint write for minutes, and a second signal or the grace period must still act then. The same thread
@@ -166,8 +169,7 @@ class StopRequest:
             self._signalled_at = now
             gone = exited_ranks()
             if gone:  # the launcher stops the others after one rank exited: no collective, so no checkpoint, can finish
-                logger.error("%s; the launcher sent %s. No stop checkpoint without that rank: resume from the last "
-                             "committed one (--resume_from_checkpoint)", describe_exited(gone), name)
+                logger.error("%s", describe_exited(gone))
                 _exit_now(1)
             self.ask(f"received {name}")
         elif now - self._signalled_at > REPEAT_WINDOW_S and not self._saved.is_set():
@@ -266,7 +268,8 @@ def exited_ranks() -> list[str]:
 def describe_exited(gone: list[str]) -> str:
     """The one line that says which rank died before this one, and where to look for why."""
     return (f"rank {os.environ.get('RANK', '0')}: {', '.join(gone)} exited first; its own error is above (none: the OS "
-            "killed it, out of memory for one: check `dmesg` or the job's memory limit)")
+            "killed it, out of memory for one: check `dmesg` or the job's memory limit); this rank stops too, without "
+            "a new checkpoint: resume from the last committed one (--resume_from_checkpoint)")
 
 
 def _alive_pid(pid: int) -> bool:

@@ -588,12 +588,12 @@ def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path] = train) ->
         return 1
     except Stopped:
         return EXIT_STOPPED
-    except (dist.DistError, RuntimeError) as err:
+    except (dist.DistError, RuntimeError):
         gone = exited_ranks()
         if not gone:
             raise
-        # A collective with a rank that died fails on the others ("Connection closed by peer"): say which one.
-        logger.error("%s (here: %s)", describe_exited(gone), str(err).strip().splitlines()[0] if str(err).strip() else
-                     type(err).__name__)
+        # A collective with a rank that died fails on the others ("Connection reset by peer", a page of gloo's text):
+        # which rank it was is what helps.
+        logger.error("%s", describe_exited(gone))
         return 1
     return 0
