@@ -16,7 +16,7 @@ too); DPO's rewards and log-probabilities stay in metrics.jsonl."""
 
 
 def _value(name: str, value: float) -> str:
-    return f"{name} {value:.1%}" if name == "accuracy" else f"{name} {value:.4g}"
+    return f"{name} {value:.1%}" if name == "accuracy" else f"{'KL' if name == 'kl' else name} {value:.4g}"
 
 
 def eval_lines(step: int, results: dict[str, float], prefix: str = "step {step} validation") -> list[str]:

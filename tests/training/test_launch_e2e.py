@@ -49,16 +49,32 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-def test_a_port_in_use_is_one_line_that_names_the_rank_the_port_and_the_fix(tmp_path: Path) -> None:
+def test_a_one_node_launch_meets_on_a_free_port_while_29500_is_held(tmp_path: Path) -> None:
+    """The README's `deepspeed --num_gpus 2 trainer_sft.py ...`, no --master_port, while another process holds the
+    launcher's default port: rank 0 takes a free port and says so once; the run trains."""
+    with held(LAUNCHERS_DEFAULT_PORT):
+        result = run([DEEPSPEED, "--num_gpus", "2", str(TRAINER), *TINY, f"output_dir={tmp_path}", "max_steps=2",
+                      "logging_steps=1", "save_strategy=no"])
+    check_ok(result)
+    assert sorted(step_losses(tmp_path)) == [1, 2]
+    moved = [line for line in result.stdout.splitlines() if "is in use by another process" in line]
+    assert len(moved) == 1 and re.fullmatch(r"port 29500 is in use by another process: the ranks of this one-node run "
+                                            r"meet on port \d+ instead", moved[0]), moved
+
+
+def test_a_port_in_use_where_the_ranks_cannot_move_is_one_line(tmp_path: Path) -> None:
+    """Rank 0 as srun starts it (RANK, WORLD_SIZE, MASTER_ADDR/MASTER_PORT from the job script): the other ranks,
+    maybe on other nodes, expect that port, so the rank says which port, and what to do, in one line."""
     port = free_port()
+    env = cpu_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     with held(port):
-        result = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), str(TRAINER), *TINY,
-                      f"output_dir={tmp_path / 'run'}", "max_steps=1"])
-    assert result.returncode != 0
-    lines = [line for line in result.stdout.splitlines() if line.startswith("error:")]
-    assert lines == [f"error: rank 0: port {port} on 127.0.0.1 is in use by another process; pass --master_port=N "
-                     "(a free port) to the launcher, or leave it out of scripts/quickstart.sh, which picks a free one"]
-    assert "Traceback" not in result.stdout and "EADDRINUSE" not in result.stdout
+        result = subprocess.run([sys.executable, str(TRAINER), *TINY, f"output_dir={tmp_path / 'run'}", "max_steps=1"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: rank 0: port {port} on 127.0.0.1 is in use by another process; choose a free one: "
+                      "--master_port=N for deepspeed or torchrun, MASTER_PORT=N for srun"]
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -44,6 +44,6 @@ def test_a_ppo_summary_shows_reward_and_kl_and_no_checkpoint_without_one(tmp_pat
     (tmp_path / "rollout_samples.jsonl").write_text("{}\n")
     assert run_summary(tmp_path, 2, 5.0, 100, 2.0) == [
         f"done: 2 steps in 5.0 s, 50 tokens/s while training; run folder {tmp_path}",
-        "last step 2: reward 0.5, kl 0.02, length 12",
+        "last step 2: reward 0.5, KL 0.02, length 12",
         f"samples: {tmp_path}/rollout_samples.jsonl",
     ]
