@@ -166,15 +166,20 @@ def _create_model(
     return model
 
 
+def _not_the_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
 @contextlib.contextmanager
 def _quiet_load_report() -> Any:
+    # A filter, not a level: transformers 5 checks its tensor-parallel plan (and warns of every layer it does not
+    # shard) whenever this logger's level is WARNING or above.
     report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    report.addFilter(_not_the_load_report)
     try:
         yield
     finally:
-        report.setLevel(level)
+        report.removeFilter(_not_the_load_report)
 
 
 def _report_load(model_name: str, loading: dict[str, Any]) -> None:
