@@ -3,12 +3,12 @@ per logged PPO step, and a summary when the run ends. The numbers are those of m
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Any
 
 from model_training.layout import CHECKPOINT_RE, CURVES, METRICS, ROLLOUT_SAMPLES, SAMPLES_MD
+from model_training.training.plot import PlotError, read_records
 
 _SHOWN = ("loss", "accuracy", "margin")
 """The validation metrics a line shows, of those a stage has (SFT: loss and accuracy; reward model, DPO: margin
@@ -66,9 +66,10 @@ def run_summary(output_dir: Path, steps: int, wall_seconds: float, tokens: int, 
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    try:
+        return read_records(path)
+    except PlotError:  # none written (logging off), or unreadable: the summary says the rest
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _evals(record: dict[str, Any]) -> dict[str, float]:

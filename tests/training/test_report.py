@@ -47,3 +47,8 @@ def test_a_ppo_summary_shows_reward_and_kl_and_no_checkpoint_without_one(tmp_pat
         "last step 2: reward 0.5, KL 0.02, length 12",
         f"samples: {tmp_path}/rollout_samples.jsonl",
     ]
+
+
+def test_a_run_without_metrics_still_says_its_steps_time_and_folder(tmp_path: Path) -> None:
+    assert run_summary(tmp_path, 3, 4.0, 0, 1.0) == [
+        f"done: 3 steps in 4.0 s, 0 tokens/s while training; run folder {tmp_path}"]
