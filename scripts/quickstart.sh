@@ -42,4 +42,4 @@ echo "purpose: the answers show that training, export and generation work, not w
 python -m model_training.generate "$EXPORT" "What is the capital of France?" "What is 3 plus 4?"
 echo "metrics: $RUN/metrics.jsonl   checkpoints: $RUN/checkpoint-*   export: $EXPORT"
 # The environment ends with this script; the README's commands run inside it.
-echo "next: source $VENV/bin/activate   (once per shell; then the README's commands run as written)"
+echo "next: source ${VENV:-.venv}/bin/activate   (once per shell; then the README's commands run as written)"
