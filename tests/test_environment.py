@@ -18,7 +18,8 @@ NAMES = ("TOKENIZERS_PARALLELISM", "WANDB_MODE", "WANDB_API_KEY", "DS_ACCELERATO
 def bare_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """None of the variables set, and a home folder without a ~/.netrc."""
     for name in NAMES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # records the value before (or its absence), which the undo restores
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))
 
 
@@ -51,3 +52,4 @@ def test_a_netrc_login_counts_as_a_wandb_login(tmp_path: Path) -> None:
     netrc.chmod(0o600)
     apply_training_defaults()
     assert "WANDB_MODE" not in os.environ
+

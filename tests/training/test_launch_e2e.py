@@ -82,7 +82,8 @@ def test_a_process_alone_trains_while_the_launchers_default_port_is_taken(tmp_pa
     """`python trainer_sft.py` with no launcher, from a shell that exported nothing: its one-process group rendezvous
     on a free port, not on 29500; it sets setup_env.sh's defaults itself and says so in one line; the console shows
     each validation and a summary."""
-    unset = ("MASTER_PORT", "DS_ACCELERATOR", "WANDB_MODE", "WANDB_API_KEY", "TOKENIZERS_PARALLELISM")
+    unset = ("MASTER_PORT", "DS_ACCELERATOR", "WANDB_MODE", "WANDB_API_KEY", "TOKENIZERS_PARALLELISM",
+             "TORCH_EXTENSIONS_DIR")
     env = {key: value for key, value in cpu_env(HOME=str(tmp_path)).items() if key not in unset}
     run = tmp_path / "run"
     with held(LAUNCHERS_DEFAULT_PORT):
