@@ -22,6 +22,7 @@ from model_training.config import (
 )
 from model_training.console import quiet_library_noise
 from model_training.data.records import FileFormatError
+from model_training.environment import apply_training_defaults
 from model_training.layout import earlier_run
 from model_training.run_folder import check_output_dir
 
@@ -159,6 +160,10 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
     except (ConfigError, FileFormatError) as err:
         # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
         return report_user_error(err, quiet=_launcher_rank() != 0)
+    applied = apply_training_defaults()
+    if applied and _launcher_rank() == 0:
+        print(f"environment: {' '.join(applied)} (scripts/setup_env.sh's defaults; export a value to choose another)",
+              file=sys.stderr)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
     from model_training.training.trainer import run_or_exit, train

@@ -24,6 +24,7 @@ from model_training.config import (
     to_yaml,
 )
 from model_training.data.sources.oasst_export import OasstExportConfig
+from model_training.training.schedule import lr_multiplier
 
 MODEL_SECTIONS = [
     "falcon-7b", "falcon-40b", "tiny-falcon", "falcon-7b-qlora", "pythia-12b", "llama-7b", "llama-30b", "mistral-7b",
@@ -106,6 +107,10 @@ def test_the_alfred_section_holds_every_value_of_the_published_recipe() -> None:
         for part in key.split("."):
             found = getattr(found, part)
         assert found == value, key
+    # The card's end of the decay, 1.85e-7, where the schedule holds it after its 100 steps.
+    end = cfg.learning_rate * lr_multiplier(cfg.max_steps - 1, cfg.warmup_steps, cfg.max_steps, cfg.lr_scheduler_type,
+                                            cfg.lr_decay_steps, cfg.min_lr_ratio)
+    assert end == pytest.approx(1.85e-7, rel=1e-9)
 
 
 def zero_stage_of(cfg: TrainConfig) -> int:
@@ -389,6 +394,7 @@ def test_unknown_key_on_the_command_line() -> None:
         ("save_strategy=sometimes", r"key 'save_strategy' is 'sometimes'"),
         ("per_device_train_batch_size=0", r"'per_device_train_batch_size' must be at least 1"),
         ("max_steps=0", r"'max_steps' must be at least 1 or null"),
+        ("min_lr_ratio=1.5", r"key 'min_lr_ratio' is 1.5; expected a fraction of the peak from 0 to 1"),
         ("save_total_limit=0", r"'save_total_limit' must be at least 1 or null"),
         ("residual_dropout=1.5", r"'residual_dropout' must be in \[0, 1\)"),
         ("model_name=tiiuae/falcon-7b", r"set exactly one of 'model_name'"),

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read_run_config
+from model_training.console import ranks
 from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
 from model_training.export.writer import WeightEntry, size_text, write_weights
@@ -204,8 +205,8 @@ def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
             raise ExportError(f"checkpoint {checkpoint} has no {needed}/ folder (was it saved by this trainer?)")
     if check_hashes:
         seconds, gigabytes = time.perf_counter() - start, checkpoint_bytes(checkpoint) / 1e9
-        logger.info("every file matches its manifest's hash: %.2f GB in %.1f s (%.2f s/GB, %d threads)",
-                    gigabytes, seconds, seconds / max(gigabytes, 1e-9), _HASH_THREADS)
+        logger.info("every file matches its manifest's hash: %.2f GB in %.1f s (%.0f MB/s, %d threads)",
+                    gigabytes, seconds, gigabytes * 1e3 / max(seconds, 1e-9), _HASH_THREADS)
     return checkpoint
 
 
@@ -257,7 +258,8 @@ def _export_checkpoint(
         zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"])
     except ZeroCheckpointError as exc:
         raise ExportError(f"checkpoint {checkpoint}: {exc}") from exc
-    shards = f"ZeRO-{zero.zero_stage} shards of {zero.world_size} ranks" if zero.zero_stage else "plain PyTorch weights"
+    shards = (f"ZeRO-{zero.zero_stage} shards of {ranks(zero.world_size)}" if zero.zero_stage
+              else "plain PyTorch weights")
     logger.info("%s: %s", checkpoint, shards)
 
     entries, num_parameters, architecture = _weight_entries(config, zero.tensors, dtype, trust_remote_code)

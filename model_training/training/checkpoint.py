@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from model_training.console import ranks
 from model_training.export.writer import size_text
 from model_training.folders import discard_folder, fsync_folder, replace_folder
 from model_training.layout import (
@@ -646,7 +647,7 @@ def load_checkpoint(
         source = folder / UNIVERSAL_DIR if universal else folder
         if universal and not _universal_load_configured(each, source):
             raise CheckpointError(
-                f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}: its ZeRO-"
+                f"Checkpoint {ckpt_dir} was saved by {ranks(saved)} and this run has {current}: its ZeRO-"
                 f"{manifest.get('zero_stage')} optimizer state is cut per rank, so it loads only through its "
                 f"universal conversion with load_universal on (the trainer makes both when it resumes)"
             )

@@ -29,6 +29,7 @@ import numpy as np
 import torch.distributed as dist
 
 from model_training.config import ConfigError, TrainConfig, read_deepspeed_json, read_run_config, zero_stage
+from model_training.console import ranks
 from model_training.layout import RUN_CONFIG, zero3_model_states
 from model_training.training.checkpoint import (
     CheckpointError,
@@ -146,8 +147,8 @@ def _verify_on_ranks(ckpt: Path) -> None:
         raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     gigabytes = checkpoint_bytes(ckpt) / 1e9
     logger.info(
-        "every file of %s matches its manifest's hash: %.2f GB in %.1f s on %d ranks (%.2f s/GB of checkpoint)",
-        ckpt, gigabytes, seconds, dist.get_world_size(), seconds / max(gigabytes, 1e-9),
+        "every file of %s matches its manifest's hash: %.2f GB in %.1f s on %s (%.0f MB/s)",
+        ckpt, gigabytes, seconds, ranks(dist.get_world_size()), gigabytes * 1e3 / max(seconds, 1e-9),
     )
 
 
@@ -159,9 +160,9 @@ def convert_if_needed(cfg: TrainConfig, resume: Resume) -> None:
     try:
         seconds = convert_for_any_ranks(resume.checkpoint, [resume.checkpoint], cfg.verify_checkpoint_hashes)
     except CheckpointError as err:
-        raise ConfigError(f"cannot resume from {resume.checkpoint} on {dist.get_world_size()} ranks: {err}") from None
-    logger.info("resharding: the checkpoint of %d ranks loads on %d through its universal conversion (%.1f s)",
-                resume.world_size, dist.get_world_size(), seconds)
+        raise ConfigError(f"cannot resume from {resume.checkpoint} on {ranks(dist.get_world_size())}: {err}") from None
+    logger.info("resharding: the checkpoint of %s loads on %d through its universal conversion (%.1f s)",
+                ranks(resume.world_size), dist.get_world_size(), seconds)
 
 
 @dataclass(frozen=True)
@@ -208,12 +209,12 @@ def describe_changes(cfg: TrainConfig, resume: Resume, plan: StepPlan, total_ste
     saved, changes = resume.saved, []
     world = dist.get_world_size()
     if resume.world_size != world:
-        changes.append(f"{resume.world_size} -> {world} ranks")
+        changes.append(f"{resume.world_size} -> {ranks(world)}")
     batch = saved_global_batch(resume.checkpoint, saved)
     if batch != plan.samples_per_step:
         changes.append(
             f"global batch {batch} -> {plan.samples_per_step} samples (micro batch {cfg.per_device_train_batch_size} x "
-            f"accumulation {cfg.gradient_accumulation_steps} x {world} ranks), the data going on from sample "
+            f"accumulation {cfg.gradient_accumulation_steps} x {ranks(world)}), the data going on from sample "
             f"{plan.start.offset} of epoch {plan.start.epoch}")
     elif resume.world_size != world:
         changes.append(f"global batch unchanged ({batch} samples)")

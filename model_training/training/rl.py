@@ -47,6 +47,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.console import ranks
 from model_training.layout import (
     MODEL_CONFIG_DIR,
     ROLLOUT_SAMPLES,
@@ -64,6 +65,7 @@ from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.metrics import MetricsLogger
 from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
 from model_training.training.preemption import StopRequest, run_stoppable
+from model_training.training.report import ppo_line
 from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
 from model_training.training.rollouts import (
     Prompt,
@@ -87,6 +89,7 @@ from model_training.training.trainer import (
     StartupClock,
     build_engine,
     leave_process_group,
+    print_summary,
     remove_earlier_run,
     setup_logging,
 )
@@ -140,7 +143,7 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
     """The split of each step's rollouts (`Plan`); ConfigError when they do not divide evenly."""
     ppo, micro = cfg.ppo, cfg.per_device_train_batch_size
     if ppo.num_rollouts % world_size:
-        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {world_size} ranks cannot share "
+        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {ranks(world_size)} cannot share "
                           "evenly; use a multiple of the number of ranks")
     rollouts = ppo.num_rollouts // world_size
     rows = {}
@@ -203,9 +206,13 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
         clock.phase("resume", f"from {resume.checkpoint} at step {state.step}")
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
+        tokens_before, loop_start = state.generated_tokens, time.perf_counter()
         _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop))
+        loop_seconds = time.perf_counter() - loop_start
     finally:
         metrics.close()
+    if info.is_main:  # its tokens/s: the continuations generated
+        print_summary(output_dir, state.step, state.generated_tokens - tokens_before, loop_seconds)
     leave_process_group()
     return output_dir
 
@@ -217,9 +224,10 @@ def _checkpoint_to_continue(cfg: TrainConfig, state: RlState, output_dir: Path) 
         return None
     resume = checkpoint_to_resume(cfg, state, output_dir)
     if resume.world_size != dist.get_world_size():
-        raise ConfigError(f"cannot resume from {resume.checkpoint}: it was saved by {resume.world_size} ranks and this "
-                          f"run has {dist.get_world_size()}; PPO resumes on the number of ranks that saved it (only "
-                          f"SFT, the reward model and DPO resume on another): resume with {resume.world_size} ranks")
+        saved = ranks(resume.world_size)
+        raise ConfigError(f"cannot resume from {resume.checkpoint}: it was saved by {saved} and this run has "
+                          f"{dist.get_world_size()}; PPO resumes on the number of ranks that saved it (only SFT, the "
+                          f"reward model and DPO resume on another): resume with {saved}")
     return resume
 
 
@@ -362,6 +370,8 @@ def _loop(cfg: TrainConfig, models: Models, state: RlState, run: PpoRun) -> None
         if stopping or state.step == run.total_steps or state.step % cfg.logging_steps == 0:
             run.metrics.log({"step": state.step, **record, "tokens": state.generated_tokens,
                              "lr": models.policy.get_lr()[0], "value_lr": models.value.get_lr()[0]})
+            if run.info.is_main:
+                progress.write(ppo_line(state.step, record))
             _log_samples(cfg, rollouts, run.tokenizer, run.metrics, state.step)
         save_now = run.saver.due(state.step) or (stopping and run.saver.enabled)
         saved = run.saver.save(models.policy, state.step, state.state_dict()) if save_now else None

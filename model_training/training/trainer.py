@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
 from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
@@ -45,12 +47,20 @@ from model_training.models.lora import is_lora_model
 from model_training.training.answers import generate_answers, sample_prompts, write_samples
 from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
 from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
-from model_training.training.distributed import DistInfo, init_distributed
+from model_training.training.distributed import DistInfo, LaunchError, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.evaluation import Evaluator
 from model_training.training.metrics import MetricsLogger
-from model_training.training.preemption import EXIT_STOPPED, Stopped, StopRequest, run_stoppable
+from model_training.training.preemption import (
+    EXIT_STOPPED,
+    Stopped,
+    StopRequest,
+    describe_exited,
+    exited_ranks,
+    run_stoppable,
+)
 from model_training.training.preference import PreferenceSpec, save_references, with_references
+from model_training.training.report import eval_lines, run_summary
 from model_training.training.resume import (
     Resume,
     already_complete,
@@ -294,7 +304,9 @@ def _train_and_finish(
     """The loop, then what follows the last step: the training curves and the sample answers."""
     metrics = MetricsLogger(cfg, Path(cfg.output_dir), enabled=parts.show_progress)
     try:
+        tokens_before, loop_start = state.tokens_seen, time.perf_counter()
         _loop(cfg, engine, state, parts, metrics, clock)
+        loop_seconds = time.perf_counter() - loop_start
         metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
         if cfg.generate_samples or cfg.generate_val_samples:
             # The preference stages' validation sets are groups of replies, with no openings to answer.
@@ -302,7 +314,15 @@ def _train_and_finish(
             _generate_samples(cfg, engine, parts.tokenizer, val_splits, state, metrics, parts.info)
     finally:
         metrics.close()
+    if parts.show_progress:
+        print_summary(Path(cfg.output_dir), state.optimizer_step, state.tokens_seen - tokens_before, loop_seconds)
     leave_process_group()
+
+
+def print_summary(output_dir: Path, steps: int, tokens: int, train_seconds: float) -> None:
+    """The run's summary on stdout (report.py), timed from the process's start."""
+    wall = time.time() - psutil.Process().create_time()
+    print("\n".join(run_summary(output_dir, steps, wall, tokens, train_seconds)), flush=True)
 
 
 def leave_process_group() -> None:
@@ -315,10 +335,10 @@ def leave_process_group() -> None:
 def _log_plan(cfg: TrainConfig, data: RunData, total_steps: int, engine: Any, spec: SampleSpec, world: int) -> None:
     plan = data.plan
     logger.info(
-        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
+        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %s; "
         "%s micro-batches%s",
         cfg.stage, len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
-        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", world,
+        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", ranks(world),
         "packed" if cfg.packing else "padded",
         f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if cfg.stage == "sft" else "",
     )
@@ -360,7 +380,7 @@ def build_engine(
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type,
-                                                 cfg.lr_decay_steps),
+                                                 cfg.lr_decay_steps, cfg.min_lr_ratio),
     )
     return engine
 
@@ -481,7 +501,11 @@ def _loop(
             # The losses are read only here (a host sync): the steps in between run back to back on the device.
             record = _read_losses(cfg, engine, state, parts, pending.read(), meter, progress, log_now)
             if eval_now:
-                record.update(parts.evaluate(engine))
+                results = parts.evaluate(engine)
+                record.update(results)
+                if parts.show_progress:
+                    for line in eval_lines(step, results):
+                        progress.write(line)
             if record:
                 metrics.log({"step": step, **record})
         saved = parts.saver.save(engine, step, _saved_state(state, parts)) if save_now else None
@@ -559,9 +583,20 @@ def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path] = train) ->
     exit status 1, and a stop on a signal as EXIT_STOPPED."""
     try:
         run(cfg)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)  # before any logging is set up
+        return 1
     except (TrainingError, CheckpointError) as err:
         logger.error("%s", err)
         return 1
     except Stopped:
         return EXIT_STOPPED
+    except (dist.DistError, RuntimeError):
+        gone = exited_ranks()
+        if not gone:
+            raise
+        # A collective with a rank that died fails on the others ("Connection reset by peer", a page of gloo's text):
+        # which rank it was is what helps.
+        logger.error("%s", describe_exited(gone))
+        return 1
     return 0
