@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,9 @@ from model_training.config import (
 )
 from model_training.console import quiet_library_noise
 from model_training.data.records import FileFormatError
+from model_training.environment import apply_training_defaults
 from model_training.layout import earlier_run
+from model_training.run_folder import check_output_dir
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -31,6 +33,8 @@ _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 class TrainArgs:
     config: TrainConfig
     show_config: bool
+    config_file: Path | None = None
+    """--config_file: an input the run must not write over."""
 
 
 _DESCRIPTIONS = {
@@ -123,7 +127,7 @@ def parse_train_args(argv: list[str], stage: str = "sft") -> TrainArgs:
     overrides = _split_overrides(rest)
     overrides += [(key, getattr(args, key)) for key in _FLAG_KEYS if getattr(args, key) is not None]
     config = load_config(sections, overrides, config_file=args.config_file, stage=stage)
-    return TrainArgs(config=config, show_config=args.show_config)
+    return TrainArgs(config=config, show_config=args.show_config, config_file=args.config_file)
 
 
 def report_user_error(err: Exception, quiet: bool = False) -> int:
@@ -151,11 +155,15 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
         if args.config.prepare_only:
             return _prepare_only(args.config)
         _check_writable_folder(Path(args.config.output_dir), "output_dir")
-        _refuse_to_overwrite_a_run(args.config)
+        check_output_dir(args.config, args.config_file)
         resolve_auto_resume(args.config)
     except (ConfigError, FileFormatError) as err:
         # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
         return report_user_error(err, quiet=_launcher_rank() != 0)
+    applied = apply_training_defaults()
+    if applied and _launcher_rank() == 0:
+        print(f"environment: {' '.join(applied)} (scripts/setup_env.sh's defaults; export a value to choose another)",
+              file=sys.stderr)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
     from model_training.training.trainer import run_or_exit, train
@@ -167,21 +175,6 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
     except (ConfigError, FileFormatError) as err:
         # Every rank found the same mistake (a resume that does not fit, a model the config cannot build).
         return report_user_error(err, quiet=_launcher_rank() != 0)
-
-
-def _refuse_to_overwrite_a_run(cfg: TrainConfig) -> None:
-    """ConfigError when `output_dir` holds an earlier run that this one, neither resuming it nor asked to
-    overwrite it, would mix with or replace: checked before anything is written."""
-    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
-        raise ConfigError("set either 'resume_from_checkpoint' (continue the run in output_dir) or "
-                          "'overwrite_output_dir' (replace it), not both")
-    found = earlier_run(Path(cfg.output_dir))
-    if found and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
-        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise ConfigError(
-            f"key 'output_dir' is '{cfg.output_dir}', which holds an earlier run ({shown}); resume it with "
-            "--resume_from_checkpoint, choose another output_dir, or set overwrite_output_dir=true to replace it"
-        )
 
 
 AUTO_RESUME = "auto"
@@ -281,21 +274,11 @@ def _prepare_only(cfg: TrainConfig) -> int:
 
 
 def _stats_tokenizer(cfg: TrainConfig) -> Any:
-    """The run's tokenizer, without exporting anything: a training checkpoint or run folder as `model_name` holds its
-    tokenizer in its newest checkpoint's tokenizer/ folder."""
-    from model_training.layout import TOKENIZER_DIR
+    """The run's tokenizer, without exporting anything (start.tokenizer_config)."""
     from model_training.models.builder import load_tokenizer
-    from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
-    from model_training.training.start import training_run
+    from model_training.training.start import tokenizer_config
 
-    folder = training_run(cfg.model_name) if cfg.tokenizer_name is None and cfg.model_name is not None else None
-    if folder is not None:
-        try:
-            checkpoint = resolve_checkpoint(folder, folder)
-        except CheckpointError as err:
-            raise ConfigError(f"key 'model_name': {err}") from None
-        cfg = replace(cfg, tokenizer_name=str(checkpoint / TOKENIZER_DIR))
-    return load_tokenizer(cfg)
+    return load_tokenizer(tokenizer_config(cfg))
 
 
 def _show_preference_stats(cfg: TrainConfig, tokenizer: Any) -> int:

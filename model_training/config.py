@@ -317,11 +317,14 @@ class TrainConfig:
     """Clip the global gradient norm to this value (OpenAssistant's 2.0); 0 disables clipping."""
     lr_scheduler_type: str = "warmup_decay"
     """warmup_decay: DeepSpeed's WarmupDecayLR as OpenAssistant ran it (log warmup, linear decay to 0); or a
-    linear warmup, then cosine (to 10% of the peak), linear (to 0) or constant (training/schedule.py)."""
+    linear warmup, then cosine or linear (to `min_lr_ratio` of the peak) or constant (training/schedule.py)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `learning_rate`."""
     lr_decay_steps: int | None = None
     """Optimizer steps of the cosine or linear decay after the warmup, then held at its end; null: to the end."""
+    min_lr_ratio: float = 0.0
+    """Where the cosine or linear decay ends, as a fraction of `learning_rate` (0: transformers' and OpenAssistant's
+    end; warmup_decay and constant ignore it)."""
     num_train_epochs: float = 1
     """Passes over the training data; a fraction trains that share of the first epoch's steps (ignored when
     `max_steps` is set)."""
@@ -636,6 +639,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lr_decay_steps is not None and (cfg.lr_decay_steps < 1 or cfg.lr_scheduler_type == "warmup_decay"):
         raise ConfigError(f"key 'lr_decay_steps' is {cfg.lr_decay_steps}; expected at least 1, with "
                           f"lr_scheduler_type cosine or linear (it is {cfg.lr_scheduler_type})")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"key 'min_lr_ratio' is {cfg.min_lr_ratio}; expected a fraction of the peak from 0 to 1")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"key 'max_steps' must be at least 1 or null, got {cfg.max_steps}")
     if cfg.data_workers is not None and cfg.data_workers < 1:

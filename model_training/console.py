@@ -18,6 +18,11 @@ _ALL_GATHER_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is depr
 _PEFT_CHECKPOINTING_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 
 
+def ranks(count: int) -> str:
+    """"1 rank", "2 ranks": a count of ranks as a message says it."""
+    return f"{count} rank" if count == 1 else f"{count} ranks"
+
+
 def _not_the_bnb_kernel_warning(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(_BNB_KERNEL_MESSAGE)
 

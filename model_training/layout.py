@@ -15,6 +15,9 @@ A run folder (`output_dir`)::
     start_model/                a `model_name` that is a training checkpoint, exported to start from
                                 (training/start.py; replaced when stale, so an overwrite keeps it)
     start_reward_model/, start_value_model/   the same for PPO's `ppo.reward_model` and `ppo.value_model`
+    .run-files                  the names above that the run wrote, one a line: an overwrite removes these (and the
+                                checkpoints, their pointer, the metrics) and nothing else
+    .run.lock                   held while a run writes into the folder (training/run_lock.py)
 
 A checkpoint folder::
 
@@ -58,6 +61,8 @@ BASE_MODEL_DIR = "base_model"
 START_MODEL_DIR = "start_model"
 START_REWARD_MODEL_DIR = "start_reward_model"
 START_VALUE_MODEL_DIR = "start_value_model"
+RUN_FILES = ".run-files"
+RUN_LOCK = ".run.lock"
 VALUE_MODEL_DIR = "value"
 
 MANIFEST = "manifest.json"
@@ -109,9 +114,40 @@ def earlier_run(output_dir: Path) -> list[str]:
     )
 
 
+def record_run_file(output_dir: Path, name: str) -> Path:
+    """``output_dir / name``, listed in the folder's RUN_FILES as written by the run (call before writing it)."""
+    if name not in run_files(output_dir):
+        with open(output_dir / RUN_FILES, "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+    return output_dir / name
+
+
+def run_files(output_dir: Path) -> list[str]:
+    """The names RUN_FILES lists: what a run wrote into ``output_dir`` besides its checkpoints and metrics."""
+    try:
+        return (output_dir / RUN_FILES).read_text(encoding="utf-8").split()
+    except FileNotFoundError:
+        return []
+
+
+LEGACY_RUN_FILES = (RUN_CONFIG, SAMPLES_JSONL, SAMPLES_MD, ROLLOUT_SAMPLES, CURVES, BASE_MODEL_DIR)
+"""The names a run wrote into its folder before RUN_FILES listed them: a folder with an earlier run and no list is
+taken to have written these."""
+
+
+def foreign_files(output_dir: Path, names: list[str]) -> list[str]:
+    """Those of ``names`` that exist in ``output_dir`` and that no run wrote (the user's own files)."""
+    if not (output_dir / RUN_FILES).exists() and earlier_run(output_dir):
+        return []
+    written = run_files(output_dir)
+    return [name for name in names if name not in written and (output_dir / name).exists()]
+
+
 def remove_run(output_dir: Path) -> list[str]:
-    """Delete the files a run wrote into ``output_dir`` (and nothing else there); return their names."""
-    owned = {RUN_CONFIG, SAMPLES_JSONL, SAMPLES_MD, ROLLOUT_SAMPLES, CURVES, BASE_MODEL_DIR, *earlier_run(output_dir)}
+    """Delete the files a run wrote into ``output_dir`` (and nothing else there), its RUN_FILES last; return their
+    names."""
+    written = run_files(output_dir) if (output_dir / RUN_FILES).exists() else LEGACY_RUN_FILES
+    owned = {*written, *earlier_run(output_dir)}
     removed = []
     for name in sorted(owned):
         path = output_dir / name
@@ -122,4 +158,5 @@ def remove_run(output_dir: Path) -> list[str]:
         else:
             continue
         removed.append(name)
+    (output_dir / RUN_FILES).unlink(missing_ok=True)
     return removed

@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from model_training.ports import free_port
 
 if TYPE_CHECKING:  # imported where used: the launcher tests need no torch in this process
     import torch
@@ -74,12 +75,6 @@ def write_planted_chats(path: Path, count: int, seed: int = 0) -> Path:
                                   {"role": "assistant", "content": " ".join(reply) + "."}]})
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from model_training.config import (
     to_yaml,
 )
 from model_training.data.sources.oasst_export import OasstExportConfig
+from model_training.training.schedule import lr_multiplier
 
 MODEL_SECTIONS = [
     "falcon-7b", "falcon-40b", "tiny-falcon", "falcon-7b-qlora", "pythia-12b", "llama-7b", "llama-30b", "mistral-7b",
@@ -106,6 +107,10 @@ def test_the_alfred_section_holds_every_value_of_the_published_recipe() -> None:
         for part in key.split("."):
             found = getattr(found, part)
         assert found == value, key
+    # The card's end of the decay, 1.85e-7, where the schedule holds it after its 100 steps.
+    end = cfg.learning_rate * lr_multiplier(cfg.max_steps - 1, cfg.warmup_steps, cfg.max_steps, cfg.lr_scheduler_type,
+                                            cfg.lr_decay_steps, cfg.min_lr_ratio)
+    assert end == pytest.approx(1.85e-7, rel=1e-9)
 
 
 def zero_stage_of(cfg: TrainConfig) -> int:
@@ -150,9 +155,36 @@ def test_ppo_options_are_checked(overrides: list[tuple[str, object]], message: s
         load_config(["defaults", "tiny-falcon", "oasst-sample", "tiny-ppo"], runs + overrides, stage="rl")
 
 
+GRPO = ["defaults-grpo", "tiny-falcon", "tiny-grpo"]
+
+
+def test_the_grpo_sections_validate_once_the_policy_exists(tmp_path: Path) -> None:
+    cfg = load_config(GRPO, [("model_name", str(run_folder(tmp_path / "sft")))], stage="rl")
+    assert cfg.rl_algorithm == "grpo" and cfg.ppo.reward_model is None
+    assert cfg.ppo.num_rollouts % cfg.grpo.group_size == 0 and cfg.grpo.reward_functions
+    assert resolve_input_path(cfg.ppo.prompt_file).is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([("rl_algorithm", "reinforce")], "key 'rl_algorithm' is 'reinforce'; expected ppo or grpo"),
+        ([("grpo.loss_normalization", "mean")], "key 'grpo.loss_normalization' is 'mean'; expected sequence, token"),
+        ([("grpo.group_size", 1)], "key 'grpo.group_size' is 1; a group needs at least 2"),
+        ([("grpo.clip_low", 1.0)], r"key 'grpo.clip_low' must be in \[0.0, 1.0\), got 1.0"),
+        ([("grpo.clip_high", -0.1)], r"key 'grpo.clip_high' must be in \[0.0, inf\), got -0.1"),
+        ([("grpo.kl_coef", float("nan"))], r"key 'grpo.kl_coef' must be in \[0.0, inf\), got nan"),
+        ([("grpo.reward_functions", [])], "GRPO needs rewards: set 'grpo.reward_functions'"),
+    ],
+)
+def test_grpo_options_are_checked(overrides: list[tuple[str, object]], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(GRPO, [("model_name", str(run_folder(tmp_path / "sft"))), *overrides], stage="rl")
+
+
 def test_every_section_in_the_file_is_tested() -> None:
     assert set(read_sections(DEFAULT_CONFIG_FILE)) == {"defaults", *MODEL_SECTIONS, *DATA_SECTIONS,
-                                                       *PREFERENCE_SECTIONS, "alfred-40b-ppo", "tiny-ppo"}
+                                                       *PREFERENCE_SECTIONS, "alfred-40b-ppo", "tiny-ppo", *GRPO[::2]}
     # And no other file in configs/ adds sections (every *.yaml there is read).
     assert set(read_config_folder()) == set(read_sections(DEFAULT_CONFIG_FILE))
 
@@ -389,6 +421,7 @@ def test_unknown_key_on_the_command_line() -> None:
         ("save_strategy=sometimes", r"key 'save_strategy' is 'sometimes'"),
         ("per_device_train_batch_size=0", r"'per_device_train_batch_size' must be at least 1"),
         ("max_steps=0", r"'max_steps' must be at least 1 or null"),
+        ("min_lr_ratio=1.5", r"key 'min_lr_ratio' is 1.5; expected a fraction of the peak from 0 to 1"),
         ("save_total_limit=0", r"'save_total_limit' must be at least 1 or null"),
         ("residual_dropout=1.5", r"'residual_dropout' must be in \[0, 1\)"),
         ("model_name=tiiuae/falcon-7b", r"set exactly one of 'model_name'"),

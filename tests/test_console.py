@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from model_training.console import quiet_library_noise
+from model_training.console import quiet_library_noise, ranks
 
 
 def test_the_bitsandbytes_kernel_warning_goes_and_its_other_warnings_stay(caplog: pytest.LogCaptureFixture) -> None:
@@ -27,3 +27,7 @@ def test_the_deprecations_of_others_calls_go_and_other_future_warnings_stay() ->
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1)
         warnings.warn("`torch.distributed.broadcast` is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["`torch.distributed.broadcast` is deprecated"]
+
+
+def test_a_count_of_ranks_reads_as_english() -> None:
+    assert (ranks(1), ranks(2)) == ("1 rank", "2 ranks")

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, TINY, cpu_env, run_deepspeed, snapshot
+
+from model_training.config import read_config_folder
 
 TRAINER = REPO / "trainer_sft.py"
 EXPORTER = REPO / "export_model.py"
@@ -121,6 +124,28 @@ def export_run(*args: str) -> Callable[[Path], list[str]]:
     return lambda scratch: [str(EXPORTER), str(scratch / "run"), "--output_folder", str(scratch / "out"), *args]
 
 
+def config_file_in(folder: str) -> Callable[[Path], list[str]]:
+    """The tiny run's sections copied into scratch/`folder`/config.yaml, read with --config_file and trained into
+    output_dir=scratch/`folder`: the run's merged config.yaml would replace the user's file."""
+
+    def command(scratch: Path) -> list[str]:
+        sections = {name: section for name, (section, _) in read_config_folder().items() if name in TINY}
+        (scratch / folder).mkdir()
+        (scratch / folder / "config.yaml").write_text(yaml.safe_dump(sections))
+        return [str(TRAINER), "--config_file", str(scratch / folder / "config.yaml"), *TINY,
+                f"output_dir={scratch / folder}", "max_steps=1"]
+
+    return command
+
+
+def held_by_another_node(scratch: Path) -> list[str]:
+    """A lock of a run on another node (a requeued job's first copy, say) in output_dir."""
+    (scratch / "run").mkdir()
+    (scratch / "run" / ".run.lock").write_text(json.dumps({"host": "node-17", "pid": 4242, "started": 1.8e9,
+                                                           "slurm_job": "977"}))
+    return trainer(f"output_dir={scratch / 'run'}", "max_steps=1", "--no-deepspeed")
+
+
 CHECKPOINT_8 = "checkpoint-000008/global_step8"
 
 RUN_FAULTS = [
@@ -155,13 +180,48 @@ RUN_FAULTS = [
     ),
     Fault("export of a checkpoint whose optimizer shard changed",
           made(flip_bytes(f"{CHECKPOINT_8}/zero_pp_rank_0_mp_rank_00_optim_states.pt"), export_run()),
-          r"^export_model\.py: error: Checkpoint \S+/checkpoint-000008 is damaged: "
-          r"global_step8/zero_pp_rank_0_mp_rank_00_optim_states\.pt does not match its xxh3_128", on_a_run=True),
+          r"^export_model\.py: error: the newest checkpoint of \S+/run, checkpoint-000008, is unusable: Checkpoint "
+          r"\S+/checkpoint-000008 is damaged: global_step8/zero_pp_rank_0_mp_rank_00_optim_states\.pt does not match "
+          r"its xxh3_128 .*pass --allow_older", on_a_run=True),
     Fault("export of a run whose newest checkpoint is damaged",
           made(lambda scratch: (scratch / "run" / "checkpoint-000008" / "manifest.json").write_text("{ torn"),
                export_run()),
           r"^export_model\.py: error: the newest checkpoint of \S+/run, checkpoint-000008, is unusable: .*pass "
           r"--allow_older", on_a_run=True),
+    # Nothing of a run's own overwritten, one run per folder (issue 29).
+    pytest.param(
+        Fault("resume with max_steps below the checkpoint's step", on_run("--resume_from_checkpoint", "max_steps=4"),
+              r"key 'max_steps' is 4, which ends the schedule at step 4, but \S+/checkpoint-000008 is at step 8; set "
+              r"max_steps to more than 8", ranks=2, on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Fault("resume a ZeRO-2 checkpoint under ZeRO-3",
+              on_run("--resume_from_checkpoint", "deepspeed_config=configs/zero3_config.json"),
+              r"cannot resume from \S+/checkpoint-000008: it was saved under ZeRO-1/2, and deepspeed_config "
+              r"'configs/zero3_config\.json' asks for ZeRO-3, whose engine state DeepSpeed keeps in other files; "
+              r"resume it with a ZeRO-1/2 deepspeed_config", ranks=2, on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        Fault("resume an fp32 run with dtype=bf16", on_run("--resume_from_checkpoint", "dtype=bf16"),
+              r"cannot resume from \S+/checkpoint-000008: it was saved by a run with dtype fp32, and this one has "
+              r"dtype bf16: .*resume it with dtype=fp32", ranks=2, on_a_run=True),
+        marks=pytest.mark.slow,
+    ),
+    Fault("export into one of the run's own checkpoints",
+          lambda scratch: [str(EXPORTER), str(scratch / "run"), "--output_folder",
+                           str(scratch / "run" / "checkpoint-000004"), "--overwrite"],
+          r"^export_model\.py: error: the output folder \S+/run/checkpoint-000004 is a training run, one of its "
+          r"checkpoints or a file of the run \S+/run the export reads; choose a folder of its own", on_a_run=True),
+    Fault("export into the run folder it reads",
+          lambda scratch: [str(EXPORTER), str(scratch / "run"), "--output_folder", str(scratch / "run"), "--overwrite"],
+          r"the output folder \S+/run is a training run", on_a_run=True),
+    Fault("export into a full folder of a damaged run: the folder is checked first, before minutes of hashing",
+          made(flip_bytes(f"{CHECKPOINT_8}/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+               made(lambda s: (s / "out").mkdir() or (s / "out" / "keep.txt").write_text("mine"), export_run())),
+          r"^export_model\.py: error: the output folder \S+/out exists and is not empty; pass --overwrite",
+          on_a_run=True),
 ]
 
 
@@ -275,6 +335,27 @@ FAULTS = [
           r"key 'deepspeed_config': \S+/ds\.json is not valid JSON \(Expecting value: line 1 column \d+"),
     Fault("export into a folder that is not empty", exported_into_a_full_folder,
           r"^export_model\.py: error: the output folder \S+/out exists and is not empty; pass --overwrite"),
+    # Nothing of the user's overwritten, one run per folder (issue 29).
+    Fault("a config file where the run writes its merged config", config_file_in("exp"),
+          r"--config_file is '\S+/exp/config\.yaml', which lies in output_dir '\S+/exp' where the run writes its "
+          r"config\.yaml; move the file out of output_dir, or choose another output_dir"),
+    Fault("a samples.md of the user's where the run writes its samples",
+          made(lambda s: (s / "run").mkdir() or (s / "run" / "samples.md").write_text("my notes"),
+               overrides("output_dir={scratch}/run", "generate_samples=[Hi]", "max_steps=1")),
+          r"key 'output_dir' is '\S+/run', which holds samples\.md that no run wrote; the run would write its own "
+          r"there: move them, or choose another output_dir"),
+    Fault("a dataset file inside a checkpoint folder of output_dir",
+          made(lambda s: (s / "run" / "checkpoint-000004").mkdir(parents=True) or shutil.copy(
+                   DATA / "dolly_sample.jsonl", s / "run" / "checkpoint-000004" / "dolly.jsonl"),
+               overrides("output_dir={scratch}/run",
+                         "datasets=[{dolly15k: {input_file_path: {scratch}/run/checkpoint-000004/dolly.jsonl}}]",
+                         "overwrite_output_dir=true", "max_steps=1")),
+          r"datasets \(dolly15k\) input_file_path is '\S+/checkpoint-000004/dolly\.jsonl', which lies in output_dir "
+          r"'\S+/run' where the run writes its checkpoint-000004"),
+    Fault("a launch into a folder a run on another node holds", held_by_another_node,
+          r"key 'output_dir' is '\S+/run', which a running run holds \(host node-17, pid 4242, started 2027-01-15 "
+          r"08:00:00 UTC, SLURM job 977\); wait for it to end, or choose another output_dir; if that run is gone "
+          r"\(a node that crashed\), remove \S+/run/\.run\.lock"),
 ]
 
 
@@ -338,3 +419,52 @@ def test_dataset_stats_count_the_threads_the_oasst_language_filter_drops(tmp_pat
     counts = dict(zip(header.split()[1:], map(int, row.split()[1:])))
     assert counts["other_language"] > 0
     assert counts["records"] == threads + counts["other_language"] + counts["duplicates"]
+
+
+def test_allow_older_passes_over_a_newest_checkpoint_whose_hashes_fail(zero2_run: Path, tmp_path: Path) -> None:
+    """--allow_older: a newest checkpoint whose files changed after the save is skipped with a line naming it and
+    why, and the newest whole one is exported."""
+    shutil.copytree(zero2_run, tmp_path / "run")
+    flip_bytes(f"{CHECKPOINT_8}/zero_pp_rank_0_mp_rank_00_optim_states.pt")(tmp_path)
+    status, stderr = run(export_run("--allow_older", "--dtype", "fp32")(tmp_path), ranks=1)
+    assert status == 0, stderr[-3000:]
+    assert re.search(r"skipping checkpoint checkpoint-000008: Checkpoint \S+ is damaged: "
+                     r"global_step8/zero_pp_rank_0_mp_rank_00_optim_states\.pt does not match its xxh3_128", stderr)
+    assert "exporting checkpoint " + str(tmp_path / "run" / "checkpoint-000004") in stderr
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_an_overwrite_keeps_a_file_of_the_users(zero2_run: Path, tmp_path: Path) -> None:
+    """overwrite_output_dir removes what the earlier run wrote (its .run-files, checkpoints, metrics), not a
+    samples.md the user keeps there."""
+    shutil.copytree(zero2_run, tmp_path / "run")
+    (tmp_path / "run" / "samples.md").write_text("my own notes")
+    status, stderr = run(trainer(f"output_dir={tmp_path / 'run'}", "overwrite_output_dir=true", "max_steps=1",
+                                 "--no-deepspeed"), ranks=1)
+    assert status == 0, stderr[-3000:]
+    assert (tmp_path / "run" / "samples.md").read_text() == "my own notes"
+    assert not (tmp_path / "run" / "checkpoint-000008").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.slow
+def test_a_resume_drops_a_torn_metrics_line_and_says_each_changed_setting(zero2_run: Path, tmp_path: Path) -> None:
+    """A metrics.jsonl cut in its last line (a kill mid-write) is cut back to its last whole line, said in one line,
+    before the resume appends; the schedule's and the step's changed settings are said each in one line."""
+    from model_training.training.plot import plot_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero2_run, run_dir)
+    whole = (run_dir / "metrics.jsonl").read_text()
+    torn = '{"epoch": 0.5, "loss": 4.1'
+    (run_dir / "metrics.jsonl").write_text(whole + torn)
+    result = run_deepspeed([*TINY, f"output_dir={run_dir}", "--resume_from_checkpoint", "max_steps=9",
+                            "logging_steps=1", "max_grad_norm=1.0", "lr_scheduler_type=linear"], timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert re.search(rf"metrics\.jsonl ended in a line cut short \({len(torn)} bytes without a newline, a run killed "
+                     r"while writing it\): dropped it before appending", result.stdout), result.stdout[-4000:]
+    assert "max_grad_norm changed on resume: 2.0 -> 1.0" in result.stdout
+    assert "lr_scheduler_type changed on resume: cosine -> linear" in result.stdout
+    records = (run_dir / "metrics.jsonl").read_text()
+    assert records.startswith(whole) and json.loads(records.splitlines()[-1])["step"] == 9
+    assert plot_run(run_dir).is_file()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model_training.layout import checkpoint_name, earlier_run, remove_run
+from model_training.layout import checkpoint_name, earlier_run, foreign_files, record_run_file, remove_run, run_files
 
 
 def test_an_earlier_run_is_its_checkpoints_pointer_and_metrics_and_only_those_go(tmp_path: Path) -> None:
@@ -21,3 +21,17 @@ def test_an_earlier_run_is_its_checkpoints_pointer_and_metrics_and_only_those_go
     assert removed == [".staging-checkpoint-000008", "base_model", "checkpoint-000004", "config.yaml", "latest",
                        "metrics.jsonl", "samples.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best", "notes.txt"]
+
+
+def test_an_overwrite_removes_what_the_run_listed_and_keeps_the_users_samples(tmp_path: Path) -> None:
+    """A run lists in .run-files what it wrote besides its checkpoints; a samples.md it did not write stays, and
+    counts as the user's where a run would write one."""
+    record_run_file(tmp_path, "config.yaml").write_text("the run's config")
+    record_run_file(tmp_path, "config.yaml")  # listed once
+    (tmp_path / checkpoint_name(4)).mkdir()
+    (tmp_path / "samples.md").write_text("the user's own notes")
+    assert run_files(tmp_path) == ["config.yaml"]
+    assert foreign_files(tmp_path, ["config.yaml", "samples.md", "training_curves.png"]) == ["samples.md"]
+    assert remove_run(tmp_path) == ["checkpoint-000004", "config.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.md"]
+    assert foreign_files(tmp_path, ["samples.md"]) == ["samples.md"]  # no run left: every file is the user's

@@ -1,10 +1,13 @@
-"""The shell scripts users run: they must at least parse, and the quick start must name real commands."""
+"""The shell scripts users run: they must at least parse, the quick start must name real commands and hand the
+launcher its options."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,3 +79,51 @@ def test_the_slurm_script_resumes_by_itself_and_requeues_when_the_time_limit_is_
                         "defaults tiny-falcon")
     assert f"srun got {signal_name}" in lines
     assert ("scontrol requeue 42" in lines) == requeued, lines
+
+
+FAKE_PYTHON = """#!/bin/bash
+# The environment's python as the quick start calls it: records its command line; prints a free port through the
+# real interpreter; no GPU; every other call (pip, export, generate) does nothing here.
+echo "python $*" >> "$CALLS"
+if [ "$1 $2" = "-m model_training.ports" ]; then exec "$REAL_PYTHON" -m model_training.ports; fi
+if [ "$1" = "-c" ]; then exit 1; fi
+"""
+FAKE_DEEPSPEED = """#!/bin/bash
+echo "deepspeed $*" >> "$CALLS"
+"""
+
+
+@pytest.mark.parametrize(
+    ("arguments", "launcher", "trainer"),
+    [
+        (["max_steps=3"], r"--log_level warning --master_port (\d+)", "max_steps=3"),
+        (["--master_port", "29611", "--num_gpus", "1", "--", "max_steps=3", "save_steps=1"],
+         "--log_level warning --master_port 29611 --num_gpus 1", "max_steps=3 save_steps=1"),
+        (["--master_port=29612", "--log_level", "info", "--"], "--master_port=29612 --log_level info", ""),
+    ],
+)
+def test_the_quick_start_passes_options_before_a_double_dash_to_the_launcher(
+    arguments: list[str], launcher: str, trainer: str, tmp_path: Path
+) -> None:
+    """Its launcher line: a free port unless --master_port is given, the launcher's warnings only unless a log level
+    is given; the trainer gets what follows `--` (everything, without one)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'PATH="{venv / "bin"}:$PATH"\n')
+    for name, text in (("python", FAKE_PYTHON), ("deepspeed", FAKE_DEEPSPEED)):
+        (venv / "bin" / name).write_text(text)
+        (venv / "bin" / name).chmod(0o755)
+    calls = tmp_path / "calls.log"
+    env = {**os.environ, "VENV": str(venv), "CALLS": str(calls), "REAL_PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO)}
+    result = subprocess.run(["bash", str(REPO / "scripts/quickstart.sh"), *arguments], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (line,) = [call for call in calls.read_text().splitlines() if call.startswith("deepspeed ")]
+    expected = (rf"deepspeed --num_gpus 2 {launcher} trainer_sft\.py --configs defaults tiny-falcon oasst-sample "
+                rf"output_dir=runs/tiny-falcon overwrite_output_dir=true{' ' + trainer if trainer else ''}")
+    found = re.fullmatch(expected, line)
+    assert found, line
+    if found.groups():
+        assert int(found.group(1)) != 29500
+    assert "next: source" in result.stdout

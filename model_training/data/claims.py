@@ -16,10 +16,11 @@ result is renamed into place whole and is the same whoever computes it.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
+
+from model_training.hosts import dead_here, this_host
 
 HEARTBEAT = 10.0
 """Seconds between touches of the claims a process holds."""
@@ -32,7 +33,7 @@ class ClaimBoard:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.me = f"{socket.gethostname()} {os.getpid()}"
+        self.me = f"{this_host()} {os.getpid()}"
         self._held: set[str] = set()
         self._seen: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
@@ -81,8 +82,8 @@ class ClaimBoard:
         if first_seen[0] != mtime:
             self._seen[piece] = (mtime, now)
         owner = (self.owner(piece) or "").split()
-        dead_here = len(owner) == 2 and owner[0] == socket.gethostname() and not _runs(int(owner[1]))
-        if dead_here or now - self._seen[piece][1] > STALE_AFTER:
+        gone = len(owner) == 2 and dead_here(owner[0], int(owner[1]))
+        if gone or now - self._seen[piece][1] > STALE_AFTER:
             path.unlink(missing_ok=True)
             self._seen.pop(piece, None)
             return True
@@ -106,13 +107,3 @@ class ClaimBoard:
                 except FileNotFoundError:  # released meanwhile, or taken for stale by another process
                     pass
 
-
-def _runs(pid: int) -> bool:
-    """Whether a process `pid` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True

@@ -11,6 +11,7 @@ end: the output folder is complete or absent, never half-written.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -30,17 +31,20 @@ from transformers import (
 )
 
 from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read_run_config
+from model_training.console import ranks
 from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
 from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
-from model_training.export.writer import WeightEntry, write_weights
+from model_training.export.writer import WeightEntry, size_text, write_weights
 from model_training.folders import hidden_sibling, replace_folder
-from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR
+from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR, is_training_run
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.reward_head import auto_model_class
+from model_training.run_folder import is_run_name
 from model_training.training.checkpoint import (
     NewestCheckpointUnusable,
     checkpoint_bytes,
     resolve_checkpoint,
+    run_folder,
     verify_checkpoint,
 )
 
@@ -96,10 +100,10 @@ def export_model(
     folder is then left as it was.
     """
     source, output_folder = Path(source), Path(output_folder)
+    _check_output_folder(output_folder, source, overwrite)  # before the checkpoint's hashes: minutes at 40B
     checkpoint = None if is_model_folder(source) else _resolve(source, allow_older, check_hashes)
     if merge_adapter and (checkpoint is None or not is_adapter_checkpoint(checkpoint)):
         raise ExportError(f"--merge_adapter: {source} is not a LoRA checkpoint (it has no adapter/ folder)")
-    _check_output_folder(output_folder, source, overwrite)
 
     output_folder.parent.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(output_folder)
@@ -115,10 +119,20 @@ def export_model(
         else:
             _export_checkpoint(checkpoint, partial, dtype, max_shard_size, trust_remote_code)
         replace_folder(partial, output_folder, aside=hidden_sibling(output_folder, "replaced"))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise ExportError(_disk_full(output_folder, getattr(err, "needed", None))) from err
         raise
     return output_folder
+
+
+def _disk_full(output_folder: Path, needed: int | None) -> str:
+    """The one line of an export that filled the disk (its partial folder removed)."""
+    free = shutil.disk_usage(output_folder.parent).free
+    weights = f"its weights need {size_text(needed)}" if needed is not None else "it needs more than that"
+    return (f"the disk of {output_folder.parent} is full: {size_text(free)} free once the partial export was "
+            f"removed, and {weights}; free space there, or choose another --output_folder")
 
 
 def is_model_folder(path: Path) -> bool:
@@ -176,8 +190,10 @@ def _shard_contents(shard: Path) -> tuple[list[str], int, int]:
 def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
     if not source.is_dir():
         raise ExportError(f"{source} does not exist or is not a folder")
+    start = time.perf_counter()
     try:
-        checkpoint = resolve_checkpoint(source, source.parent, allow_older=allow_older)
+        # With the hashes, --allow_older passes over a newest checkpoint whose files changed after the save too.
+        checkpoint = resolve_checkpoint(source, source.parent, allow_older, check_hashes, _HASH_THREADS)
     except NewestCheckpointUnusable as err:
         raise ExportError(
             f"{err}; export an older checkpoint by naming its folder, or pass --allow_older to take the newest one "
@@ -188,11 +204,9 @@ def _resolve(source: Path, allow_older: bool, check_hashes: bool) -> Path:
         if not (checkpoint / needed).is_dir():
             raise ExportError(f"checkpoint {checkpoint} has no {needed}/ folder (was it saved by this trainer?)")
     if check_hashes:
-        start = time.perf_counter()
-        verify_checkpoint(checkpoint, check_hashes=True, threads=_HASH_THREADS)
         seconds, gigabytes = time.perf_counter() - start, checkpoint_bytes(checkpoint) / 1e9
-        logger.info("every file matches its manifest's hash: %.2f GB in %.1f s (%.2f s/GB, %d threads)",
-                    gigabytes, seconds, seconds / max(gigabytes, 1e-9), _HASH_THREADS)
+        logger.info("every file matches its manifest's hash: %.2f GB in %.1f s (%.0f MB/s, %d threads)",
+                    gigabytes, seconds, gigabytes * 1e3 / max(seconds, 1e-9), _HASH_THREADS)
     return checkpoint
 
 
@@ -201,6 +215,11 @@ _HASH_THREADS = 4
 
 
 def _check_output_folder(output_folder: Path, source: Path, overwrite: bool) -> None:
+    read = run_folder(source.absolute())
+    if not is_model_folder(source) and (output_folder.absolute() == read or is_training_run(output_folder) or (
+            output_folder.absolute().parent == read and is_run_name(output_folder.name))):
+        raise ExportError(f"the output folder {output_folder} is a training run, one of its checkpoints or a file of "
+                          f"the run {read} the export reads; choose a folder of its own")
     if not output_folder.exists():
         return
     if not output_folder.is_dir():
@@ -239,7 +258,8 @@ def _export_checkpoint(
         zero = read_zero_checkpoint(checkpoint / manifest["deepspeed_tag"])
     except ZeroCheckpointError as exc:
         raise ExportError(f"checkpoint {checkpoint}: {exc}") from exc
-    shards = f"ZeRO-{zero.zero_stage} shards of {zero.world_size} ranks" if zero.zero_stage else "plain PyTorch weights"
+    shards = (f"ZeRO-{zero.zero_stage} shards of {ranks(zero.world_size)}" if zero.zero_stage
+              else "plain PyTorch weights")
     logger.info("%s: %s", checkpoint, shards)
 
     entries, num_parameters, architecture = _weight_entries(config, zero.tensors, dtype, trust_remote_code)

@@ -8,6 +8,7 @@ size limit counts tensor bytes, and a tensor larger than the limit gets a shard 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,6 +33,19 @@ _UNITS = {
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+class DiskFullError(OSError):
+    """ENOSPC while writing the weights, with the bytes all of them need."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(errno.ENOSPC, "No space left on device")
+        self.needed = needed
+
+
+def size_text(size: int) -> str:
+    """`size` bytes as a line says them: exactly, and in GB."""
+    return f"{size} bytes ({size / 1e9:.2f} GB)"
 
 
 def parse_size(text: str) -> int:
@@ -92,7 +106,12 @@ def write_weights(folder: Path, entries: list[WeightEntry], max_shard_size: int,
     file_mode = 0o666 & ~umask
     for number, (file_name, shard) in enumerate(zip(names, shards), start=1):
         tensors = {entry.name: entry.load() for entry in shard}
-        save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        except Exception as err:  # safetensors' own SafetensorError carries the OS's message, not its errno
+            if "No space left on device" in str(err):
+                raise DiskFullError(sum(entry.nbytes for entry in entries)) from err
+            raise
         os.chmod(folder / file_name, file_mode)  # safetensors creates 0600 files; share them like the rest
         del tensors  # before the next shard is built: one shard in memory at a time
         logger.info("wrote %s (%d/%d, %d tensors)", file_name, number, len(shards), len(shard))

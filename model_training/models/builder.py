@@ -31,7 +31,7 @@ from model_training.data.chat_formats import get_chat_format
 from model_training.data.formatting import prepare_tokenizer
 from model_training.folders import remove_folder, replace_folder
 from model_training.hub import is_hub_id
-from model_training.layout import BASE_MODEL_DIR
+from model_training.layout import BASE_MODEL_DIR, record_run_file
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packed_attention import enable_packed_attention
@@ -147,19 +147,53 @@ def _create_model(
     # Straight onto the GPU, except under ZeRO-3 (partitioned as it loads) and for a 4-bit base, which is
     # quantized onto the GPU a layer at a time and so never has to fit there in 16 bits.
     onto_device = stage != 3 and not cfg.quantization.load_in_4bit and device.type == "cuda"
-    model = auto_class.from_pretrained(
-        _hub_or_local(cfg.model_name),
-        **head,
-        dtype=dtype,
-        cache_dir=cfg.cache_dir,
-        trust_remote_code=cfg.trust_remote_code,
-        device_map={"": device} if onto_device else None,
-    )
+    # transformers' LOAD REPORT table, printed by every rank, says it in a dozen lines; _report_load says it in one.
+    with _quiet_load_report():
+        model, loading = auto_class.from_pretrained(
+            _hub_or_local(cfg.model_name),
+            **head,
+            dtype=dtype,
+            cache_dir=cfg.cache_dir,
+            trust_remote_code=cfg.trust_remote_code,
+            device_map={"": device} if onto_device else None,
+            output_loading_info=True,
+        )
+    _report_load(cfg.model_name, loading)
     if cfg.quantization.load_in_4bit and device.type == "cuda":
         # The resize's mean and covariance of the old rows, computed on the GPU, not the CPU.
         model.get_input_embeddings().to(device)
         model.get_output_embeddings().to(device)
     return model
+
+
+def _not_the_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Any:
+    # A filter, not a level: transformers 5 checks its tensor-parallel plan (and warns of every layer it does not
+    # shard) whenever this logger's level is WARNING or above.
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(_not_the_load_report)
+    try:
+        yield
+    finally:
+        report.removeFilter(_not_the_load_report)
+
+
+def _report_load(model_name: str, loading: dict[str, Any]) -> None:
+    """One line of what `from_pretrained` did not load: a reward model's new head is expected (rank 0 says it); any
+    other missing, unexpected or mismatched weight is a warning."""
+    missing = [k for k in loading.get("missing_keys", ()) if not k.startswith("score.")]
+    head = [k for k in loading.get("missing_keys", ()) if k.startswith("score.")]
+    if head:
+        logger.info("reward head %s starts random: %s has none", ", ".join(sorted(head)), model_name)
+    unexpected, mismatched = loading.get("unexpected_keys", ()), loading.get("mismatched_keys", ())
+    if missing or unexpected or mismatched:
+        logger.warning("%s: %d weights missing (start random: %s), %d unexpected (ignored: %s), %d of another shape",
+                       model_name, len(missing), ", ".join(sorted(missing)[:5]), len(unexpected),
+                       ", ".join(sorted(unexpected)[:5]), len(mismatched))
 
 
 def _fit_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> range:
@@ -258,7 +292,7 @@ def _save_base(model: torch.nn.Module, folder: Path) -> None:
     partial, aside = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".replaced")
     remove_folder(partial)
     model.save_pretrained(partial)
-    replace_folder(partial, folder, aside=aside)
+    replace_folder(partial, record_run_file(folder.parent, folder.name), aside=aside)  # the run's, for an overwrite
     logger.info("LoRA base model (random weights) saved to %s for export", folder)
 
 

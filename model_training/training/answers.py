@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_prompt
 from model_training.data.registry import TokenizedSplit
-from model_training.layout import SAMPLES_JSONL, SAMPLES_MD
+from model_training.layout import SAMPLES_JSONL, SAMPLES_MD, record_run_file
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def generate_answers(
 
 def write_samples(rows: list[dict[str, str]], output_dir: Path) -> tuple[Path, Path]:
     """`samples.jsonl` (one row per line) and `samples.md` (a table) in `output_dir`."""
-    jsonl, md = output_dir / SAMPLES_JSONL, output_dir / SAMPLES_MD
+    jsonl, md = record_run_file(output_dir, SAMPLES_JSONL), record_run_file(output_dir, SAMPLES_MD)
     jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731 - one markdown cell
     lines = ["| source | prompt | answer |", "| --- | --- | --- |"]

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from model_training.console import ranks
+from model_training.export.writer import size_text
 from model_training.folders import discard_folder, fsync_folder, replace_folder
 from model_training.layout import (
     CHECKPOINT_RE,
@@ -145,7 +147,25 @@ def _raise_if_any_failed(
     rank's own."""
     failed = [f"rank {r}: {error}" for r, (error, _) in enumerate(reports) if error is not None]
     if failed:
-        raise CheckpointError(target.failure(f"while {what} ({'; '.join(failed)})")) from cause
+        full = any(sign in error for error in failed for sign in DISK_FULL_SIGNS)
+        raise CheckpointError(target.failure(f"while {what} ({'; '.join(failed)})"
+                                             + (_disk_full_note(target.output_dir) if full else ""))) from cause
+
+
+DISK_FULL_SIGNS = ("[Errno 28]", "No space left on device", "unexpected pos")
+"""How a full disk shows in a failed write: the OS's ENOSPC, or torch's serializer ("failed writing file ...:
+unexpected pos 868864 vs 868752"), which turns it into a RuntimeError of its own."""
+
+
+def _disk_full_note(output_dir: Path) -> str:
+    """What a save that filled the disk needs: the space free now (the failed save's files removed) and the size of
+    the newest committed checkpoint, which a new one of the same run matches."""
+    free = shutil.disk_usage(output_dir).free
+    committed = _committed_checkpoints(output_dir) if output_dir.is_dir() else []
+    needed = (f"needs about {size_text(checkpoint_bytes(committed[-1]))}, as {committed[-1].name} did"
+              if committed else "needs more than that")
+    return (f"; the disk of {output_dir} is full: {size_text(free)} free once the partial checkpoint was removed, "
+            f"and a checkpoint of this run {needed}: free space there, or keep fewer checkpoints (save_total_limit)")
 
 
 def _prepare_staging(target: _SaveTarget) -> BaseException | None:
@@ -418,27 +438,30 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: int) -> list[Path]:
     return deleted
 
 
-def resolve_checkpoint(spec: str | Path, output_dir: Path, allow_older: bool = True) -> Path:
+def resolve_checkpoint(
+    spec: str | Path, output_dir: Path, allow_older: bool = True, check_hashes: bool = False, threads: int = 1
+) -> Path:
     """Find the committed checkpoint folder that ``spec`` names.
 
     ``"latest"`` or a run folder: the checkpoint its ``latest`` pointer names, else the one with the highest
     step, if it verifies. When that one does not (a damaged or half-written folder), ``allow_older`` falls back
     to the next one that does, with a warning for each skipped; otherwise it is an error. A checkpoint folder:
     that folder, which must be committed and verify. A relative path that does not exist is tried under
-    ``output_dir``.
+    ``output_dir``. ``check_hashes``: a checkpoint verifies only when every file matches its manifest's hash
+    (verify_checkpoint on ``threads`` threads), so that ``allow_older`` passes over a damaged file too.
     """
     output_dir = Path(output_dir)
     if str(spec) == POINTER:
-        return _latest_in(output_dir, allow_older)
+        return _latest_in(output_dir, allow_older, check_hashes, threads)
     path = Path(spec)
     if not path.exists() and not path.is_absolute():
         path = output_dir / path
     if not path.is_dir():
         raise CheckpointError(f"No checkpoint or run folder at {spec!r} (also looked in {output_dir})")
     if _is_checkpoint_folder(path):
-        verify_checkpoint(path)
+        verify_checkpoint(path, check_hashes, threads)
         return path
-    return _latest_in(path, allow_older)
+    return _latest_in(path, allow_older, check_hashes, threads)
 
 
 def run_folder(path: Path) -> Path:
@@ -523,13 +546,13 @@ def _raise_first(messages: list[str]) -> None:
         raise CheckpointError(messages[0] + more)
 
 
-def _latest_in(run_dir: Path, allow_older: bool) -> Path:
+def _latest_in(run_dir: Path, allow_older: bool, check_hashes: bool = False, threads: int = 1) -> Path:
     folders = _checkpoint_folders(run_dir) if run_dir.is_dir() else []
     pointed = _pointer_target(run_dir)
     candidates = ([pointed] if pointed in folders else []) + [p for p in folders[::-1] if p != pointed]
     for path in candidates:
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, check_hashes, threads)
             return path
         except CheckpointError as exc:
             if not allow_older:
@@ -624,7 +647,7 @@ def load_checkpoint(
         source = folder / UNIVERSAL_DIR if universal else folder
         if universal and not _universal_load_configured(each, source):
             raise CheckpointError(
-                f"Checkpoint {ckpt_dir} was saved by {saved} ranks and this run has {current}: its ZeRO-"
+                f"Checkpoint {ckpt_dir} was saved by {ranks(saved)} and this run has {current}: its ZeRO-"
                 f"{manifest.get('zero_stage')} optimizer state is cut per rank, so it loads only through its "
                 f"universal conversion with load_universal on (the trainer makes both when it resumes)"
             )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from model_training.config import TrainConfig
-from model_training.layout import METRICS
+from model_training.layout import CURVES, METRICS, record_run_file
 from model_training.training.plot import plot_run
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = output_dir / METRICS
         self.wandb_run = None
+        if enabled:
+            drop_torn_last_line(self.path)
         if enabled and cfg.log_wandb:
             self.wandb_run = _start_wandb(cfg)
 
@@ -73,7 +75,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         try:
-            path = plot_run(self.path.parent)
+            path = plot_run(self.path.parent, record_run_file(self.path.parent, CURVES))
         except Exception as err:  # noqa: BLE001 - matplotlib missing or broken, a full disk: the run stays good
             logger.warning("could not plot %s: %s", self.path, err)
             return
@@ -92,6 +94,24 @@ class MetricsLogger:
                 self.wandb_run.finish()
             except Exception as err:  # noqa: BLE001
                 logger.warning("wandb.finish failed: %s", err)
+
+
+def drop_torn_last_line(path: Path) -> None:
+    """Cut a last line without its newline (a run killed while writing it) off `path`, saying so: the next record
+    would be glued onto it, and both be lost to every reader."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0 or (f.seek(size - 1), f.read(1))[1] == b"\n":
+                return
+            f.seek(max(size - (1 << 20), 0))  # a metrics line is far shorter than 1 MiB
+            tail = f.read()
+            keep = size - len(tail) + tail.rfind(b"\n") + 1
+            f.truncate(keep)
+    except FileNotFoundError:
+        return
+    logger.warning("%s ended in a line cut short (%d bytes without a newline, a run killed while writing it): "
+                   "dropped it before appending", path, size - keep)
 
 
 def _start_wandb(cfg: TrainConfig) -> Any:

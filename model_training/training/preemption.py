@@ -13,6 +13,9 @@ Two things end a stop without its checkpoint, leaving the last committed one as 
 - the checkpoint not committed `grace_period` seconds after the first signal: the rank exits with
   `EXIT_STOP_TIMED_OUT`, before the scheduler's SIGKILL would come unannounced.
 A staging folder such an exit leaves is never loaded, and the next save clears it.
+A signal that comes once another rank of this node has exited (its launcher stops the others) is no stop: no
+collective, so no checkpoint, can finish without that rank. The rank says which one exited (`describe_exited`) and
+exits at once with status 1; a collective that fails for that reason says the same (trainer.run_or_exit).
 
 Signals are read by a thread of their own (Python's wakeup file descriptor): the main thread may sit in a collective
 or a checkpoint write for minutes, and a second signal or the grace period must still act then. The same thread
@@ -36,6 +39,8 @@ from typing import NoReturn, TypeVar
 import psutil
 import torch
 import torch.distributed as dist
+
+from model_training.training.run_lock import release_held
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,6 +114,8 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop. Call on every rank at the same point: one all-reduce of one number."""
+        if self._launchers and not _SIBLINGS:  # by the first call every rank of the node runs
+            _SIBLINGS.update(_sibling_ranks(self._launchers[0][0]))
         asked = self.asked
         if dist.is_initialized() and dist.get_world_size() > 1:
             if self._group is None:  # a CPU group: the flag never waits for, or syncs with, the device's work
@@ -162,6 +169,10 @@ class StopRequest:
         name, now = signal.Signals(signum).name, time.monotonic()
         if self._signalled_at is None:
             self._signalled_at = now
+            gone = exited_ranks()
+            if gone:  # the launcher stops the others after one rank exited: no collective, so no checkpoint, can finish
+                logger.error("%s", describe_exited(gone))
+                _exit_now(1)
             self.ask(f"received {name}")
         elif now - self._signalled_at > REPEAT_WINDOW_S and not self._saved.is_set():
             logger.error("received %s again, %.1f s after the first signal: exiting now, without the stop's "
@@ -210,6 +221,7 @@ def _leave_to_the_watcher(signum: int, frame: FrameType | None) -> None:
 
 def _exit_now(status: int) -> None:
     """Exit the process at once: the main thread may be blocked in a collective that will never finish."""
+    release_held()  # the run's lock: its process is gone, a requeue on another node must not find it held
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(status)
@@ -232,6 +244,42 @@ def launcher_processes() -> list[tuple[psutil.Process, str]]:
     except psutil.Error:  # a parent that exited meanwhile or that this user may not inspect ends the chain
         pass
     return chain
+
+
+_SIBLINGS: dict[int, str] = {}
+"""pid -> rank of the other ranks this rank's launcher started (on this node), to name one that exits."""
+
+
+def _sibling_ranks(launcher: psutil.Process) -> dict[int, str]:
+    found = {}
+    try:
+        for child in launcher.children():
+            rank = child.environ().get("RANK") if child.pid != os.getpid() else None
+            if rank is not None:
+                found[child.pid] = rank
+    except psutil.Error:  # a child that exited meanwhile, or one this user may not inspect
+        pass
+    return found
+
+
+def exited_ranks() -> list[str]:
+    """The ranks of this node that have exited while this one runs: "rank 1 (pid 4639)"."""
+    return [f"rank {rank} (pid {pid})" for pid, rank in sorted(_SIBLINGS.items(), key=lambda item: int(item[1]))
+            if not _alive_pid(pid)]
+
+
+def describe_exited(gone: list[str]) -> str:
+    """The one line that says which rank died before this one, and where to look for why."""
+    return (f"rank {os.environ.get('RANK', '0')}: {', '.join(gone)} exited first; its own error is above (none: the OS "
+            "killed it, out of memory for one: check `dmesg` or the job's memory limit); this rank stops too, without "
+            "a new checkpoint: resume from the last committed one (--resume_from_checkpoint)")
+
+
+def _alive_pid(pid: int) -> bool:
+    try:
+        return _alive(psutil.Process(pid))
+    except psutil.Error:
+        return False
 
 
 def _alive(process: psutil.Process) -> bool:

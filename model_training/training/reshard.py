@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from deepspeed.checkpoint.constants import PARAM
 
+from model_training.console import ranks
 from model_training.export.consolidate import (
     ADAM_MOMENTS,
     LazyTensor,
@@ -122,8 +123,8 @@ def _convert(folder: Path, tag: str, target: Path) -> None:
     if current_rank() == 0:
         error = _commit(staging, target, tag, state, {name: d for _, digests in reports for name, d in digests.items()})
     _raise_if_failed(gather_from_ranks(describe_error(error)), target, "committing")
-    logger.info("resharding: converted %s (ZeRO-%d shards of %d ranks) into %s", folder / tag, state.zero_stage,
-                state.world_size, target)
+    logger.info("resharding: converted %s (ZeRO-%d shards of %s) into %s", folder / tag, state.zero_stage,
+                ranks(state.world_size), target)
 
 
 def _prepare(staging: Path) -> BaseException | None:

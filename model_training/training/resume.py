@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from model_training.config import ConfigError, TrainConfig, read_run_config
-from model_training.layout import RUN_CONFIG
+from model_training.config import ConfigError, TrainConfig, read_deepspeed_json, read_run_config, zero_stage
+from model_training.console import ranks
+from model_training.layout import RUN_CONFIG, zero3_model_states
 from model_training.training.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
@@ -80,13 +81,38 @@ def checkpoint_to_resume(
             raise CheckpointError(f"it was saved by a run {saved_by} DeepSpeed, whose engine state this run cannot "
                                   f"load; resume it with {setting}")
         saved = read_trainer_state(ckpt)
-        world_size = verify_checkpoint(ckpt)["world_size"]
+        manifest = verify_checkpoint(ckpt)
+        world_size = manifest["world_size"]
+        if cfg.deepspeed:
+            _check_same_engine_layout(cfg, ckpt, manifest["deepspeed_tag"])
     except CheckpointError as err:
         raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     _check_fingerprints(ckpt, saved, state, fingerprint_for_batch)
     if cfg.verify_checkpoint_hashes:
         _verify_on_ranks(ckpt)
     return Resume(ckpt, saved, world_size, needs_universal(ckpt, dist.get_world_size()))
+
+
+def _check_same_engine_layout(cfg: TrainConfig, ckpt: Path, tag: str) -> None:
+    """CheckpointError when DeepSpeed would look for the engine state in files the checkpoint does not have: ZeRO-3
+    keeps each rank's model states apart, ZeRO-1/2 in one file; a bf16 run keeps its optimizer in other files than an
+    fp16 or fp32 one (DeepSpeed's AssertionError or FileNotFoundError, deep in the load, otherwise)."""
+    saved_stage3 = (ckpt / tag / zero3_model_states(0)).is_file()
+    stage = zero_stage(read_deepspeed_json(cfg.deepspeed_config)[1])
+    if saved_stage3 != (stage == 3):
+        saved = "ZeRO-3" if saved_stage3 else "ZeRO-1/2"
+        raise CheckpointError(
+            f"it was saved under {saved}, and deepspeed_config '{cfg.deepspeed_config}' asks for ZeRO-{stage}, whose "
+            f"engine state DeepSpeed keeps in other files; resume it with a {saved} deepspeed_config, or export it and "
+            "start a new run from the export")
+    try:
+        saved_dtype = read_run_config(ckpt / RUN_CONFIG).dtype
+    except ConfigError:  # a config of an older schema: the load says what it misses
+        return
+    if saved_dtype != cfg.dtype and "bf16" in (saved_dtype, cfg.dtype):
+        raise CheckpointError(
+            f"it was saved by a run with dtype {saved_dtype}, and this one has dtype {cfg.dtype}: DeepSpeed keeps "
+            f"the optimizer state of bf16 and of other runs in other files; resume it with dtype={saved_dtype}")
 
 
 def _check_fingerprints(
@@ -121,8 +147,8 @@ def _verify_on_ranks(ckpt: Path) -> None:
         raise ConfigError(f"cannot resume from {ckpt}: {err}") from None
     gigabytes = checkpoint_bytes(ckpt) / 1e9
     logger.info(
-        "every file of %s matches its manifest's hash: %.2f GB in %.1f s on %d ranks (%.2f s/GB of checkpoint)",
-        ckpt, gigabytes, seconds, dist.get_world_size(), seconds / max(gigabytes, 1e-9),
+        "every file of %s matches its manifest's hash: %.2f GB in %.1f s on %s (%.0f MB/s)",
+        ckpt, gigabytes, seconds, ranks(dist.get_world_size()), gigabytes * 1e3 / max(seconds, 1e-9),
     )
 
 
@@ -134,9 +160,9 @@ def convert_if_needed(cfg: TrainConfig, resume: Resume) -> None:
     try:
         seconds = convert_for_any_ranks(resume.checkpoint, [resume.checkpoint], cfg.verify_checkpoint_hashes)
     except CheckpointError as err:
-        raise ConfigError(f"cannot resume from {resume.checkpoint} on {dist.get_world_size()} ranks: {err}") from None
-    logger.info("resharding: the checkpoint of %d ranks loads on %d through its universal conversion (%.1f s)",
-                resume.world_size, dist.get_world_size(), seconds)
+        raise ConfigError(f"cannot resume from {resume.checkpoint} on {ranks(dist.get_world_size())}: {err}") from None
+    logger.info("resharding: the checkpoint of %s loads on %d through its universal conversion (%.1f s)",
+                ranks(resume.world_size), dist.get_world_size(), seconds)
 
 
 @dataclass(frozen=True)
@@ -154,10 +180,16 @@ def schedule(cfg: TrainConfig, plan: StepPlan, resume: Resume | None) -> Schedul
     return Schedule(cfg.max_steps or math.ceil(epoch_steps * cfg.num_train_epochs), epoch_steps)
 
 
-def already_complete(resume: Resume, step: int, total_steps: int) -> bool:
-    """Whether the checkpoint's run had already reached its last step (`step` of `total_steps`); says so."""
+def already_complete(cfg: TrainConfig, resume: Resume, step: int, total_steps: int) -> bool:
+    """Whether the checkpoint's run had already reached its last step (`step` of `total_steps`); says so. A schedule
+    shorter than the checkpoint's steps is a mistake: ConfigError (nothing would train, nothing be said)."""
     if step < total_steps:
         return False
+    if step > total_steps:
+        key, value = ("max_steps", cfg.max_steps) if cfg.max_steps else ("num_train_epochs", cfg.num_train_epochs)
+        raise ConfigError(f"key '{key}' is {value}, which ends the schedule at step {total_steps}, but "
+                          f"{resume.checkpoint} is at step {step}; set max_steps to more than {step} to train on, or "
+                          "leave it out to resume the run as it was")
     logger.info("already complete at step %d (its schedule has %d steps): nothing to train; %s holds the final state",
                 step, total_steps, resume.checkpoint)
     return True
@@ -177,12 +209,12 @@ def describe_changes(cfg: TrainConfig, resume: Resume, plan: StepPlan, total_ste
     saved, changes = resume.saved, []
     world = dist.get_world_size()
     if resume.world_size != world:
-        changes.append(f"{resume.world_size} -> {world} ranks")
+        changes.append(f"{resume.world_size} -> {ranks(world)}")
     batch = saved_global_batch(resume.checkpoint, saved)
     if batch != plan.samples_per_step:
         changes.append(
             f"global batch {batch} -> {plan.samples_per_step} samples (micro batch {cfg.per_device_train_batch_size} x "
-            f"accumulation {cfg.gradient_accumulation_steps} x {world} ranks), the data going on from sample "
+            f"accumulation {cfg.gradient_accumulation_steps} x {ranks(world)}), the data going on from sample "
             f"{plan.start.offset} of epoch {plan.start.epoch}")
     elif resume.world_size != world:
         changes.append(f"global batch unchanged ({batch} samples)")
@@ -193,17 +225,37 @@ def describe_changes(cfg: TrainConfig, resume: Resume, plan: StepPlan, total_ste
     return changes
 
 
-def apply_changed_hyperparameters(cfg: TrainConfig, engine: Any, changes: list[str], step: int) -> None:
+SCHEDULE_KEYS = ("lr_scheduler_type", "warmup_steps", "lr_decay_steps")
+"""The schedule's settings, which the engine is built with: a change takes effect at the next step."""
+STEP_KEYS = ("max_grad_norm",)
+"""Settings of each optimizer step the engine is built with (not in its saved state)."""
+
+
+def changed_settings(cfg: TrainConfig, ckpt: Path) -> list[str]:
+    """The schedule's and the step's settings that differ from the checkpoint's config, each said on one line."""
+    try:
+        saved = read_run_config(ckpt / RUN_CONFIG)
+    except ConfigError:  # a config of an older schema: its settings are not known here
+        return []
+    changed = [key for key in (*SCHEDULE_KEYS, *STEP_KEYS) if getattr(saved, key) != getattr(cfg, key)]
+    for key in changed:
+        logger.warning("%s changed on resume: %s -> %s", key, getattr(saved, key), getattr(cfg, key))
+    return changed
+
+
+def apply_changed_hyperparameters(cfg: TrainConfig, engine: Any, changes: list[str], step: int,
+                                  changed: list[str] | None = None) -> None:
     """The optimizer and scheduler states restored their old settings; the config's current ones win, each change
-    logged. With another peak learning rate or `changes` (describe_changes), the next step's rate is this run's
-    schedule's, said on one line with the rate before and after."""
+    logged. With another peak learning rate, another schedule (`changed`: changed_settings) or `changes`
+    (describe_changes), the next step's rate is this run's schedule's, said on one line with the rate before and
+    after."""
     scheduler, groups = engine.lr_scheduler, engine.optimizer.param_groups
     before = groups[0]["lr"]
     new_peak = scheduler.base_lrs != [cfg.learning_rate] * len(scheduler.base_lrs)
     if new_peak:
         logger.warning("learning_rate changed on resume: %s -> %s", scheduler.base_lrs[0], cfg.learning_rate)
         scheduler.base_lrs = [cfg.learning_rate] * len(scheduler.base_lrs)
-    if new_peak or changes:
+    if new_peak or changes or set(changed or ()) & set(SCHEDULE_KEYS):
         # The restored rate is the checkpoint's schedule's; the scheduler was built for this run's length.
         for group, multiplier in zip(groups, scheduler.lr_lambdas):
             group["lr"] = cfg.learning_rate * multiplier(scheduler.last_epoch)

@@ -47,13 +47,16 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.console import ranks
 from model_training.layout import (
     MODEL_CONFIG_DIR,
     ROLLOUT_SAMPLES,
     RUN_CONFIG,
     START_REWARD_MODEL_DIR,
     START_VALUE_MODEL_DIR,
+    TOKENIZER_DIR,
     VALUE_MODEL_DIR,
+    record_run_file,
 )
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
@@ -70,6 +73,7 @@ from model_training.training.grpo import (
 from model_training.training.metrics import MetricsLogger
 from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
 from model_training.training.preemption import StopRequest, run_stoppable
+from model_training.training.report import rl_line
 from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
 from model_training.training.rewards import RewardError, RewardFunction, load_reward_functions, reward_values
 from model_training.training.rollouts import (
@@ -86,14 +90,16 @@ from model_training.training.rollouts import (
     token_logprobs,
     token_values,
 )
+from model_training.training.run_lock import holding_output_dir
 from model_training.training.saver import Saver
-from model_training.training.start import SOURCE_FILE, model_folder, start_model_config
+from model_training.training.start import SOURCE_FILE, model_folder, saved_folder, start_model_config, tokenizer_config
 from model_training.training.step import TrainingError, nonfinite_on_any_rank
 from model_training.training.trainer import (
     FieldsState,
     StartupClock,
     build_engine,
     leave_process_group,
+    print_summary,
     remove_earlier_run,
     setup_logging,
 )
@@ -150,7 +156,7 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
     """The split of each step's rollouts (`Plan`); ConfigError when they do not divide evenly."""
     ppo, micro = cfg.ppo, cfg.per_device_train_batch_size
     if ppo.num_rollouts % world_size:
-        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {world_size} ranks cannot share "
+        raise ConfigError(f"key 'ppo.num_rollouts' is {ppo.num_rollouts}, which {ranks(world_size)} cannot share "
                           "evenly; use a multiple of the number of ranks")
     rollouts = ppo.num_rollouts // world_size
     grpo = cfg.rl_algorithm == "grpo"
@@ -175,7 +181,7 @@ def train_rl(cfg: TrainConfig) -> Path:
     if not cfg.ppo.reward_model and cfg.rl_algorithm == "ppo":  # a section may leave it to the command line
         raise ConfigError("key 'ppo.reward_model' is not set; trainer_rl.py needs a reward model (a trainer_rm.py "
                           "export, checkpoint or run folder)")
-    return run_stoppable(cfg.stop_grace_period, partial(_train_rl, cfg))
+    return run_stoppable(cfg.stop_grace_period, lambda stop: holding_output_dir(cfg, partial(_train_rl, cfg, stop)))
 
 
 def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
@@ -185,23 +191,21 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     clock.phase("process start, imports and distributed init")
     seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
-    # Before minutes of exports: a split that does not fit, or a reward function that does not import, fails at once.
+    # Everything that can be checked without the exports is checked before their minutes (and their writes): a split
+    # that does not fit, a reward function that does not import, a reward model of another tokenizer.
     plan = plan_steps(cfg, info.world_size)
     rewards = load_reward_functions(cfg.grpo.reward_functions) if cfg.rl_algorithm == "grpo" else []
-    sources = _model_sources(cfg, info)
-    tokenizer = load_tokenizer(sources.policy)
-    if sources.reward is not None:
-        check_same_tokenizer(tokenizer, sources.reward, "ppo.reward_model")
-    if sources.value not in (None, sources.reward):
-        check_same_tokenizer(tokenizer, sources.value, "ppo.value_model")
+    tokenizer = load_tokenizer(tokenizer_config(cfg))
+    _check_reward_and_value_models(cfg, tokenizer)
     prompts = load_prompts(cfg, tokenizer)
+    sources = _model_sources(cfg, info)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo.num_rollouts)
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps_per_epoch)
     clock.phase("prompts", f"{len(prompts)} prompts, {total_steps} steps of {cfg.ppo.num_rollouts} rollouts")
     state = RlState(data_fingerprint=_fingerprint_data(cfg, prompts),
                     model_fingerprint=_fingerprint_models(cfg, sources))
     resume = _checkpoint_to_continue(cfg, state, output_dir)
-    if resume is not None and already_complete(resume, resume.saved["step"], total_steps):
+    if resume is not None and already_complete(cfg, resume, resume.saved["step"], total_steps):
         leave_process_group()
         return output_dir
     if info.is_main and cfg.overwrite_output_dir:
@@ -210,7 +214,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     models = _build_models(cfg, sources, tokenizer, info, plan, total_steps, clock)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
+        record_run_file(output_dir, RUN_CONFIG).write_text(to_yaml(cfg))
     value_engine = {VALUE_MODEL_DIR: models.value} if models.value is not None else None
     write_more = (lambda folder: _write_value_config(models, folder)) if models.value is not None else None
     saver = Saver(cfg, tokenizer, total_steps, steps_per_epoch, write_more=write_more, more_engines=value_engine)
@@ -222,9 +226,13 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
         clock.phase("resume", f"from {resume.checkpoint} at step {state.step}")
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
+        tokens_before, loop_start = state.generated_tokens, time.perf_counter()
         _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop, rewards))
+        loop_seconds = time.perf_counter() - loop_start
     finally:
         metrics.close()
+    if info.is_main:  # its tokens/s: the continuations generated
+        print_summary(output_dir, state.step, state.generated_tokens - tokens_before, loop_seconds)
     leave_process_group()
     return output_dir
 
@@ -236,9 +244,10 @@ def _checkpoint_to_continue(cfg: TrainConfig, state: RlState, output_dir: Path) 
         return None
     resume = checkpoint_to_resume(cfg, state, output_dir)
     if resume.world_size != dist.get_world_size():
-        raise ConfigError(f"cannot resume from {resume.checkpoint}: it was saved by {resume.world_size} ranks and this "
-                          f"run has {dist.get_world_size()}; PPO resumes on the number of ranks that saved it (only "
-                          f"SFT, the reward model and DPO resume on another): resume with {resume.world_size} ranks")
+        saved = ranks(resume.world_size)
+        raise ConfigError(f"cannot resume from {resume.checkpoint}: it was saved by {saved} and this run has "
+                          f"{dist.get_world_size()}; PPO resumes on the number of ranks that saved it (only SFT, the "
+                          f"reward model and DPO resume on another): resume with {saved}")
     return resume
 
 
@@ -259,8 +268,7 @@ class ModelSources:
 
 
 def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
-    """The four models' folders, a training checkpoint or run folder exported once (training/start.py); ConfigError
-    when the reward model is not one."""
+    """The four models' folders, a training checkpoint or run folder exported once (training/start.py)."""
     policy = start_model_config(cfg, info)
     if not cfg.ppo.reward_model:  # GRPO on reward functions alone (train_rl and the config checks allow no other)
         return ModelSources(policy, None, None)
@@ -269,6 +277,15 @@ def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
     if cfg.rl_algorithm == "ppo":
         value = reward if cfg.ppo.value_model is None else model_folder(
             cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
+    return ModelSources(policy, reward, value)
+
+
+def _check_reward_and_value_models(cfg: TrainConfig, tokenizer: Any) -> None:
+    """ConfigError when the reward model is not one, or the reward or value model has another tokenizer than the
+    policy's: read where they lie (a training checkpoint's own folders), before anything is exported."""
+    if not cfg.ppo.reward_model:  # GRPO on reward functions alone
+        return
+    reward = saved_folder(cfg.ppo.reward_model, "ppo.reward_model", MODEL_CONFIG_DIR)
     try:
         config = AutoConfig.from_pretrained(reward, cache_dir=cfg.cache_dir)
     except (OSError, ValueError) as err:
@@ -276,7 +293,11 @@ def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
     if not is_reward_model(config):
         raise ConfigError(f"key 'ppo.reward_model': {reward} is a {', '.join(config.architectures or ['model'])}, not "
                           "a reward model (a *ForSequenceClassification, as trainer_rm.py trains and exports)")
-    return ModelSources(policy, reward, value)
+    check_same_tokenizer(tokenizer, saved_folder(cfg.ppo.reward_model, "ppo.reward_model", TOKENIZER_DIR),
+                         "ppo.reward_model")
+    if cfg.ppo.value_model not in (None, cfg.ppo.reward_model):
+        check_same_tokenizer(tokenizer, saved_folder(cfg.ppo.value_model, "ppo.value_model", TOKENIZER_DIR),
+                             "ppo.value_model")
 
 
 def _fingerprint_models(cfg: TrainConfig, sources: ModelSources) -> str:
@@ -385,13 +406,15 @@ def _loop(cfg: TrainConfig, models: Models, state: RlState, run: PpoRun) -> None
         state.step += 1
         state.generated_tokens += record.pop("generated_tokens")
         progress.update(1)
-        progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.3f}")
         stopping = run.stop.agreed()
         if stopping or state.step == run.total_steps or state.step % cfg.logging_steps == 0:
             lrs = {"lr": models.policy.get_lr()[0]}
             if models.value is not None:
                 lrs["value_lr"] = models.value.get_lr()[0]
             run.metrics.log({"step": state.step, **record, "tokens": state.generated_tokens, **lrs})
+            if run.info.is_main:
+                progress.write(rl_line(state.step, record))
             _log_samples(cfg, rollouts, run.tokenizer, run.metrics, state.step)
         save_now = run.saver.due(state.step) or (stopping and run.saver.enabled)
         saved = run.saver.save(models.policy, state.step, state.state_dict()) if save_now else None
@@ -636,7 +659,7 @@ def _log_samples(cfg: TrainConfig, rollouts: Rollouts, tokenizer: Any, metrics: 
     rows = decode_samples(rollouts, tokenizer, cfg.ppo.samples_to_log)
     if not metrics.enabled or not rows:
         return
-    with open(Path(cfg.output_dir) / ROLLOUT_SAMPLES, "a", encoding="utf-8") as f:
+    with open(record_run_file(Path(cfg.output_dir), ROLLOUT_SAMPLES), "a", encoding="utf-8") as f:
         f.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
     columns = list(rows[0])
     metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], step)

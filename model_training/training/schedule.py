@@ -4,9 +4,10 @@
   (its configs/zero_config.json, with DeepSpeed's default logarithmic warmup): 0 for the first two updates,
   then log(k) / log(W) up to the peak over W = max(2, warmup_steps) updates, then a linear decay (the last
   update of a run gets 2 / (total_steps - W) of the peak; DeepSpeed's curve reaches 0 just after it).
-- `cosine`, `linear`, `constant`: a linear warmup from 0 to the peak over `warmup_steps`, then a cosine decay
-  to 10% of the peak, a linear decay to 0, or none; the decay lasts until the last step, or `decay_steps` steps
-  and then stays at its end (the RLHF Falcon-40B card: cosine over 100 of its 200 steps).
+- `cosine`, `linear`, `constant`: a linear warmup from 0 to the peak over `warmup_steps`, then a cosine or a
+  linear decay to `min_ratio` of the peak (0 by default, as transformers' schedules that the OpenAssistant trainer
+  ran), or none; the decay lasts until the last step, or `decay_steps` steps and then stays at its end (the RLHF
+  Falcon-40B card: cosine over 100 of its 200 steps, to 10% of the peak).
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import math
 
 import torch
 
-COSINE_FLOOR = 0.1
-"""Cosine decays to this fraction of the peak rather than to 0, so the last steps still learn."""
-
 KINDS = ("warmup_decay", "cosine", "linear", "constant")
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str, decay_steps: int | None = None) -> float:
-    """Multiplier of the peak learning rate for the update made at optimizer step `step` (0-based)."""
+def lr_multiplier(
+    step: int, warmup_steps: int, total_steps: int, kind: str, decay_steps: int | None = None, min_ratio: float = 0.0
+) -> float:
+    """Multiplier of the peak learning rate for the update made at optimizer step `step` (0-based); a decay ends at
+    `min_ratio`."""
     if kind == "warmup_decay":
         return _deepspeed_warmup_decay(step, warmup_steps, total_steps)
     if step < warmup_steps:
@@ -32,9 +33,9 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str, dec
     if kind == "constant":
         return 1.0
     if kind == "linear":
-        return 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
     if kind == "cosine":
-        return COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr_scheduler_type '{kind}'")
 
 
@@ -53,9 +54,14 @@ def _deepspeed_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> f
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, kind: str, decay_steps: int | None = None
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    kind: str,
+    decay_steps: int | None = None,
+    min_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     # DeepSpeed steps it once per applied optimizer step and saves/loads its state with the checkpoint.
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, kind, decay_steps)
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, kind, decay_steps, min_ratio)
     )

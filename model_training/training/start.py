@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from model_training.config import PROJECT_ROOT, ConfigError, TrainConfig, resolve_input_path
 from model_training.hub import is_hub_id
-from model_training.layout import MANIFEST, START_MODEL_DIR, is_training_run
+from model_training.layout import MANIFEST, START_MODEL_DIR, TOKENIZER_DIR, is_training_run
 from model_training.models.dtypes import TORCH_DTYPES
 from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
 from model_training.training.distributed import DistInfo
@@ -39,6 +39,26 @@ def start_model_config(cfg: TrainConfig, info: DistInfo) -> TrainConfig:
     if cfg.model_name is None:
         return cfg
     return replace(cfg, model_name=model_folder(cfg.model_name, "model_name", START_MODEL_DIR, cfg, info))
+
+
+def tokenizer_config(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` to load the run's tokenizer with before any export (every check that needs it comes before the minutes
+    of an export): when `model_name` is a training checkpoint or run folder, its checkpoint's tokenizer folder."""
+    if cfg.tokenizer_name is not None or cfg.model_name is None or training_run(cfg.model_name) is None:
+        return cfg
+    return replace(cfg, tokenizer_name=saved_folder(cfg.model_name, "model_name", TOKENIZER_DIR))
+
+
+def saved_folder(name: str, key: str, sub: str) -> str:
+    """Where the model that config key `key` names (`name`) keeps `sub` (its tokenizer or model config folder) without
+    an export: for a training checkpoint or run folder, that folder of its newest checkpoint; else `name` itself."""
+    folder = training_run(name)
+    if folder is None:
+        return name
+    try:
+        return str(resolve_checkpoint(folder, folder) / sub)
+    except CheckpointError as err:
+        raise ConfigError(f"key '{key}': {err}") from None
 
 
 def model_folder(name: str, key: str, export_dir: str, cfg: TrainConfig, info: DistInfo) -> str:

@@ -45,6 +45,7 @@ What it does, the way DeepSpeed's ZeRO-1/2 do it wherever there is a choice:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,15 @@ class TorchEngine:
         return str(folder), {}
 
 
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+"""DDP's option against a buffer broadcast at every forward: torch 2.13 renamed `broadcast_buffers` (a FutureWarning
+on every rank since) to `forward_sync_buffers`; torch 2.11 knows only the old name."""
+
+
 def build_torch_engine(model: nn.Module, cfg: TrainConfig, world_size: int, total_steps: int) -> TorchEngine:
     """The engine that trains `model` (built in cfg.dtype by models/builder.py) without DeepSpeed."""
     device = training_device()
@@ -200,12 +210,13 @@ def build_torch_engine(model: nn.Module, cfg: TrainConfig, world_size: int, tota
         trained, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay, fused=device.type == "cuda",
     )
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type, cfg.lr_decay_steps)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type, cfg.lr_decay_steps,
+                                cfg.min_lr_ratio)
     ddp = None
     if world_size > 1:
         # Buffers (rotary tables) are computed alike on every rank and never trained: no broadcast per forward.
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+                                      **_NO_BUFFER_SYNC)
     logger.info("no DeepSpeed: plain PyTorch on %s, %s, %s; %s is not read (nothing is partitioned)",
                 device, f"DDP over {world_size} ranks" if ddp else "one process",
                 "bf16 autocast over fp32 weights" if cfg.dtype == "bf16" else "fp32", cfg.deepspeed_config)

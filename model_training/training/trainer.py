@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -34,37 +35,48 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
 from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
 from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
 from model_training.data.store import Concatenated, StoredSamples, update_digest
 from model_training.data.windows import LengthRule, WholeSamples
-from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, remove_run
+from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, record_run_file, remove_run
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.lora import is_lora_model
 from model_training.training.answers import generate_answers, sample_prompts, write_samples
 from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
 from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
-from model_training.training.distributed import DistInfo, init_distributed
+from model_training.training.distributed import DistInfo, LaunchError, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.evaluation import Evaluator
 from model_training.training.metrics import MetricsLogger
-from model_training.training.preemption import EXIT_STOPPED, Stopped, StopRequest, run_stoppable
+from model_training.training.preemption import (
+    EXIT_STOPPED,
+    Stopped,
+    StopRequest,
+    describe_exited,
+    exited_ranks,
+    run_stoppable,
+)
 from model_training.training.preference import PreferenceSpec, save_references, with_references
+from model_training.training.report import eval_lines, run_summary
 from model_training.training.resume import (
     Resume,
     already_complete,
     apply_changed_hyperparameters,
+    changed_settings,
     checkpoint_to_resume,
     continued_plan,
     convert_if_needed,
     describe_changes,
     schedule,
 )
+from model_training.training.run_lock import holding_output_dir
 from model_training.training.sampler import StepPlan, plan_sources
 from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
-from model_training.training.start import start_model_config
+from model_training.training.start import start_model_config, tokenizer_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError
 from model_training.training.throughput import ThroughputMeter
 from model_training.training.torch_engine import build_torch_engine
@@ -223,7 +235,7 @@ def setup_logging(info: DistInfo) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by `cfg`; return the run folder. A signal stops it at the next optimizer step with
     a checkpoint and raises `Stopped` (preemption.py)."""
-    return run_stoppable(cfg.stop_grace_period, partial(_train, cfg))
+    return run_stoppable(cfg.stop_grace_period, lambda stop: holding_output_dir(cfg, partial(_train, cfg, stop)))
 
 
 def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
@@ -234,18 +246,19 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     seed_everything(cfg.rng_seed)
     output_dir = Path(cfg.output_dir)
 
-    # A training checkpoint as model_name is exported first; the run's own config (fingerprint, saves) keeps it.
-    model_cfg = start_model_config(cfg, info)
-    tokenizer = load_tokenizer(model_cfg)
+    # A training checkpoint as model_name: its tokenizer is read where it lies, and the checkpoint is exported only
+    # once the data and the resume are checked; the run's own config (fingerprint, saves) keeps model_name.
+    tokenizer = load_tokenizer(tokenizer_config(cfg))
     clock.phase("tokenizer")
     data = _run_data(cfg, tokenizer, info, clock)
     state = TrainerState(data_fingerprint=_fingerprint_data(data), model_fingerprint=_fingerprint_model(cfg),
                          samples_per_step=data.plan.samples_per_step)
     # A resume that does not fit is refused before anything is built or written.
     resume = _checkpoint_to_continue(cfg, data, state)
-    if resume is not None and already_complete(resume, resume.saved["optimizer_step"], state.total_steps):
+    if resume is not None and already_complete(cfg, resume, resume.saved["optimizer_step"], state.total_steps):
         leave_process_group()
         return output_dir
+    model_cfg = start_model_config(cfg, info)
     if resume is not None:
         data = replace(data, plan=continued_plan(data.plan, resume))
         convert_if_needed(cfg, resume)
@@ -257,7 +270,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     if info.is_main:
         # Written once the run has started: a launch that fails earlier leaves no run folder behind.
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RUN_CONFIG).write_text(to_yaml(cfg))
+        record_run_file(output_dir, RUN_CONFIG).write_text(to_yaml(cfg))
 
     spec = _sample_spec(cfg, tokenizer, engine)
     if resume is not None:
@@ -291,7 +304,9 @@ def _train_and_finish(
     """The loop, then what follows the last step: the training curves and the sample answers."""
     metrics = MetricsLogger(cfg, Path(cfg.output_dir), enabled=parts.show_progress)
     try:
+        tokens_before, loop_start = state.tokens_seen, time.perf_counter()
         _loop(cfg, engine, state, parts, metrics, clock)
+        loop_seconds = time.perf_counter() - loop_start
         metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
         if cfg.generate_samples or cfg.generate_val_samples:
             # The preference stages' validation sets are groups of replies, with no openings to answer.
@@ -299,7 +314,15 @@ def _train_and_finish(
             _generate_samples(cfg, engine, parts.tokenizer, val_splits, state, metrics, parts.info)
     finally:
         metrics.close()
+    if parts.show_progress:
+        print_summary(Path(cfg.output_dir), state.optimizer_step, state.tokens_seen - tokens_before, loop_seconds)
     leave_process_group()
+
+
+def print_summary(output_dir: Path, steps: int, tokens: int, train_seconds: float) -> None:
+    """The run's summary on stdout (report.py), timed from the process's start."""
+    wall = time.time() - psutil.Process().create_time()
+    print("\n".join(run_summary(output_dir, steps, wall, tokens, train_seconds)), flush=True)
 
 
 def leave_process_group() -> None:
@@ -312,10 +335,10 @@ def leave_process_group() -> None:
 def _log_plan(cfg: TrainConfig, data: RunData, total_steps: int, engine: Any, spec: SampleSpec, world: int) -> None:
     plan = data.plan
     logger.info(
-        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %d ranks; "
+        "%s: %d training samples, %d drawn per epoch, %d steps per epoch, %d steps in all; %s on %s; "
         "%s micro-batches%s",
         cfg.stage, len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
-        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", world,
+        f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", ranks(world),
         "packed" if cfg.packing else "padded",
         f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if cfg.stage == "sft" else "",
     )
@@ -357,7 +380,7 @@ def build_engine(
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type,
-                                                 cfg.lr_decay_steps),
+                                                 cfg.lr_decay_steps, cfg.min_lr_ratio),
     )
     return engine
 
@@ -395,7 +418,7 @@ def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, resume: Resume, 
     mine = ("samples_per_step", "epoch_steps", "total_steps", "data_fingerprint")
     state.load_state_dict({**saved, **{key: getattr(state, key) for key in mine}})
     changes = describe_changes(cfg, resume, plan, state.total_steps)
-    apply_changed_hyperparameters(cfg, engine, changes, state.optimizer_step)
+    apply_changed_hyperparameters(cfg, engine, changes, state.optimizer_step, changed_settings(cfg, resume.checkpoint))
     logger.info("resumed from %s at optimizer step %d", resume.checkpoint, state.optimizer_step)
 
 
@@ -478,7 +501,11 @@ def _loop(
             # The losses are read only here (a host sync): the steps in between run back to back on the device.
             record = _read_losses(cfg, engine, state, parts, pending.read(), meter, progress, log_now)
             if eval_now:
-                record.update(parts.evaluate(engine))
+                results = parts.evaluate(engine)
+                record.update(results)
+                if parts.show_progress:
+                    for line in eval_lines(step, results):
+                        progress.write(line)
             if record:
                 metrics.log({"step": step, **record})
         saved = parts.saver.save(engine, step, _saved_state(state, parts)) if save_now else None
@@ -556,9 +583,20 @@ def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path] = train) ->
     exit status 1, and a stop on a signal as EXIT_STOPPED."""
     try:
         run(cfg)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)  # before any logging is set up
+        return 1
     except (TrainingError, CheckpointError) as err:
         logger.error("%s", err)
         return 1
     except Stopped:
         return EXIT_STOPPED
+    except (dist.DistError, RuntimeError):
+        gone = exited_ranks()
+        if not gone:
+            raise
+        # A collective with a rank that died fails on the others ("Connection reset by peer", a page of gloo's text):
+        # which rank it was is what helps.
+        logger.error("%s", describe_exited(gone))
+        return 1
     return 0

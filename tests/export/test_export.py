@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -433,3 +434,31 @@ def test_the_command_line_exits_2_with_one_line_on_stderr(tmp_path):
         f"export_model.py: error: No usable committed checkpoint in {tmp_path}"
     )
     assert not folder.exists()
+
+
+@pytest.mark.slow
+def test_an_export_that_fills_the_disk_says_so_with_the_bytes_and_leaves_nothing(zero2_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """safetensors' SafetensorError on a full disk, as the OS gives it (injected at the write: no root here)."""
+    from safetensors import SafetensorError
+
+    import model_training.export.writer as writer
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"the part that fit")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No "
+                              "space left on device\" })")
+
+    monkeypatch.setattr(writer, "save_file", full_disk)
+    folder = tmp_path / "out" / "model"
+    assert main_export([str(zero2_run), "--output_folder", str(folder), "--dtype", "fp32"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"export_model\.py: error: the disk of {re.escape(str(folder.parent))} is full: \d+ bytes \(\S+ GB\) free "
+        r"once the partial export was removed, and its weights need (\d+) bytes \(\S+ GB\); free space there, or "
+        r"choose another --output_folder", line), line
+    assert not folder.exists() and leftovers(folder) == []
+    monkeypatch.undo()  # the disk has room again: the bytes said are those the export writes
+    assert main_export([str(zero2_run), "--output_folder", str(folder), "--dtype", "fp32"]) == 0
+    written = sum(t.numel() * t.element_size() for t in folder_weights(folder).values())
+    assert int(re.search(r"weights need (\d+) bytes", line).group(1)) == written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +145,40 @@ def test_freeze_layer_is_refused_when_new_embedding_rows_would_never_train(tmp_p
     with pytest.raises(ConfigError, match=r"freeze_layer freezes the input embeddings, but the 9 rows the resize "
                                           r"added .* would then never train"):
         build_model(cfg, load_tokenizer(cfg), ZERO2)
+
+
+class Records(logging.Handler):
+    """The records a logger's handlers get."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_reward_model_from_a_chat_model_says_its_new_head_once_without_the_load_report(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers logs a LOAD REPORT table (score.weight MISSING) on every rank; ours is one INFO line (rank 0's:
+    the other ranks log warnings only)."""
+    cfg = config()
+    tokenizer = load_tokenizer(cfg)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("falcon", **{
+        k: v for k, v in cfg.model_config.items() if k != "model_type"}, vocab_size=2023))
+    base.save_pretrained(tmp_path / "chat")
+    rm = load_config(["defaults-rm", "tiny-falcon", "preference-sample"],
+                     [parse_override("model_config=null"), parse_override(f"model_name={tmp_path / 'chat'}")],
+                     stage="rm")
+    transformers_said = Records()  # transformers' own handler hangs on its library logger, which does not propagate
+    logging.getLogger("transformers").addHandler(transformers_said)
+    try:
+        with caplog.at_level("INFO", logger="model_training.models.builder"):
+            build_model(rm, tokenizer, ZERO2)
+    finally:
+        logging.getLogger("transformers").removeHandler(transformers_said)
+    assert not [m for m in transformers_said.messages if "LOAD REPORT" in m or "were not sharded" in m]
+    assert [r.getMessage() for r in caplog.records if "reward head" in r.getMessage()] == [
+        f"reward head score.weight starts random: {tmp_path / 'chat'} has none"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "weights missing" in r.getMessage()]

@@ -18,6 +18,7 @@ from helpers import cpu_env, free_port
 from model_training.training.checkpoint import (
     CheckpointError,
     NewestCheckpointUnusable,
+    checkpoint_bytes,
     checkpoint_name,
     replay_cpu_adam_steps,
     resolve_checkpoint,
@@ -383,8 +384,14 @@ def test_a_failed_write_on_one_rank_fails_every_rank_and_commits_nothing(tmp_pat
     message = (
         f"CheckpointError: Saving checkpoint of step 5 to {run_dir / 'checkpoint-000005'} failed while "
         "writing; earlier checkpoints and the latest pointer are untouched "
-        "(rank 1: OSError: [Errno 28] No space left on device)"
+        "(rank 1: OSError: [Errno 28] No space left on device); the disk of "
+        f"{run_dir} is full: "
     )
+    needed = checkpoint_bytes(run_dir / "checkpoint-000003")
+    needs = (f"GB) free once the partial checkpoint was removed, and a checkpoint of this run needs about {needed} "
+             f"bytes ({needed / 1e9:.2f} GB), as checkpoint-000003 did: free space there, or keep fewer checkpoints "
+             "(save_total_limit)")
+    assert needs in result.stderr
     # Both ranks raise it, the healthy one included.
     assert f"[rank0]: model_training.training.checkpoint.{message}" in result.stderr
     assert f"[rank1]: model_training.training.checkpoint.{message}" in result.stderr

@@ -200,8 +200,8 @@ def test_a_signalled_runner_takes_its_ranks_down_with_a_checkpoint(zero2_run: Pa
     assert "(deepspeed) exited: stopping at the end of this optimizer step" in log
     assert f"exits with return code = {EXIT_STOPPED}" in log  # the launcher's report of its rank
 
-    assert ("resuming at step 4 with 2 -> 1 ranks; global batch 16 -> 8 samples (micro batch 8 x accumulation 1 x 1 "
-            "ranks), the data going on from sample 64 of epoch 0; schedule 8 -> 400 optimizer steps; learning rate "
+    assert ("resuming at step 4 with 2 -> 1 rank; global batch 16 -> 8 samples (micro batch 8 x accumulation 1 x 1 "
+            "rank), the data going on from sample 64 of epoch 0; schedule 8 -> 400 optimizer steps; learning rate "
             "2.500e-03 -> 2.500e-03") in log
     per_epoch = int(re.search(r"(\d+) drawn per epoch", log).group(1))
     plan = StepPlan((SourceDraw(0, per_epoch, per_epoch),), 1, 0, 8, 1, seed=0, start=DataPosition(4, 0, 64))

@@ -98,7 +98,7 @@ def test_a_2_rank_run_resumes_on_1_rank_and_goes_on_as_it_would_have(
     ckpt = copied_checkpoint(reference, 4, tmp_path)
     result = check_ok(run_deepspeed([*TINY_RUN, f"output_dir={tmp_path / 'run'}", "gradient_accumulation_steps=2",
                                      f"deepspeed_config={config}", f"resume_from_checkpoint={ckpt}"], nproc=1))
-    assert "resuming at step 4 with 2 -> 1 ranks; global batch unchanged (16 samples)" in result.stdout
+    assert "resuming at step 4 with 2 -> 1 rank; global batch unchanged (16 samples)" in result.stdout
     assert (ckpt / UNIVERSAL_DIR / "manifest.json").is_file()
     assert_same_losses(tmp_path / "run", reference, range(5, 9))
 

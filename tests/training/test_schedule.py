@@ -8,7 +8,10 @@ import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-from model_training.training.schedule import COSINE_FLOOR, build_scheduler, lr_multiplier
+from model_training.training.schedule import build_scheduler, lr_multiplier
+
+CARD_END = 0.1
+"""The RLHF Falcon-40B card's end of its cosine: 1.85e-7 of a 1.85e-6 peak."""
 
 
 def test_warmup_rises_linearly_to_the_peak() -> None:
@@ -16,24 +19,30 @@ def test_warmup_rises_linearly_to_the_peak() -> None:
     assert lr_multiplier(4, 4, 20, "cosine") == 1.0
 
 
-@pytest.mark.parametrize(("kind", "end"), [("cosine", COSINE_FLOOR), ("linear", 0.0), ("constant", 1.0)])
-def test_decay_kinds_end_where_documented(kind: str, end: float) -> None:
-    values = [lr_multiplier(s, 2, 12, kind) for s in range(2, 13)]
-    assert values[0] == 1.0 and values[-1] == pytest.approx(end)
+@pytest.mark.parametrize(
+    ("kind", "min_ratio", "end"),
+    [("cosine", 0.0, 0.0), ("cosine", 0.25, 0.25), ("linear", 0.0, 0.0), ("linear", 0.25, 0.25),
+     ("constant", 0.25, 1.0)],
+)
+def test_decay_kinds_end_where_documented(kind: str, min_ratio: float, end: float) -> None:
+    """Cosine and linear end at `min_ratio` (by default 0, as transformers' schedules); constant does not decay."""
+    values = [lr_multiplier(s, 2, 12, kind, min_ratio=min_ratio) for s in range(2, 13)]
+    assert values[0] == 1.0 and values[-1] == pytest.approx(end, abs=1e-12)
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
 def test_a_decay_of_its_own_length_then_holds_its_end() -> None:
     """The RLHF Falcon-40B card's schedule: 10 warmup steps, a cosine over 100 steps to 10% of the peak, held to
     the run's 200th step."""
-    values = [lr_multiplier(s, 10, 200, "cosine", decay_steps=100) for s in range(200)]
+    values = [lr_multiplier(s, 10, 200, "cosine", decay_steps=100, min_ratio=CARD_END) for s in range(200)]
     assert values[9] < values[10] == 1.0
-    assert values[60] == pytest.approx(COSINE_FLOOR + (1 - COSINE_FLOOR) / 2)
-    assert values[110:] == [pytest.approx(COSINE_FLOOR)] * 90
+    assert values[60] == pytest.approx(CARD_END + (1 - CARD_END) / 2)
+    assert values[110:] == [pytest.approx(CARD_END)] * 90
 
 
 def test_cosine_midpoint() -> None:
-    assert lr_multiplier(7, 2, 12, "cosine") == pytest.approx(COSINE_FLOOR + (1 - COSINE_FLOOR) / 2)
+    assert lr_multiplier(7, 2, 12, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(7, 2, 12, "cosine", min_ratio=CARD_END) == pytest.approx(CARD_END + (1 - CARD_END) / 2)
 
 
 def test_unknown_kind() -> None:
