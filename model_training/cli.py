@@ -150,6 +150,11 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
             return _show_dataset_stats(args.config)
         if args.config.prepare_only:
             return _prepare_only(args.config)
+        if args.config.deepspeed:
+            # Here, not in the config's checks: DeepSpeed takes seconds to import, which --show_config must not.
+            from model_training.training.ds_config import check_deepspeed_json
+
+            check_deepspeed_json(args.config)
         _check_writable_folder(Path(args.config.output_dir), "output_dir")
         _refuse_to_overwrite_a_run(args.config)
         resolve_auto_resume(args.config)

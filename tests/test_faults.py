@@ -278,6 +278,39 @@ FAULTS = [
 ]
 
 
+def deepspeed_json(edit: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """A training run on configs/zero_config.json as `edit` changed it, saved to scratch/ds.json."""
+
+    def command(scratch: Path) -> list[str]:
+        ds = json.loads((REPO / "configs" / "zero_config.json").read_text())
+        edit(ds)
+        (scratch / "ds.json").write_text(json.dumps(ds))
+        return trainer(f"deepspeed_config={scratch / 'ds.json'}", f"output_dir={scratch / 'run'}", "max_steps=1")
+
+    return command
+
+
+# Issue 29: values and inputs that reached torch, transformers, DeepSpeed or pyarrow, refused before any rank starts.
+VALIDATION_FAULTS = [
+    Fault("a negative warmup", overrides("warmup_steps=-5", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'warmup_steps' must be at least 0, got -5$"),
+    Fault("a negative learning rate", overrides("learning_rate=-3e-3", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'learning_rate' must be positive, got -0\.003$"),
+    Fault("a learning rate that is not a number", overrides("learning_rate=.nan", "output_dir={scratch}/run",
+                                                          "max_steps=1"),
+          r"^error: key 'learning_rate' must be positive, got nan$"),
+    Fault("adam_beta2 above 1", overrides("adam_beta2=1.5", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'adam_beta2' must be in \[0, 1\), got 1\.5$"),
+    Fault("a misspelled DeepSpeed section",
+          deepspeed_json(lambda ds: ds.update(zero_optimisation=ds.pop("zero_optimization"))),
+          r"key 'deepspeed_config': \S+/ds\.json has the key 'zero_optimisation', which DeepSpeed does not read \(it "
+          r"would be ignored\); did you mean 'zero_optimization'\?$"),
+    Fault("a ZeRO stage DeepSpeed does not have", deepspeed_json(lambda ds: ds["zero_optimization"].update(stage=7)),
+          r"key 'deepspeed_config': \S+/ds\.json sets 'zero_optimization\.stage' to 7; expected: Input should be 0, 1, "
+          r"2, 3"),
+]
+
+
 def run(command: list[str], ranks: int) -> tuple[int, str]:
     """(exit status, what the command wrote to stderr); under the launcher, every rank's output but the
     launcher's own lines."""
@@ -291,7 +324,7 @@ def run(command: list[str], ranks: int) -> tuple[int, str]:
     return result.returncode, result.stderr
 
 
-@pytest.mark.parametrize("fault", FAULTS + RUN_FAULTS, ids=lambda fault: fault.name)
+@pytest.mark.parametrize("fault", FAULTS + VALIDATION_FAULTS + RUN_FAULTS, ids=lambda fault: fault.name)
 def test_a_mistake_exits_2_with_one_line_and_changes_nothing(
     fault: Fault, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
