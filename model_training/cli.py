@@ -48,7 +48,7 @@ def _parser(stage: str) -> argparse.ArgumentParser:
         "(dotted keys for nested values) or --key value; every key is documented in model_training/config.py.",
         allow_abbrev=False,
     )
-    parser.add_argument("--configs", nargs="+", default=["defaults"], help="config sections to merge, in order")
+    parser.add_argument("--configs", nargs="*", default=["defaults"], help="config sections to merge, in order")
     parser.add_argument("--config_file", type=Path, default=None,
                         help="a YAML file of sections to read instead of every configs/*.yaml")
     parser.add_argument("--show_config", action="store_true", help="print the merged config as YAML and exit")

@@ -605,12 +605,15 @@ def load_config(
         sections = read_config_folder()
     else:
         sections = {name: (section, config_file) for name, section in read_sections(config_file).items()}
+    shown = _display_path(config_file) if config_file else f"{_display_path(CONFIG_DIR)}/*.yaml"
+    if not section_names:
+        raise ConfigError(f"no config section given; --configs takes section names first (then key=value "
+                          f"overrides), from those in {shown}: {', '.join(sections)}")
     merged = OmegaConf.structured(TrainConfig)
     warnings: dict[str, str] = {}
     origins: dict[str, str] = {}  # dataset list key -> where it was set, for `parse_dataset_specs`'s messages
     for name in section_names:
         if name not in sections:
-            shown = _display_path(config_file) if config_file else f"{_display_path(CONFIG_DIR)}/*.yaml"
             raise ConfigError(f"unknown config section '{name}' in {shown}{closest_name(name, list(sections))}")
         section, origin = sections[name]
         where = f"in section '{name}' of {_display_path(origin)}"

@@ -308,6 +308,17 @@ VALIDATION_FAULTS = [
     Fault("a ZeRO stage DeepSpeed does not have", deepspeed_json(lambda ds: ds["zero_optimization"].update(stage=7)),
           r"key 'deepspeed_config': \S+/ds\.json sets 'zero_optimization\.stage' to 7; expected: Input should be 0, 1, "
           r"2, 3"),
+    Fault("a dolly15k .parquet that is a text file",
+          with_dataset("dolly15k", "dolly.parquet", b"instruction,response\n"),
+          r"dolly\.parquet: not a readable Parquet file \(Parquet magic bytes not found .*\); expected a whole "
+          r"\.parquet file"),
+    Fault("--configs without a section", lambda scratch: [str(TRAINER), "--configs", "max_steps=3", "--show_config"],
+          r"^error: no config section given; --configs takes section names first .*: defaults, falcon-7b, "),
+    Fault("an empty PPO prompt file",
+          made(lambda s: (s / "prompts.jsonl").write_bytes(b""),
+               ppo("ppo.reward_model={scratch}/sft", "ppo.prompt_file={scratch}/prompts.jsonl",
+                   "tokenizer_name=data/tokenizer", "--show_dataset_stats")),
+          r"^error: key 'ppo\.prompt_file': \S+/prompts\.jsonl holds no prompt; expected one JSON object a line"),
 ]
 
 

@@ -121,14 +121,21 @@ def read_rows(source: str | Path, config_key: str | None, split: str = "train") 
     builder = _BUILDERS.get(suffix(path))
     if builder is None:
         raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(_BUILDERS)} or a folder")
-    # The library logs its own line about a JSON file it cannot parse; `_explain_json_error` says where.
-    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    # The library logs its own line about a JSON or Parquet file it cannot parse; the error below says where.
+    for builder_name in ("json", "parquet"):
+        logging.getLogger(f"datasets.packaged_modules.{builder_name}.{builder_name}").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="sources-cache-") as tmp:
         try:
             # keep_in_memory: the rows must outlive the temporary cache.
             rows = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=tmp,
                                          keep_in_memory=True)
-        except Exception:
+        except Exception as err:
+            if builder == "parquet":
+                from model_training.config import first_line  # config imports the sources
+
+                # pyarrow's own message ("Parquet magic bytes not found in footer") names no file.
+                raise FileFormatError(source, None, f"not a readable Parquet file ({first_line(err)}); expected a "
+                                      "whole .parquet file, as pandas or datasets write it") from None
             if builder != "json":
                 raise
             _explain_json_error(path, source)
