@@ -312,6 +312,9 @@ VALIDATION_FAULTS = [
           with_dataset("dolly15k", "dolly.parquet", b"instruction,response\n"),
           r"dolly\.parquet: not a readable Parquet file \(Parquet magic bytes not found .*\); expected a whole "
           r"\.parquet file"),
+    Fault("a negative shard size", lambda scratch: [*exported_into_a_full_folder(scratch), "--overwrite",
+                                                    "--max_shard_size", "-5GB"],
+          r"^export_model\.py: error: --max_shard_size: the size '-5GB' is negative; expected a positive size"),
     Fault("--configs without a section", lambda scratch: [str(TRAINER), "--configs", "max_steps=3", "--show_config"],
           r"^error: no config section given; --configs takes section names first .*: defaults, falcon-7b, "),
     Fault("an empty PPO prompt file",
