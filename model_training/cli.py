@@ -155,6 +155,10 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
             from model_training.training.ds_config import check_deepspeed_json
 
             check_deepspeed_json(args.config)
+        if args.config.model_config is not None:
+            from model_training.models.builder import model_config
+
+            model_config(args.config)
         _check_writable_folder(Path(args.config.output_dir), "output_dir")
         _refuse_to_overwrite_a_run(args.config)
         resolve_auto_resume(args.config)
