@@ -149,7 +149,7 @@ def test_freeze_layer_is_refused_when_new_embedding_rows_would_never_train(tmp_p
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model_config.num_attention_heads=0", r"key .model_config.num_attention_heads. is 0; expected a positive"),
+        ("model_config.num_attention_heads=0", r"key 'model_config.num_attention_heads' is 0; expected a positive"),
         ("model_config.hidden_size=66", r"key 'model_config': 'hidden_size' \(66\) is not a multiple of"),
         ("model_config.alibi=maybe", r"key 'model_config.alibi' does not make a falcon model: TypeError: Field"),
         ("model_config={model_type: llama, hidden_size: 66, num_attention_heads: 4}",
