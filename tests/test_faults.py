@@ -311,6 +311,13 @@ VALIDATION_FAULTS = [
     Fault("a hidden size the heads do not divide",
           overrides("model_config.hidden_size=66", "output_dir={scratch}/run", "max_steps=1"),
           r"^error: key 'model_config': 'hidden_size' \(66\) is not a multiple of 'num_attention_heads' \(4\)"),
+    Fault("a chat record with a lone surrogate",
+          with_dataset("chat_jsonl", "chat.jsonl", lines(CHAT_OK, CHAT_OK.replace("Hello", "Hel\\ud800lo"))),
+          r"chat\.jsonl, line 2: field 'messages\[1\]\.content' holds a lone surrogate \(\\ud800\) at character 4; "
+          r"expected text that UTF-8 can encode"),
+    Fault("an OASST message with a lone surrogate",
+          with_dataset("oasst_export", "export.jsonl", lines(OASST_TAB.replace("\t", "\\udfff"))),
+          r"export\.jsonl, line 1: field 'prompt\.text' holds a lone surrogate \(\\udfff\) at character 2; "),
     Fault("a dolly15k .parquet that is a text file",
           with_dataset("dolly15k", "dolly.parquet", b"instruction,response\n"),
           r"dolly\.parquet: not a readable Parquet file \(Parquet magic bytes not found .*\); expected a whole "

@@ -32,7 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model_training.data.records import FileFormatError, InvalidRecord, Record, invalid_json, json_line, text_lines
+from model_training.data.records import (
+    FileFormatError,
+    InvalidRecord,
+    Record,
+    check_encodable,
+    invalid_json,
+    json_line,
+    text_lines,
+)
 from model_training.data.sources.common import DatasetConfig, LoadContext, Splits, split_by_record
 from model_training.hub import is_hub_id
 
@@ -82,12 +90,13 @@ def load_rows(
 
 
 def convert_rows(table: Table, convert: Callable[[dict, int], T | None], skip_invalid: bool) -> list[T]:
-    """`convert` applied to each row (1-based index), dropping None; a row for which it raises InvalidRecord raises
-    FileFormatError, or is skipped under `skip_invalid`."""
+    """`convert` applied to each row (1-based index), dropping None; a row for which it raises InvalidRecord, or whose
+    text no tokenizer encodes (`check_encodable`), raises FileFormatError, or is skipped under `skip_invalid`."""
     kept: list[T] = []
     skipped = 0
     for index, row in enumerate(table.rows, start=1):
         try:
+            check_encodable(row)
             item = convert(row, index)
         except InvalidRecord as error:
             if not skip_invalid:
