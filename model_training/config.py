@@ -394,7 +394,6 @@ _CHOICES = {
     "save_strategy": ("steps", "epoch", "no"),
 }
 _POSITIVE = (
-    "max_length",
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "gradient_accumulation_steps",
@@ -447,6 +446,9 @@ _RANGES = {
     "adam_epsilon": _POSITIVE_REAL,
     "max_grad_norm": _NON_NEGATIVE,
     "warmup_steps": _NON_NEGATIVE,
+    # A sample's first token is the target of none: one token alone trains nothing, and evaluates to 0 / 0.
+    "max_length": _Range(2),
+    "val_max_length": _Range(2),
     "num_train_epochs": _POSITIVE_REAL,
     "random_offset_probability": _Range(0, 1),
     "residual_dropout": _FRACTION,
@@ -821,7 +823,7 @@ def _validate_without_deepspeed(cfg: TrainConfig, ds: dict[str, Any]) -> None:
 
 
 def _validate_openassistant_options(cfg: TrainConfig) -> None:
-    for key in ("val_max_length", "eval_size", "freeze_layer"):
+    for key in ("eval_size", "freeze_layer"):
         value = getattr(cfg, key)
         if value is not None and value < (0 if key == "freeze_layer" else 1):
             raise ConfigError(f"key '{key}' must be {'at least 0' if key == 'freeze_layer' else 'positive'} or "

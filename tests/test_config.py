@@ -215,7 +215,8 @@ def test_openassistant_keys_with_an_effect_here_are_read(tmp_path: Path, caplog:
     [
         ("num_train_epochs=0", r"key 'num_train_epochs' must be positive, got 0"),
         ("random_offset_probability=1.5", r"key 'random_offset_probability' must be in \[0, 1\], got 1.5"),
-        ("val_max_length=0", r"key 'val_max_length' must be positive or null, got 0"),
+        ("val_max_length=0", r"key 'val_max_length' must be at least 2 or null, got 0"),
+        ("max_length=1", r"key 'max_length' must be at least 2, got 1"),
         ("eval_size=0", r"key 'eval_size' must be positive or null, got 0"),
         ("use_system_prefix=true", r"key 'use_system_prefix' is true but 'system_prefix' is empty"),
     ],

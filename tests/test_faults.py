@@ -148,6 +148,15 @@ RUN_FAULTS = [
         marks=pytest.mark.slow,
     ),
     pytest.param(
+        # Found once the ranks have the data, before the model is built or anything written (data_cache_dir=null: the
+        # tokenized stores would be new files in the scratch folder).
+        Fault("a validation set that keeps no reply token", overrides(
+                  "max_length=3", "random_offset_probability=0", "data_cache_dir=null", "output_dir={scratch}/run"),
+              r"^error: key 'max_length' is 3: the validation set 'oasst_export' keeps no token of an assistant's "
+              r"reply once each sample is cut to that length", ranks=2),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
         Fault("a launch that fails once the ranks run", lambda scratch: trainer(
                   f"output_dir={scratch / 'new-run'}", "peft.type=lora", "deepspeed_config=configs/zero3_config.json"),
               r"LoRA runs on ZeRO-2, not ZeRO-3", ranks=2),
@@ -301,6 +310,8 @@ VALIDATION_FAULTS = [
           r"^error: key 'learning_rate' must be positive, got nan$"),
     Fault("adam_beta2 above 1", overrides("adam_beta2=1.5", "output_dir={scratch}/run", "max_steps=1"),
           r"^error: key 'adam_beta2' must be in \[0, 1\), got 1\.5$"),
+    Fault("a sample length of one token", overrides("max_length=1", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'max_length' must be at least 2, got 1$"),
     Fault("a misspelled DeepSpeed section",
           deepspeed_json(lambda ds: ds.update(zero_optimisation=ds.pop("zero_optimization"))),
           r"key 'deepspeed_config': \S+/ds\.json has the key 'zero_optimisation', which DeepSpeed does not read \(it "
