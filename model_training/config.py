@@ -413,8 +413,6 @@ _POSITIVE = (
 )
 
 
-
-
 class _Range(NamedTuple):
     """The finite numbers a key takes; an open end excludes its bound."""
 

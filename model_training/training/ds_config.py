@@ -88,7 +88,7 @@ def check_deepspeed_json(cfg: TrainConfig) -> None:
             DeepSpeedConfig._initialize_params(_Settings(), dict(section))
         except pydantic.ValidationError as err:
             error = err.errors(include_url=False)[0]
-            dotted = ".".join([*section, *map(str, error["loc"])]) if len(section) == 1 else ".".join(error["loc"])
+            dotted = ".".join([*(section if len(section) == 1 else ()), *map(str, error["loc"])])
             raise ConfigError(f"key 'deepspeed_config': {path} sets '{dotted}' to {error['input']!r}; expected: "
                               f"{error['msg']}") from None
         except (TypeError, ValueError, AttributeError, AssertionError, KeyError) as err:
