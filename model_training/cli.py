@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,15 @@ def report_user_error(err: Exception, quiet: bool = False) -> int:
     without the line, which another process prints."""
     if not quiet:
         print(f"error: {err}", file=sys.stderr)
+    else:
+        # A launcher kills every rank once one has exited: a quiet rank that got here first would take rank 0 down
+        # before it says why (the checks import DeepSpeed and transformers, seconds apart from rank to rank).
+        time.sleep(QUIET_RANK_GRACE)
     return 2
+
+
+QUIET_RANK_GRACE = 10.0
+"""Seconds a rank other than 0 waits before exiting on a user error, for rank 0 to print its line."""
 
 
 def main_train(argv: list[str], stage: str = "sft") -> int:
@@ -150,6 +159,9 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
             return _show_dataset_stats(args.config)
         if args.config.prepare_only:
             return _prepare_only(args.config)
+        _check_writable_folder(Path(args.config.output_dir), "output_dir")
+        _refuse_to_overwrite_a_run(args.config)
+        resolve_auto_resume(args.config)
         if args.config.deepspeed:
             # Here, not in the config's checks: DeepSpeed takes seconds to import, which --show_config must not.
             from model_training.training.ds_config import check_deepspeed_json
@@ -159,9 +171,6 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
             from model_training.models.builder import model_config
 
             model_config(args.config)
-        _check_writable_folder(Path(args.config.output_dir), "output_dir")
-        _refuse_to_overwrite_a_run(args.config)
-        resolve_auto_resume(args.config)
     except (ConfigError, FileFormatError) as err:
         # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
         return report_user_error(err, quiet=_launcher_rank() != 0)

@@ -319,6 +319,12 @@ VALIDATION_FAULTS = [
     Fault("a ZeRO stage DeepSpeed does not have", deepspeed_json(lambda ds: ds["zero_optimization"].update(stage=7)),
           r"key 'deepspeed_config': \S+/ds\.json sets 'zero_optimization\.stage' to 7; expected: Input should be 0, 1, "
           r"2, 3"),
+    pytest.param(
+        Fault("a ZeRO stage DeepSpeed does not have, 2 ranks",
+              deepspeed_json(lambda ds: ds["zero_optimization"].update(stage=7)),
+              r"^error: key 'deepspeed_config': \S+/ds\.json sets 'zero_optimization\.stage' to 7", ranks=2),
+        marks=pytest.mark.slow,
+    ),
     Fault("a hidden size the heads do not divide",
           overrides("model_config.hidden_size=66", "output_dir={scratch}/run", "max_steps=1"),
           r"^error: key 'model_config': 'hidden_size' \(66\) is not a multiple of 'num_attention_heads' \(4\)"),
