@@ -132,15 +132,12 @@ def report_user_error(err: Exception, quiet: bool = False) -> int:
     without the line, which another process prints."""
     if not quiet:
         print(f"error: {err}", file=sys.stderr)
-    else:
-        # A launcher kills every rank once one has exited: a quiet rank that got here first would take rank 0 down
-        # before it says why (the checks import DeepSpeed and transformers, seconds apart from rank to rank).
-        time.sleep(QUIET_RANK_GRACE)
     return 2
 
 
 QUIET_RANK_GRACE = 10.0
-"""Seconds a rank other than 0 waits before exiting on a user error, for rank 0 to print its line."""
+"""Seconds a rank other than 0 waits before exiting on a user error found before any process group, for rank 0 to
+print its line."""
 
 
 def main_train(argv: list[str], stage: str = "sft") -> int:
@@ -172,7 +169,11 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
 
             model_config(args.config)
     except (ConfigError, FileFormatError) as err:
-        # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
+        # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why. A launcher
+        # kills every rank once one has exited: a quiet rank that got here first would take rank 0 down before it
+        # says why (the last checks import DeepSpeed and transformers, seconds apart from rank to rank).
+        if _launcher_rank() != 0:
+            time.sleep(QUIET_RANK_GRACE)
         return report_user_error(err, quiet=_launcher_rank() != 0)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
