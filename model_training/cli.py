@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def _parser(stage: str) -> argparse.ArgumentParser:
         "(dotted keys for nested values) or --key value; every key is documented in model_training/config.py.",
         allow_abbrev=False,
     )
-    parser.add_argument("--configs", nargs="+", default=["defaults"], help="config sections to merge, in order")
+    parser.add_argument("--configs", nargs="*", default=["defaults"], help="config sections to merge, in order")
     parser.add_argument("--config_file", type=Path, default=None,
                         help="a YAML file of sections to read instead of every configs/*.yaml")
     parser.add_argument("--show_config", action="store_true", help="print the merged config as YAML and exit")
@@ -138,6 +139,11 @@ def report_user_error(err: Exception, quiet: bool = False) -> int:
     return 2
 
 
+QUIET_RANK_GRACE = 10.0
+"""Seconds a rank other than 0 waits before exiting on a user error found before any process group, for rank 0 to
+print its line."""
+
+
 def main_train(argv: list[str], stage: str = "sft") -> int:
     """`trainer_sft.py` (or the command of another `stage`): parse, then print the config, print dataset
     statistics, or train."""
@@ -157,8 +163,21 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
         _check_writable_folder(Path(args.config.output_dir), "output_dir")
         check_output_dir(args.config, args.config_file)
         resolve_auto_resume(args.config)
+        if args.config.deepspeed:
+            # Here, not in the config's checks: DeepSpeed takes seconds to import, which --show_config must not.
+            from model_training.training.ds_config import check_deepspeed_json
+
+            check_deepspeed_json(args.config)
+        if args.config.model_config is not None:
+            from model_training.models.builder import model_config
+
+            model_config(args.config)
     except (ConfigError, FileFormatError) as err:
-        # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why.
+        # No process group yet: every rank checks the same inputs and fails alike, so rank 0 alone says why. A launcher
+        # kills every rank once one has exited: a quiet rank that got here first would take rank 0 down before it
+        # says why (the last checks import DeepSpeed and transformers, seconds apart from rank to rank).
+        if _launcher_rank() != 0:
+            time.sleep(QUIET_RANK_GRACE)
         return report_user_error(err, quiet=_launcher_rank() != 0)
     applied = apply_training_defaults()
     if applied and _launcher_rank() == 0:

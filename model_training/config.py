@@ -428,7 +428,6 @@ _CHOICES = {
     "save_strategy": ("steps", "epoch", "no"),
 }
 _POSITIVE = (
-    "max_length",
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "gradient_accumulation_steps",
@@ -445,8 +444,68 @@ _POSITIVE = (
     "ppo.value_epochs",
     "ppo.value_steps_per_epoch",
     "ppo.max_new_tokens",
-    "grpo.group_size",
 )
+
+
+class _Range(NamedTuple):
+    """The finite numbers a key takes; an open end excludes its bound."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "positive" if self.low_open and self.low == 0 else f"at least {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+_POSITIVE_REAL = _Range(0, low_open=True)
+_NON_NEGATIVE = _Range(0)
+_FRACTION = _Range(0, 1, high_open=True)
+_RANGES = {
+    # What torch's AdamW and the schedule accept; a NaN or an infinity is refused too (torch takes some of them).
+    "learning_rate": _POSITIVE_REAL,
+    "weight_decay": _NON_NEGATIVE,
+    "adam_beta1": _FRACTION,
+    "adam_beta2": _FRACTION,
+    "adam_epsilon": _POSITIVE_REAL,
+    "max_grad_norm": _NON_NEGATIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    # A sample's first token is the target of none: one token alone trains nothing, and evaluates to 0 / 0.
+    "max_length": _Range(2),
+    "val_max_length": _Range(2),
+    "num_train_epochs": _POSITIVE_REAL,
+    "random_offset_probability": _Range(0, 1),
+    "residual_dropout": _FRACTION,
+    "wandb_init_timeout": _POSITIVE_REAL,
+    "data_wait_timeout": _POSITIVE_REAL,
+    "stop_grace_period": _POSITIVE_REAL,
+    "peft.alpha": _POSITIVE_REAL,
+    "peft.dropout": _FRACTION,
+    "dpo.beta": _POSITIVE_REAL,
+    "dpo.label_smoothing": _Range(0, 0.5, high_open=True),
+    "ppo.value_learning_rate": _POSITIVE_REAL,
+    "ppo.kl_coef": _NON_NEGATIVE,
+    "ppo.gamma": _Range(0, 1),
+    "ppo.lam": _Range(0, 1),
+    "ppo.clip_policy": _POSITIVE_REAL,
+    "ppo.clip_value": _POSITIVE_REAL,
+    "ppo.top_p": _Range(0, 1, low_open=True),
+    "ppo.temperature": _POSITIVE_REAL,
+    "ppo.samples_to_log": _NON_NEGATIVE,
+    "grpo.group_size": _Range(2),  # a group of one has nothing to be compared with
+    "grpo.clip_low": _FRACTION,
+    "grpo.clip_high": _NON_NEGATIVE,
+    "grpo.kl_coef": _NON_NEGATIVE,
+}
+"""The valid numbers of each numeric key that has a natural range (null, where a key allows it, is not checked)."""
 
 
 def closest_name(name: str, candidates: list[str], n: int = 1) -> str:
@@ -584,12 +643,15 @@ def load_config(
         sections = read_config_folder()
     else:
         sections = {name: (section, config_file) for name, section in read_sections(config_file).items()}
+    shown = _display_path(config_file) if config_file else f"{_display_path(CONFIG_DIR)}/*.yaml"
+    if not section_names:
+        raise ConfigError(f"no config section given; --configs takes section names first (then key=value "
+                          f"overrides), from those in {shown}: {', '.join(sections)}")
     merged = OmegaConf.structured(TrainConfig)
     warnings: dict[str, str] = {}
     origins: dict[str, str] = {}  # dataset list key -> where it was set, for `parse_dataset_specs`'s messages
     for name in section_names:
         if name not in sections:
-            shown = _display_path(config_file) if config_file else f"{_display_path(CONFIG_DIR)}/*.yaml"
             raise ConfigError(f"unknown config section '{name}' in {shown}{closest_name(name, list(sections))}")
         section, origin = sections[name]
         where = f"in section '{name}' of {_display_path(origin)}"
@@ -623,6 +685,11 @@ def validate(cfg: TrainConfig) -> None:
     for key in _POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"key '{key}' must be at least 1, got {_get(cfg, key)}")
+    for key, valid in _RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and not valid.holds(value):
+            nullable = " or null" if _get(_DEFAULTS, key) is None else ""
+            raise ConfigError(f"key '{key}' must be {valid}{nullable}, got {value}")
     if cfg.gradient_checkpointing_layers is not None and cfg.gradient_checkpointing_layers < 0:
         raise ConfigError(f"key 'gradient_checkpointing_layers' must be at least 0 or null, got "
                           f"{cfg.gradient_checkpointing_layers}")
@@ -632,8 +699,6 @@ def validate(cfg: TrainConfig) -> None:
     _validate_peft(cfg)
     _validate_preference_stage(cfg)
     _validate_rl_stage(cfg)
-    if cfg.stop_grace_period <= 0:
-        raise ConfigError(f"key 'stop_grace_period' must be positive (seconds), got {cfg.stop_grace_period}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
     if cfg.lr_decay_steps is not None and (cfg.lr_decay_steps < 1 or cfg.lr_scheduler_type == "warmup_decay"):
@@ -645,10 +710,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"key 'max_steps' must be at least 1 or null, got {cfg.max_steps}")
     if cfg.data_workers is not None and cfg.data_workers < 1:
         raise ConfigError(f"key 'data_workers' must be at least 1 or null, got {cfg.data_workers}")
-    if cfg.data_wait_timeout <= 0:
-        raise ConfigError(f"key 'data_wait_timeout' must be positive (seconds), got {cfg.data_wait_timeout}")
-    if not 0.0 <= cfg.residual_dropout < 1.0:
-        raise ConfigError(f"key 'residual_dropout' must be in [0, 1), got {cfg.residual_dropout}")
     if (cfg.model_name is None) == (cfg.model_config is None):
         raise ConfigError(
             "set exactly one of 'model_name' (a pretrained model) and 'model_config' (random weights); "
@@ -664,6 +725,9 @@ def validate(cfg: TrainConfig) -> None:
     _, ds = read_deepspeed_json(cfg.deepspeed_config)
     if not cfg.deepspeed:
         _validate_without_deepspeed(cfg, ds)
+
+
+_DEFAULTS = TrainConfig()
 
 
 def _get(cfg: TrainConfig, dotted_key: str) -> Any:
@@ -740,6 +804,10 @@ def _local_folder(cfg: TrainConfig, key: str) -> Path | None:
     return folder
 
 
+_DEEPSPEED_SECTIONS_READ = ("zero_optimization", "optimizer", "scheduler", "bf16", "fp16")
+"""The sections of the DeepSpeed JSON this trainer reads or fills in (training/ds_config.py)."""
+
+
 def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
     """The DeepSpeed config file named by `deepspeed_config`, parsed; ConfigError when it is missing or is not a
     JSON object."""
@@ -756,6 +824,10 @@ def read_deepspeed_json(path: str) -> tuple[Path, dict[str, Any]]:
     if not isinstance(ds, dict):
         raise ConfigError(f"key 'deepspeed_config': {resolved} holds a JSON {type(ds).__name__}; expected an object "
                           "of DeepSpeed settings")
+    for section in _DEEPSPEED_SECTIONS_READ:
+        if not isinstance(ds.get(section, {}), dict):
+            raise ConfigError(f"key 'deepspeed_config': {resolved} sets '{section}' to {ds[section]!r}; expected an "
+                              "object of its settings")
     return resolved, ds
 
 
@@ -789,11 +861,7 @@ def _validate_without_deepspeed(cfg: TrainConfig, ds: dict[str, Any]) -> None:
 
 
 def _validate_openassistant_options(cfg: TrainConfig) -> None:
-    if cfg.num_train_epochs <= 0:
-        raise ConfigError(f"key 'num_train_epochs' must be positive, got {cfg.num_train_epochs}")
-    if not 0.0 <= cfg.random_offset_probability <= 1.0:
-        raise ConfigError(f"key 'random_offset_probability' must be in [0, 1], got {cfg.random_offset_probability}")
-    for key in ("val_max_length", "eval_size", "freeze_layer"):
+    for key in ("eval_size", "freeze_layer"):
         value = getattr(cfg, key)
         if value is not None and value < (0 if key == "freeze_layer" else 1):
             raise ConfigError(f"key '{key}' must be {'at least 0' if key == 'freeze_layer' else 'positive'} or "
@@ -806,10 +874,6 @@ def _validate_openassistant_options(cfg: TrainConfig) -> None:
 
 
 def _validate_preference_stage(cfg: TrainConfig) -> None:
-    if cfg.dpo.beta <= 0:
-        raise ConfigError(f"key 'dpo.beta' must be positive, got {cfg.dpo.beta}")
-    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError(f"key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
     if cfg.dpo.loss_type == "ipo" and cfg.dpo.label_smoothing:
         raise ConfigError("key 'dpo.label_smoothing' applies to loss_type sigmoid; IPO has none, set it to 0")
     if cfg.stage not in ("rm", "dpo"):
@@ -833,19 +897,9 @@ def _validate_preference_stage(cfg: TrainConfig) -> None:
 
 def _validate_rl_stage(cfg: TrainConfig) -> None:
     ppo = cfg.ppo
-    ranges = {"ppo.kl_coef": (ppo.kl_coef, 0.0, None), "ppo.gamma": (ppo.gamma, 0.0, 1.0),
-              "ppo.lam": (ppo.lam, 0.0, 1.0), "ppo.samples_to_log": (ppo.samples_to_log, 0, None),
-              "ppo.min_new_tokens": (ppo.min_new_tokens, 0, ppo.max_new_tokens)}
-    for key, (value, low, high) in ranges.items():
-        if value < low or (high is not None and value > high):
-            raise ConfigError(f"key '{key}' must be in [{low}, {'inf' if high is None else high}], got {value}")
-    for key in ("clip_policy", "clip_value", "temperature"):
-        if getattr(ppo, key) <= 0:
-            raise ConfigError(f"key 'ppo.{key}' must be positive, got {getattr(ppo, key)}")
-    if not 0.0 < ppo.top_p <= 1.0:
-        raise ConfigError(f"key 'ppo.top_p' must be in (0, 1], got {ppo.top_p}")
-    if ppo.value_learning_rate is not None and ppo.value_learning_rate <= 0:
-        raise ConfigError(f"key 'ppo.value_learning_rate' must be positive or null, got {ppo.value_learning_rate}")
+    if not 0 <= ppo.min_new_tokens <= ppo.max_new_tokens:
+        raise ConfigError(f"key 'ppo.min_new_tokens' must be in [0, {ppo.max_new_tokens}], got {ppo.min_new_tokens}; "
+                          "it cannot exceed ppo.max_new_tokens")
     _validate_grpo(cfg)
     if cfg.stage != "rl":
         return
@@ -878,14 +932,6 @@ def _validate_grpo(cfg: TrainConfig) -> None:
     if grpo.loss_normalization not in ("sequence", "token", "constant"):
         raise ConfigError(f"key 'grpo.loss_normalization' is '{grpo.loss_normalization}'; expected sequence, token "
                           "or constant")
-    if grpo.group_size < 2:
-        raise ConfigError(f"key 'grpo.group_size' is {grpo.group_size}; a group needs at least 2 continuations to "
-                          "compare")
-    ranges = {"grpo.clip_low": (grpo.clip_low, 0.0, 1.0), "grpo.clip_high": (grpo.clip_high, 0.0, None),
-              "grpo.kl_coef": (grpo.kl_coef, 0.0, None)}
-    for key, (value, low, high) in ranges.items():
-        if not math.isfinite(value) or value < low or (high is not None and value >= high):
-            raise ConfigError(f"key '{key}' must be in [{low}, {'inf' if high is None else high}), got {value}")
     if not math.isfinite(grpo.reward_model_weight):
         raise ConfigError(f"key 'grpo.reward_model_weight' must be a finite number, got {grpo.reward_model_weight}")
     if cfg.stage == "rl" and cfg.rl_algorithm == "grpo" and not grpo.reward_functions and not cfg.ppo.reward_model:
@@ -894,10 +940,6 @@ def _validate_grpo(cfg: TrainConfig) -> None:
 
 
 def _validate_peft(cfg: TrainConfig) -> None:
-    if cfg.peft.alpha <= 0:
-        raise ConfigError(f"key 'peft.alpha' must be positive, got {cfg.peft.alpha}")
-    if not 0.0 <= cfg.peft.dropout < 1.0:
-        raise ConfigError(f"key 'peft.dropout' must be in [0, 1), got {cfg.peft.dropout}")
     if cfg.peft.target_modules is not None and not cfg.peft.target_modules:
         raise ConfigError("key 'peft.target_modules' is an empty list; name the layers or use null for the defaults")
     if cfg.quantization.load_in_4bit and cfg.peft.type is None:

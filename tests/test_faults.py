@@ -173,6 +173,15 @@ RUN_FAULTS = [
         marks=pytest.mark.slow,
     ),
     pytest.param(
+        # Found once the ranks have the data, before the model is built or anything written (data_cache_dir=null: the
+        # tokenized stores would be new files in the scratch folder).
+        Fault("a validation set that keeps no reply token", overrides(
+                  "max_length=3", "random_offset_probability=0", "data_cache_dir=null", "output_dir={scratch}/run"),
+              r"^error: key 'max_length' is 3: the validation set 'oasst_export' keeps no token of an assistant's "
+              r"reply once each sample is cut to that length", ranks=2),
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
         Fault("a launch that fails once the ranks run", lambda scratch: trainer(
                   f"output_dir={scratch / 'new-run'}", "peft.type=lora", "deepspeed_config=configs/zero3_config.json"),
               r"LoRA runs on ZeRO-2, not ZeRO-3", ranks=2),
@@ -359,6 +368,71 @@ FAULTS = [
 ]
 
 
+def deepspeed_json(edit: Callable[[dict], object]) -> Callable[[Path], list[str]]:
+    """A training run on configs/zero_config.json as `edit` changed it, saved to scratch/ds.json."""
+
+    def command(scratch: Path) -> list[str]:
+        ds = json.loads((REPO / "configs" / "zero_config.json").read_text())
+        edit(ds)
+        (scratch / "ds.json").write_text(json.dumps(ds))
+        return trainer(f"deepspeed_config={scratch / 'ds.json'}", f"output_dir={scratch / 'run'}", "max_steps=1")
+
+    return command
+
+
+# Issue 29: values and inputs that reached torch, transformers, DeepSpeed or pyarrow, refused before any rank starts.
+VALIDATION_FAULTS = [
+    Fault("a negative warmup", overrides("warmup_steps=-5", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'warmup_steps' must be at least 0, got -5$"),
+    Fault("a negative learning rate", overrides("learning_rate=-3e-3", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'learning_rate' must be positive, got -0\.003$"),
+    Fault("a learning rate that is not a number", overrides("learning_rate=.nan", "output_dir={scratch}/run",
+                                                          "max_steps=1"),
+          r"^error: key 'learning_rate' must be positive, got nan$"),
+    Fault("adam_beta2 above 1", overrides("adam_beta2=1.5", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'adam_beta2' must be in \[0, 1\), got 1\.5$"),
+    Fault("a sample length of one token", overrides("max_length=1", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'max_length' must be at least 2, got 1$"),
+    Fault("a misspelled DeepSpeed section",
+          deepspeed_json(lambda ds: ds.update(zero_optimisation=ds.pop("zero_optimization"))),
+          r"key 'deepspeed_config': \S+/ds\.json has the key 'zero_optimisation', which DeepSpeed does not read \(it "
+          r"would be ignored\); did you mean 'zero_optimization'\?$"),
+    Fault("a ZeRO stage DeepSpeed does not have", deepspeed_json(lambda ds: ds["zero_optimization"].update(stage=7)),
+          r"key 'deepspeed_config': \S+/ds\.json sets 'zero_optimization\.stage' to 7; expected: Input should be 0, 1, "
+          r"2, 3"),
+    pytest.param(
+        Fault("a ZeRO stage DeepSpeed does not have, 2 ranks",
+              deepspeed_json(lambda ds: ds["zero_optimization"].update(stage=7)),
+              r"^error: key 'deepspeed_config': \S+/ds\.json sets 'zero_optimization\.stage' to 7", ranks=2),
+        marks=pytest.mark.slow,
+    ),
+    Fault("a hidden size the heads do not divide",
+          overrides("model_config.hidden_size=66", "output_dir={scratch}/run", "max_steps=1"),
+          r"^error: key 'model_config': 'hidden_size' \(66\) is not a multiple of 'num_attention_heads' \(4\)"),
+    Fault("a chat record with a lone surrogate",
+          with_dataset("chat_jsonl", "chat.jsonl", lines(CHAT_OK, CHAT_OK.replace("Hello", "Hel\\ud800lo"))),
+          r"chat\.jsonl, line 2: field 'messages\[1\]\.content' holds a lone surrogate \(\\ud800\) at character 4; "
+          r"expected text that UTF-8 can encode"),
+    Fault("an OASST message with a lone surrogate",
+          with_dataset("oasst_export", "export.jsonl", lines(OASST_TAB.replace("\t", "\\udfff"))),
+          r"export\.jsonl, line 1: field 'prompt\.text' holds a lone surrogate \(\\udfff\) at character 2; "),
+    Fault("a dolly15k .parquet that is a text file",
+          with_dataset("dolly15k", "dolly.parquet", b"instruction,response\n"),
+          r"dolly\.parquet: not a readable Parquet file \(Parquet magic bytes not found .*\); expected a whole "
+          r"\.parquet file"),
+    Fault("a negative shard size", lambda scratch: [*exported_into_a_full_folder(scratch), "--overwrite",
+                                                    "--max_shard_size", "-5GB"],
+          r"^export_model\.py: error: --max_shard_size: the size '-5GB' is negative; expected a positive size"),
+    Fault("--configs without a section", lambda scratch: [str(TRAINER), "--configs", "max_steps=3", "--show_config"],
+          r"^error: no config section given; --configs takes section names first .*: defaults, falcon-7b, "),
+    Fault("an empty PPO prompt file",
+          made(lambda s: (s / "prompts.jsonl").write_bytes(b""),
+               ppo("ppo.reward_model={scratch}/sft", "ppo.prompt_file={scratch}/prompts.jsonl",
+                   "tokenizer_name=data/tokenizer", "--show_dataset_stats")),
+          r"^error: key 'ppo\.prompt_file': \S+/prompts\.jsonl holds no prompt; expected one JSON object a line"),
+]
+
+
 def run(command: list[str], ranks: int) -> tuple[int, str]:
     """(exit status, what the command wrote to stderr); under the launcher, every rank's output but the
     launcher's own lines."""
@@ -372,7 +446,7 @@ def run(command: list[str], ranks: int) -> tuple[int, str]:
     return result.returncode, result.stderr
 
 
-@pytest.mark.parametrize("fault", FAULTS + RUN_FAULTS, ids=lambda fault: fault.name)
+@pytest.mark.parametrize("fault", FAULTS + VALIDATION_FAULTS + RUN_FAULTS, ids=lambda fault: fault.name)
 def test_a_mistake_exits_2_with_one_line_and_changes_nothing(
     fault: Fault, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -50,6 +50,7 @@ from model_training.data.records import (
     InvalidRecord,
     Message,
     Thread,
+    check_encodable,
     invalid_json,
     json_line,
     text_lines,
@@ -268,6 +269,7 @@ def _decode(record: str | dict) -> dict:
         raise InvalidRecord(invalid_json(error)) from None
     if not isinstance(row, dict):
         raise InvalidRecord(f"expected a JSON object, got {type(row).__name__}")
+    check_encodable(row, record)
     return row
 
 

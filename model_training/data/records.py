@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -136,6 +137,35 @@ class TextLines:
 def json_line(line: str) -> object:
     """One JSON Lines record; a decoder error's column then counts from the start of that line."""
     return json.loads(line.rstrip("\n"))
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_encodable(value: object, line: str | None = None) -> None:
+    """InvalidRecord naming the field of the JSON record `value` whose text holds a lone surrogate ("\\ud800" written
+    in the JSON, half of a UTF-16 pair): JSON reads it, but no tokenizer encodes it. Only an escape writes one in
+    UTF-8 text, so a record parsed from a `line` without one is not looked into."""
+    if line is None or "\\ud" in line.lower():
+        found = _lone_surrogate(value, "")
+        if found is not None:
+            raise InvalidRecord(found)
+
+
+def _lone_surrogate(value: object, where: str) -> str | None:
+    if isinstance(value, str):
+        match = _LONE_SURROGATE.search(value)
+        if match is None:
+            return None
+        return (f"field '{where}' holds a lone surrogate (\\u{ord(match.group()):04x}) at character "
+                f"{match.start() + 1}; expected text that UTF-8 can encode (the character itself, or both halves of "
+                "its \\u pair)")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key)
+        if found is not None:
+            return found
+    return None
 
 
 def invalid_json(error: json.JSONDecodeError) -> str:

@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main_export(argv: list[str]) -> int:
     """Run the exporter; 0 on success, 2 for input that cannot be exported, 1 when the upload fails."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(_join_dashed_values(parser, argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_library_noise()
     try:
@@ -97,6 +98,25 @@ def main_export(argv: list[str]) -> int:
         again = _upload_command(folder, args)
         return _fail(UPLOAD_FAILED, f"{str(exc).rstrip('.')}; {folder} is complete, upload it again with: {again}")
     return 0
+
+
+def _join_dashed_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--max_shard_size -5GB` as `--max_shard_size=-5GB`: argparse takes a value that starts with "-" for an
+    unknown option and says only "expected one argument"; joined, the value reaches its own check, which says
+    what is wrong with it. A next token that is one of the command's options stays an option."""
+    takes_value = {flag for action in parser._actions if action.nargs is None and action.option_strings
+                   for flag in action.option_strings}
+    joined: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        value = next(tokens, None) if token in takes_value else None
+        if value is None:
+            joined.append(token)
+        elif value.startswith("-") and value.split("=")[0] not in parser._option_string_actions:
+            joined.append(f"{token}={value}")
+        else:
+            joined += [token, value]
+    return joined
 
 
 def _model_folder(args: argparse.Namespace) -> Path:

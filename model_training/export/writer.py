@@ -50,6 +50,8 @@ def size_text(size: int) -> str:
 
 def parse_size(text: str) -> int:
     """Bytes in ``text``: a plain number of bytes or a number with a unit ("500MB", "1.5GB", "2GiB")."""
+    if text.strip().startswith("-"):
+        raise ValueError(f"the size {text!r} is negative; expected a positive size such as 2GB")
     match = _SIZE_RE.fullmatch(text)
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS:

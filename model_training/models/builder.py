@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -33,6 +36,7 @@ from model_training.folders import remove_folder, replace_folder
 from model_training.hub import is_hub_id
 from model_training.layout import BASE_MODEL_DIR, record_run_file
 from model_training.models.dtypes import TORCH_DTYPES
+from model_training.models.families import shape_mistake
 from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packed_attention import enable_packed_attention
 from model_training.models.residual_dropout import apply_residual_dropout
@@ -128,6 +132,35 @@ def build_model(
     return model
 
 
+def model_config(cfg: TrainConfig, **extra: Any) -> PretrainedConfig:
+    """The transformers config `cfg.model_config` describes (with `extra` options); ConfigError, naming the key, when
+    transformers refuses it or its shape does not fit its family's rules (models/families.py). Checked before any
+    rank starts (cli.py), and used to build the model."""
+    options = dict(cfg.model_config or {})
+    model_type = options.pop("model_type")
+    for key, value in options.items():
+        # transformers divides by them, and says "division by zero" at best
+        if key in _COUNTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"key 'model_config.{key}' is {value!r}; expected a positive whole number")
+    try:
+        config = AutoConfig.for_model(model_type, **options, **extra)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        # transformers' validators: "Validation error for field 'x'", then the reason on the last line.
+        field = re.search(r"field '(\w+)'", str(err))
+        key = f"model_config.{field.group(1)}" if field else "model_config"
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise ConfigError(f"key '{key}' does not make a {model_type} model: {reason}") from None
+    mistake = shape_mistake(config, options)
+    if mistake is not None:
+        raise ConfigError(f"key 'model_config': {mistake}")
+    return config
+
+
+_COUNTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "num_kv_heads", "n_head",
+           "n_layer", "intermediate_size", "head_dim")
+"""Sizes and counts of a model config, each a positive whole number in every family."""
+
+
 def _create_model(
     cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, stage: int, device: torch.device
 ) -> PreTrainedModel:
@@ -137,8 +170,7 @@ def _create_model(
     auto_class, head = (AutoModelForSequenceClassification, {"num_labels": 1}) if cfg.stage == "rm" else (
         AutoModelForCausalLM, {})
     if cfg.model_config is not None:
-        options = dict(cfg.model_config)
-        config = AutoConfig.for_model(options.pop("model_type"), **options, **head)
+        config = model_config(cfg, **head)
         config.vocab_size = _padded(len(tokenizer))  # sized for the tokenizer: no resize afterwards
         # Initialized where it trains: on a GPU in a second, where the CPU takes most of a minute for 2B
         # parameters. Under ZeRO-3, zero.Init (through the HfDeepSpeedConfig) partitions it onto the GPUs.

@@ -18,7 +18,9 @@ one after the other (Llama, Mistral, Qwen2; Falcon and GPT-NeoX when sequential)
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -44,6 +46,9 @@ class Family:
     attention_interface: bool
     """Whether the attention dispatches through transformers' `AttentionInterface` (`config._attn_implementation`);
     Falcon picks its attention class from a table of its own and takes no registered function."""
+    kv_heads: str | None
+    """The config attribute that counts the key/value heads, which must divide the attention heads (grouped-query
+    attention); None: every head has its own."""
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -58,6 +63,7 @@ _LLAMA = Family(
     attention_linears=("q_proj", "k_proj", "v_proj", "o_proj"),
     mlp_linears=("gate_proj", "up_proj", "down_proj"),
     attention_interface=True,
+    kv_heads="num_key_value_heads",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -68,6 +74,7 @@ FAMILIES: dict[str, Family] = {
         attention_linears=("query_key_value", "dense"),
         mlp_linears=("dense_h_to_4h", "dense_4h_to_h"),
         attention_interface=False,
+        kv_heads="num_kv_heads",
     ),
     # Llama's layout is shared by Mistral (sliding-window attention) and Qwen2 (biased q/k/v projections).
     "llama": _LLAMA,
@@ -80,6 +87,7 @@ FAMILIES: dict[str, Family] = {
         attention_linears=("query_key_value", "dense"),
         mlp_linears=("dense_h_to_4h", "dense_4h_to_h"),
         attention_interface=True,
+        kv_heads=None,
     ),
 }
 """Every supported model type (`config.model_type`) and its family."""
@@ -93,6 +101,23 @@ def family(model_type: str | None, feature: str) -> Family:
         raise UnsupportedArchitectureError(
             f"{feature} does not support model type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+def shape_mistake(config: Any, given: Collection[str]) -> str | None:
+    """What is wrong with the shape a transformers config asks for (the head counts must divide what they split),
+    which transformers says only as the model is built, if at all; None when nothing is. `given`: the keys the
+    user set."""
+    known = FAMILIES.get(config.model_type)
+    heads = config.num_attention_heads
+    # The Llama family may set head_dim apart from hidden_size / heads; transformers checks what it allows.
+    if heads and "head_dim" not in given and config.hidden_size % heads:
+        return (f"'hidden_size' ({config.hidden_size}) is not a multiple of 'num_attention_heads' ({heads}); expected "
+                "hidden_size = heads x head size")
+    kv_heads = getattr(config, known.kv_heads, None) if known and known.kv_heads else None
+    if kv_heads and heads % kv_heads:
+        return (f"'{known.kv_heads}' ({kv_heads}) does not divide 'num_attention_heads' ({heads}); expected a divisor, "
+                "each key/value head serving as many attention heads")
+    return None
 
 
 def model_family(model: nn.Module, feature: str) -> Family:

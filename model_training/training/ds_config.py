@@ -14,6 +14,7 @@ the arch list cleaned first (`clean_cuda_arch_list`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -21,7 +22,14 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from model_training.config import ConfigError, TrainConfig, optimizer_offloaded, read_deepspeed_json
+from model_training.config import (
+    ConfigError,
+    TrainConfig,
+    closest_name,
+    first_line,
+    optimizer_offloaded,
+    read_deepspeed_json,
+)
 
 AUTO = "auto"
 logger = logging.getLogger(__name__)
@@ -58,6 +66,69 @@ def build_deepspeed_config(
     if cfg.dtype == "bf16":
         ds["bf16"].setdefault("check_grad_overflow", True)
     return ds
+
+
+def check_deepspeed_json(cfg: TrainConfig) -> None:
+    """ConfigError, before any rank starts, when the JSON of `cfg.deepspeed_config` has a top-level key DeepSpeed does
+    not read (it ignores those silently: a misspelled section would train without it) or a section that DeepSpeed's
+    own checks (its pydantic models and readers) refuse, with the config's values filled in."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    path, raw = read_deepspeed_json(cfg.deepspeed_config)
+    known = sorted(deepspeed_keys())
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"key 'deepspeed_config': {path} has the key '{key}', which DeepSpeed does not read (it "
+                              f"would be ignored){closest_name(key, known)}")
+    ds = build_deepspeed_config(cfg, world_size=1)
+    # Section by section, so that a refusal names its section; then all together, for the checks across sections.
+    for section in [*({key: value} for key, value in ds.items()), ds]:
+        try:
+            DeepSpeedConfig._initialize_params(_Settings(), dict(section))
+        except pydantic.ValidationError as err:
+            error = err.errors(include_url=False)[0]
+            dotted = ".".join([*(section if len(section) == 1 else ()), *map(str, error["loc"])])
+            raise ConfigError(f"key 'deepspeed_config': {path} sets '{dotted}' to {error['input']!r}; expected: "
+                              f"{error['msg']}") from None
+        except (TypeError, ValueError, AttributeError, AssertionError, KeyError) as err:
+            where = f"section '{next(iter(section))}'" if len(section) == 1 else "settings"
+            raise ConfigError(f"key 'deepspeed_config': DeepSpeed refuses the {where} of {path}: "
+                              f"{first_line(err)}") from None
+
+
+class _Settings:
+    """What DeepSpeed's config reader stores the values it reads into (checked here, then dropped)."""
+
+
+@functools.cache
+def deepspeed_keys() -> frozenset[str]:
+    """The top-level keys DeepSpeed reads: recorded while its own config reader runs over an empty config, so that
+    the list follows the installed release."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    class Recorder(dict):
+        read: set[str] = set()
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            self.read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: Any) -> Any:
+            self.read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key: object) -> bool:
+            self.read.add(key)  # type: ignore[arg-type]
+            return super().__contains__(key)
+
+        def keys(self) -> Any:  # `key in param_dict.keys()`, as some readers ask
+            return self
+
+    # One key that is not DeepSpeed's: a reader that skips an empty config still asks for its own.
+    DeepSpeedConfig._initialize_params(_Settings(), Recorder({"": None}))
+    # Read by DeepSpeedConfig.__init__ and deepspeed.initialize, outside the reader, to size the parallel groups.
+    return frozenset(Recorder.read - {""} | {"sequence_parallel_size", "data_parallel_size"})
 
 
 def _check_scheduler(scheduler: Any, cfg: TrainConfig, total_steps: int | None, path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from model_training.data.formatting import IGNORE_INDEX
 from model_training.data.windows import EVALUATION, LengthRule, WholeSamples
 from model_training.training.batches import SampleSpec
 
@@ -63,6 +64,19 @@ class Evaluator:
                 sums += torch.cat([values.double(), units])
         dist.all_reduce(sums)
         return sums
+
+
+def without_supervised_tokens(splits: list[Any], rule: LengthRule, size: int | None) -> str | None:
+    """The name of the first validation set whose samples (the first `size`), cut as every evaluation cuts them, hold
+    no supervised token, so that its loss would be 0 / 0; None when every set has one. Stops at the first sample
+    that has one: the first, mostly."""
+    for split in splits:
+        count = len(split.samples) if size is None else min(size, len(split.samples))
+        # labels[0] is the target of no position (count_supervised)
+        if count and not any(label != IGNORE_INDEX for i in range(count)
+                             for label in _cut(rule, split.samples, i).labels[1:]):
+            return split.name
+    return None
 
 
 def _cut(rule: LengthRule | WholeSamples, samples: Sequence[Any], index: int) -> Any:

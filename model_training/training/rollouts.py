@@ -67,8 +67,11 @@ def load_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
         if prompt.input_ids:
             first.setdefault(prompt.input_ids, prompt)
     unique = list(first.values())
+    if not unique and cfg.ppo.prompt_file is not None:
+        raise ConfigError(f"key 'ppo.prompt_file': {resolve_input_path(cfg.ppo.prompt_file)} holds no prompt; expected "
+                          'one JSON object a line, {"prompt": text} or {"messages": [...ending on a user turn]}')
     if not unique:
-        raise ConfigError("no prompts: the prompt file or datasets hold no conversation with an assistant turn")
+        raise ConfigError("no prompts: the conversations of 'datasets' hold no assistant turn to continue")
     limit = cfg.ppo.max_prompt_length
     if cfg.ppo.drop_long_prompts:
         kept = [p for p in unique if len(p.input_ids) <= limit]

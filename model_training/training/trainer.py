@@ -49,7 +49,7 @@ from model_training.training.batches import BatchSpec, RunData, SampleSpec, Step
 from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from model_training.training.distributed import DistInfo, LaunchError, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
-from model_training.training.evaluation import Evaluator
+from model_training.training.evaluation import Evaluator, without_supervised_tokens
 from model_training.training.metrics import MetricsLogger
 from model_training.training.preemption import (
     EXIT_STOPPED,
@@ -161,6 +161,12 @@ def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupCl
         data: PreparedData | PreparedPreferences = prepare_data(cfg, tokenizer)
         clock.phase("data", f"{sum(data.cached)} of {len(data.cached)} datasets from the tokenized cache")
         train_rule, val_rule = _length_rules(cfg, tokenizer)
+        empty = without_supervised_tokens(data.val, val_rule, cfg.eval_size)
+        if empty is not None:
+            key = "val_max_length" if cfg.val_max_length else "max_length"
+            raise ConfigError(f"key '{key}' is {val_rule.max_length}: the validation set {empty!r} keeps no token of "
+                              f"an assistant's reply once each sample is cut to that length; expected a limit that "
+                              "reaches into the replies")
     else:
         data = prepare_preferences(cfg, tokenizer)
         clock.phase("data", "preference groups")

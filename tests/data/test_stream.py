@@ -87,6 +87,8 @@ CHAT = json.dumps({"messages": [{"role": "user", "content": "Hi."}, {"role": "as
     ("[1, 2]", "expected a JSON object, got list"),
     (json.dumps({"messages": [{"role": "assistant", "content": "Hi."}]}), "out of order"),
     (json.dumps({"messages": "Hi."}), "must be a list"),
+    ('{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "He\\udc00llo."}]}',
+     r"field 'messages[1].content' holds a lone surrogate (\udc00) at character 3; expected text that UTF-8 can"),
 ])
 def test_a_bad_line_is_named_as_the_load_names_it(tmp_path: Path, bad: str, reason: str) -> None:
     path = write_jsonl(tmp_path / "chat.jsonl", [CHAT] * 30 + [""] + [bad] + [CHAT] * 5)
@@ -115,3 +117,14 @@ def test_a_file_that_is_one_json_object_is_explained_by_the_whole_load(tmp_path:
     with pytest.raises(FileFormatError) as from_stream:
         streamed("chat_jsonl", path)
     assert str(from_stream.value) == str(from_load.value)
+
+
+def test_a_surrogate_pair_and_a_nul_character_are_text_that_trains(tmp_path: Path) -> None:
+    """What the lone surrogate's check must let through: an emoji written as its \\u pair, and NUL, which the
+    tokenizer encodes."""
+    pair = ('{"messages": [{"role": "user", "content": "Hi \\ud83d\\ude00"}, '
+            '{"role": "assistant", "content": "A\\u0000B"}]}')
+    path = write_jsonl(tmp_path / "chat.jsonl", [pair])
+    train, _ = streamed("chat_jsonl", path)
+    assert [m.text for m in train[0].messages] == ["Hi \U0001f600", "A\x00B"]
+    assert loaded("chat_jsonl", path)[0] == train

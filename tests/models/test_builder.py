@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from model_training.config import ConfigError, load_config, parse_override
 from model_training.data.collate import collate
 from model_training.data.formatting import IGNORE_INDEX, SPECIAL_TOKENS, format_conversation
-from model_training.models.builder import build_model, decoder_layers, load_tokenizer
+from model_training.models.builder import build_model, decoder_layers, load_tokenizer, model_config
 from model_training.models.families import UnsupportedArchitectureError
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
@@ -182,3 +182,18 @@ def test_a_reward_model_from_a_chat_model_says_its_new_head_once_without_the_loa
     assert [r.getMessage() for r in caplog.records if "reward head" in r.getMessage()] == [
         f"reward head score.weight starts random: {tmp_path / 'chat'} has none"]
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "weights missing" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model_config.num_attention_heads=0", r"key 'model_config.num_attention_heads' is 0; expected a positive"),
+        ("model_config.hidden_size=66", r"key 'model_config': 'hidden_size' \(66\) is not a multiple of"),
+        ("model_config.alibi=maybe", r"key 'model_config.alibi' does not make a falcon model: TypeError: Field"),
+        ("model_config={model_type: llama, hidden_size: 66, num_attention_heads: 4}",
+         r"key 'model_config' does not make a llama model: ValueError: The hidden size \(66\) is not a multiple"),
+    ],
+)
+def test_a_model_config_transformers_would_refuse_is_one_line_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        model_config(config(override))

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from model_training.config import ConfigError, load_config, parse_override, zero_stage
-from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
+from model_training.training.ds_config import (
+    build_deepspeed_config,
+    check_deepspeed_json,
+    clean_cuda_arch_list,
+    deepspeed_keys,
+)
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]
 
@@ -122,3 +127,35 @@ def test_cuda_arch_variants_are_removed_for_deepspeed_op_builds(given: str, clea
     environ = {"TORCH_CUDA_ARCH_LIST": given}
     assert clean_cuda_arch_list(environ) == cleaned
     assert environ["TORCH_CUDA_ARCH_LIST"] == (cleaned or given)
+
+
+@pytest.mark.parametrize("path", ["configs/zero_config.json", "configs/zero3_config.json",
+                                  "configs/zero3_offload_config.json", str(OPENASSISTANT_ZERO)])
+def test_deepspeed_accepts_every_shipped_json(path: str) -> None:
+    check_deepspeed_json(config(f"deepspeed_config={path}", "lr_scheduler_type=warmup_decay"))
+
+
+def test_the_known_keys_are_the_ones_deepspeed_reads() -> None:
+    keys = deepspeed_keys()
+    assert {"zero_optimization", "bf16", "optimizer", "gradient_clipping", "train_batch_size", "autotuning"} <= keys
+    assert not keys & {"zero_optimisation", "", "stage", "params"}
+
+
+@pytest.mark.parametrize(
+    ("json_text", "message"),
+    [
+        ('{"zero_optimization": {"stage": 2}, "wall_clock_breakdwn": true}',
+         r"has the key 'wall_clock_breakdwn', which DeepSpeed does not read .*did you mean 'wall_clock_breakdown'\?"),
+        ('{"zero_optimization": {"stage": 2, "overlap_com": true}}',
+         r"sets 'zero_optimization\.overlap_com' to True; expected: Extra inputs are not permitted"),
+        ('{"fp16": {"enabled": "auto", "loss_scale": -1}}',
+         r"sets 'fp16\.loss_scale' to -1; expected: .*loss_scale must be >= 0"),
+        ('{"zero_optimization": {"stage": 2}, "optimizer": [1]}',
+         r"sets 'optimizer' to \[1\]; expected an object of its settings"),
+    ],
+)
+def test_a_json_deepspeed_would_refuse_or_ignore_is_one_line(tmp_path: Path, json_text: str, message: str) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json_text)
+    with pytest.raises(ConfigError, match=message):
+        check_deepspeed_json(config(f"deepspeed_config={path}"))

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from model_training.config import load_config
-from model_training.data.formatting import FormattedSample
+from model_training.data.formatting import IGNORE_INDEX, FormattedSample
 from model_training.data.registry import TokenizedSplit
 from model_training.data.windows import LengthRule
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.training import loss
 from model_training.training.batches import BatchSpec
-from model_training.training.evaluation import Evaluator
+from model_training.training.evaluation import Evaluator, without_supervised_tokens
 from model_training.training.torch_engine import build_torch_engine
 
 
@@ -53,3 +53,17 @@ def test_each_set_gives_the_token_mean_of_its_first_samples_cut_by_the_rule(pack
             loss_sum, correct = loss.supervised_token_sums(model(**inputs).logits, labels)
         assert results[f"eval/{name}/loss"] == pytest.approx(loss_sum.item() / 9, rel=1e-5)
         assert results[f"eval/{name}/accuracy"] == pytest.approx(correct.item() / 9)
+
+
+def replied(prompt: int, reply: int) -> FormattedSample:
+    """`prompt` tokens without loss, then `reply` with."""
+    ids = tuple(range(prompt + reply))
+    return FormattedSample(ids, (IGNORE_INDEX,) * prompt + ids[prompt:], truncated=False)
+
+
+def test_a_set_whose_cut_samples_keep_no_reply_token_is_named() -> None:
+    short, long = split("short", [replied(2, 3)]), split("long", [replied(4, 3), replied(5, 2), replied(3, 1)])
+    rule = LengthRule(4, random_offset_probability=0.0)
+    assert without_supervised_tokens([short, long], rule, size=2) == "long"  # the first 2 lose their replies
+    assert without_supervised_tokens([short, long], rule, size=None) is None  # the third keeps its reply's token
+    assert without_supervised_tokens([long], LengthRule(5, random_offset_probability=0.0), size=1) is None

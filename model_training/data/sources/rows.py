@@ -32,7 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model_training.data.records import FileFormatError, InvalidRecord, Record, invalid_json, json_line, text_lines
+from model_training.data.records import (
+    FileFormatError,
+    InvalidRecord,
+    Record,
+    check_encodable,
+    invalid_json,
+    json_line,
+    text_lines,
+)
 from model_training.data.sources.common import DatasetConfig, LoadContext, Splits, split_by_record
 from model_training.hub import is_hub_id
 
@@ -82,12 +90,13 @@ def load_rows(
 
 
 def convert_rows(table: Table, convert: Callable[[dict, int], T | None], skip_invalid: bool) -> list[T]:
-    """`convert` applied to each row (1-based index), dropping None; a row for which it raises InvalidRecord raises
-    FileFormatError, or is skipped under `skip_invalid`."""
+    """`convert` applied to each row (1-based index), dropping None; a row for which it raises InvalidRecord, or whose
+    text no tokenizer encodes (`check_encodable`), raises FileFormatError, or is skipped under `skip_invalid`."""
     kept: list[T] = []
     skipped = 0
     for index, row in enumerate(table.rows, start=1):
         try:
+            check_encodable(row)
             item = convert(row, index)
         except InvalidRecord as error:
             if not skip_invalid:
@@ -121,14 +130,21 @@ def read_rows(source: str | Path, config_key: str | None, split: str = "train") 
     builder = _BUILDERS.get(suffix(path))
     if builder is None:
         raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(_BUILDERS)} or a folder")
-    # The library logs its own line about a JSON file it cannot parse; `_explain_json_error` says where.
-    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    # The library logs its own line about a JSON or Parquet file it cannot parse; the error below says where.
+    for builder_name in ("json", "parquet"):
+        logging.getLogger(f"datasets.packaged_modules.{builder_name}.{builder_name}").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="sources-cache-") as tmp:
         try:
             # keep_in_memory: the rows must outlive the temporary cache.
             rows = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=tmp,
                                          keep_in_memory=True)
-        except Exception:
+        except Exception as err:
+            if builder == "parquet":
+                from model_training.config import first_line  # config imports the sources
+
+                # pyarrow's own message ("Parquet magic bytes not found in footer") names no file.
+                raise FileFormatError(source, None, f"not a readable Parquet file ({first_line(err)}); expected a "
+                                      "whole .parquet file, as pandas or datasets write it") from None
             if builder != "json":
                 raise
             _explain_json_error(path, source)

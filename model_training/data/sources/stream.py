@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_training.data.records import FileFormatError, InvalidRecord, Record, TextLines, invalid_json, json_line
+from model_training.data.records import (
+    FileFormatError,
+    InvalidRecord,
+    Record,
+    TextLines,
+    check_encodable,
+    invalid_json,
+    json_line,
+)
 from model_training.data.sources.common import DatasetConfig, Source
 from model_training.data.sources.rows import suffix
 
@@ -104,6 +112,7 @@ def chunk_records(
         if not isinstance(value, dict):
             raise FileFormatError(path, line_number, f"expected a JSON object, got {type(value).__name__}")
         try:
+            check_encodable(value, line)
             record = source.rows(value, row)
         except InvalidRecord as error:
             if not options.skip_invalid:
