@@ -202,6 +202,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
     try:
         _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop))
+        metrics.plot_curves(state.step)  # rank 0, after the last record; a failure only warns
     finally:
         metrics.close()
     leave_process_group()
