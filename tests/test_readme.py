@@ -2,21 +2,23 @@
 
 A fenced bash block right after a `<!-- cpu-check -->` comment is run, whole, by `bash -euo pipefail` in a scratch
 copy of the repository (its tracked files), with the project's environment and a home folder of its own (so the
-tokenized-data cache is the copy's). `<!-- cpu-check: slow -->` marks a block that trains (seconds to a minute of
-DeepSpeed on 2 CPU ranks), `<!-- cpu-check: heavy -->` one that takes minutes (every stage in a row): they carry the
-markers of the same name. Blocks run in README order within one copy, so a later block finds what an earlier wrote
-(the own-data file), as it does for the reader.
+tokenized-data cache is the copy's); the `deepspeed` it finds takes a free port when the command names none.
+`<!-- cpu-check: slow -->` marks a block that trains (seconds to a minute of DeepSpeed on 2 CPU ranks),
+`<!-- cpu-check: heavy -->` one that takes minutes (every stage in a row): they carry the markers of the same name.
+Blocks run in README order within one copy, so a later block finds what an earlier wrote (the own-data file), as it
+does for the reader.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, cpu_env
+from helpers import DEEPSPEED, REPO, cpu_env
 
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -50,8 +52,26 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+LAUNCHER = """#!/usr/bin/env bash
+# The deepspeed launcher as the README names it, on a free port unless the command names one: a test never
+# relies on the launcher's default port 29500, which another job on the machine may hold.
+case " $* " in
+    *" --master_port"*) exec "{deepspeed}" "$@" ;;
+esac
+exec "{deepspeed}" --master_port "$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); \
+print(s.getsockname()[1])')" "$@"
+"""
+
+
 def run_block(code: str, root: Path, timeout: int) -> subprocess.CompletedProcess:
     env = cpu_env(HOME=str(root / "home"))
+    launcher = root / "home" / "bin" / "deepspeed"
+    if not launcher.exists():
+        launcher.parent.mkdir(parents=True, exist_ok=True)
+        launcher.write_text(LAUNCHER.format(deepspeed=DEEPSPEED))
+        launcher.chmod(0o755)
+    # The project's environment as activated (its python), behind the launcher above.
+    env["PATH"] = os.pathsep.join([str(launcher.parent), str(Path(DEEPSPEED).parent), env["PATH"]])
     # The home folder is the copy's; DeepSpeed's CPU op, built once per machine, stays where it was built.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/torch_extensions").expanduser()))
     env["PYTHONPATH"] = str(root)  # the copy's package, whichever checkout an editable install points at
