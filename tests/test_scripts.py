@@ -81,6 +81,43 @@ def test_the_slurm_script_resumes_by_itself_and_requeues_when_the_time_limit_is_
     assert ("scontrol requeue 42" in lines) == requeued, lines
 
 
+FAKE_DEEPSPEED = """#!/bin/bash
+echo "$*" > "$CALLS"
+exit 3
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "launcher", "overrides"),
+    [
+        ([], None, ""),
+        (["max_steps=2"], None, " max_steps=2"),
+        (["--master_port", "29600", "--", "max_steps=2"], "29600", " max_steps=2"),
+        (["--num_gpus", "1", "--"], None, ""),
+    ],
+)
+def test_the_rlhf_quick_start_passes_launcher_options_and_overrides_as_quickstart_does(
+    args: list[str], launcher: str | None, overrides: str, tmp_path: Path
+) -> None:
+    """Options before a `--` reach the launcher (a free port unless one is named), the rest every trainer; a stand-in
+    for deepspeed records its command line and fails, which stops the script there (set -e)."""
+    (tmp_path / "deepspeed").write_text(FAKE_DEEPSPEED)
+    (tmp_path / "deepspeed").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = cpu_env(RUNS=str(tmp_path / "runs"), CALLS=str(calls))
+    env["PATH"] = f"{tmp_path}:{Path(DEEPSPEED).parent}:{env['PATH']}"
+    result = subprocess.run(["bash", str(REPO / "scripts/rlhf_quickstart.sh"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    line = calls.read_text().strip()
+    found = re.fullmatch(r"--num_gpus (\d) (?:.*?)--master_port (\d+) trainer_sft\.py --configs defaults tiny-falcon "
+                         r"oasst-sample output_dir=\S+/runs/tiny-falcon overwrite_output_dir=true(.*)", line)
+    assert found, line
+    assert found.group(1) == "2" and ("--num_gpus 1" in line) == ("1" in args)  # the later --num_gpus wins
+    assert found.group(2) == launcher if launcher else found.group(2) != "29500"
+    assert found.group(3) == overrides
+
+
 def chain_stage_of(run: Path) -> str:
     """The stage whose panels `run`'s training_curves.png shows (the same records drew it when the run ended)."""
     assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,7 +134,7 @@ def test_the_rlhf_quick_start_runs_every_stage_from_the_one_before_and_each_expo
     env = cpu_env(RUNS=str(tmp_path))
     env["PATH"] = f"{Path(DEEPSPEED).parent}:{env['PATH']}"  # the environment's python and deepspeed, as activated
     start = time.monotonic()
-    result = subprocess.run(["bash", str(REPO / "scripts/rlhf_quickstart.sh"), "--num_gpus", "2"], cwd=tmp_path,
+    result = subprocess.run(["bash", str(REPO / "scripts/rlhf_quickstart.sh"), "--num_gpus", "2", "--"], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
     print(f"rlhf_quickstart.sh: {time.monotonic() - start:.0f} s")
     check_ok(result)
