@@ -79,7 +79,7 @@ def stage_of(records: list[dict[str, Any]]) -> str:
     """The stage that wrote `records`, told by the metrics only it writes (sft, rm, dpo, rl), so that any run folder
     plots without its config."""
     keys = {key for r in records for key in r}
-    if "kl" in keys:
+    if "reward" in keys or "kl" in keys:  # the rollouts' mean score: trainer_rl.py's alone
         return "rl"
     if "reward_chosen" in keys or any(key.endswith("/reward_chosen") for key in keys):
         return "dpo"
