@@ -1,8 +1,8 @@
 """Reward model training on DeepSpeed: a scalar head on the model, OpenAssistant's ranking loss.
 
     deepspeed trainer_rm.py --configs defaults-rm falcon-7b-rm oasst-rm
-    # CPU: DS_ACCELERATOR=cpu
-    deepspeed --num_gpus 2 trainer_rm.py --configs defaults-rm tiny-falcon preference-sample
+    # CPU: DS_ACCELERATOR=cpu, from the quick start's SFT run (runs/tiny-falcon) into runs/tiny-rm
+    deepspeed --num_gpus 2 trainer_rm.py --configs defaults-rm tiny-falcon preference-sample tiny-rm
 
 Sections, overrides and flags are trainer_sft.py's (model_training/config.py documents every key).
 """

@@ -531,7 +531,11 @@ def _describe_omegaconf_error(err: OmegaConfBaseException, schema: type, where: 
             nested = next((f.default_factory for f in fields(schema) if f.name == parent), None)
             schema = nested if is_dataclass(nested) else schema
         valid = [f.name for f in fields(schema)]
-        return f"unknown key '{key}' {where}{closest_name(leaf, valid)}"
+        # A dataset's options or a nested section have few keys: all of them fit on the line, and a user who guessed
+        # a name ('path') sees the real one. The top level's hundred keys would not; config.py lists them.
+        suggestion = closest_name(leaf, valid)
+        listed = "" if schema is TrainConfig else f"{' V' if suggestion else '; v'}alid keys: {', '.join(valid)}"
+        return f"unknown key '{key}' {where}{suggestion}{listed}"
     # OmegaConf's message is several lines with internals; its first line says what was wrong with the value.
     reason = str(getattr(err, "msg", err)).splitlines()[0]
     return f"bad value for key '{key}' {where}: {reason}"

@@ -133,6 +133,30 @@ def test_tiny_ppo_validates_once_its_runs_exist_and_names_them_when_they_do_not(
     assert cfg.model_config is None and cfg.ppo.num_rollouts % cfg.per_device_train_batch_size == 0
 
 
+TINY_CHAIN = {"tiny-rm": ("rm", ["defaults-rm", "tiny-falcon", "preference-sample", "tiny-rm"]),
+              "tiny-dpo": ("dpo", ["defaults-dpo", "tiny-falcon", "preference-sample", "tiny-dpo"])}
+"""The reward model and DPO from the quick start's SFT run, as scripts/rlhf_quickstart.sh and the README run them."""
+
+
+@pytest.mark.parametrize("section", list(TINY_CHAIN))
+def test_the_tiny_stages_start_from_the_sft_run_and_name_it_when_it_is_missing(section: str, tmp_path: Path) -> None:
+    stage, sections = TINY_CHAIN[section]
+    with pytest.raises(ConfigError, match=r"key 'model_name' is the local path '\S+/missing', but the folder"):
+        load_config(sections, [("model_name", str(tmp_path / "missing"))], stage=stage)
+    cfg = load_config(sections, [("model_name", str(run_folder(tmp_path / "sft")))], stage=stage)
+    assert cfg.stage == stage and cfg.model_config is None and cfg.tokenizer_name is None
+    assert read_sections(DEFAULT_CONFIG_FILE)[section]["model_name"] == "./runs/tiny-falcon"
+
+
+def test_every_tiny_section_writes_a_run_folder_of_its_own() -> None:
+    """The quick start's run is what the reward model, DPO and PPO start from: none of them may write over it or be
+    refused because of it (each command names the tiny model's section before its own)."""
+    sections = read_sections(DEFAULT_CONFIG_FILE)
+    tiny = [name for name in sections if name.startswith("tiny-")]
+    folders = [sections[name]["output_dir"] for name in tiny]
+    assert len(tiny) == 7 and len(set(folders)) == len(folders), dict(zip(tiny, folders))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -184,7 +208,8 @@ def test_grpo_options_are_checked(overrides: list[tuple[str, object]], message: 
 
 def test_every_section_in_the_file_is_tested() -> None:
     assert set(read_sections(DEFAULT_CONFIG_FILE)) == {"defaults", *MODEL_SECTIONS, *DATA_SECTIONS,
-                                                       *PREFERENCE_SECTIONS, "alfred-40b-ppo", "tiny-ppo", *GRPO[::2]}
+                                                       *PREFERENCE_SECTIONS, *TINY_CHAIN, "alfred-40b-ppo", "tiny-ppo",
+                                                       *GRPO[::2]}
     # And no other file in configs/ adds sections (every *.yaml there is read).
     assert set(read_config_folder()) == set(read_sections(DEFAULT_CONFIG_FILE))
 

@@ -318,6 +318,9 @@ FAULTS = [
                                                  "--show_dataset_stats"),
           r"dataset 'nobody-here/no-dataset' \(set by datasets\[0\]\.dolly15k\.input_file_path\) is a hub id, but the "
           r"hub is offline \(HF_HUB_OFFLINE is set\).*point input_file_path at a local copy"),
+    Fault("dataset option guessed", overrides("datasets=[{chat_jsonl: {path: {scratch}/chat.jsonl}}]", "--show_config"),
+          r"unknown key 'path' of dataset 'chat_jsonl' in datasets\[0\]; valid keys: "
+          r"input_file_path, val_split, .*, lang$"),
     Fault("override that is broken YAML", overrides("datasets=[{oasst_export: {lang: de}", "--show_config"),
           r"command-line override 'datasets=\[\{oasst_export: \{lang: de\}' is not valid YAML: expected ',' or '\}', "
           r"but got '<stream end>' at column 36 of the override"),

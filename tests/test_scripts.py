@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import DEEPSPEED, REPO, check_ok, cpu_env, run_deepspeed
 
-SCRIPTS = ["scripts/setup_env.sh", "scripts/test.sh", "scripts/quickstart.sh", "scripts/slurm/train_sft.sbatch",
-           ".ci/run"]
+from model_training.training.plot import curves, read_records, stage_of
+
+SCRIPTS = ["scripts/setup_env.sh", "scripts/test.sh", "scripts/quickstart.sh", "scripts/rlhf_quickstart.sh",
+           "scripts/slurm/train_sft.sbatch", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -91,6 +93,10 @@ if [ "$1" = "-c" ]; then exit 1; fi
 FAKE_DEEPSPEED = """#!/bin/bash
 echo "deepspeed $*" >> "$CALLS"
 """
+FAILING_DEEPSPEED = """#!/bin/bash
+echo "$*" > "$CALLS"
+exit 3
+"""
 
 
 @pytest.mark.parametrize(
@@ -127,3 +133,80 @@ def test_the_quick_start_passes_options_before_a_double_dash_to_the_launcher(
     if found.groups():
         assert int(found.group(1)) != 29500
     assert "next: source" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "launcher", "overrides"),
+    [
+        ([], None, ""),
+        (["max_steps=2"], None, " max_steps=2"),
+        (["--master_port", "29600", "--", "max_steps=2"], "29600", " max_steps=2"),
+        (["--num_gpus", "1", "--"], None, ""),
+    ],
+)
+def test_the_rlhf_quick_start_passes_launcher_options_and_overrides_as_quickstart_does(
+    args: list[str], launcher: str | None, overrides: str, tmp_path: Path
+) -> None:
+    """Options before a `--` reach the launcher (a free port unless one is named), the rest every trainer; a stand-in
+    for deepspeed records its command line and fails, which stops the script there (set -e)."""
+    (tmp_path / "deepspeed").write_text(FAILING_DEEPSPEED)
+    (tmp_path / "deepspeed").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = cpu_env(RUNS=str(tmp_path / "runs"), CALLS=str(calls))
+    env["PATH"] = f"{tmp_path}:{Path(DEEPSPEED).parent}:{env['PATH']}"
+    result = subprocess.run(["bash", str(REPO / "scripts/rlhf_quickstart.sh"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    line = calls.read_text().strip()
+    found = re.fullmatch(r"--num_gpus (\d) (?:.*?)--master_port (\d+) trainer_sft\.py --configs defaults tiny-falcon "
+                         r"oasst-sample output_dir=\S+/runs/tiny-falcon overwrite_output_dir=true(.*)", line)
+    assert found, line
+    assert found.group(1) == "2" and ("--num_gpus 1" in line) == ("1" in args)  # the later --num_gpus wins
+    assert found.group(2) == launcher if launcher else found.group(2) != "29500"
+    assert found.group(3) == overrides
+
+
+def chain_stage_of(run: Path) -> str:
+    """The stage whose panels `run`'s training_curves.png shows (the same records drew it when the run ended)."""
+    assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_records(run / "metrics.jsonl")
+    assert all(series.steps.size for panel in curves(records)[:2] for series in panel.series[:1])
+    return stage_of(records)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_the_rlhf_quick_start_runs_every_stage_from_the_one_before_and_each_export_answers(tmp_path: Path) -> None:
+    """scripts/rlhf_quickstart.sh as the README runs it, in the project's environment (which it keeps), its runs in a
+    scratch folder; a launcher option reaches the launcher. Minutes on 2 cores: its cheaper twin is the next test."""
+    env = cpu_env(RUNS=str(tmp_path))
+    env["PATH"] = f"{Path(DEEPSPEED).parent}:{env['PATH']}"  # the environment's python and deepspeed, as activated
+    start = time.monotonic()
+    result = subprocess.run(["bash", str(REPO / "scripts/rlhf_quickstart.sh"), "--num_gpus", "2", "--"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
+    print(f"rlhf_quickstart.sh: {time.monotonic() - start:.0f} s")
+    check_ok(result)
+    ports = set(re.findall(r"--master_port[= ](\d+)", result.stdout))
+    assert ports and "29500" not in ports, ports  # a free port, taken by the script, not the launcher's default
+    stages = {name: chain_stage_of(tmp_path / name) for name in ("tiny-falcon", "tiny-rm", "tiny-dpo", "tiny-ppo")}
+    assert stages == {"tiny-falcon": "sft", "tiny-rm": "rm", "tiny-dpo": "dpo", "tiny-ppo": "rl"}
+    for name in stages:
+        assert (tmp_path / f"{name}-export" / "config.json").is_file()
+    assert result.stdout.count("\nA: ") == 3  # the three chat models answered
+    assert len(re.findall(r"reward of '[^']+': -?\d+\.\d{3}", result.stdout)) == 2  # the reward model scored
+    rm_start = (tmp_path / "tiny-rm" / "config.yaml").read_text()
+    assert f"model_name: {tmp_path / 'tiny-falcon'}" in rm_start
+
+
+@pytest.mark.slow
+def test_the_tiny_reward_model_starts_from_an_sft_run_and_plots_its_own_metrics(
+    zero2_run: Path, tmp_path: Path
+) -> None:
+    """One stage of the chain, the cheap twin of the test above: the tiny-rm section from an SFT run, 2 steps."""
+    run = tmp_path / "tiny-rm"
+    check_ok(run_deepspeed(["--configs", "defaults-rm", "tiny-falcon", "preference-sample", "tiny-rm",
+                            f"model_name={zero2_run}", f"output_dir={run}", "max_steps=2", "eval_steps=2"],
+                           script=REPO / "trainer_rm.py"))
+    assert chain_stage_of(run) == "rm"
+    titles = [panel.title for panel in curves(read_records(run / "metrics.jsonl"))]
+    assert titles[:3] == ["loss", "accuracy", "margin"]

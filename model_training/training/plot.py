@@ -1,9 +1,11 @@
-"""Training curves of a run folder as one PNG: loss (train and every validation set), learning rate, tokens/s
-and grad norm against the optimizer step, read from `metrics.jsonl`.
+"""Training curves of a run folder as one PNG, each stage's own metrics against its step, read from `metrics.jsonl`:
+SFT's loss and next-token accuracy; the reward model's and DPO's loss, accuracy and margin (DPO: also its implicit
+rewards and log-probabilities), each for training and every validation set; PPO's reward, KL, entropy, length, both
+losses and clip fractions; then the learning rate, tokens/s and (not PPO) the grad norm.
 
     python -m model_training.training.plot RUN_DIR [--out FILE]
 
-The trainer writes `RUN_DIR/training_curves.png` when it finishes; this command redraws it for any run folder,
+The trainers write `RUN_DIR/training_curves.png` when they finish; this command redraws it for any run folder,
 also one still training. matplotlib is imported only to draw, so training and `--show_config` never load it.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -25,8 +28,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-FIGSIZE, DPI = (12.0, 8.0), 100  # a 1200 x 800 pixel PNG
-EVAL_LOSS = re.compile(r"eval/(.+)/loss")  # the dataset name may hold a "/" (a hub id)
+WIDTH, ROW_HEIGHT, DPI = 12.0, 4.0, 100  # 1200 pixels wide, 400 a row of panels
+EVAL_KEY = re.compile(r"eval/(.+)/([^/]+)")  # the dataset name may hold a "/" (a hub id)
 
 
 class PlotError(ValueError):
@@ -47,6 +50,7 @@ class Series:
 @dataclass
 class Panel:
     title: str
+    ylabel: str
     series: list[Series]
 
 
@@ -71,16 +75,78 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def stage_of(records: list[dict[str, Any]]) -> str:
+    """The stage that wrote `records`, told by the metrics only it writes (sft, rm, dpo, rl), so that any run folder
+    plots without its config."""
+    keys = {key for r in records for key in r}
+    if "reward" in keys or "kl" in keys:  # the rollouts' mean score: trainer_rl.py's alone
+        return "rl"
+    if "reward_chosen" in keys or any(key.endswith("/reward_chosen") for key in keys):
+        return "dpo"
+    if "margin" in keys or any(key.endswith("/margin") for key in keys):
+        return "rm"
+    return "sft"
+
+
+STAGE_NAMES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO", "rl": "PPO"}
+
+# Each stage's own panels before the common ones: (metric, title, y label). Training's value and every validation
+# set's (eval/<set>/<metric>) share a panel.
+STAGE_PANELS: dict[str, list[tuple[str, str, str]]] = {
+    "sft": [("loss", "loss", "cross-entropy per supervised token"),
+            ("accuracy", "next-token accuracy", "share of supervised tokens")],
+    "rm": [("loss", "loss", "-log sigmoid(margin) per pair"),
+           ("accuracy", "accuracy", "share of pairs ranked right"),
+           ("margin", "margin", "reward better - reward worse")],
+    "dpo": [("loss", "loss", "DPO loss per pair"),
+            ("accuracy", "accuracy", "share of pairs, chosen above rejected"),
+            ("margin", "margin", "implicit reward chosen - rejected")],
+}  # fmt: skip
+
+
 def curves(records: list[dict[str, Any]]) -> list[Panel]:
-    """What the figure shows, panel by panel: the data, apart from any drawing."""
-    eval_sets = sorted({m.group(1) for r in records for key in r if (m := EVAL_LOSS.fullmatch(key))})
-    losses = [_series("train", records, "loss")]
-    losses += [_series(f"eval {name}", records, f"eval/{name}/loss", marked=True) for name in eval_sets]
+    """What the figure shows, panel by panel, for the stage that wrote `records`: the data, apart from any drawing."""
+    stage = stage_of(records)
+    if stage == "rl":
+        return _ppo_panels(records)
+    eval_sets = sorted({m.group(1) for r in records for key in r if (m := EVAL_KEY.fullmatch(key))})
+    panels = [Panel(title, ylabel, [_series("train", records, metric),
+                                    *(_series(f"eval {name}", records, f"eval/{name}/{metric}", marked=True)
+                                      for name in eval_sets)])
+              for metric, title, ylabel in STAGE_PANELS[stage]]
+    if stage == "dpo":
+        panels += [
+            Panel("implicit rewards", "beta log(pi / pi_ref), summed",
+                  [_series("chosen", records, "reward_chosen"), _series("rejected", records, "reward_rejected")]),
+            Panel("log-probabilities", "log pi of the reply, summed",
+                  [_series("chosen", records, "logp_chosen"), _series("rejected", records, "logp_rejected")]),
+        ]
+    return panels + [
+        Panel("learning rate", "learning rate", [_series("lr", records, "lr")]),
+        Panel("tokens/s", "tokens/s, all ranks", [_series("tokens/s", records, "tokens_per_s")]),
+        Panel("grad norm", "L2 norm of the gradient", [_series("grad norm", records, "grad_norm")]),
+    ]
+
+
+def _ppo_panels(records: list[dict[str, Any]]) -> list[Panel]:
+    """PPO's step metrics (training/rl.py: METRICS, the two learning rates and speeds)."""
+
+    def one(title: str, ylabel: str, key: str) -> Panel:
+        return Panel(title, ylabel, [_series(key.replace("_", " "), records, key)])
+
     return [
-        Panel("loss", losses),
-        Panel("learning rate", [_series("lr", records, "lr")]),
-        Panel("tokens/s", [_series("tokens/s", records, "tokens_per_s")]),
-        Panel("grad norm", [_series("grad norm", records, "grad_norm")]),
+        one("reward", "reward model's score, mean", "reward"),
+        one("KL to the reference", "log pi - log pi_ref, summed", "kl"),
+        one("entropy", "nats per token", "entropy"),
+        one("length", "tokens per continuation", "length"),
+        one("policy loss", "clipped surrogate", "policy_loss"),
+        one("value loss", "clipped value loss", "value_loss"),
+        Panel("clip fractions", "share of tokens clipped",
+              [_series("policy", records, "policy_clipfrac"), _series("value", records, "value_clipfrac")]),
+        Panel("learning rates", "learning rate", [_series("policy", records, "lr"),
+                                                  _series("value", records, "value_lr")]),
+        Panel("tokens/s", "tokens/s, all ranks", [_series("rollouts", records, "rollout_tokens_per_s"),
+                                                  _series("training", records, "train_tokens_per_s")]),
     ]
 
 
@@ -92,28 +158,45 @@ def _series(label: str, records: list[dict[str, Any]], key: str, marked: bool = 
     return Series(label, points[:, 0].astype(int), values, marked)
 
 
-def draw(panels: list[Panel], title: str) -> Figure:
-    """The 2 x 2 figure of `panels`, on the Agg canvas: no pyplot, so no GUI backend and no global figures."""
+def draw(panels: list[Panel], title: str, xlabel: str = "optimizer step") -> Figure:
+    """The figure of `panels`, two or three to a row, on the Agg canvas: no pyplot, so no GUI backend and no global
+    figures."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    columns = 2 if len(panels) <= 4 else 3
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(WIDTH, ROW_HEIGHT * rows), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2, sharex=True).ravel()
-    for ax, panel in zip(axes, panels):
-        _draw_panel(ax, panel)
-    for ax in axes[2:]:
-        ax.set_xlabel("optimizer step")
+    axes = fig.subplots(rows, columns, sharex=True, squeeze=False).ravel()
+    for index, ax in enumerate(axes):
+        if index >= len(panels):
+            ax.remove()  # the last row's empty places
+            continue
+        _draw_panel(ax, panels[index])
+        if index + columns >= len(panels):  # the lowest panel of its column carries the step axis
+            ax.set_xlabel(xlabel)
+            ax.tick_params(labelbottom=True)
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared: a short run gets no step 2.5
     fig.suptitle(title)
     return fig
 
 
+def _plain(value: float, _position: int) -> str:
+    """A tick as the number itself (0.0003, 2e-05, 12000), never as an offset or a power written apart from the ticks
+    at the axis' end, which a reader misses."""
+    return f"{value:g}"
+
+
 def _draw_panel(ax: Axes, panel: Panel) -> None:
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
     ax.set_title(panel.title)
+    ax.set_ylabel(panel.ylabel)
     ax.grid(alpha=0.3)
-    ax.ticklabel_format(axis="y", scilimits=(-3, 4))  # a learning rate reads 2e-5, not 0.00002
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))  # step 10,000 reads 10000, not 0 + 1e4
     if not any(len(s.steps) for s in panel.series):
         ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
         return
@@ -135,7 +218,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / CURVES if out is None else Path(out)
     records = read_records(run_dir / METRICS)
-    fig = draw(curves(records), f"{run_dir}: step {records[-1]['step']}")
+    stage = stage_of(records)
+    fig = draw(curves(records), f"{run_dir} ({STAGE_NAMES[stage]}): step {records[-1]['step']}",
+               "PPO step" if stage == "rl" else "optimizer step")
     fig.savefig(out, dpi=DPI)  # the dpi again: a user's matplotlibrc may set savefig.dpi
     return out
 

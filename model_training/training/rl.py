@@ -229,6 +229,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
         tokens_before, loop_start = state.generated_tokens, time.perf_counter()
         _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop, rewards))
         loop_seconds = time.perf_counter() - loop_start
+        metrics.plot_curves(state.step)  # rank 0, after the last record; a failure only warns
     finally:
         metrics.close()
     if info.is_main:  # its tokens/s: the continuations generated

@@ -19,9 +19,11 @@ from matplotlib.image import imread
 from model_training.config import load_config, parse_override
 from model_training.layout import CURVES
 from model_training.training.metrics import MetricsLogger
-from model_training.training.plot import curves, draw, main, plot_run, read_records
+from model_training.training.plot import curves, draw, main, plot_run, read_records, stage_of
+from model_training.training.preference import DPO_METRICS, RM_METRICS
+from model_training.training.rl import METRICS as PPO_METRICS
 
-PNG_SHAPE = (800, 1200, 4)  # FIGSIZE x DPI, RGBA
+PNG_SHAPE = (800, 1200, 4)  # two rows of panels (SFT's five) x 400 pixels, 1200 wide, RGBA
 
 
 def write_metrics(run_dir: Path, records: list[dict]) -> Path:
@@ -51,7 +53,7 @@ def by_label(panel) -> dict:
 
 
 def test_series_of_a_resumed_run_with_a_skipped_step(tmp_path: Path) -> None:
-    loss, lr, speed, grad = curves(read_records(resumed_run(tmp_path) / "metrics.jsonl"))
+    loss, accuracy, lr, speed, grad = curves(read_records(resumed_run(tmp_path) / "metrics.jsonl"))
     train = by_label(loss)["train"]
     assert train.steps.tolist() == list(range(1, 9))
     # Steps 5 and 6 of the first attempt (9.0) were replaced by the resumed run's lines; step 3 stays a gap.
@@ -61,6 +63,8 @@ def test_series_of_a_resumed_run_with_a_skipped_step(tmp_path: Path) -> None:
         series = by_label(loss)[label]
         assert series.steps.tolist() == [4, 8] and series.values.tolist() == values and series.marked
     assert not train.marked
+    assert [s.label for s in accuracy.series] == ["train", "eval OpenAssistant/oasst1", "eval oasst_export"]
+    assert by_label(accuracy)["eval oasst_export"].values.tolist() == [0.4]
     np.testing.assert_allclose(lr.series[0].values, np.arange(1, 9) * 1e-5)
     assert speed.series[0].values.tolist() == [100.0 * s for s in range(1, 9)]
     # An infinite grad norm becomes a gap as well: kept as inf it would stretch the y-axis to nothing.
@@ -69,7 +73,7 @@ def test_series_of_a_resumed_run_with_a_skipped_step(tmp_path: Path) -> None:
 
 def test_skipped_step_is_marked_in_the_figure(tmp_path: Path) -> None:
     fig = draw(curves(read_records(resumed_run(tmp_path) / "metrics.jsonl")), "run")
-    loss_axes, _, _, grad_axes = fig.axes
+    loss_axes, _, _, _, grad_axes = fig.axes
     for ax, label in ((loss_axes, "train: not finite"), (grad_axes, "grad norm: not finite")):
         [mark] = [line for line in ax.get_lines() if line.get_label() == label]
         assert mark.get_xdata().tolist() == [3]
@@ -87,7 +91,7 @@ def test_png_of_a_resumed_run(tmp_path: Path) -> None:
 
 def test_one_step_without_eval_or_grad_norm_still_plots(tmp_path: Path) -> None:
     run = write_metrics(tmp_path / "run", [{**train_record(1, 4.0), "grad_norm": None}])
-    loss, _, _, grad = curves(read_records(run / "metrics.jsonl"))
+    loss, _, _, _, grad = curves(read_records(run / "metrics.jsonl"))
     assert [s.label for s in loss.series] == ["train"] and loss.series[0].values.tolist() == [4.0]
     assert len(grad.series[0].steps) == 0  # a null grad norm is no point, not a skipped step
     out = tmp_path / "elsewhere.png"
@@ -177,3 +181,77 @@ def test_finished_run_writes_its_curves(zero2_run: Path) -> None:
     assert by_label(loss)["train"].steps.tolist() == list(range(1, 9))
     assert by_label(loss)["eval oasst_export"].steps.tolist() == [4, 8]
     assert (zero2_run / CURVES).stat().st_mtime >= (zero2_run / "metrics.jsonl").stat().st_mtime
+
+
+def stage_records(
+    metrics: tuple[str, ...], eval_metrics: tuple[str, ...], steps: int = 6, **common: float
+) -> list[dict]:
+    """Records with a stage's step metrics (the names its module logs) every step and its validation metrics at the
+    last, as the trainers write them; the values grow with the step, some small (a learning rate) and some large."""
+    records = []
+    for step in range(1, steps + 1):
+        record = {"step": step, **{m: 0.1 * step for m in metrics}, **{k: v * step for k, v in common.items()}}
+        if step == steps:
+            record.update({f"eval/oasst_export/{m}": 0.05 * step for m in eval_metrics})
+        records.append(record)
+    return records
+
+
+COMMON = {"lr": 1e-5, "tokens_per_s": 12000.0, "grad_norm": 1.0}
+STAGE_FIGURES = {
+    # stage: (its records, then each panel as (title, y label) in order)
+    "sft": (stage_records(("loss", "accuracy"), ("loss", "accuracy"), **COMMON), [
+        ("loss", "cross-entropy per supervised token"), ("next-token accuracy", "share of supervised tokens"),
+        ("learning rate", "learning rate"), ("tokens/s", "tokens/s, all ranks"),
+        ("grad norm", "L2 norm of the gradient"),
+    ]),
+    "rm": (stage_records(RM_METRICS, RM_METRICS, **COMMON), [
+        ("loss", "-log sigmoid(margin) per pair"), ("accuracy", "share of pairs ranked right"),
+        ("margin", "reward better - reward worse"), ("learning rate", "learning rate"),
+        ("tokens/s", "tokens/s, all ranks"), ("grad norm", "L2 norm of the gradient"),
+    ]),
+    "dpo": (stage_records(DPO_METRICS, DPO_METRICS, **COMMON), [
+        ("loss", "DPO loss per pair"), ("accuracy", "share of pairs, chosen above rejected"),
+        ("margin", "implicit reward chosen - rejected"), ("implicit rewards", "beta log(pi / pi_ref), summed"),
+        ("log-probabilities", "log pi of the reply, summed"), ("learning rate", "learning rate"),
+        ("tokens/s", "tokens/s, all ranks"), ("grad norm", "L2 norm of the gradient"),
+    ]),
+    "rl": (stage_records(PPO_METRICS, (), lr=1e-6, value_lr=2e-6, rollout_tokens_per_s=900.0,
+                         train_tokens_per_s=25000.0), [
+        ("reward", "reward model's score, mean"), ("KL to the reference", "log pi - log pi_ref, summed"),
+        ("entropy", "nats per token"), ("length", "tokens per continuation"), ("policy loss", "clipped surrogate"),
+        ("value loss", "clipped value loss"), ("clip fractions", "share of tokens clipped"),
+        ("learning rates", "learning rate"), ("tokens/s", "tokens/s, all ranks"),
+    ]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", list(STAGE_FIGURES))
+def test_each_stage_plots_its_own_metrics_with_labelled_axes_and_plain_numbers(stage: str, tmp_path: Path) -> None:
+    records, expected = STAGE_FIGURES[stage]
+    run = write_metrics(tmp_path / "run", records)
+    assert stage_of(read_records(run / "metrics.jsonl")) == stage
+    plot_run(run)
+    fig = draw(curves(read_records(run / "metrics.jsonl")), "run")
+    fig.canvas.draw()  # the tick labels and offsets exist once drawn
+    assert [(ax.get_title(), ax.get_ylabel()) for ax in fig.axes] == expected
+    for ax in fig.axes:
+        assert not ax.texts, f"{ax.get_title()}: not recorded"  # every panel has its metric in the records
+        assert ax.get_lines(), ax.get_title()
+        # No offset or power of ten written apart from the ticks (a learning rate's "1e-5" at the axis' top).
+        assert ax.yaxis.get_offset_text().get_text() == "" and ax.xaxis.get_offset_text().get_text() == ""
+        assert all(label.get_text() for label in ax.get_yticklabels())
+    bottom = {ax.get_xlabel() for ax in fig.axes} - {""}
+    assert bottom == {"optimizer step"}
+    # The last row of panels carries the step axis; three to a row when there are more than four.
+    assert sum(bool(ax.get_xlabel()) for ax in fig.axes) == min(3, len(expected))
+    rows = -(-len(expected) // 3)
+    assert imread(run / CURVES).shape == (400 * rows, 1200, 4)
+
+
+def test_panels_with_metrics_in_the_evaluations_only() -> None:
+    """A stage's train-side metric missing (an old run) leaves the validation sets' points, and the title stays."""
+    records = [{k: v for k, v in r.items() if k != "accuracy"} for r in STAGE_FIGURES["rm"][0]]
+    accuracy = curves(records)[1]
+    assert accuracy.title == "accuracy" and len(by_label(accuracy)["train"].steps) == 0
+    assert by_label(accuracy)["eval oasst_export"].steps.tolist() == [6]

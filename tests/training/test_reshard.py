@@ -119,7 +119,7 @@ def assert_same_losses(resumed: Path, reference: Path, steps: range) -> float:
     return worst
 
 
-# The 40-step tables of the README: minutes on 2 cores (`pytest -m heavy -s` prints them). Each resumes from a
+# The 40-step tables of docs/internals.md: minutes on 2 cores (`pytest -m heavy -s` prints them). Each resumes from a
 # checkpoint at step 20 of an 80-step schedule and compares steps 21-60.
 
 

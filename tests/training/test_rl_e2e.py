@@ -178,3 +178,15 @@ def test_module_weights_of_the_start_and_the_policy_differ(ppo_run: Path) -> Non
     start = load_file(ppo_run / "start_model" / "model.safetensors")
     trained = module_weights(ppo_run / "checkpoint-000012")
     assert any(not torch.equal(trained[name], tensor) for name, tensor in start.items() if name in trained)
+
+
+def test_a_finished_ppo_run_draws_its_own_curves(ppo_run: Path) -> None:
+    """At its end rank 0 draws training_curves.png from PPO's own metrics (reward, KL, ..., no panel without data)."""
+    from model_training.training.plot import curves, read_records, stage_of
+
+    records = read_records(ppo_run / "metrics.jsonl")
+    assert stage_of(records) == "rl"
+    assert all(panel.series[0].steps.size for panel in curves(records)), "a panel without data"
+    png = ppo_run / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_mtime >= (ppo_run / "metrics.jsonl").stat().st_mtime

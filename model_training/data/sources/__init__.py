@@ -1,7 +1,7 @@
 """Every data source a config's `datasets:` can name, with its options and its load (the contract: common.py).
 
-Adding a source is one module of this package and one line of `SOURCES`; README, "Add a data source", has the
-steps. Nothing else in the project names a source.
+Adding a source is one module of this package and one line of `SOURCES`; docs/architecture.md, "Add a data source",
+has the steps. Nothing else in the project names a source.
 """
 
 from __future__ import annotations
