@@ -1,7 +1,9 @@
 """Training curves of a run folder as one PNG, each stage's own metrics against its step, read from `metrics.jsonl`:
 SFT's loss and next-token accuracy; the reward model's and DPO's loss, accuracy and margin (DPO: also its implicit
 rewards and log-probabilities), each for training and every validation set; PPO's reward, KL, entropy, length, both
-losses and clip fractions; then the learning rate, tokens/s and (not PPO) the grad norm.
+losses and clip fractions; GRPO's reward per function, its groups' spread and share without signal, KL (when it
+holds a reference), entropy, length, loss and clip fractions; then the learning rate, tokens/s and (not PPO, GRPO)
+the grad norm.
 
     python -m model_training.training.plot RUN_DIR [--out FILE]
 
@@ -79,6 +81,8 @@ def stage_of(records: list[dict[str, Any]]) -> str:
     """The stage that wrote `records`, told by the metrics only it writes (sft, rm, dpo, rl), so that any run folder
     plots without its config."""
     keys = {key for r in records for key in r}
+    if "flat_groups" in keys:  # the share of groups without signal: GRPO's alone
+        return "grpo"
     if "reward" in keys or "kl" in keys:  # the rollouts' mean score: trainer_rl.py's alone
         return "rl"
     if "reward_chosen" in keys or any(key.endswith("/reward_chosen") for key in keys):
@@ -88,7 +92,7 @@ def stage_of(records: list[dict[str, Any]]) -> str:
     return "sft"
 
 
-STAGE_NAMES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO", "rl": "PPO"}
+STAGE_NAMES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO", "rl": "PPO", "grpo": "GRPO"}
 
 # Each stage's own panels before the common ones: (metric, title, y label). Training's value and every validation
 # set's (eval/<set>/<metric>) share a panel.
@@ -109,6 +113,8 @@ def curves(records: list[dict[str, Any]]) -> list[Panel]:
     stage = stage_of(records)
     if stage == "rl":
         return _ppo_panels(records)
+    if stage == "grpo":
+        return _grpo_panels(records)
     eval_sets = sorted({m.group(1) for r in records for key in r if (m := EVAL_KEY.fullmatch(key))})
     panels = [Panel(title, ylabel, [_series("train", records, metric),
                                     *(_series(f"eval {name}", records, f"eval/{name}/{metric}", marked=True)
@@ -145,6 +151,30 @@ def _ppo_panels(records: list[dict[str, Any]]) -> list[Panel]:
               [_series("policy", records, "policy_clipfrac"), _series("value", records, "value_clipfrac")]),
         Panel("learning rates", "learning rate", [_series("policy", records, "lr"),
                                                   _series("value", records, "value_lr")]),
+        Panel("tokens/s", "tokens/s, all ranks", [_series("rollouts", records, "rollout_tokens_per_s"),
+                                                  _series("training", records, "train_tokens_per_s")]),
+    ]
+
+
+def _grpo_panels(records: list[dict[str, Any]]) -> list[Panel]:
+    """GRPO's step metrics (training/rl.py: GRPO_METRICS, each reward function's mean, the learning rate and speeds);
+    its KL only where the run held a reference (kl_coef > 0)."""
+    functions = sorted({key for r in records for key in r if key.startswith("reward/")})
+    panels = [
+        Panel("reward", "mean per continuation",
+              [_series("total", records, "reward"), *(_series(key[7:], records, key) for key in functions)]),
+        Panel("groups", "reward std within a group; share", [_series("reward std", records, "reward_std"),
+                                                             _series("flat groups", records, "flat_groups")]),
+    ]
+    if any("kl" in r for r in records):
+        panels.append(Panel("KL to the reference", "k3 estimate per token", [_series("kl", records, "kl")]))
+    return panels + [
+        Panel("entropy", "nats per token", [_series("entropy", records, "entropy")]),
+        Panel("length", "tokens per continuation", [_series("length", records, "length")]),
+        Panel("policy loss", "clipped surrogate (+ KL term)", [_series("policy loss", records, "policy_loss")]),
+        Panel("clip fractions", "share of tokens clipped", [_series("low", records, "clip_low_frac"),
+                                                            _series("high", records, "clip_high_frac")]),
+        Panel("learning rate", "learning rate", [_series("lr", records, "lr")]),
         Panel("tokens/s", "tokens/s, all ranks", [_series("rollouts", records, "rollout_tokens_per_s"),
                                                   _series("training", records, "train_tokens_per_s")]),
     ]
@@ -220,7 +250,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     records = read_records(run_dir / METRICS)
     stage = stage_of(records)
     fig = draw(curves(records), f"{run_dir} ({STAGE_NAMES[stage]}): step {records[-1]['step']}",
-               "PPO step" if stage == "rl" else "optimizer step")
+               f"{STAGE_NAMES[stage]} step" if stage in ("rl", "grpo") else "optimizer step")
     fig.savefig(out, dpi=DPI)  # the dpi again: a user's matplotlibrc may set savefig.dpi
     return out
 

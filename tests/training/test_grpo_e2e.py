@@ -18,6 +18,7 @@ from test_preference_e2e import export
 from test_train_e2e import module_weights
 
 from model_training.training.checkpoint import resolve_checkpoint
+from model_training.training.plot import read_records, stage_of
 
 pytestmark = pytest.mark.slow
 RL = REPO / "trainer_rl.py"
@@ -88,6 +89,7 @@ def test_grpo_raises_the_exact_match_reward_with_a_bounded_kl(grpo_run: Path) ->
         assert "value_lr" not in record and "value_loss" not in record
         assert record["reward"] == record["reward/exact_answer"]  # one function, weight 1
         assert 0.0 <= record["flat_groups"] <= 1.0 and record["entropy"] > 0
+    assert stage_of(read_records(grpo_run / "metrics.jsonl")) == "grpo" and (grpo_run / "training_curves.png").is_file()
     samples = [json.loads(line) for line in (grpo_run / "rollout_samples.jsonl").read_text().splitlines()]
     assert {s["score"] for s in samples} <= {0.0, 1.0} and len(samples) == 8 * GRPO_STEPS
 

@@ -21,6 +21,7 @@ from model_training.layout import CURVES
 from model_training.training.metrics import MetricsLogger
 from model_training.training.plot import curves, draw, main, plot_run, read_records, stage_of
 from model_training.training.preference import DPO_METRICS, RM_METRICS
+from model_training.training.rl import GRPO_METRICS
 from model_training.training.rl import METRICS as PPO_METRICS
 
 PNG_SHAPE = (800, 1200, 4)  # two rows of panels (SFT's five) x 400 pixels, 1200 wide, RGBA
@@ -222,6 +223,14 @@ STAGE_FIGURES = {
         ("entropy", "nats per token"), ("length", "tokens per continuation"), ("policy loss", "clipped surrogate"),
         ("value loss", "clipped value loss"), ("clip fractions", "share of tokens clipped"),
         ("learning rates", "learning rate"), ("tokens/s", "tokens/s, all ranks"),
+    ]),
+    "grpo": (stage_records(GRPO_METRICS, (), lr=1e-6, rollout_tokens_per_s=900.0, train_tokens_per_s=25000.0,
+                           **{"reward/exact_answer": 0.5}), [
+        ("reward", "mean per continuation"), ("groups", "reward std within a group; share"),
+        ("KL to the reference", "k3 estimate per token"), ("entropy", "nats per token"),
+        ("length", "tokens per continuation"), ("policy loss", "clipped surrogate (+ KL term)"),
+        ("clip fractions", "share of tokens clipped"), ("learning rate", "learning rate"),
+        ("tokens/s", "tokens/s, all ranks"),
     ]),
 }  # fmt: skip
 
