@@ -28,7 +28,7 @@ fi
 OVERRIDES=("$@")
 case " ${LAUNCHER[*]} " in
     *" --master_port"*) ;;
-    *) LAUNCHER+=(--master_port "$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')") ;;
+    *) LAUNCHER+=(--master_port "$(python -m model_training.ports)") ;;
 esac
 SFT=$RUNS/tiny-falcon RM=$RUNS/tiny-rm DPO=$RUNS/tiny-dpo PPO=$RUNS/tiny-ppo
 QUESTION="What is the capital of France?"
