@@ -65,7 +65,8 @@ def init_distributed(local_rank_arg: int = -1, through_deepspeed: bool = True) -
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         # Another job may hold the launchers' 29500; a process alone has no one to agree a port with.
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    note = _one_node_port()
+    # A second call (the run lock's, then the recipe's) finds the group started: its port is settled.
+    note = None if dist.is_initialized() else _one_node_port()
     local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_arg, 0)))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
