@@ -10,8 +10,15 @@ import pytest
 from helpers import VOCAB_ROWS
 
 from model_training.config import ConfigError, TrainConfig, load_config
+from model_training.models.builder import load_tokenizer
 from model_training.training.distributed import DistInfo
-from model_training.training.rl import ModelSources, _fingerprint_models, _model_sources, plan_steps
+from model_training.training.rl import (
+    ModelSources,
+    _check_reward_and_value_models,
+    _fingerprint_models,
+    _model_sources,
+    plan_steps,
+)
 
 SECTIONS = ["defaults", "tiny-falcon", "oasst-sample", "tiny-ppo"]
 
@@ -38,6 +45,7 @@ def test_the_rollouts_split_into_whole_micro_batches_of_each_optimizer_step(tmp_
 
 
 def save_tiny(folder: Path, reward: bool) -> Path:
+    """A tiny Falcon (a reward model with `reward`) and the policy's tokenizer, as an export saves them."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"])
@@ -46,19 +54,27 @@ def save_tiny(folder: Path, reward: bool) -> Path:
     config = AutoConfig.for_model(options.pop("model_type"), **options, vocab_size=VOCAB_ROWS, **head)
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     auto.from_config(config).save_pretrained(folder)
+    load_tokenizer(cfg).save_pretrained(folder)
     return folder
 
 
 def test_a_chat_model_as_the_reward_model_is_refused(tmp_path: Path) -> None:
     cfg = replace(ppo_config(tmp_path), model_name=str(save_tiny(tmp_path / "policy", reward=False)))
-    chat = cfg.model_name
+    chat, tokenizer = cfg.model_name, load_tokenizer(load_config(["defaults", "tiny-falcon", "oasst-sample"]))
     alone = DistInfo(rank=0, world_size=1, local_rank=0)
     with pytest.raises(ConfigError, match=r"key 'ppo.reward_model': \S+/policy is a FalconForCausalLM, not a reward "
                                           r"model"):
-        _model_sources(replace(cfg, ppo=replace(cfg.ppo, reward_model=chat)), alone)
+        _check_reward_and_value_models(replace(cfg, ppo=replace(cfg.ppo, reward_model=chat)), tokenizer)
     reward = str(save_tiny(tmp_path / "reward", reward=True))
-    sources = _model_sources(replace(cfg, ppo=replace(cfg.ppo, reward_model=reward)), alone)
+    with_reward = replace(cfg, ppo=replace(cfg.ppo, reward_model=reward))
+    _check_reward_and_value_models(with_reward, tokenizer)
+    sources = _model_sources(with_reward, alone)
     assert (sources.policy.model_name, sources.reward, sources.value) == (chat, reward, reward)
+    # GRPO: no value model; with reward functions alone, no reward model either.
+    grpo = _model_sources(replace(with_reward, rl_algorithm="grpo"), alone)
+    assert (grpo.reward, grpo.value) == (reward, None)
+    alone_functions = replace(cfg, rl_algorithm="grpo", ppo=replace(cfg.ppo, reward_model=None))
+    assert (_model_sources(alone_functions, alone).reward, _model_sources(alone_functions, alone).value) == (None, None)
 
 
 def test_the_fingerprint_follows_the_models_files_and_where_they_were_exported_from(tmp_path: Path) -> None:
