@@ -471,7 +471,7 @@ _NON_NEGATIVE = _Range(0)
 _FRACTION = _Range(0, 1, high_open=True)
 _RANGES = {
     # What torch's AdamW and the schedule accept; a NaN or an infinity is refused too (torch takes some of them).
-    "learning_rate": _POSITIVE_REAL,
+    "learning_rate": _NON_NEGATIVE,  # 0 is AdamW's too: a step that computes the gradient and moves nothing
     "weight_decay": _NON_NEGATIVE,
     "adam_beta1": _FRACTION,
     "adam_beta2": _FRACTION,
