@@ -426,6 +426,8 @@ _CHOICES = {
     "quantization.compute_dtype": ("bf16", "fp16", "fp32"),
     "lr_scheduler_type": ("warmup_decay", "cosine", "linear", "constant"),
     "save_strategy": ("steps", "epoch", "no"),
+    "rl_algorithm": ("ppo", "grpo"),
+    "grpo.loss_normalization": ("sequence", "token", "constant"),
 }
 _POSITIVE = (
     "per_device_train_batch_size",
@@ -931,11 +933,6 @@ def _validate_rl_stage(cfg: TrainConfig) -> None:
 
 def _validate_grpo(cfg: TrainConfig) -> None:
     grpo = cfg.grpo
-    if cfg.rl_algorithm not in ("ppo", "grpo"):
-        raise ConfigError(f"key 'rl_algorithm' is '{cfg.rl_algorithm}'; expected ppo or grpo")
-    if grpo.loss_normalization not in ("sequence", "token", "constant"):
-        raise ConfigError(f"key 'grpo.loss_normalization' is '{grpo.loss_normalization}'; expected sequence, token "
-                          "or constant")
     if not math.isfinite(grpo.reward_model_weight):
         raise ConfigError(f"key 'grpo.reward_model_weight' must be a finite number, got {grpo.reward_model_weight}")
     if cfg.stage == "rl" and cfg.rl_algorithm == "grpo" and not grpo.reward_functions and not cfg.ppo.reward_model:

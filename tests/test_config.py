@@ -192,8 +192,9 @@ def test_the_grpo_sections_validate_once_the_policy_exists(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([("rl_algorithm", "reinforce")], "key 'rl_algorithm' is 'reinforce'; expected ppo or grpo"),
-        ([("grpo.loss_normalization", "mean")], "key 'grpo.loss_normalization' is 'mean'; expected sequence, token"),
+        ([("rl_algorithm", "reinforce")], "key 'rl_algorithm' is 'reinforce'; expected one of ppo, grpo$"),
+        ([("grpo.loss_normalization", "mean")],
+         "key 'grpo.loss_normalization' is 'mean'; expected one of sequence, token, constant$"),
         ([("grpo.group_size", 1)], "key 'grpo.group_size' must be at least 2, got 1"),
         ([("grpo.clip_low", 1.0)], r"key 'grpo.clip_low' must be in \[0, 1\), got 1.0"),
         ([("grpo.clip_high", -0.1)], r"key 'grpo.clip_high' must be at least 0, got -0.1"),

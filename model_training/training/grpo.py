@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-LOSS_NORMALIZATIONS = ("sequence", "token", "constant")
 STD_EPS = 1e-4
 """Added to a group's standard deviation: a group whose rewards are all equal has advantages 0, not 0 / 0."""
 
