@@ -16,26 +16,16 @@ RUN=runs/tiny-falcon
 EXPORT=runs/tiny-falcon-export
 NPROC=${NPROC:-2}
 
-launcher=() trainer=("$@")
-for ((i = 1; i <= $#; i++)); do
-    if [ "${!i}" = "--" ]; then
-        launcher=("${@:1:i-1}") trainer=("${@:i+1}")
-        break
-    fi
-done
-case " ${launcher[*]-} " in
-    *" --master_port"*) ;;
-    *) launcher+=(--master_port "$(python -m model_training.ports)") ;;
-esac
+source scripts/launch_args.sh "$@"
 # The launcher's INFO lines (its environment, each rank's command) only on request: --log_level info.
-case " ${launcher[*]} " in
+case " ${LAUNCHER[*]} " in
     *" --log_level"* | *" --quiet"* | *" -q "*) ;;
-    *) launcher=(--log_level warning "${launcher[@]}") ;;
+    *) LAUNCHER=(--log_level warning "${LAUNCHER[@]}") ;;
 esac
 
 # A demo run: each quick start replaces the last one (overwrite_output_dir), where a real run would refuse.
-deepspeed --num_gpus "$NPROC" "${launcher[@]}" trainer_sft.py --configs defaults tiny-falcon oasst-sample \
-    output_dir="$RUN" overwrite_output_dir=true "${trainer[@]}"
+deepspeed --num_gpus "$NPROC" "${LAUNCHER[@]}" trainer_sft.py --configs defaults tiny-falcon oasst-sample \
+    output_dir="$RUN" overwrite_output_dir=true "${TRAINER[@]}"
 python export_model.py "$RUN" --dtype bf16 --output_folder "$EXPORT" --max_shard_size 2GB --overwrite
 echo "The tiny model (2 layers, random weights trained for half a minute on 246 conversations) answers nonsense on"
 echo "purpose: the answers show that training, export and generation work, not what a real model says."

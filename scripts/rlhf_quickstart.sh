@@ -20,27 +20,19 @@ if [ -z "${DS_ACCELERATOR:-}" ] && ! python -c "import torch, sys; sys.exit(not 
 fi
 RUNS=${RUNS:-runs}
 NPROC=${NPROC:-2}
-LAUNCHER=(--num_gpus "$NPROC")
-if [[ " $* " == *" -- "* ]]; then
-    while [ "$1" != "--" ]; do LAUNCHER+=("$1"); shift; done
-    shift
-fi
-OVERRIDES=("$@")
-case " ${LAUNCHER[*]} " in
-    *" --master_port"*) ;;
-    *) LAUNCHER+=(--master_port "$(python -m model_training.ports)") ;;
-esac
+source scripts/launch_args.sh "$@"
+LAUNCHER=(--num_gpus "$NPROC" "${LAUNCHER[@]}")
 SFT=$RUNS/tiny-falcon RM=$RUNS/tiny-rm DPO=$RUNS/tiny-dpo PPO=$RUNS/tiny-ppo
 QUESTION="What is the capital of France?"
 
 deepspeed "${LAUNCHER[@]}" trainer_sft.py --configs defaults tiny-falcon oasst-sample output_dir="$SFT" \
-    overwrite_output_dir=true "${OVERRIDES[@]}"
+    overwrite_output_dir=true "${TRAINER[@]}"
 deepspeed "${LAUNCHER[@]}" trainer_rm.py --configs defaults-rm tiny-falcon preference-sample tiny-rm \
-    model_name="$SFT" output_dir="$RM" overwrite_output_dir=true "${OVERRIDES[@]}"
+    model_name="$SFT" output_dir="$RM" overwrite_output_dir=true "${TRAINER[@]}"
 deepspeed "${LAUNCHER[@]}" trainer_dpo.py --configs defaults-dpo tiny-falcon preference-sample tiny-dpo \
-    model_name="$SFT" output_dir="$DPO" overwrite_output_dir=true "${OVERRIDES[@]}"
+    model_name="$SFT" output_dir="$DPO" overwrite_output_dir=true "${TRAINER[@]}"
 deepspeed "${LAUNCHER[@]}" trainer_rl.py --configs defaults tiny-falcon oasst-sample tiny-ppo \
-    model_name="$SFT" ppo.reward_model="$RM" output_dir="$PPO" overwrite_output_dir=true "${OVERRIDES[@]}"
+    model_name="$SFT" ppo.reward_model="$RM" output_dir="$PPO" overwrite_output_dir=true "${TRAINER[@]}"
 
 for run in "$SFT" "$RM" "$DPO" "$PPO"; do
     python export_model.py "$run" --dtype bf16 --output_folder "$run-export" --overwrite

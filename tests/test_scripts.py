@@ -17,7 +17,7 @@ from helpers import DEEPSPEED, REPO, check_ok, cpu_env, run_deepspeed
 from model_training.training.plot import curves, read_records, stage_of
 
 SCRIPTS = ["scripts/setup_env.sh", "scripts/test.sh", "scripts/quickstart.sh", "scripts/rlhf_quickstart.sh",
-           "scripts/slurm/train_sft.sbatch", ".ci/run"]
+           "scripts/launch_args.sh", "scripts/slurm/train_sft.sbatch", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
