@@ -489,7 +489,7 @@ def _grpo_step(cfg: TrainConfig, models: Models, step: int, run: PpoRun) -> tupl
     entropy = _score(models, rollouts, cfg, run.tokenizer.pad_token_id)
     values = _reward_values(run.rewards, mine, rollouts, run.tokenizer)
     weights = torch.tensor([f.weight for f in run.rewards], dtype=torch.float64)
-    rewards = weights @ values if run.rewards else torch.zeros(len(mine), dtype=torch.float64)
+    rewards = weights @ values  # (0,) @ (0, rows): zeros, when the reward model alone rewards
     if rollouts.scores is not None:
         values = torch.cat([values, rollouts.scores.double().cpu().unsqueeze(0)])
         rewards = rewards + grpo.reward_model_weight * values[-1]
