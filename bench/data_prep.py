@@ -55,7 +55,7 @@ tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(os.environ["BENCH_TO
 source = "text" if data.suffix == ".txt" else "chat_jsonl"
 if path.startswith("ours"):
     from model_training.config import load_config, parse_override
-    from model_training.data.registry import prepare_data
+    from model_training.data.prepare import prepare_data
     cfg = load_config(["defaults", "tiny-falcon"], [parse_override(o) for o in (
         f"datasets=[{{{source}: {{input_file_path: {data}}}}}]", f"data_cache_dir={cache}", "max_length=2048")])
 elif path.startswith("datasets"):

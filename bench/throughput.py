@@ -255,7 +255,7 @@ def check_trainer_reads_the_drawn_samples(argv: list[str], dataset: Dataset) -> 
     import numpy as np
 
     from model_training.cli import parse_train_args
-    from model_training.data.registry import prepare_data
+    from model_training.data.prepare import prepare_data
     from model_training.models.builder import load_tokenizer
 
     cfg = parse_train_args(argv).config

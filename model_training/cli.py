@@ -249,9 +249,9 @@ def _check_writable_folder(folder: Path, key: str) -> None:
 
 
 def _show_dataset_stats(cfg: TrainConfig) -> int:
-    from model_training.data.registry import prepare_data
+    from model_training.data.prepare import prepare_data
     from model_training.data.stats import format_stats
-    from model_training.training.sampler import plan_sources
+    from model_training.training.step_plan import plan_sources
 
     tokenizer = _stats_tokenizer(cfg)
     if cfg.stage == "rl":
@@ -267,7 +267,7 @@ def _show_dataset_stats(cfg: TrainConfig) -> int:
 def _prepare_only(cfg: TrainConfig) -> int:
     """`--prepare_only`: every dataset's token store, prepared (or found), one line each."""
     from model_training.data.preferences import prepare_preferences
-    from model_training.data.registry import prepare_data
+    from model_training.data.prepare import prepare_data
 
     if cfg.stage == "rl" and cfg.ppo.prompt_file is not None:
         print("nothing to prepare: PPO reads its prompts from ppo.prompt_file at each start")

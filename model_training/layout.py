@@ -8,7 +8,7 @@ A run folder (`output_dir`)::
     checkpoint-000080/          one committed checkpoint per save (training/checkpoint.py)
     .staging-checkpoint-000100/ a save in progress or a crashed one; cleared by the next save
     .deleting-checkpoint-000040/ a checkpoint being removed; never loaded
-    samples.jsonl, samples.md   answers generated after training (training/answers.py)
+    samples.jsonl, samples.md   answers generated after training (training/samples.py)
     rollout_samples.jsonl       PPO: continuations of each logged step with their scores (training/rl.py)
     training_curves.png         loss, learning rate, tokens/s and grad norm against steps
     base_model/                 a LoRA run's random-weight base, kept for its export

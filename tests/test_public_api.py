@@ -33,3 +33,9 @@ def test_a_documented_function_takes_the_documented_parameters(path: str, params
     function = getattr(importlib.import_module(module), name)
     signature = inspect.signature(function).parameters
     assert list(signature)[: len(params)] == params, f"{path}{inspect.signature(function)}"
+
+
+def test_a_renamed_module_keeps_its_documented_function_at_the_old_path() -> None:
+    from model_training.data import prepare, registry
+
+    assert registry.prepare_data is prepare.prepare_data

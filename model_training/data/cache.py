@@ -1,6 +1,6 @@
 """The keys of the token stores: each dataset is loaded, filtered and tokenized once, then read back.
 
-`prepare_data` (registry.py) keeps each dataset's token store (store.py) in a folder of `data_cache_dir` named by the
+`prepare_data` (prepare.py) keeps each dataset's token store (store.py) in a folder of `data_cache_dir` named by the
 sha256 of everything its samples depend on (`TokenizedCache.key`):
 - the input: a file's resolved path, size and mtime_ns (touching it is a change), every file of a `datasets`
   folder likewise, or a hub id with the revision the local hub cache holds for it;
@@ -41,7 +41,7 @@ every key, so that a new layout never reads an old store."""
 SAMPLING_ONLY_OPTIONS = ("fraction", "size", "share", "replace")
 """Dataset options that change what an epoch draws, not the samples: changing them keeps the cache entry."""
 _SAMPLE_MODULES = ("build.py", "cache.py", "chat_formats.py", "encode.py", "formatting.py", "oasst.py", "records.py",
-                   "registry.py", "selection.py", "store.py")
+                   "prepare.py", "selection.py", "store.py")
 # Every module of the sources package too (the loads and the splits), added ones included.
 _SOURCES_PACKAGE = "sources"
 # torch: the OASST split is drawn by its random generator.

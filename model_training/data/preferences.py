@@ -33,8 +33,8 @@ from model_training.data.build import Chosen, RecordTable, StoreJob
 from model_training.data.cache import TokenizedCache, describe_dataset
 from model_training.data.encode import encode_comparisons, reply_conversations
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_conversations
+from model_training.data.prepare import WholeLoad, data_path, dataset_store, workers_per_process
 from model_training.data.records import Comparison
-from model_training.data.registry import WholeLoad, data_path, dataset_store, workers_per_process
 from model_training.data.sources import SOURCES
 from model_training.data.sources.common import DatasetConfig, FilterReport, LoadContext
 from model_training.data.store import StoredSamples, TokenStore, token_dtype
@@ -46,7 +46,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class PreferenceGroup:
     """One comparison as sequences (prefix + reply, formatted), best reply first; `reference` holds DPO's reference
-    log-probabilities of the sequences once they are computed (training/preference.py)."""
+    log-probabilities of the sequences once they are computed (training/preference_loss.py)."""
 
     sequences: tuple[FormattedSample, ...]
     reference: tuple[float, ...] | None = None

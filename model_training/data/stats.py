@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from model_training.data.registry import PreparedData, TokenizedSplit
+from model_training.data.prepare import PreparedData, TokenizedSplit
 from model_training.data.store import StoredSamples
 from model_training.data.windows import EVALUATION, LengthRule
 

@@ -6,7 +6,7 @@ A store is a folder (named by its cache key, model_training/data/cache.py) holdi
     mask.npy         uint8 per token: 1 where the token carries loss (its label is its id), 0 where it is ignored
     meta.json        written last: the counts of `--show_dataset_stats`, and each file's size and xxh3-128 hash
 
-and the arrays that say which tokens make which sample, by stage. SFT (data/registry.py):
+and the arrays that say which tokens make which sample, by stage. SFT (data/prepare.py):
 
     train_starts.npy, train_ends.npy   int64 per training sample: its token range [start, end) in ids.npy
     val_starts.npy, val_ends.npy       the same for the validation samples

@@ -4,7 +4,7 @@ transformers' `*ForSequenceClassification` pools inside its forward: it returns 
 that is not the pad token, and Falcon's does not even pass `position_ids` to its decoder, so a packed row would
 attend across samples. In training the class of the model is swapped for a subclass (`enable_token_scores`) whose
 forward runs the same decoder and the same `score` head, with `position_ids` passed through, and returns the
-(batch, tokens) scores; the loss picks each sequence's own position (training/preference.py). The parameters, their
+(batch, tokens) scores; the loss picks each sequence's own position (training/preference_loss.py). The parameters, their
 names and the saved config are the model's own, so an export is a plain `*ForSequenceClassification` folder.
 
 Which position is a sequence's reward: the last token whose id is not the pad id, the rule of transformers' pooling,

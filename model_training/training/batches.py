@@ -3,7 +3,7 @@ to length, and batches of samples on the device, alike for training and evaluati
 
 A sample is a `FormattedSample` (SFT) or a `PreferenceGroup` (the reward model, DPO: data/preferences.py); the
 reader needs of it only `loss_units` (what the step's loss is divided by) and `num_tokens`. Each stage's spec
-(`BatchSpec` here, `PreferenceSpec` in preference.py) turns samples into the model's inputs and the loss's sums."""
+(`BatchSpec` here, `PreferenceSpec` in preference_loss.py) turns samples into the model's inputs and the loss's sums."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from model_training.data.formatting import FormattedSample
 from model_training.data.windows import LengthRule, WholeSamples
 from model_training.models.lora import is_lora_model
 from model_training.training import loss
-from model_training.training.sampler import StepPlan
+from model_training.training.step_plan import StepPlan
 
 PAD_TO_MULTIPLE_OF = 8
 
@@ -84,7 +84,7 @@ class StepReader:
 
 
 class SampleSpec(Protocol):
-    """What the step and the evaluation ask of a stage's samples (`BatchSpec`, preference.py's `PreferenceSpec`)."""
+    """What the step and the evaluation ask of a stage's samples (`BatchSpec`; preference_loss.`PreferenceSpec`)."""
 
     metrics: tuple[str, ...]
 

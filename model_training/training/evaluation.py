@@ -1,5 +1,5 @@
 """Evaluation on the validation sets: each stage's metrics (SFT: loss and next-token accuracy on the supervised
-tokens; the preference stages: training/preference.py)."""
+tokens; the preference stages: training/preference_loss.py)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from model_training.training.checkpoint import (
     verify_hashes_on_ranks,
 )
 from model_training.training.reshard import convert_for_any_ranks, needs_universal
-from model_training.training.sampler import DataPosition, StepPlan
+from model_training.training.step_plan import DataPosition, StepPlan
 from model_training.training.torch_engine import holds_torch_engine_state
 
 logger = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ def load_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
     if cfg.ppo.prompt_file is not None:
         prompts = _file_prompts(cfg, tokenizer)
     else:
-        from model_training.data.registry import prepare_data  # the SFT data layer, only where it is read
+        from model_training.data.prepare import prepare_data  # the SFT data layer, only where it is read
 
         data = prepare_data(cfg, tokenizer)
         prompts = [Prompt(f"{split.name} #{index}", _opening_of_last_reply(sample))

@@ -38,13 +38,12 @@ from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
 from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
 from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
-from model_training.data.registry import PreparedData, TokenizedSplit, prepare_data
+from model_training.data.prepare import PreparedData, TokenizedSplit, prepare_data
 from model_training.data.store import Concatenated, StoredSamples, update_digest
 from model_training.data.windows import LengthRule, WholeSamples
 from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, record_run_file, remove_run
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.lora import is_lora_model
-from model_training.training.answers import generate_answers, sample_prompts, write_samples
 from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
 from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
 from model_training.training.distributed import DistInfo, LaunchError, init_distributed
@@ -59,7 +58,7 @@ from model_training.training.preemption import (
     exited_ranks,
     run_stoppable,
 )
-from model_training.training.preference import PreferenceSpec, save_references, with_references
+from model_training.training.preference_loss import PreferenceSpec, save_references, with_references
 from model_training.training.report import eval_lines, run_summary
 from model_training.training.resume import (
     Resume,
@@ -73,11 +72,12 @@ from model_training.training.resume import (
     schedule,
 )
 from model_training.training.run_lock import holding_output_dir
-from model_training.training.sampler import StepPlan, plan_sources
+from model_training.training.samples import generate_answers, sample_prompts, write_samples
 from model_training.training.saver import Saver
 from model_training.training.schedule import build_scheduler
 from model_training.training.start import start_model_config, tokenizer_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError
+from model_training.training.step_plan import StepPlan, plan_sources
 from model_training.training.throughput import ThroughputMeter
 from model_training.training.torch_engine import build_torch_engine
 
@@ -572,7 +572,7 @@ def _generate_samples(
     metrics: MetricsLogger,
     info: DistInfo,
 ) -> None:
-    """The prompt -> answer table of the trained model (see samples.py)."""
+    """The prompt -> answer table of the trained model (training/samples.py)."""
     prompts = sample_prompts(cfg.generate_samples, val_splits, cfg.generate_val_samples, tokenizer, cfg.chat_format)
     rows = generate_answers(
         engine.module, tokenizer, prompts, cfg.generate_max_new_tokens,

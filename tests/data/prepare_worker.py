@@ -6,7 +6,7 @@ do when they prepare data together.
 - PREP_CHUNK_CHARS=n: streamed files are cut into chunks of n characters (many chunks from a small file).
 - COLLECTIVE_TIMEOUT=seconds: the process group's collectives time out after that long (the default is 30 minutes).
 
-The preparation goes in through its seams, looked up at each call: `registry.encode_records` (the one function that
+The preparation goes in through its seams, looked up at each call: `prepare.encode_records` (the one function that
 tokenizes a chunk) and `stream.CHUNK_CHARS`; the timeout through `deepspeed.init_distributed`.
 """
 
@@ -18,11 +18,11 @@ import time
 import deepspeed
 
 from model_training.cli import exit_process, main_train
-from model_training.data import registry
+from model_training.data import prepare
 from model_training.data.sources import stream
 
 if os.environ.get("PREP_LOG") or os.environ.get("PREP_SLEEP"):
-    real_encode = registry.encode_records
+    real_encode = prepare.encode_records
 
     def watched_encode(records, *args, **kwargs):
         time.sleep(float(os.environ.get("PREP_SLEEP", "0")))
@@ -31,7 +31,7 @@ if os.environ.get("PREP_LOG") or os.environ.get("PREP_SLEEP"):
                 log.write(f"{os.getpid()} {len(records)}\n")
         return real_encode(records, *args, **kwargs)
 
-    registry.encode_records = watched_encode
+    prepare.encode_records = watched_encode
 
 if os.environ.get("PREP_CHUNK_CHARS"):
     stream.CHUNK_CHARS = int(os.environ["PREP_CHUNK_CHARS"])

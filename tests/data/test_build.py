@@ -14,9 +14,9 @@ import pytest
 from helpers import write_planted_chats
 
 from model_training.config import ConfigError, TrainConfig, load_config, parse_override
-from model_training.data import registry
+from model_training.data import prepare
+from model_training.data.prepare import prepare_data
 from model_training.data.records import FileFormatError
-from model_training.data.registry import prepare_data
 from model_training.data.sources import stream
 from model_training.models.builder import load_tokenizer
 
@@ -27,7 +27,7 @@ def config(path: Path, cache: Path | None, *overrides: str) -> TrainConfig:
         f"datasets={datasets}", f"data_cache_dir={cache if cache else 'null'}", *overrides)])
 
 
-def samples(data: registry.PreparedData) -> list:
+def samples(data: prepare.PreparedData) -> list:
     return [list(split.samples) for split in data.train + data.val]
 
 
@@ -58,14 +58,14 @@ class Encoded:
 @pytest.fixture
 def encoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Encoded:
     log = Encoded(tmp_path / "encoded.log")
-    real = registry.encode_records
+    real = prepare.encode_records
 
     def counted(records, *args, **kwargs):  # runs in the workers, which the fork gives this patch
         with open(log.log, "a") as f:
             f.write(f"{len(records)}\n")
         return real(records, *args, **kwargs)
 
-    monkeypatch.setattr(registry, "encode_records", counted)
+    monkeypatch.setattr(prepare, "encode_records", counted)
     return log
 
 
@@ -82,14 +82,14 @@ def test_a_stopped_preparation_is_picked_up_where_it_stopped(
 ) -> None:
     cfg = config(chats, tmp_path / "cache", "data_workers=1")
     tokenizer = load_tokenizer(cfg)
-    counted = registry.encode_records
+    counted = prepare.encode_records
 
     def dies_after_five(records, *args, **kwargs):
         if len(encoded()) == 5:
             raise MemoryError("the process is killed here")
         return counted(records, *args, **kwargs)
 
-    monkeypatch.setattr(registry, "encode_records", dies_after_five)
+    monkeypatch.setattr(prepare, "encode_records", dies_after_five)
     with pytest.raises(MemoryError):
         prepare_data(cfg, tokenizer)
     (work,) = (tmp_path / "cache").glob(".work-*")
@@ -97,7 +97,7 @@ def test_a_stopped_preparation_is_picked_up_where_it_stopped(
     # A process killed outright leaves its claims; one of a pid that no longer runs is taken at once.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (work / "part-000009.claim").write_text(f"{os.uname().nodename} {dead.stdout.strip()}\n")
-    monkeypatch.setattr(registry, "encode_records", counted)
+    monkeypatch.setattr(prepare, "encode_records", counted)
     encoded.clear()
     resumed = prepare_data(cfg, tokenizer)
     assert len(encoded()) == chunk_count(chats) - 5  # only what the first try left

@@ -13,7 +13,7 @@ from helpers import REPO
 
 from model_training.config import TrainConfig, load_config, parse_override
 from model_training.data.cache import TokenizedCache, describe_dataset, source_identity
-from model_training.data.registry import PreparedData, prepare_data
+from model_training.data.prepare import PreparedData, prepare_data
 from model_training.data.sources.oasst1 import Oasst1Config
 from model_training.models.builder import load_tokenizer
 
@@ -54,7 +54,7 @@ def cache_events(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_a_hit_gives_exactly_what_a_miss_computed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="model_training.data.registry")
+    caplog.set_level(logging.INFO, logger="model_training.data.prepare")
     cfg = config(["falcon-40b-instruct-mix"], f"data_cache_dir={tmp_path / 'cache'}")
     cold = prepared(cfg)
     warm = prepared(cfg)
@@ -69,7 +69,7 @@ def test_a_hit_gives_exactly_what_a_miss_computed(tmp_path: Path, caplog: pytest
 def test_a_cached_earlier_dataset_still_dedupes_a_recomputed_later_one(
     tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="model_training.data.registry")
+    caplog.set_level(logging.INFO, logger="model_training.data.prepare")
     cfg = config([], f"datasets={PAIR}", f"data_dir={data_dir}", f"data_cache_dir={tmp_path / 'cache'}")
     prepared(cfg)
     os.utime(data_dir / "alpaca_sample.json")  # alpaca recomputes; dolly's dedupe keys come from its cache file

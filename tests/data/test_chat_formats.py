@@ -119,7 +119,7 @@ def test_unknown_format_is_an_error() -> None:
 
 def test_the_configured_format_reaches_the_training_samples() -> None:
     from model_training.config import load_config, parse_override
-    from model_training.data.registry import prepare_data
+    from model_training.data.prepare import prepare_data
     from model_training.models.builder import load_tokenizer
 
     cfg = load_config(["defaults", "tiny-falcon", "oasst-sample"], [parse_override("chat_format=falcon_instruct")])

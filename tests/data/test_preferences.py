@@ -14,8 +14,8 @@ from model_training.config import ConfigError, load_config
 from model_training.data.formatting import IGNORE_INDEX, format_conversation
 from model_training.data.oasst import load_oasst_export
 from model_training.data.preferences import PreferenceGroup, best_versus_each, format_comparison, keep_end
+from model_training.data.prepare import prepare_data
 from model_training.data.records import Comparison, FileFormatError, Message
-from model_training.data.registry import prepare_data
 from model_training.data.sources import SOURCES
 from model_training.data.sources.common import ComparisonSplits, FilterReport, LoadContext
 from model_training.models.builder import load_tokenizer

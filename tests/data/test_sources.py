@@ -20,8 +20,8 @@ import pytest
 from model_training.config import load_config, parse_override
 from model_training.data.formatting import IGNORE_INDEX
 from model_training.data.oasst import FileFormatError, Message, load_oasst_export
+from model_training.data.prepare import prepare_data
 from model_training.data.records import Conversation, Record, TextDocument
-from model_training.data.registry import prepare_data
 from model_training.data.sources import SOURCES
 from model_training.data.sources.common import DatasetConfig, FilterReport, LoadContext, Splits, split_by_record
 from model_training.data.sources.rows import read_rows

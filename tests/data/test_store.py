@@ -11,8 +11,8 @@ import pytest
 from model_training.config import TrainConfig, load_config, parse_override
 from model_training.data.encode import dedupe_key
 from model_training.data.formatting import FormattedSample, format_conversation, format_text, supervise_every_token
+from model_training.data.prepare import dataset_folders, prepare_data
 from model_training.data.records import TextDocument
-from model_training.data.registry import dataset_folders, prepare_data
 from model_training.data.sources import SOURCES
 from model_training.data.sources.common import FilterReport, LoadContext
 from model_training.data.store import Concatenated, StoredSamples, token_dtype, update_digest

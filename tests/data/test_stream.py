@@ -24,7 +24,7 @@ def loaded(name: str, path: Path, **options) -> tuple[list, list]:
 
 
 def streamed(name: str, path: Path, **options) -> tuple[list, list]:
-    """The records of every chunk, split and filtered as the preparation does with them (registry.choose_samples)."""
+    """The records of every chunk, split and filtered as the preparation does with them (prepare.choose_samples)."""
     source = SOURCES[name]
     opts = source.options(**options)
     assert streams(source, path)

@@ -7,7 +7,7 @@ import torch
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
 from model_training.data.windows import LengthRule
 from model_training.training.batches import BatchSpec, RunData, StepReader
-from model_training.training.sampler import SourceDraw, StepPlan
+from model_training.training.step_plan import SourceDraw, StepPlan
 
 
 def sample(length: int, supervised: int) -> FormattedSample:

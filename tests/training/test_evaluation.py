@@ -7,7 +7,7 @@ import torch
 
 from model_training.config import load_config
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample
-from model_training.data.registry import TokenizedSplit
+from model_training.data.prepare import TokenizedSplit
 from model_training.data.windows import LengthRule
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.training import loss

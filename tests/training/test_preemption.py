@@ -34,7 +34,7 @@ from test_train_e2e import assert_continues_exactly
 
 from model_training.training.checkpoint import resolve_checkpoint
 from model_training.training.preemption import EXIT_STOP_TIMED_OUT, EXIT_STOPPED, REPEAT_WINDOW_S, StopRequest
-from model_training.training.sampler import DataPosition, SourceDraw, StepPlan
+from model_training.training.step_plan import DataPosition, SourceDraw, StepPlan
 
 STOP_WITHIN_S = 60
 """How long a stopped run may take to be gone in these tests (a stop of the tiny model takes about 3 s here)."""

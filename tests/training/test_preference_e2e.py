@@ -131,7 +131,7 @@ def test_reward_model_exports_as_a_sequence_classifier_that_scores_through_the_c
     from model_training.data.records import Comparison, Message
     from model_training.models.packed_attention import enable_packed_attention
     from model_training.models.reward_head import enable_token_scores
-    from model_training.training.preference import PreferenceSpec
+    from model_training.training.preference_loss import PreferenceSpec
 
     folder = export(rm_run, tmp_path / "export")
     config = json.loads((folder / "config.json").read_text())

@@ -11,7 +11,7 @@ from helpers import TINY_RUN, check_ok, run_torchrun, snapshot
 
 from model_training.config import load_config
 from model_training.training.resume import Resume, continued_plan, schedule
-from model_training.training.sampler import DataPosition, SourceDraw, StepPlan
+from model_training.training.step_plan import DataPosition, SourceDraw, StepPlan
 
 PLAN = StepPlan((SourceDraw(0, 100, 100),), world_size=2, rank=0, micro_batch_size=4, accumulation_steps=1, seed=1)
 """100 samples an epoch in steps of 8: 13 steps, the last one short."""

@@ -9,7 +9,7 @@ so that no document spans two chunks). Cutting is cheap (the lines are only read
 records (parsing JSON, the source's checks) is left to whoever takes the chunk, so that each process of a job
 parses only its own share. A chunk knows the line and row numbers it starts at, and its records are numbered as
 `load` numbers them: errors name the file's line, exactly as `load` does, and the split by record
-(`split_by_record`) is decided once every chunk's count is known (registry.py).
+(`split_by_record`) is decided once every chunk's count is known (prepare.py).
 """
 
 from __future__ import annotations

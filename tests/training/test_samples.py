@@ -7,8 +7,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from model_training.data.formatting import FormattedSample, prepare_tokenizer
-from model_training.data.registry import TokenizedSplit
-from model_training.training.answers import sample_prompts, write_samples
+from model_training.data.prepare import TokenizedSplit
+from model_training.training.samples import sample_prompts, write_samples
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 

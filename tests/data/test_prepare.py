@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO, cpu_env
 
 from model_training.config import ConfigError, load_config, parse_override
-from model_training.data.registry import prepare_data
+from model_training.data.prepare import prepare_data
 from model_training.models.builder import load_tokenizer
 
 

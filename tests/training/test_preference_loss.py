@@ -1,4 +1,4 @@
-"""The preference stages' losses (training/preference.py) against direct computations on tiny models, in float64."""
+"""The preference stages' losses (training/preference_loss.py) against direct computations on tiny models, float64."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from model_training.data.formatting import IGNORE_INDEX
 from model_training.data.preferences import PreferenceGroup, format_comparison
 from model_training.data.records import Comparison, Message
 from model_training.models.builder import build_model, load_tokenizer
-from model_training.training.preference import (
+from model_training.training.preference_loss import (
     PreferenceSpec,
     compute_references,
     load_references,

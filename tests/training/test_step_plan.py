@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from model_training.config import ConfigError
-from model_training.training.sampler import SORT_RUN, DataPosition, SourceDraw, StepPlace, StepPlan, plan_sources
+from model_training.training.step_plan import SORT_RUN, DataPosition, SourceDraw, StepPlace, StepPlan, plan_sources
 
 
 def options(**kw: object) -> SimpleNamespace:

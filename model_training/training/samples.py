@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_prompt
-from model_training.data.registry import TokenizedSplit
+from model_training.data.prepare import TokenizedSplit
 from model_training.layout import SAMPLES_JSONL, SAMPLES_MD, record_run_file
 
 logger = logging.getLogger(__name__)
