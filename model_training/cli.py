@@ -185,7 +185,8 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
               file=sys.stderr)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
-    from model_training.training.trainer import run_or_exit, train
+    from model_training.training.run import run_or_exit
+    from model_training.training.trainer import train
 
     if args.config.stage == "rl":
         from model_training.training.rl import train_rl as train

@@ -46,12 +46,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.console import ranks
 from model_training.layout import (
     MODEL_CONFIG_DIR,
     ROLLOUT_SAMPLES,
-    RUN_CONFIG,
     START_REWARD_MODEL_DIR,
     START_VALUE_MODEL_DIR,
     TOKENIZER_DIR,
@@ -60,8 +59,8 @@ from model_training.layout import (
 )
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
-from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
-from model_training.training.distributed import DistInfo, init_distributed
+from model_training.training.checkpoint import CheckpointError, load_checkpoint
+from model_training.training.distributed import DistInfo
 from model_training.training.grpo import (
     group_advantages,
     group_stats,
@@ -72,7 +71,7 @@ from model_training.training.grpo import (
 )
 from model_training.training.metrics import MetricsLogger
 from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
-from model_training.training.preemption import StopRequest, run_stoppable
+from model_training.training.preemption import StopRequest
 from model_training.training.report import rl_line
 from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
 from model_training.training.rewards import RewardError, RewardFunction, load_reward_functions, reward_values
@@ -90,19 +89,21 @@ from model_training.training.rollouts import (
     token_logprobs,
     token_values,
 )
-from model_training.training.run_lock import holding_output_dir
-from model_training.training.saver import Saver
-from model_training.training.start import SOURCE_FILE, model_folder, saved_folder, start_model_config, tokenizer_config
-from model_training.training.step import TrainingError, nonfinite_on_any_rank
-from model_training.training.trainer import (
+from model_training.training.run import (
     FieldsState,
+    LoopResult,
     StartupClock,
     build_engine,
+    clear_earlier_run,
+    launch,
     leave_process_group,
-    print_summary,
-    remove_earlier_run,
-    setup_logging,
+    logged_loop,
+    record_config,
+    start_run,
 )
+from model_training.training.saver import Saver
+from model_training.training.start import SOURCE_FILE, model_folder, saved_folder, start_model_config, tokenizer_config
+from model_training.training.step import TrainingError, nonfinite_on_any_rank, optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -181,15 +182,11 @@ def train_rl(cfg: TrainConfig) -> Path:
     if not cfg.ppo.reward_model and cfg.rl_algorithm == "ppo":  # a section may leave it to the command line
         raise ConfigError("key 'ppo.reward_model' is not set; trainer_rl.py needs a reward model (a trainer_rm.py "
                           "export, checkpoint or run folder)")
-    return run_stoppable(cfg.stop_grace_period, lambda stop: holding_output_dir(cfg, partial(_train_rl, cfg, stop)))
+    return launch(cfg, _train_rl)
 
 
 def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
-    clock = StartupClock()
-    info = init_distributed(cfg.local_rank, True)
-    setup_logging(info)
-    clock.phase("process start, imports and distributed init")
-    seed_everything(cfg.rng_seed)
+    info, clock = start_run(cfg, True)
     output_dir = Path(cfg.output_dir)
     # Everything that can be checked without the exports is checked before their minutes (and their writes): a split
     # that does not fit, a reward function that does not import, a reward model of another tokenizer.
@@ -208,13 +205,10 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     if resume is not None and already_complete(cfg, resume, resume.saved["step"], total_steps):
         leave_process_group()
         return output_dir
-    if info.is_main and cfg.overwrite_output_dir:
-        remove_earlier_run(output_dir)
+    clear_earlier_run(cfg, info)
 
     models = _build_models(cfg, sources, tokenizer, info, plan, total_steps, clock)
-    if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        record_run_file(output_dir, RUN_CONFIG).write_text(to_yaml(cfg))
+    record_config(cfg, info)
     value_engine = {VALUE_MODEL_DIR: models.value} if models.value is not None else None
     write_more = (lambda folder: _write_value_config(models, folder)) if models.value is not None else None
     saver = Saver(cfg, tokenizer, total_steps, steps_per_epoch, write_more=write_more, more_engines=value_engine)
@@ -224,17 +218,14 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
         except CheckpointError as err:
             raise ConfigError(f"cannot resume from {resume.checkpoint}: {err}") from None
         clock.phase("resume", f"from {resume.checkpoint} at step {state.step}")
-    metrics = MetricsLogger(cfg, output_dir, enabled=info.is_main)
-    try:
-        tokens_before, loop_start = state.generated_tokens, time.perf_counter()
+    tokens_before = state.generated_tokens
+
+    def loop(metrics: MetricsLogger) -> LoopResult:
         _loop(cfg, models, state, PpoRun(prompts, plan, tokenizer, saver, metrics, info, total_steps, stop, rewards))
-        loop_seconds = time.perf_counter() - loop_start
-        metrics.plot_curves(state.step)  # rank 0, after the last record; a failure only warns
-    finally:
-        metrics.close()
-    if info.is_main:  # its tokens/s: the continuations generated
-        print_summary(output_dir, state.step, state.generated_tokens - tokens_before, loop_seconds)
-    leave_process_group()
+        # Its tokens/s: the continuations generated.
+        return LoopResult(state.step, state.generated_tokens - tokens_before)
+
+    logged_loop(cfg, info, loop)
     return output_dir
 
 
@@ -604,33 +595,30 @@ def _update(
     seed: list[int], sums_of: SumsOf, denominator: Callable[[torch.Tensor], torch.Tensor] = _tokens,
 ) -> torch.Tensor:
     """`epochs` passes of optimizer steps of `engine` over the rollouts, `rows_per_step` rows each (the rows shuffled
-    anew each pass, seeded by `seed`), in micro-batches; this rank's sums of what `sums_of(engine, rows, their
-    target rows)` gives of each micro-batch, its first entry the loss's numerator. The loss of an optimizer step is
-    the numerators' sum over its rows on all ranks divided by `denominator(the mask of those rows)` summed likewise:
-    the continuation tokens for PPO, GRPO's normalization (grpo.py)."""
+    anew each pass, seeded by `seed`), in micro-batches, each through step.py's `optimizer_step` as SFT's are; this
+    rank's sums of what `sums_of(engine, rows, their target rows)` gives of each micro-batch, its first entry the
+    loss's numerator. The loss of an optimizer step is the numerators' sum over its rows on all ranks divided by
+    `denominator(the mask of those rows)` summed likewise: the continuation tokens for PPO, GRPO's normalization
+    (grpo.py)."""
     world, totals = dist.get_world_size(), None
+    refuse = partial(_refuse_nonfinite, engine=engine)
     for epoch in range(epochs):
         order = torch.from_numpy(np.random.default_rng([*seed, epoch]).permutation(len(rollouts.sources)))
         for first in range(0, len(order), rows_per_step):
             rows = order[first : first + rows_per_step]
             # Counted on all ranks before the first backward: every micro-batch's loss is a share of the one mean.
             whole = _all_ranks(denominator(rollouts.mask[rows]))
-            step_sums = None
-            for start in range(0, len(rows), micro_batch):
-                chosen = rows[start : start + micro_batch]
-                sums = sums_of(engine, rollouts.rows(chosen), target[chosen])
-                engine.backward(sums[0] * (world / whole), scale_wrt_gas=False)
-                step_sums = sums.detach().double() + (0 if step_sums is None else step_sums)
-                if engine.is_gradient_accumulation_boundary():
-                    _refuse_nonfinite(step_sums[0], engine)
-                engine.step()
+            chunks = (rows[i : i + micro_batch] for i in range(0, len(rows), micro_batch))
+            step_sums = optimizer_step(
+                engine, (sums_of(engine, rollouts.rows(chosen), target[chosen]) for chosen in chunks), world, whole,
+                refuse)
             totals = step_sums + (0 if totals is None else totals)
     return totals
 
 
 def _refuse_nonfinite(loss_sum: torch.Tensor, engine: Any) -> None:
-    """Stop before an update from a non-finite loss on any rank (a host sync per optimizer step; PPO's steps are few
-    and long)."""
+    """Stop before an update from a non-finite loss on any rank, whatever the engine would do with it (a host sync
+    per optimizer step; PPO's steps are few and long): PPO has no skipped steps to count, as SFT's loop has."""
     if not nonfinite_on_any_rank(loss_sum):
         return
     raise TrainingError(f"non-finite loss in an optimizer step of the {type(engine.module).__name__}; training "

@@ -5,6 +5,8 @@ on the device until the loop reads it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,23 +47,22 @@ class StepRunner:
         Returns this rank's sums of the spec's metrics (the loss first), a float64 device tensor left unread, and
         the host seconds spent building batches.
         """
-        engine = self.engine
-        sums = torch.zeros(len(self.spec.metrics), dtype=torch.float64, device=engine.device)
-        data_time = 0.0
-        for micro_batch in samples.micro_batches:
-            data_start = time.perf_counter()
-            inputs, targets = self.spec.device_batch(micro_batch.samples, engine.device)
-            data_time += time.perf_counter() - data_start
-            micro_sums = self.spec.sums(engine, inputs, targets)
-            if not micro_batch.counted:
-                micro_sums = torch.where(torch.tensor(False), micro_sums, 0.0)  # NaN * 0 would stay NaN
-            sums += micro_sums.detach().double()
-            # DeepSpeed (and DDP without it) averages gradients over ranks; x world_size turns that into a sum, so
-            # the gradient is that of (sum of losses of the whole step) / (its loss units: supervised tokens, pairs).
-            engine.backward(micro_sums[0] * (self.world_size / samples.loss_units), scale_wrt_gas=False)
-            if self.guard_updates and engine.is_gradient_accumulation_boundary():
-                self._refuse_nonfinite_update(sums[0], step)
-            engine.step()
+        engine, data_time = self.engine, 0.0
+
+        def micro_sums() -> Iterator[torch.Tensor]:
+            nonlocal data_time
+            for micro_batch in samples.micro_batches:
+                data_start = time.perf_counter()
+                inputs, targets = self.spec.device_batch(micro_batch.samples, engine.device)
+                data_time += time.perf_counter() - data_start
+                sums = self.spec.sums(engine, inputs, targets)
+                # A micro-batch that only keeps the ranks in step adds nothing (NaN * 0 would stay NaN).
+                yield sums if micro_batch.counted else torch.where(torch.tensor(False), sums, 0.0)
+
+        refuse = partial(self._refuse_nonfinite_update, step=step) if self.guard_updates else None
+        sums = optimizer_step(engine, micro_sums(), self.world_size, samples.loss_units, refuse)
+        if sums is None:  # a step without micro-batches on this rank
+            sums = torch.zeros(len(self.spec.metrics), dtype=torch.float64, device=engine.device)
         return sums, data_time
 
     def _refuse_nonfinite_update(self, loss_sum: torch.Tensor, step: int) -> None:
@@ -73,6 +74,33 @@ class StepRunner:
                 f"{self.dtype} cannot skip the update, so training stops before it is applied; resume from the last "
                 "checkpoint"
             )
+
+
+def optimizer_step(
+    engine: Any,
+    micro_sums: Iterable[torch.Tensor],
+    world_size: int,
+    loss_units: float | torch.Tensor,
+    refuse_nonfinite: Callable[[torch.Tensor], None] | None,
+) -> torch.Tensor | None:
+    """One optimizer step of `engine` over its micro-batches: each one's sums (computed as they are drawn from
+    `micro_sums`, the loss's numerator first) go backward as that micro-batch's share of the step's mean, and the
+    engine steps after each. Returns this rank's float64 sums, unread (None without micro-batches).
+
+    `loss_units`: what the step's loss is a mean over (supervised tokens, pairs, continuation tokens), counted on all
+    ranks before the first backward. `refuse_nonfinite(the loss sum so far)`, at the accumulation boundary, may stop
+    the step before the engine applies its update.
+    """
+    total = None
+    for sums in micro_sums:
+        total = sums.detach().double() + (0 if total is None else total)
+        # DeepSpeed (and DDP without it) averages gradients over ranks; x world_size turns that into a sum, so the
+        # gradient is that of (sum of losses of the whole step) / (its loss units).
+        engine.backward(sums[0] * (world_size / loss_units), scale_wrt_gas=False)
+        if refuse_nonfinite is not None and engine.is_gradient_accumulation_boundary():
+            refuse_nonfinite(total[0])
+        engine.step()
+    return total
 
 
 def nonfinite_on_any_rank(loss_sum: torch.Tensor) -> bool:

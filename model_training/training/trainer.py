@@ -19,47 +19,34 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import numpy as np
-import psutil
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
+from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
 from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
-from model_training.data.prepare import PreparedData, TokenizedSplit, prepare_data
+from model_training.data.prepare import PreparedData, prepare_data
 from model_training.data.store import Concatenated, StoredSamples, update_digest
 from model_training.data.windows import LengthRule, WholeSamples
-from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, record_run_file, remove_run
-from model_training.models.builder import build_model, load_tokenizer
+from model_training.models.builder import load_tokenizer
 from model_training.models.lora import is_lora_model
 from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
-from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
-from model_training.training.distributed import DistInfo, LaunchError, init_distributed
-from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
+from model_training.training.checkpoint import CheckpointError, load_checkpoint
+from model_training.training.distributed import DistInfo
 from model_training.training.evaluation import Evaluator, without_supervised_tokens
 from model_training.training.metrics import MetricsLogger
 from model_training.training.preemption import (
-    EXIT_STOPPED,
-    Stopped,
     StopRequest,
-    describe_exited,
-    exited_ranks,
-    run_stoppable,
 )
 from model_training.training.preference_loss import PreferenceSpec, save_references, with_references
-from model_training.training.report import eval_lines, run_summary
+from model_training.training.report import eval_lines
 from model_training.training.resume import (
     Resume,
     already_complete,
@@ -71,31 +58,26 @@ from model_training.training.resume import (
     describe_changes,
     schedule,
 )
-from model_training.training.run_lock import holding_output_dir
+from model_training.training.run import (
+    FieldsState,
+    LoopResult,
+    StartupClock,
+    build_engine,
+    clear_earlier_run,
+    launch,
+    leave_process_group,
+    logged_loop,
+    record_config,
+    start_run,
+)
 from model_training.training.samples import generate_answers, sample_prompts, write_samples
 from model_training.training.saver import Saver
-from model_training.training.schedule import build_scheduler
 from model_training.training.start import start_model_config, tokenizer_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError
 from model_training.training.step_plan import StepPlan, plan_sources
 from model_training.training.throughput import ThroughputMeter
-from model_training.training.torch_engine import build_torch_engine
 
 logger = logging.getLogger(__name__)
-
-
-class FieldsState:
-    """`state_dict` / `load_state_dict` of a dataclass whose every field is what a resume restores (the counters
-    saved in trainer_state.json: SFT's and the preference stages' `TrainerState`, PPO's `RlState`)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Every field the checkpoint holds; a field added since it was saved keeps the value it has."""
-        for f in fields(self):
-            if f.name in state:
-                setattr(self, f.name, state[f.name])
 
 
 @dataclass
@@ -231,25 +213,14 @@ def _fingerprint_model(cfg: TrainConfig) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
-def setup_logging(info: DistInfo) -> None:
-    logging.basicConfig(
-        level=logging.INFO if info.is_main else logging.WARNING,
-        format=f"[%(asctime)s rank{info.rank}] %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def train(cfg: TrainConfig) -> Path:
     """Run the training described by `cfg`; return the run folder. A signal stops it at the next optimizer step with
     a checkpoint and raises `Stopped` (preemption.py)."""
-    return run_stoppable(cfg.stop_grace_period, lambda stop: holding_output_dir(cfg, partial(_train, cfg, stop)))
+    return launch(cfg, _train)
 
 
 def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
-    clock = StartupClock()
-    info = init_distributed(cfg.local_rank, cfg.deepspeed)
-    setup_logging(info)
-    clock.phase("process start, imports and distributed init")
-    seed_everything(cfg.rng_seed)
+    info, clock = start_run(cfg, cfg.deepspeed)
     output_dir = Path(cfg.output_dir)
 
     # A training checkpoint as model_name: its tokenizer is read where it lies, and the checkpoint is exported only
@@ -268,15 +239,11 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     if resume is not None:
         data = replace(data, plan=continued_plan(data.plan, resume))
         convert_if_needed(cfg, resume)
-    if info.is_main and cfg.overwrite_output_dir:
-        remove_earlier_run(output_dir)
+    clear_earlier_run(cfg, info)
 
     engine = build_engine(model_cfg, tokenizer, info, state.total_steps, clock, resume is not None and resume.universal)
     clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
-    if info.is_main:
-        # Written once the run has started: a launch that fails earlier leaves no run folder behind.
-        output_dir.mkdir(parents=True, exist_ok=True)
-        record_run_file(output_dir, RUN_CONFIG).write_text(to_yaml(cfg))
+    record_config(cfg, info)
 
     spec = _sample_spec(cfg, tokenizer, engine)
     if resume is not None:
@@ -287,7 +254,14 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         data = with_references(engine, spec, data, cfg.per_device_eval_batch_size, cfg.eval_size, info, resume_from)
         clock.phase("reference log-probabilities", "from the checkpoint" if resume_from else "computed")
     _log_plan(cfg, data, state.total_steps, engine, spec, info.world_size)
-    _train_and_finish(cfg, engine, state, _loop_parts(cfg, engine, tokenizer, data, info, state, spec, stop), clock)
+    parts = _loop_parts(cfg, engine, tokenizer, data, info, state, spec, stop)
+    tokens_before = state.tokens_seen
+
+    def loop(metrics: MetricsLogger) -> LoopResult:
+        _loop(cfg, engine, state, parts, metrics, clock)
+        return LoopResult(state.optimizer_step, state.tokens_seen - tokens_before)
+
+    logged_loop(cfg, info, loop, partial(_generate_samples, cfg, engine, parts, state))
     return output_dir
 
 
@@ -302,40 +276,6 @@ def _checkpoint_to_continue(cfg: TrainConfig, data: RunData, state: TrainerState
     run_schedule = schedule(cfg, data.plan, resume)
     state.epoch_steps, state.total_steps = run_schedule.epoch_steps, run_schedule.total_steps
     return resume
-
-
-def _train_and_finish(
-    cfg: TrainConfig, engine: Any, state: TrainerState, parts: LoopParts, clock: StartupClock
-) -> None:
-    """The loop, then what follows the last step: the training curves and the sample answers."""
-    metrics = MetricsLogger(cfg, Path(cfg.output_dir), enabled=parts.show_progress)
-    try:
-        tokens_before, loop_start = state.tokens_seen, time.perf_counter()
-        _loop(cfg, engine, state, parts, metrics, clock)
-        loop_seconds = time.perf_counter() - loop_start
-        metrics.plot_curves(state.optimizer_step)  # rank 0, after the last record; a failure only warns
-        if cfg.generate_samples or cfg.generate_val_samples:
-            # The preference stages' validation sets are groups of replies, with no openings to answer.
-            val_splits = parts.data.val if cfg.stage == "sft" else []
-            _generate_samples(cfg, engine, parts.tokenizer, val_splits, state, metrics, parts.info)
-    finally:
-        metrics.close()
-    if parts.show_progress:
-        print_summary(Path(cfg.output_dir), state.optimizer_step, state.tokens_seen - tokens_before, loop_seconds)
-    leave_process_group()
-
-
-def print_summary(output_dir: Path, steps: int, tokens: int, train_seconds: float) -> None:
-    """The run's summary on stdout (report.py), timed from the process's start."""
-    wall = time.time() - psutil.Process().create_time()
-    print("\n".join(run_summary(output_dir, steps, wall, tokens, train_seconds)), flush=True)
-
-
-def leave_process_group() -> None:
-    """Tear the process group down here, not at interpreter exit: ZeRO-3 on CPU ranks can otherwise abort after
-    finishing ("terminate called without an active exception") and turn a good run's exit status bad."""
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def _log_plan(cfg: TrainConfig, data: RunData, total_steps: int, engine: Any, spec: SampleSpec, world: int) -> None:
@@ -355,60 +295,6 @@ def _sample_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> SampleSpec:
     if cfg.stage == "sft":
         return BatchSpec(cfg.packing, tokenizer.pad_token_id, uses_chunked_loss(cfg, engine))
     return PreferenceSpec(cfg.stage, cfg.packing, tokenizer.pad_token_id, cfg.dpo)
-
-
-def build_engine(
-    cfg: TrainConfig,
-    tokenizer: Any,
-    info: DistInfo,
-    total_steps: int,
-    clock: StartupClock,
-    load_universal: bool = False,
-) -> Any:
-    """The model inside its engine: DeepSpeed's, or without DeepSpeed the plain PyTorch one (torch_engine.py),
-    each with PyTorch's AdamW and our schedule. `load_universal`: the engine will load a checkpoint of another number
-    of ranks through its universal conversion (reshard.py)."""
-    # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
-    keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
-    save_base_to = Path(cfg.output_dir) / BASE_MODEL_DIR if keep_base and info.is_main else None
-    if not cfg.deepspeed:
-        model = build_model(cfg, tokenizer, {}, save_base_to)
-        clock.phase("model build")
-        return build_torch_engine(model, cfg, info.world_size, total_steps)
-    ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available(), total_steps=total_steps)
-    if load_universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    model = build_model(cfg, tokenizer, ds_config, save_base_to)
-    clock.phase("model build")
-    clean_cuda_arch_list()  # before DeepSpeed builds an op (the offloaded optimizer's CPU Adam)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: build_scheduler(opt, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type,
-                                                 cfg.lr_decay_steps, cfg.min_lr_ratio),
-    )
-    return engine
-
-
-class StartupClock:
-    """Seconds of each startup phase, logged (by rank 0) as each one ends, so a slow start shows where."""
-
-    def __init__(self) -> None:
-        # The first phase counts from the process's start (the interpreter, the imports), which only the OS knows.
-        self.last = time.perf_counter() - (time.time() - psutil.Process().create_time())
-
-    def phase(self, name: str, detail: str = "") -> None:
-        now = time.perf_counter()
-        logger.info("startup: %s %.1f s%s", name, now - self.last, f" ({detail})" if detail else "")
-        self.last = now
-
-
-def remove_earlier_run(output_dir: Path) -> None:
-    """`overwrite_output_dir`: the earlier run in output_dir goes before anything of this one is written."""
-    removed = remove_run(output_dir)
-    if removed:
-        logger.warning("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), output_dir)
 
 
 def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, resume: Resume, plan: StepPlan) -> None:
@@ -564,15 +450,14 @@ def _log_record(
 
 
 def _generate_samples(
-    cfg: TrainConfig,
-    engine: Any,
-    tokenizer: Any,
-    val_splits: list[TokenizedSplit],
-    state: TrainerState,
-    metrics: MetricsLogger,
-    info: DistInfo,
+    cfg: TrainConfig, engine: Any, parts: LoopParts, state: TrainerState, metrics: MetricsLogger
 ) -> None:
-    """The prompt -> answer table of the trained model (training/samples.py)."""
+    """The prompt -> answer table of the trained model (training/samples.py), when the config asks for one."""
+    if not (cfg.generate_samples or cfg.generate_val_samples):
+        return
+    # The preference stages' validation sets are groups of replies, with no openings to answer.
+    val_splits = parts.data.val if cfg.stage == "sft" else []
+    tokenizer, info = parts.tokenizer, parts.info
     prompts = sample_prompts(cfg.generate_samples, val_splits, cfg.generate_val_samples, tokenizer, cfg.chat_format)
     rows = generate_answers(
         engine.module, tokenizer, prompts, cfg.generate_max_new_tokens,
@@ -582,27 +467,3 @@ def _generate_samples(
         write_samples(rows, Path(cfg.output_dir))
         columns = ["source", "prompt", "answer"]
         metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], state.optimizer_step)
-
-
-def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path] = train) -> int:
-    """`run(cfg)` (`train`, or PPO's `train_rl`), with the failures a user can act on reported as one clear line and
-    exit status 1, and a stop on a signal as EXIT_STOPPED."""
-    try:
-        run(cfg)
-    except LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)  # before any logging is set up
-        return 1
-    except (TrainingError, CheckpointError) as err:
-        logger.error("%s", err)
-        return 1
-    except Stopped:
-        return EXIT_STOPPED
-    except (dist.DistError, RuntimeError):
-        gone = exited_ranks()
-        if not gone:
-            raise
-        # A collective with a rank that died fails on the others ("Connection reset by peer", a page of gloo's text):
-        # which rank it was is what helps.
-        logger.error("%s", describe_exited(gone))
-        return 1
-    return 0
