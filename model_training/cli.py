@@ -189,7 +189,7 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
     from model_training.training.trainer import train
 
     if args.config.stage == "rl":
-        from model_training.training.rl import train_rl as train
+        from model_training.training.ppo.recipe import train_rl as train
     try:
         return run_or_exit(args.config, train)
     except (ConfigError, FileFormatError) as err:
@@ -315,7 +315,7 @@ def _show_preference_stats(cfg: TrainConfig, tokenizer: Any) -> int:
 
 
 def _show_prompt_stats(cfg: TrainConfig, tokenizer: Any) -> int:
-    from model_training.training.rollouts import load_prompts
+    from model_training.data.prompts import load_prompts
 
     lengths = sorted(len(p.input_ids) for p in load_prompts(cfg, tokenizer))
     print(f"prompts {len(lengths)}, tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]} "

@@ -9,66 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_prompt
-from model_training.data.prepare import TokenizedSplit
+from model_training.data.prompts import Prompt
 from model_training.layout import SAMPLES_JSONL, SAMPLES_MD, record_run_file
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Prompt:
-    role: str
-    text: str
-
-
-@dataclass(frozen=True)
-class SamplePrompt:
-    """A prompt to answer: where it came from, and its ids in the training chat format."""
-
-    source: str
-    input_ids: list[int]
-
-
-def sample_prompts(
-    queries: list[str], val_splits: list[TokenizedSplit], val_count: int, tokenizer: Any, chat_format: str
-) -> list[SamplePrompt]:
-    """The given queries as single-turn prompts, then the first `val_count` distinct openings of validation
-    conversations (everything before their first supervised token: system, first prompt, assistant prefix)."""
-    prompts = [
-        SamplePrompt("query", format_prompt([_Prompt("prompter", q)], tokenizer, chat_format=chat_format))
-        for q in queries
-    ]
-    # Several validation samples can open alike (replies to the same prompt): each opening is asked once.
-    openings: dict[tuple[int, ...], str] = {}
-    for split in val_splits:
-        for sample in split.samples:
-            if len(openings) == val_count:  # the rest is not read (a store's samples are built when read)
-                break
-            opening = _opening(sample)
-            if opening:  # plain text is supervised from its first token: it has no prompt to answer
-                openings.setdefault(tuple(opening), split.name)
-    prompts += [SamplePrompt(f"val/{name}", list(ids)) for ids, name in openings.items()]
-    return prompts
-
-
-def _opening(sample: FormattedSample) -> list[int]:
-    first = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
-    return list(sample.input_ids[:first])
 
 
 @torch.no_grad()
 def generate_answers(
     model: Any,
     tokenizer: Any,
-    prompts: list[SamplePrompt],
+    prompts: list[Prompt],
     max_new_tokens: int,
     partitioned: bool,
     rank: int,

@@ -33,6 +33,7 @@ from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
 from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
 from model_training.data.prepare import PreparedData, prepare_data
+from model_training.data.prompts import sample_prompts
 from model_training.data.store import Concatenated, StoredSamples, update_digest
 from model_training.data.windows import LengthRule, WholeSamples
 from model_training.models.builder import load_tokenizer
@@ -70,7 +71,7 @@ from model_training.training.run import (
     record_config,
     start_run,
 )
-from model_training.training.samples import generate_answers, sample_prompts, write_samples
+from model_training.training.samples import generate_answers, write_samples
 from model_training.training.saver import Saver
 from model_training.training.start import start_model_config, tokenizer_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError

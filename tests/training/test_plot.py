@@ -20,9 +20,9 @@ from model_training.config import load_config, parse_override
 from model_training.layout import CURVES
 from model_training.training.metrics import MetricsLogger
 from model_training.training.plot import curves, draw, main, plot_run, read_records, stage_of
+from model_training.training.ppo.recipe import GRPO_METRICS
+from model_training.training.ppo.recipe import METRICS as PPO_METRICS
 from model_training.training.preference_loss import DPO_METRICS, RM_METRICS
-from model_training.training.rl import GRPO_METRICS
-from model_training.training.rl import METRICS as PPO_METRICS
 
 PNG_SHAPE = (800, 1200, 4)  # two rows of panels (SFT's five) x 400 pixels, 1200 wide, RGBA
 

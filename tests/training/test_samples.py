@@ -8,7 +8,8 @@ from transformers import AutoTokenizer
 
 from model_training.data.formatting import FormattedSample, prepare_tokenizer
 from model_training.data.prepare import TokenizedSplit
-from model_training.training.samples import sample_prompts, write_samples
+from model_training.data.prompts import sample_prompts
+from model_training.training.samples import write_samples
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
@@ -25,7 +26,7 @@ def test_prompts_skip_plain_text_and_repeated_openings(tmp_path: Path) -> None:
     other = FormattedSample((13, 14), (-100, 14), truncated=False)
     val = [split("text", [text]), split("chat", [chat, same_opening, other])]
     prompts = sample_prompts(["Hi?"], val, 5, tokenizer, "human_bot")
-    assert [(p.source, p.input_ids) for p in prompts[1:]] == [("val/chat", [5, 6]), ("val/chat", [13])]
+    assert [(p.source, p.input_ids) for p in prompts[1:]] == [("val/chat", (5, 6)), ("val/chat", (13,))]
     assert tokenizer.decode(prompts[0].input_ids) == "<human>: Hi?\n<bot>:"
     assert len(sample_prompts([], val, 1, tokenizer, "human_bot")) == 1
 

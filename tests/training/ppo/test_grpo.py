@@ -1,4 +1,4 @@
-"""GRPO's arithmetic (training/grpo.py) against hand computations in plain Python (float64) on fixed tensors."""
+"""GRPO's arithmetic (training/ppo/grpo.py) against hand computations in plain Python (float64) on fixed tensors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from model_training.training.grpo import (
+from model_training.training.ppo.grpo import (
     STD_EPS,
     group_advantages,
     group_stats,

@@ -11,7 +11,7 @@ checkpoints.
   3. resume: both engines, the counters and the RNG states from one committed checkpoint, saved by as many ranks
      (resume.py; PPO does not resume on another number of ranks);
   4. the loop: each step samples `num_rollouts` continuations (rollouts.py), scores them with the four models,
-     turns them into per-token rewards, advantages and returns (ppo.py), then runs the policy's optimizer steps and
+     turns them into per-token rewards, advantages and returns (losses.py), then runs the policy's optimizer steps and
      the value model's; metrics, samples and checkpoints at their intervals, and a stop with a checkpoint after the
      step when a signal asks for one (preemption.py).
 
@@ -48,6 +48,7 @@ from transformers import AutoConfig
 
 from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.console import ranks
+from model_training.data.prompts import Prompt, load_prompts, prompts_digest
 from model_training.layout import (
     MODEL_CONFIG_DIR,
     ROLLOUT_SAMPLES,
@@ -61,7 +62,8 @@ from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
 from model_training.training.checkpoint import CheckpointError, load_checkpoint
 from model_training.training.distributed import DistInfo
-from model_training.training.grpo import (
+from model_training.training.metrics import MetricsLogger
+from model_training.training.ppo.grpo import (
     group_advantages,
     group_stats,
     k3,
@@ -69,26 +71,22 @@ from model_training.training.grpo import (
     surrogate_sums,
     token_losses,
 )
-from model_training.training.metrics import MetricsLogger
-from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
-from model_training.training.preemption import StopRequest
-from model_training.training.report import rl_line
-from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
-from model_training.training.rewards import RewardError, RewardFunction, load_reward_functions, reward_values
-from model_training.training.rollouts import (
-    Prompt,
+from model_training.training.ppo.losses import gae, policy_loss, token_rewards, value_loss, whiten
+from model_training.training.ppo.rollouts import (
     Rollouts,
     check_same_tokenizer,
     decode_samples,
     decode_texts,
     draw_prompts,
     generate,
-    load_prompts,
-    prompts_digest,
     sequence_scores,
     token_logprobs,
     token_values,
 )
+from model_training.training.preemption import StopRequest
+from model_training.training.report import rl_line
+from model_training.training.resume import Resume, already_complete, checkpoint_to_resume
+from model_training.training.rewards import RewardError, RewardFunction, load_reward_functions, reward_values
 from model_training.training.run import (
     FieldsState,
     LoopResult,

@@ -22,7 +22,6 @@ runs with `synced_gpus` until every rank's continuations have ended.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -32,107 +31,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from model_training.config import ConfigError, PpoConfig, TrainConfig, resolve_input_path
-from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_prompt
-from model_training.data.records import InvalidRecord
-from model_training.data.sources.preference_jsonl import prompt_turns
-from model_training.data.sources.rows import convert_rows, read_rows
+from model_training.config import ConfigError, PpoConfig
+from model_training.data.prompts import Prompt
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt to continue: where it came from (for messages and the samples table) and its ids."""
-
-    source: str
-    input_ids: tuple[int, ...]
-    fields: tuple[tuple[str, Any], ...] = ()
-    """The prompt file record's other fields (e.g. a reference `answer`), which GRPO's reward functions read."""
-
-
-def load_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
-    """The run's prompts (module docstring), each checked against `ppo.max_prompt_length`; ConfigError when one is
-    longer or none is left."""
-    if cfg.ppo.prompt_file is not None:
-        prompts = _file_prompts(cfg, tokenizer)
-    else:
-        from model_training.data.prepare import prepare_data  # the SFT data layer, only where it is read
-
-        data = prepare_data(cfg, tokenizer)
-        prompts = [Prompt(f"{split.name} #{index}", _opening_of_last_reply(sample))
-                   for split in data.train for index, sample in enumerate(split.samples)]
-    first: dict[tuple[int, ...], Prompt] = {}  # each prompt once, where it first appears
-    for prompt in prompts:
-        if prompt.input_ids:
-            first.setdefault(prompt.input_ids, prompt)
-    unique = list(first.values())
-    if not unique and cfg.ppo.prompt_file is not None:
-        raise ConfigError(f"key 'ppo.prompt_file': {resolve_input_path(cfg.ppo.prompt_file)} holds no prompt; expected "
-                          'one JSON object a line, {"prompt": text} or {"messages": [...ending on a user turn]}')
-    if not unique:
-        raise ConfigError("no prompts: the conversations of 'datasets' hold no assistant turn to continue")
-    limit = cfg.ppo.max_prompt_length
-    if cfg.ppo.drop_long_prompts:
-        kept = [p for p in unique if len(p.input_ids) <= limit]
-        if len(kept) < len(unique):
-            logger.warning("left out %d of %d prompts longer than ppo.max_prompt_length (%d tokens)",
-                           len(unique) - len(kept), len(unique), limit)
-        if not kept:
-            raise ConfigError(f"every prompt is longer than 'ppo.max_prompt_length' ({limit}); raise the limit")
-        return kept
-    longest = max(unique, key=lambda p: len(p.input_ids))
-    if len(longest.input_ids) > limit:
-        raise ConfigError(f"the prompt {longest.source} is {len(longest.input_ids)} tokens long, longer than "
-                          f"'ppo.max_prompt_length' ({limit}); raise the limit, or set ppo.drop_long_prompts=true")
-    return unique
-
-
-def _opening_of_last_reply(sample: FormattedSample) -> tuple[int, ...]:
-    """The ids before the last assistant reply's first supervised token: the conversation so far and the assistant
-    prefix. Empty for a sample without one (plain text, supervised from its first token)."""
-    labels = sample.labels
-    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return tuple(sample.input_ids[: max(start, 0)])
-
-
-PROMPT_FIELDS = ("prompt", "messages")
-"""What a prompt file's record holds of the prompt itself; its other fields are kept with it (`Prompt.fields`)."""
-
-
-def _file_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:
-    """The prompts of `ppo.prompt_file`: {"prompt": text} or {"messages": [...]} per line (a leading system message,
-    then turns alternating from the user and ending with one)."""
-    path = resolve_input_path(cfg.ppo.prompt_file)
-    try:
-        table = read_rows(path, "ppo.prompt_file")
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"key 'ppo.prompt_file': {err}") from None
-
-    def convert(row: dict, index: int) -> Prompt:
-        system, turns = prompt_turns(row)
-        try:
-            ids = format_prompt(turns, tokenizer, system, cfg.chat_format)
-        except ValueError as err:
-            raise InvalidRecord(str(err)) from None
-        fields = tuple((key, value) for key, value in row.items()
-                       if key not in PROMPT_FIELDS and value is not None)
-        return Prompt(f"{path.name} line {index}", tuple(ids), fields)
-
-    return convert_rows(table, convert, skip_invalid=False)
-
-
-def prompts_digest(prompts: list[Prompt]) -> str:
-    """A digest of the prompts in their order: a resume must draw from the same ones."""
-    digest = hashlib.sha256()
-    for prompt in prompts:
-        digest.update(np.asarray(prompt.input_ids, dtype=np.int64).tobytes() + b"|")
-        if prompt.fields:  # only where there are any: the digests of earlier runs' prompts stay what they were
-            digest.update(repr(prompt.fields).encode() + b"|")
-    return digest.hexdigest()[:16]
 
 
 def draw_prompts(prompts: list[Prompt], step: int, count: int, seed: int, rank: int, world_size: int) -> list[Prompt]:

@@ -1,5 +1,5 @@
-"""The PPO recipe's checks before anything trains (training/rl.py): the split of the rollouts, the models' sources
-and the fingerprint a resume must match."""
+"""The PPO recipe's checks before anything trains (training/ppo/recipe.py): the split of the rollouts, the models'
+sources and the fingerprint a resume must match."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from helpers import VOCAB_ROWS
 from model_training.config import ConfigError, TrainConfig, load_config
 from model_training.models.builder import load_tokenizer
 from model_training.training.distributed import DistInfo
-from model_training.training.rl import (
+from model_training.training.ppo.recipe import (
     ModelSources,
     _check_reward_and_value_models,
     _fingerprint_models,

@@ -1,5 +1,5 @@
-"""PPO's rollouts (training/rollouts.py): prompts, their draw, the padded rows and what models read from them, on the
-tiny Falcon as trainer_rl.py builds it."""
+"""PPO's rollouts (training/ppo/rollouts.py; the prompts: data/prompts.py): prompts, their draw, the padded rows and
+what models read from them, on the tiny Falcon as trainer_rl.py builds it."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ import torch
 
 from model_training.config import ConfigError, load_config
 from model_training.data.formatting import format_conversation, format_prompt
+from model_training.data.prompts import Prompt, last_opening, load_prompts
 from model_training.data.records import FileFormatError
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import reward_position
-from model_training.training.rollouts import (
-    Prompt,
+from model_training.training.ppo.rollouts import (
     Rollouts,
-    _opening_of_last_reply,
     _until_end,
     check_same_tokenizer,
     draw_prompts,
     generate,
-    load_prompts,
     sequence_scores,
     token_logprobs,
 )
@@ -46,7 +44,7 @@ def test_a_conversation_is_prompted_up_to_its_last_assistant_turn(tokenizer) -> 
     turns = [Turn("prompter", "Hi there."), Turn("assistant", "Hello!"), Turn("prompter", "Name a river."),
              Turn("assistant", "The Nile.")]
     sample = format_conversation(turns, tokenizer, max_length=None)
-    assert list(_opening_of_last_reply(sample)) == format_prompt(turns[:3], tokenizer)
+    assert list(last_opening(sample)) == format_prompt(turns[:3], tokenizer)
 
 
 def test_a_prompt_file_reads_both_forms_dedupes_and_names_a_bad_line(tokenizer, tmp_path: Path) -> None:  # noqa: ANN001

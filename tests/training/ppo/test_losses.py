@@ -1,4 +1,4 @@
-"""PPO's arithmetic (training/ppo.py) against hand computations in plain Python on fixed tensors."""
+"""PPO's arithmetic (training/ppo/losses.py) against hand computations in plain Python on fixed tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model_training.training.ppo import gae, policy_loss, token_rewards, value_loss, whiten
+from model_training.training.ppo.losses import gae, policy_loss, token_rewards, value_loss, whiten
 
 # Two continuations: 4 tokens, then 2 tokens and padding.
 MASK = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
