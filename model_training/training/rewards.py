@@ -23,7 +23,6 @@ Shipped functions (use them by these paths):
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from model_training.config import ConfigError
+from model_training.references import resolve_function
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -68,23 +68,8 @@ def load_reward_functions(entries: Sequence[Any], key: str = "grpo.reward_functi
             raise ConfigError(f"{where}: weight is {weight!r}; expected a finite number")
         if not isinstance(options, Mapping):
             raise ConfigError(f"{where}: options is {options!r}; expected a mapping of keyword arguments")
-        functions.append(RewardFunction(path, float(weight), dict(options), _resolve(path, where)))
+        functions.append(RewardFunction(path, float(weight), dict(options), resolve_function(path, where)))
     return functions
-
-
-def _resolve(path: str, where: str) -> Callable[..., Any]:
-    module_name, sep, name = path.partition(":")
-    if not sep or not module_name or not name:
-        raise ConfigError(f"{where}: function is '{path}'; expected 'module:function', e.g. "
-                          "'model_training.training.rewards:exact_answer'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"{where}: cannot import module '{module_name}' of '{path}': {err}") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ConfigError(f"{where}: module '{module_name}' has no function '{name}'")
-    return function
 
 
 def reward_values(
