@@ -5,7 +5,7 @@ reward model scores, with a KL penalty against the frozen starting policy (the R
     # CPU: DS_ACCELERATOR=cpu, after the README's tiny SFT (runs/tiny-falcon) and reward model (runs/tiny-rm) runs
     deepspeed --num_gpus 2 trainer_rl.py --configs defaults tiny-falcon oasst-sample tiny-ppo
 
-Sections, overrides and flags are trainer_sft.py's (model_training/config.py documents every key, `ppo.*` here).
+Sections, overrides and flags are trainer_sft.py's (model_training/config/schema.py documents every key, `ppo.*` here).
 """
 
 import sys

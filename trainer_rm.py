@@ -4,7 +4,7 @@
     # CPU: DS_ACCELERATOR=cpu, from the quick start's SFT run (runs/tiny-falcon) into runs/tiny-rm
     deepspeed --num_gpus 2 trainer_rm.py --configs defaults-rm tiny-falcon preference-sample tiny-rm
 
-Sections, overrides and flags are trainer_sft.py's (model_training/config.py documents every key).
+Sections, overrides and flags are trainer_sft.py's (model_training/config/schema.py documents every key).
 """
 
 import sys

@@ -50,7 +50,7 @@ def _parser(stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=STAGE_COMMANDS[stage],
         description=f"{_DESCRIPTIONS[stage]} on DeepSpeed (or plain PyTorch: --no-deepspeed). Overrides: key=value "
-        "(dotted keys for nested values) or --key value; every key is documented in model_training/config.py.",
+        "(dotted keys for nested values) or --key value; every key is documented in model_training/config/schema.py.",
         allow_abbrev=False,
     )
     parser.add_argument("--configs", nargs="*", default=["defaults"], help="config sections to merge, in order")

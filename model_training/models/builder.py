@@ -61,7 +61,7 @@ def base_model_reference(cfg: TrainConfig, run_dir: Path) -> str:
 
 
 def _hub_or_local(name: str) -> str:
-    """A hub id as it is, a local folder resolved against the project root (the rule: model_training/config.py)."""
+    """A hub id as it is, a local folder resolved against the project root (the rule: model_training/config/)."""
     return name if is_hub_id(name, PROJECT_ROOT) else str(resolve_input_path(name))
 
 

@@ -2,7 +2,7 @@
 
 A source is one module of this package and one line of `SOURCES` (__init__.py). The module holds
 - its options: a dataclass subclassing `DatasetConfig`, each field with a one-line docstring; that is the whole
-  schema of `datasets: [{name: {options}}]` (model_training/config.py checks each entry against it);
+  schema of `datasets: [{name: {options}}]` (model_training/config/ checks each entry against it);
 - `load(path, options, context) -> (train, validation)`: the records of `path` (a local file or folder, or a hub
   id when the source reads the hub), split for validation by the source's own rule: by record with
   `split_by_record` (rows.py's `load_rows` reads, converts and splits in one call), or, for the OASST sources, by
