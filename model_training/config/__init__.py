@@ -16,10 +16,10 @@ are local folders otherwise: anything that starts with `/`, `.` or `~`, ends wit
 and any name whose first part is a file or folder under the project root (`data/tokenizr` is the folder
 `data/` and a typo, never a hub id). A local folder must exist when the config is validated.
 
-The package, bottom to top: schema.py (the dataclasses, the project's folders, the stages), checks.py
-(`validate`: what the types cannot express), loading.py (reading and merging sections and overrides, then
-`validate`); `ConfigError` and its message helpers are model_training/errors.py's. Import from here: these
-re-exports are the package's interface.
+The package, bottom to top: datasets.py (the typed `datasets` entries), schema.py (the dataclasses, the project's
+folders), checks.py (`validate`: what the types cannot express), loading.py (reading and merging sections and
+overrides, then the checks); `ConfigError` and its message helpers are model_training/errors.py's. Import from here:
+these re-exports are the package's interface.
 """
 
 from model_training.config.checks import TOKENIZER_FILES, optimizer_offloaded, read_deepspeed_json, zero_stage

@@ -1,7 +1,7 @@
 """The checks the types cannot express: choices, ranges, the model source, the DeepSpeed JSON, each stage's limits.
 
-`validate` runs them all on a merged `TrainConfig` (loading.py calls it last, before anything is loaded);
-`validate_dataset` checks one entry of `datasets` as loading.py types it. The ranges are one table, `_RANGES`.
+`validate` runs them all on a merged `TrainConfig` (loading.py calls it last, before anything is loaded); the
+ranges are one table, `_RANGES`.
 The DeepSpeed JSON's reader and its two questions (`zero_stage`, `optimizer_offloaded`) live here because a check
 reads them first; the trainers ask them again. Imports schema.py only, never loading.py.
 """
@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 
 from model_training.config.schema import PROJECT_ROOT, STAGE_COMMANDS, STAGES, TrainConfig, resolve_input_path
 from model_training.data.chat_formats import CHAT_FORMATS
-from model_training.data.sources.common import DatasetConfig
 from model_training.errors import ConfigError, closest_name, first_line
 from model_training.hub import is_hub_id
 from model_training.layout import is_training_run
@@ -386,18 +385,3 @@ def _validate_peft(cfg: TrainConfig) -> None:
         )
 
 
-def validate_dataset(options: DatasetConfig, where: str) -> None:
-    """The checks of one dataset's typed options that their types cannot express; `where` names the entry."""
-    if not 0.0 <= options.val_split < 1.0:
-        raise ConfigError(f"'val_split' of {where} must be in [0, 1), got {options.val_split}")
-    chosen = [k for k in ("fraction", "size", "share") if getattr(options, k) is not None]
-    if len(chosen) > 1:
-        raise ConfigError(f"{where} sets {' and '.join(chosen)}; set at most one of fraction, size and share")
-    if options.fraction is not None and options.fraction <= 0:
-        raise ConfigError(f"'fraction' of {where} must be positive, got {options.fraction}")
-    if options.size is not None and options.size < 1:
-        raise ConfigError(f"'size' of {where} must be at least 1, got {options.size}")
-    if options.share is not None and not 0.0 < options.share < 1.0:
-        raise ConfigError(f"'share' of {where} must be in (0, 1), got {options.share}")
-    if not options.input_file_path:
-        raise ConfigError(f"{where} needs 'input_file_path'")

@@ -10,46 +10,19 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from model_training import openassistant_keys
-from model_training.config.checks import validate, validate_dataset
-from model_training.config.schema import CONFIG_DIR, PROJECT_ROOT, STAGE_COMMANDS, DatasetSpec, TrainConfig
-from model_training.data.sources import SOURCES
+from model_training.config.checks import validate
+from model_training.config.datasets import DATASET_KEYS, merge_checked, parse_dataset_specs
+from model_training.config.schema import CONFIG_DIR, PROJECT_ROOT, STAGE_COMMANDS, TrainConfig
 from model_training.errors import ConfigError, closest_name, first_line
 
 logger = logging.getLogger(__name__)
-
-
-def _describe_omegaconf_error(err: OmegaConfBaseException, schema: type, where: str) -> str:
-    key = getattr(err, "full_key", None) or "?"
-    if isinstance(err, ConfigKeyError):
-        *parents, leaf = str(key).split(".")
-        for parent in parents:  # a nested section (peft.r): suggest among that section's keys
-            nested = next((f.default_factory for f in fields(schema) if f.name == parent), None)
-            schema = nested if is_dataclass(nested) else schema
-        valid = [f.name for f in fields(schema)]
-        # A dataset's options or a nested section have few keys: all of them fit on the line, and a user who guessed
-        # a name ('path') sees the real one. The top level's hundred keys would not; schema.py lists them.
-        suggestion = closest_name(leaf, valid)
-        listed = "" if schema is TrainConfig else f"{' V' if suggestion else '; v'}alid keys: {', '.join(valid)}"
-        return f"unknown key '{key}' {where}{suggestion}{listed}"
-    # OmegaConf's message is several lines with internals; its first line says what was wrong with the value.
-    reason = str(getattr(err, "msg", err)).splitlines()[0]
-    return f"bad value for key '{key}' {where}: {reason}"
-
-
-def _merge(base: Any, update: Any, schema: type, where: str) -> Any:
-    try:
-        return OmegaConf.merge(base, update)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_describe_omegaconf_error(err, schema, where)) from None
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -164,13 +137,13 @@ def load_config(
         section, origin = sections[name]
         where = f"in section '{name}' of {_display_path(origin)}"
         section = openassistant_keys.translate(section, where, warnings)
-        merged = _merge(merged, section, TrainConfig, where)
+        merged = merge_checked(merged, section, TrainConfig, where, unlisted=TrainConfig)
         # Lists replace: the last section that sets a dataset list is where its mistakes are.
-        origins.update({key: f" {where}" for key in _DATASET_KEYS if key in section})
+        origins.update({key: f" {where}" for key in DATASET_KEYS if key in section})
     for key, value in overrides or []:
         override = openassistant_keys.translate(_nest(key, value), "on the command line", warnings)
-        merged = _merge(merged, override, TrainConfig, "on the command line")
-        origins.update({name: "" for name in _DATASET_KEYS if name in override})
+        merged = merge_checked(merged, override, TrainConfig, "on the command line", unlisted=TrainConfig)
+        origins.update({name: "" for name in DATASET_KEYS if name in override})
     for message in warnings.values():
         logger.warning("%s", message)
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -183,52 +156,11 @@ def load_config(
     return cfg
 
 
-_DATASET_KEYS = ("datasets", "datasets_extra")
-
-
-def parse_dataset_specs(cfg: TrainConfig, origins: dict[str, str]) -> list[DatasetSpec]:
-    """`datasets` + `datasets_extra` as typed specs, each validated against its source's schema; `origins` says
-    where each list was set (" in section 's' of FILE"; none: the command line), for the messages."""
-    specs: list[DatasetSpec] = []
-    for key in _DATASET_KEYS:
-        specs += _parse_dataset_entries(getattr(cfg, key), key, origins.get(key, ""))
-    return specs
-
-
-def _parse_dataset_entries(entries: Any, key: str, origin: str) -> list[DatasetSpec]:
-    if not isinstance(entries, (list, tuple)) and not OmegaConf.is_list(entries):
-        raise ConfigError(f"key '{key}'{origin} must be a list of datasets, got {entries!r}")
-    specs = []
-    for index, entry in enumerate(entries):
-        where = f"{key}[{index}]{origin}"
-        if OmegaConf.is_config(entry):
-            entry = OmegaConf.to_container(entry)
-        if isinstance(entry, str):
-            name, options = entry, {}
-        elif isinstance(entry, dict) and len(entry) == 1:
-            name, options = next(iter(entry.items()))
-            options = options or {}
-        else:
-            raise ConfigError(f"{where} must be a dataset name or {{name: {{options}}}}, got {entry!r}")
-        if name not in SOURCES:
-            raise ConfigError(
-                f"unknown dataset '{name}' in {where}; known: {', '.join(SOURCES)}{closest_name(name, list(SOURCES))}"
-            )
-        schema = SOURCES[name].options
-        if not isinstance(options, dict):
-            raise ConfigError(f"options of dataset '{name}' in {where} must be a mapping, got {options!r}")
-        merged = _merge(OmegaConf.structured(schema), options, schema, f"of dataset '{name}' in {where}")
-        typed = OmegaConf.to_object(merged)
-        validate_dataset(typed, f"dataset '{name}' in {where}")
-        specs.append(DatasetSpec(name, typed))
-    return specs
-
-
 def read_run_config(path: Path) -> TrainConfig:
     """The merged config a run saved (its `config.yaml`), typed; ConfigError when it does not fit the schema."""
     try:
         saved = OmegaConf.load(path)
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read the run config {path}: {err}") from None
-    merged = _merge(OmegaConf.structured(TrainConfig), saved, TrainConfig, f"in {path}")
+    merged = merge_checked(OmegaConf.structured(TrainConfig), saved, TrainConfig, f"in {path}", unlisted=TrainConfig)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -2,8 +2,8 @@
 
 `TrainConfig` and the dataclasses of its nested sections are the user's manual (the field docstrings); the
 package's docstring (__init__.py) says how sections merge and how paths and model names are read. This module is
-the bottom of the package: checks.py and loading.py import it, and it imports neither (`dataset_specs` reaches
-loading.py when first read). Also here: the project's folders, the stages and their commands, the rule for input
+the bottom of the package but for datasets.py (the typed `datasets` entries): checks.py and loading.py import it,
+and it imports neither. Also here: the project's folders, the stages and their commands, the rule for input
 paths (`resolve_input_path`) and the config as YAML (`to_yaml`).
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from model_training.data.sources.common import DatasetConfig
+from model_training.config.datasets import DatasetSpec, parse_dataset_specs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -27,14 +27,6 @@ DEFAULT_CONFIG_FILE = CONFIG_DIR / "config.yaml"
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets. Each entry of `datasets:` is `{name: {options}}` (or a bare name when every option has a default); the
 # name picks a source of model_training/data/sources/ (`SOURCES`), whose options dataclass is that entry's schema.
-
-
-class DatasetSpec(NamedTuple):
-    """One entry of `datasets` (or `datasets_extra`), typed: its source's name and its options (the source's
-    schema, model_training/data/sources/)."""
-
-    name: str
-    options: DatasetConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,9 +375,6 @@ class TrainConfig:
     def dataset_specs(self) -> list[DatasetSpec]:
         """`datasets` + `datasets_extra`, typed and checked against their sources' options, parsed once: by
         `load_config`, which knows the section each list came from for its messages, else on first use."""
-        # Parsing merges each entry onto its source's schema, which is loading's job; loading imports this module.
-        from model_training.config.loading import parse_dataset_specs
-
         return parse_dataset_specs(self, {})
 
 
