@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from model_training.checkpoints.read import CheckpointError
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
 from model_training.console import ranks
 from model_training.layout import (
@@ -60,7 +61,7 @@ from model_training.layout import (
 )
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
-from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
+from model_training.training.checkpoint import load_checkpoint, seed_everything
 from model_training.training.distributed import DistInfo, init_distributed
 from model_training.training.grpo import (
     group_advantages,

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from model_training.checkpoints.read import CheckpointError
 from model_training.config import ConfigError, TrainConfig, to_yaml, zero_stage
 from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
@@ -46,7 +47,7 @@ from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.lora import is_lora_model
 from model_training.training.answers import generate_answers, sample_prompts, write_samples
 from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
-from model_training.training.checkpoint import CheckpointError, load_checkpoint, seed_everything
+from model_training.training.checkpoint import load_checkpoint, seed_everything
 from model_training.training.distributed import DistInfo, LaunchError, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.evaluation import Evaluator, without_supervised_tokens
