@@ -17,8 +17,8 @@ from pathlib import Path
 
 import xxhash
 
+from model_training.checkpoints.read import verify_checkpoint
 from model_training.layout import MANIFEST
-from model_training.training.checkpoint import verify_checkpoint
 
 
 def make_checkpoint(folder: Path, gigabytes: float, files: int, kind: str) -> None:

@@ -161,7 +161,8 @@ def check_layout(template: Path) -> None:
 
 def commit(tag_dir: Path) -> Path:
     """The fabricated tag folder inside a committed checkpoint (manifest of sizes and hashes), as a save leaves it."""
-    from model_training.training.checkpoint import FORMAT_VERSION, file_digest, relative_name
+    from model_training.checkpoints.read import FORMAT_VERSION, file_digest
+    from model_training.training.checkpoint import relative_name
 
     ckpt = tag_dir.parent
     (ckpt / "trainer_state.json").write_text(json.dumps({"optimizer_step": STEP}))

@@ -208,7 +208,7 @@ def resolve_auto_resume(cfg: TrainConfig) -> None:
     group: every rank sees the same folder and decides alike."""
     if cfg.resume_from_checkpoint != AUTO_RESUME:
         return
-    from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
+    from model_training.checkpoints.read import CheckpointError, resolve_checkpoint
 
     output_dir = Path(cfg.output_dir)
     try:

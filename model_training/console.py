@@ -1,5 +1,6 @@
 """A console that shows progress, phases and real problems: the few library messages a user can do nothing
-about are dropped, each by its exact text, so that a new warning of the same library still shows."""
+about are dropped, each by its exact text, so that a new warning of the same library still shows. Also how a
+message says a count of ranks or a size (`ranks`, `size_text`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ _PEFT_CHECKPOINTING_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 def ranks(count: int) -> str:
     """"1 rank", "2 ranks": a count of ranks as a message says it."""
     return f"{count} rank" if count == 1 else f"{count} ranks"
+
+
+def size_text(size: int) -> str:
+    """`size` bytes as a line says them: exactly, and in GB."""
+    return f"{size} bytes ({size / 1e9:.2f} GB)"
 
 
 def _not_the_bnb_kernel_warning(record: logging.LogRecord) -> bool:

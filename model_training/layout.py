@@ -5,7 +5,7 @@ A run folder (`output_dir`)::
     config.yaml                 the merged config the run started with
     metrics.jsonl               one record per logging step (training/metrics.py); a resume appends to it
     latest                      pointer: the name of the newest committed checkpoint, updated last
-    checkpoint-000080/          one committed checkpoint per save (training/checkpoint.py)
+    checkpoint-000080/          one committed checkpoint per save (training/checkpoint.py; read: checkpoints/read.py)
     .staging-checkpoint-000100/ a save in progress or a crashed one; cleared by the next save
     .deleting-checkpoint-000040/ a checkpoint being removed; never loaded
     samples.jsonl, samples.md   answers generated after training (training/samples.py)
@@ -26,7 +26,7 @@ A checkpoint folder::
     rng/rank-00000.pt           python, numpy, torch (and CUDA) RNG states, one file per rank
     global_step80/...           the engine's state, in one of two layouts:
       DeepSpeed (deepspeed=true): model, optimizer shards (one per rank under ZeRO-1/2/3), lr scheduler,
-                                  in DeepSpeed's own files (read by export/consolidate.py)
+                                  in DeepSpeed's own files (read by checkpoints/zero.py)
       plain PyTorch (deepspeed=false), written by rank 0, the state being the same on every rank:
         torch_model_states.pt   {"module": the model's state dict}: the fp32 weights, by the model's own
                                 names (a LoRA run: the trained tensors only)

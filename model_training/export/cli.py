@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from model_training.checkpoints.read import CheckpointError, run_folder
 from model_training.console import quiet_library_noise
 from model_training.export.export import (
     ExportError,
@@ -21,7 +22,6 @@ from model_training.export.export import (
 )
 from model_training.export.hub import UploadError, repo_folder_name, upload_folder
 from model_training.export.writer import parse_size
-from model_training.training.checkpoint import CheckpointError, run_folder
 
 PROG = "export_model.py"
 BAD_INPUT = 2

@@ -30,23 +30,23 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read_run_config
-from model_training.console import ranks
-from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
-from model_training.export.consolidate import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
-from model_training.export.writer import WeightEntry, size_text, write_weights
-from model_training.folders import hidden_sibling, replace_folder
-from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR, is_training_run
-from model_training.models.dtypes import TORCH_DTYPES
-from model_training.models.reward_head import auto_model_class
-from model_training.run_folder import is_run_name
-from model_training.training.checkpoint import (
+from model_training.checkpoints.read import (
     NewestCheckpointUnusable,
     checkpoint_bytes,
     resolve_checkpoint,
     run_folder,
     verify_checkpoint,
 )
+from model_training.checkpoints.zero import LazyTensor, ZeroCheckpointError, read_zero_checkpoint
+from model_training.config import TOKENIZER_FILES, ConfigError, first_line, read_run_config
+from model_training.console import ranks, size_text
+from model_training.export.adapter import AdapterExportError, is_adapter_checkpoint, merged_model, write_adapter
+from model_training.export.writer import WeightEntry, write_weights
+from model_training.folders import hidden_sibling, replace_folder
+from model_training.layout import MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR, is_training_run
+from model_training.models.dtypes import TORCH_DTYPES
+from model_training.models.reward_head import auto_model_class
+from model_training.run_folder import is_run_name
 
 logger = logging.getLogger(__name__)
 

@@ -43,11 +43,6 @@ class DiskFullError(OSError):
         self.needed = needed
 
 
-def size_text(size: int) -> str:
-    """`size` bytes as a line says them: exactly, and in GB."""
-    return f"{size} bytes ({size / 1e9:.2f} GB)"
-
-
 def parse_size(text: str) -> int:
     """Bytes in ``text``: a plain number of bytes or a number with a unit ("500MB", "1.5GB", "2GiB")."""
     if text.strip().startswith("-"):

@@ -1,5 +1,8 @@
 """Atomic, verifiable training checkpoints of the training engine, DeepSpeed's or the plain PyTorch one of
-torch_engine.py, which writes its files through the same calls (the layout: model_training/layout.py).
+torch_engine.py, which writes its files through the same calls (the layout: model_training/layout.py): the write
+side (saving, committing, rotating) and the load into an engine, with the RNG states and the seeding a resume needs.
+Finding, verifying and reading a committed checkpoint without an engine is model_training/checkpoints/read.py's,
+which the export shares.
 
 A save writes everything into the staging folder, makes every rank agree that its writes succeeded, writes
 the manifest, and commits with one atomic rename. A folder is *committed* when it holds ``manifest.json``
@@ -13,55 +16,46 @@ would still be writing when ``engine.save_checkpoint`` returns.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
 import shutil
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import xxhash
 
-from model_training.console import ranks
-from model_training.export.writer import size_text
+from model_training.checkpoints.ranks import current_rank, current_world_size, gather_from_ranks
+from model_training.checkpoints.read import (
+    FORMAT_VERSION,
+    CheckpointError,
+    checkpoint_bytes,
+    committed_checkpoints,
+    file_digest,
+    holds_rank_shards,
+    is_transient,
+    pointer_target,
+    read_manifest,
+    verify_checkpoint,
+)
+from model_training.console import ranks, size_text
 from model_training.folders import discard_folder, fsync_folder, replace_folder
 from model_training.layout import (
-    CHECKPOINT_RE,
     DELETING_PREFIX,
     MANIFEST,
     POINTER,
     RNG_DIR,
     STAGING_PREFIX,
     TRAINER_STATE,
-    TRANSIENT_RE,
     UNIVERSAL_DIR,
-    ZERO_OPTIM_SHARD_RE,
     checkpoint_name,
 )
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 2
-"""1 recorded sha256 per file; 2 records xxh3_128, which reads at disk speed (both still verify)."""
-
-_HASH_CHUNK = 1 << 24
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved, found or loaded."""
-
-
-class NewestCheckpointUnusable(CheckpointError):
-    """The newest checkpoint of a run does not verify, and no fallback to an older one was allowed."""
 
 
 def deepspeed_tag(step: int) -> str:
@@ -161,7 +155,7 @@ def _disk_full_note(output_dir: Path) -> str:
     """What a save that filled the disk needs: the space free now (the failed save's files removed) and the size of
     the newest committed checkpoint, which a new one of the same run matches."""
     free = shutil.disk_usage(output_dir).free
-    committed = _committed_checkpoints(output_dir) if output_dir.is_dir() else []
+    committed = committed_checkpoints(output_dir) if output_dir.is_dir() else []
     needed = (f"needs about {size_text(checkpoint_bytes(committed[-1]))}, as {committed[-1].name} did"
               if committed else "needs more than that")
     return (f"; the disk of {output_dir} is full: {size_text(free)} free once the partial checkpoint was removed, "
@@ -353,35 +347,6 @@ def _build_manifest(engine: Any, step: int, staging: Path, digests: dict[str, di
     }
 
 
-def file_digest(path: Path) -> dict:
-    """Size and hash of ``path``; the fsync makes the bytes durable before the manifest vouches for them."""
-    with open(path, "rb") as f:
-        digest = _hash_file(f, "xxh3_128")
-        os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "xxh3_128": digest}
-
-
-# xxh3_128 (format 2) finds corruption and reads at about a GB/s per core, several times sha256's speed; it is
-# no defence against someone forging a checkpoint, which no hash stored beside the data would be either.
-_HASHES: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-
-
-def _hash_file(f: Any, kind: str) -> str:
-    hasher = _HASHES[kind]()
-    while chunk := f.read(_HASH_CHUNK):
-        hasher.update(chunk)
-    return hasher.hexdigest()
-
-
-def _hash_mismatch(ckpt_dir: Path, relative: str, expected: dict) -> str | None:
-    """A message when the file's content does not match the hash its manifest recorded, else None."""
-    kind = next(k for k in _HASHES if k in expected)
-    with open(ckpt_dir / relative, "rb") as f:
-        if _hash_file(f, kind) == expected[kind]:
-            return None
-    return f"Checkpoint {ckpt_dir} is damaged: {relative} does not match its {kind} (changed after the save)"
-
-
 def commit_folder(staging: Path, final: Path, manifest: dict) -> None:
     """Write the manifest into ``staging`` and rename it to ``final``: the checkpoint appears whole or not.
     A run resumed from an earlier step saves a step again: the old folder goes aside under a name the
@@ -408,11 +373,11 @@ def _write_durably(path: Path, text: str) -> None:
 def _clear_leftovers(output_dir: Path) -> None:
     """Remove staging and deleting folders that a crashed save or rotation left behind."""
     for path in output_dir.iterdir():
-        if path.is_dir() and _is_transient(path):
+        if path.is_dir() and is_transient(path):
             shutil.rmtree(path)
 
 
-# --- finding and rotating ---------------------------------------------------------------------------------
+# --- rotating ---------------------------------------------------------------------------------------------
 
 
 def rotate_checkpoints(output_dir: Path, save_total_limit: int) -> list[Path]:
@@ -425,9 +390,9 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: int) -> list[Path]:
     if save_total_limit < 1:
         raise ValueError(f"save_total_limit must be >= 1, got {save_total_limit}")
     output_dir = Path(output_dir)
-    committed = _committed_checkpoints(output_dir)
+    committed = committed_checkpoints(output_dir)
     keep = set(committed[-save_total_limit:])
-    pointed = _pointer_target(output_dir)
+    pointed = pointer_target(output_dir)
     deleted = []
     for path in committed:
         if path not in keep and path != pointed:
@@ -438,188 +403,8 @@ def rotate_checkpoints(output_dir: Path, save_total_limit: int) -> list[Path]:
     return deleted
 
 
-def resolve_checkpoint(
-    spec: str | Path, output_dir: Path, allow_older: bool = True, check_hashes: bool = False, threads: int = 1
-) -> Path:
-    """Find the committed checkpoint folder that ``spec`` names.
-
-    ``"latest"`` or a run folder: the checkpoint its ``latest`` pointer names, else the one with the highest
-    step, if it verifies. When that one does not (a damaged or half-written folder), ``allow_older`` falls back
-    to the next one that does, with a warning for each skipped; otherwise it is an error. A checkpoint folder:
-    that folder, which must be committed and verify. A relative path that does not exist is tried under
-    ``output_dir``. ``check_hashes``: a checkpoint verifies only when every file matches its manifest's hash
-    (verify_checkpoint on ``threads`` threads), so that ``allow_older`` passes over a damaged file too.
-    """
-    output_dir = Path(output_dir)
-    if str(spec) == POINTER:
-        return _latest_in(output_dir, allow_older, check_hashes, threads)
-    path = Path(spec)
-    if not path.exists() and not path.is_absolute():
-        path = output_dir / path
-    if not path.is_dir():
-        raise CheckpointError(f"No checkpoint or run folder at {spec!r} (also looked in {output_dir})")
-    if _is_checkpoint_folder(path):
-        verify_checkpoint(path, check_hashes, threads)
-        return path
-    return _latest_in(path, allow_older, check_hashes, threads)
-
-
-def run_folder(path: Path) -> Path:
-    """The run folder that ``path`` (a run folder or one of its checkpoint folders) belongs to."""
-    path = Path(path)
-    return path.parent if _is_checkpoint_folder(path) else path
-
-
-def _is_checkpoint_folder(path: Path) -> bool:
-    """One checkpoint folder, committed or not, rather than a run folder."""
-    return (path / MANIFEST).exists() or CHECKPOINT_RE.fullmatch(path.name) is not None or _is_transient(path)
-
-
-def verify_checkpoint(ckpt_dir: Path, check_hashes: bool = False, threads: int = 1) -> dict:
-    """Check that ``ckpt_dir`` is committed and every file of its manifest exists with the recorded size
-    (and content hash with ``check_hashes``, on ``threads`` threads: it reads the whole checkpoint); return
-    the manifest."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest = _read_manifest(ckpt_dir)
-    if manifest is None:
-        raise CheckpointError(
-            f"{ckpt_dir} is not a committed checkpoint: it has no readable {MANIFEST} or is a staging "
-            "folder (the save did not finish)"
-        )
-    for relative, expected in manifest["files"].items():
-        path = ckpt_dir / relative
-        if not path.is_file():
-            raise CheckpointError(f"Checkpoint {ckpt_dir} is damaged: {relative} is missing")
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise CheckpointError(
-                f"Checkpoint {ckpt_dir} is damaged: {relative} has {size} bytes, the manifest says "
-                f"{expected['size']}"
-            )
-    if check_hashes:
-        _raise_first(_mismatches(ckpt_dir, manifest, list(manifest["files"]), threads))
-    return manifest
-
-
-def verify_hashes_on_ranks(ckpt_dir: Path) -> float:
-    """Check every file of a committed checkpoint against its manifest's hash, the files dealt out over the
-    ranks so that each hashes a share (largest files first, to the least loaded rank), all in parallel.
-    Raises CheckpointError naming every file that does not match, on every rank. Call on every rank; returns
-    the seconds it took this rank."""
-    start = time.perf_counter()
-    manifest = verify_checkpoint(ckpt_dir)
-    mine = deal_by_size({relative: entry["size"] for relative, entry in manifest["files"].items()})
-    reports = gather_from_ranks(_mismatches(Path(ckpt_dir), manifest, mine, threads=4))
-    _raise_first([message for report in reports for message in report])
-    return time.perf_counter() - start
-
-
-def deal_by_size(sizes: dict[str, int]) -> list[str]:
-    """This rank's share of work items (name -> size) dealt out over the ranks: largest first, each to the least
-    loaded rank, ties by name, so that every rank computes the same deal."""
-    load = [0] * current_world_size()
-    mine = []
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        owner = load.index(min(load))
-        load[owner] += sizes[name]
-        if owner == current_rank():
-            mine.append(name)
-    return mine
-
-
-def checkpoint_bytes(ckpt_dir: Path) -> int:
-    """The bytes of every file a committed checkpoint's manifest lists."""
-    manifest = _read_manifest(Path(ckpt_dir)) or {"files": {}}
-    return sum(entry["size"] for entry in manifest["files"].values())
-
-
-def _mismatches(ckpt_dir: Path, manifest: dict, relatives: list[str], threads: int) -> list[str]:
-    # hashlib and xxhash release the GIL on large buffers: threads hash files side by side.
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        found = pool.map(lambda relative: _hash_mismatch(ckpt_dir, relative, manifest["files"][relative]), relatives)
-        return [message for message in found if message is not None]
-
-
-def _raise_first(messages: list[str]) -> None:
-    if messages:
-        more = f" (and {len(messages) - 1} more files)" if len(messages) > 1 else ""
-        raise CheckpointError(messages[0] + more)
-
-
-def _latest_in(run_dir: Path, allow_older: bool, check_hashes: bool = False, threads: int = 1) -> Path:
-    folders = _checkpoint_folders(run_dir) if run_dir.is_dir() else []
-    pointed = _pointer_target(run_dir)
-    candidates = ([pointed] if pointed in folders else []) + [p for p in folders[::-1] if p != pointed]
-    for path in candidates:
-        try:
-            verify_checkpoint(path, check_hashes, threads)
-            return path
-        except CheckpointError as exc:
-            if not allow_older:
-                newest = f"the newest checkpoint of {run_dir}, {path.name}"
-                raise NewestCheckpointUnusable(f"{newest}, is unusable: {exc}") from None
-            logger.warning("skipping checkpoint %s: %s", path.name, exc)
-    committed = len(_committed_checkpoints(run_dir)) if run_dir.is_dir() else 0
-    raise CheckpointError(
-        f"No usable committed checkpoint in {run_dir}: searched its {POINTER} pointer and folders named "
-        f"checkpoint-<step> holding {MANIFEST} (found {committed} committed, none verified)"
-    )
-
-
-def _checkpoint_folders(run_dir: Path) -> list[Path]:
-    """Every ``checkpoint-<step>`` folder of ``run_dir``, committed or not, oldest step first."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.fullmatch(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(found)]
-
-
-def _committed_checkpoints(run_dir: Path) -> list[Path]:
-    """Committed ``checkpoint-<step>`` folders of ``run_dir``, oldest step first."""
-    return [path for path in _checkpoint_folders(run_dir) if _read_manifest(path) is not None]
-
-
-def _pointer_target(run_dir: Path) -> Path | None:
-    try:
-        name = (run_dir / POINTER).read_text().strip()
-    except OSError:
-        return None
-    # Only a checkpoint name is followed: the pointer can never lead outside the run folder.
-    return run_dir / name if CHECKPOINT_RE.fullmatch(name) else None
-
-
-def _read_manifest(ckpt_dir: Path) -> dict | None:
-    """The manifest of a committed checkpoint; None for anything else."""
-    if _is_transient(ckpt_dir):
-        return None
-    try:
-        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    required = {"format_version", "step", "world_size", "deepspeed_tag", "files"}
-    if not isinstance(manifest, dict) or not required <= manifest.keys():
-        return None
-    return manifest
-
-
-def _is_transient(path: Path) -> bool:
-    return TRANSIENT_RE.fullmatch(path.name) is not None
-
 
 # --- loading ----------------------------------------------------------------------------------------------
-
-
-def read_trainer_state(ckpt_dir: Path) -> dict:
-    """The trainer state of a committed checkpoint, its manifest verified (without touching an engine, so a caller can
-    check its own state first)."""
-    ckpt_dir = Path(ckpt_dir)
-    verify_checkpoint(ckpt_dir)
-    return json.loads((ckpt_dir / TRAINER_STATE).read_text())
-
-
-def holds_rank_shards(manifest: dict) -> bool:
-    """Whether a checkpoint's engine state is cut per rank (DeepSpeed's ZeRO optimizer shards), so that another
-    number of ranks loads it only through its universal conversion (training/reshard.py). The plain PyTorch engine's
-    state, the same on every rank, loads on any number."""
-    return any(ZERO_OPTIM_SHARD_RE.fullmatch(Path(name).name) for name in manifest["files"])
 
 
 def load_checkpoint(
@@ -674,7 +459,7 @@ def load_checkpoint(
 
 def _universal_load_configured(engine: Any, source: Path) -> bool:
     """Whether `engine` loads DeepSpeed's universal checkpoints and `source` holds a committed one."""
-    return bool(getattr(engine, "load_universal_checkpoint", lambda: False)()) and _read_manifest(source) is not None
+    return bool(getattr(engine, "load_universal_checkpoint", lambda: False)()) and read_manifest(source) is not None
 
 
 def _unshare_step_counts(optimizer: torch.optim.Optimizer) -> None:
@@ -711,7 +496,8 @@ def replay_cpu_adam_steps(optimizer: torch.optim.Optimizer) -> None:
     1..t through the op (lr 0, a one-element scratch tensor, every group in the optimizer's own order) rebuilds
     the products bit for bit, at one small call per step and group (about a second for 100k steps).
     """
-    # Imported here: export reads checkpoints without paying for DeepSpeed's start-up.
+    # Imported here: only this replay needs DeepSpeed, so importing the module (the saver and its tests) does not
+    # start it.
     from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 
@@ -736,24 +522,7 @@ def replay_cpu_adam_steps(optimizer: torch.optim.Optimizer) -> None:
             run_step(step, group)
 
 
-# --- distributed helpers ----------------------------------------------------------------------------------
-
-
-def current_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def current_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_from_ranks(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order. Doubles as a barrier: no rank returns before all have called."""
-    if current_world_size() == 1:
-        return [value]
-    values: list[Any] = [None] * current_world_size()
-    dist.all_gather_object(values, value)
-    return values
+# --- error reports and file names -------------------------------------------------------------------------
 
 
 def describe_error(error: BaseException | None) -> str | None:

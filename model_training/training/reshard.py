@@ -12,7 +12,7 @@ The first resume on another number of ranks writes that folder as ``universal/``
 ``deepspeed/checkpoint/ds_to_universal.py``: it reads each rank's shard whole into one process (the fp32 weights and
 both moments of the rank's part of the model) and writes every value twice (fragments, then merged), while the other
 ranks would wait in a collective. This one streams and shares the work: every rank maps the shards
-(export/consolidate.py's reader: no value is read before it is needed), the parameters are dealt out over the ranks
+(checkpoints/zero.py's reader: no value is read before it is needed), the parameters are dealt out over the ranks
 by size, and each rank reads one parameter's values at a time and writes them once. Its files hold what
 ds_to_universal writes for the engines this trainer builds (tested), less the module weights of the model-states
 file, which ``load_universal`` does not read.
@@ -35,30 +35,26 @@ from typing import Any
 import torch
 from deepspeed.checkpoint.constants import PARAM
 
-from model_training.console import ranks
-from model_training.export.consolidate import (
+from model_training.checkpoints.ranks import current_rank, current_world_size, gather_from_ranks
+from model_training.checkpoints.read import (
+    FORMAT_VERSION,
+    CheckpointError,
+    deal_by_size,
+    file_digest,
+    holds_rank_shards,
+    verify_checkpoint,
+    verify_hashes_on_ranks,
+)
+from model_training.checkpoints.zero import (
     ADAM_MOMENTS,
     LazyTensor,
     OptimizerState,
     ZeroCheckpointError,
     read_optimizer_state,
 )
+from model_training.console import ranks
 from model_training.layout import STAGING_PREFIX, UNIVERSAL_DIR, ZERO12_MODEL_STATES, zero3_model_states
-from model_training.training.checkpoint import (
-    FORMAT_VERSION,
-    CheckpointError,
-    commit_folder,
-    current_rank,
-    current_world_size,
-    deal_by_size,
-    describe_error,
-    file_digest,
-    gather_from_ranks,
-    holds_rank_shards,
-    relative_name,
-    verify_checkpoint,
-    verify_hashes_on_ranks,
-)
+from model_training.training.checkpoint import commit_folder, describe_error, relative_name
 
 logger = logging.getLogger(__name__)
 

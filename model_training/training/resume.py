@@ -28,10 +28,7 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from model_training.config import ConfigError, TrainConfig, read_deepspeed_json, read_run_config, zero_stage
-from model_training.console import ranks
-from model_training.layout import RUN_CONFIG, zero3_model_states
-from model_training.training.checkpoint import (
+from model_training.checkpoints.read import (
     CheckpointError,
     checkpoint_bytes,
     read_trainer_state,
@@ -39,6 +36,9 @@ from model_training.training.checkpoint import (
     verify_checkpoint,
     verify_hashes_on_ranks,
 )
+from model_training.config import ConfigError, TrainConfig, read_deepspeed_json, read_run_config, zero_stage
+from model_training.console import ranks
+from model_training.layout import RUN_CONFIG, zero3_model_states
 from model_training.training.reshard import convert_for_any_ranks, needs_universal
 from model_training.training.step_plan import DataPosition, StepPlan
 from model_training.training.torch_engine import holds_torch_engine_state

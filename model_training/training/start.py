@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from model_training.checkpoints.read import CheckpointError, resolve_checkpoint
 from model_training.config import PROJECT_ROOT, ConfigError, TrainConfig, resolve_input_path
 from model_training.hub import is_hub_id
 from model_training.layout import MANIFEST, START_MODEL_DIR, TOKENIZER_DIR, is_training_run
 from model_training.models.dtypes import TORCH_DTYPES
-from model_training.training.checkpoint import CheckpointError, resolve_checkpoint
 from model_training.training.distributed import DistInfo
 
 logger = logging.getLogger(__name__)

@@ -55,10 +55,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from model_training.checkpoints.read import verify_checkpoint
 from model_training.config import TrainConfig
 from model_training.layout import TORCH_MODEL_STATES, TORCH_OPTIM_STATES
 from model_training.models.builder import training_device
-from model_training.training.checkpoint import verify_checkpoint
 from model_training.training.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model_training.checkpoints.read import CheckpointError
 from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
@@ -39,7 +40,7 @@ from model_training.data.windows import LengthRule, WholeSamples
 from model_training.models.builder import load_tokenizer
 from model_training.models.lora import is_lora_model
 from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
-from model_training.training.checkpoint import CheckpointError, load_checkpoint
+from model_training.training.checkpoint import load_checkpoint
 from model_training.training.distributed import DistInfo
 from model_training.training.evaluation import Evaluator, without_supervised_tokens
 from model_training.training.metrics import MetricsLogger

@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from zero_worker import FROZEN, build_model
 
+from model_training.checkpoints.read import resolve_checkpoint
+from model_training.checkpoints.zero import read_zero_checkpoint
 from model_training.data.formatting import format_conversation, format_prompt, prepare_tokenizer, to_chat_messages
 from model_training.export.cli import main_export
-from model_training.export.consolidate import read_zero_checkpoint
 from model_training.export.export import export_model
 from model_training.export.writer import WeightEntry, parse_size, plan_shards
-from model_training.training.checkpoint import resolve_checkpoint
 
 EXPORT_MODEL = REPO / "export_model.py"
 WORKER = Path(__file__).with_name("zero_worker.py")

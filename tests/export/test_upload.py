@@ -24,9 +24,9 @@ import torch
 from helpers import REPO, cpu_env, free_port, snapshot
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from model_training.checkpoints.read import resolve_checkpoint
 from model_training.export.cli import main_export
 from model_training.layout import RUN_FILES
-from model_training.training.checkpoint import resolve_checkpoint
 
 EXPORT_MODEL = REPO / "export_model.py"
 AUDITED = Path(__file__).with_name("audited_export.py")

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model_training.checkpoints.read import resolve_checkpoint
 from model_training.cli import exit_process
-from model_training.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from model_training.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def build_engine(stage: int, seed: int):

@@ -15,17 +15,16 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from helpers import cpu_env, free_port
 
-from model_training.training.checkpoint import (
+from model_training.checkpoints.read import (
     CheckpointError,
     NewestCheckpointUnusable,
     checkpoint_bytes,
-    checkpoint_name,
-    replay_cpu_adam_steps,
     resolve_checkpoint,
-    rotate_checkpoints,
     verify_checkpoint,
     verify_hashes_on_ranks,
 )
+from model_training.layout import checkpoint_name
+from model_training.training.checkpoint import replay_cpu_adam_steps, rotate_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ckpt_worker.py")
@@ -393,8 +392,8 @@ def test_a_failed_write_on_one_rank_fails_every_rank_and_commits_nothing(tmp_pat
              "(save_total_limit)")
     assert needs in result.stderr
     # Both ranks raise it, the healthy one included.
-    assert f"[rank0]: model_training.training.checkpoint.{message}" in result.stderr
-    assert f"[rank1]: model_training.training.checkpoint.{message}" in result.stderr
+    assert f"[rank0]: model_training.checkpoints.read.{message}" in result.stderr
+    assert f"[rank1]: model_training.checkpoints.read.{message}" in result.stderr
 
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-000003", "latest"]
     assert (run_dir / "latest").read_text().strip() == "checkpoint-000003"

@@ -17,7 +17,7 @@ from helpers import FAULT_WORKER, REPO, assert_same_weights, check_ok, metrics_b
 from test_preference_e2e import export
 from test_train_e2e import module_weights
 
-from model_training.training.checkpoint import resolve_checkpoint
+from model_training.checkpoints.read import resolve_checkpoint
 from model_training.training.plot import read_records, stage_of
 
 pytestmark = pytest.mark.slow

@@ -32,10 +32,10 @@ from helpers import (
 )
 from transformers import AutoModelForCausalLM
 
+from model_training.checkpoints.read import resolve_checkpoint
 from model_training.export.export import export_model
 from model_training.export.writer import parse_size
 from model_training.layout import TORCH_MODEL_STATES, TORCH_OPTIM_STATES
-from model_training.training.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -32,7 +32,7 @@ from helpers import (
 )
 from test_train_e2e import assert_continues_exactly
 
-from model_training.training.checkpoint import resolve_checkpoint
+from model_training.checkpoints.read import resolve_checkpoint
 from model_training.training.preemption import EXIT_STOP_TIMED_OUT, EXIT_STOPPED, REPEAT_WINDOW_S, StopRequest
 from model_training.training.step_plan import DataPosition, SourceDraw, StepPlan
 

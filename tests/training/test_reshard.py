@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import REPO, RESUME_RUN, TINY_RUN, check_ok, run_deepspeed, step_losses
 
+from model_training.checkpoints.read import verify_checkpoint
 from model_training.layout import UNIVERSAL_DIR
-from model_training.training.checkpoint import verify_checkpoint
 from model_training.training.reshard import ZERO_DIR, convert_for_any_ranks
 
 pytestmark = pytest.mark.slow

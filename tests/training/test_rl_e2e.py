@@ -31,7 +31,7 @@ from helpers import (
 from test_preference_e2e import export
 from test_train_e2e import module_weights
 
-from model_training.training.checkpoint import resolve_checkpoint
+from model_training.checkpoints.read import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 RL = REPO / "trainer_rl.py"

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
+from model_training.checkpoints.read import resolve_checkpoint
 from model_training.config import TrainConfig, load_config, parse_override
 from model_training.layout import MANIFEST, MODEL_CONFIG_DIR, RUN_CONFIG, TOKENIZER_DIR
 from model_training.models.builder import build_model, load_tokenizer
-from model_training.training.checkpoint import resolve_checkpoint
 from model_training.training.saver import Saver
 
 TINY = ["defaults", "tiny-falcon", "oasst-sample"]

@@ -29,8 +29,8 @@ from helpers import (
     step_losses,
 )
 
+from model_training.checkpoints.read import resolve_checkpoint
 from model_training.generate import answer
-from model_training.training.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from model_training.checkpoints.read import CheckpointError
 from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.console import ranks
 from model_training.data.prompts import Prompt, load_prompts, prompts_digest
@@ -60,7 +61,7 @@ from model_training.layout import (
 )
 from model_training.models.builder import build_model, load_tokenizer
 from model_training.models.reward_head import is_reward_model
-from model_training.training.checkpoint import CheckpointError, load_checkpoint
+from model_training.training.checkpoint import load_checkpoint
 from model_training.training.distributed import DistInfo
 from model_training.training.metrics import MetricsLogger
 from model_training.training.ppo.grpo import (

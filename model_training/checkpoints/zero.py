@@ -1,4 +1,6 @@
-"""Read the weights of a DeepSpeed ZeRO-1/2/3 checkpoint (or a plain PyTorch one) on the CPU, one tensor at a time.
+"""Read the weights of a DeepSpeed ZeRO-1/2/3 checkpoint (or a plain PyTorch one) on the CPU, one tensor at a time:
+what the export (export/export.py, `read_zero_checkpoint`) and a resume on another number of ranks
+(training/reshard.py, `read_optimizer_state`) read of a checkpoint's engine files.
 
 What the engine files of one tag folder (``global_step<N>/``) hold, for a run of ``W`` data-parallel ranks:
 
