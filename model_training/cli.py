@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from model_training.config import (
-    STAGE_COMMANDS,
     ConfigError,
     TrainConfig,
     closest_name,
@@ -26,6 +25,7 @@ from model_training.data.records import FileFormatError
 from model_training.environment import apply_training_defaults
 from model_training.layout import earlier_run
 from model_training.run_folder import check_output_dir
+from model_training.stages import STAGES
 
 _CONFIG_KEYS = [f.name for f in fields(TrainConfig)]
 
@@ -38,19 +38,12 @@ class TrainArgs:
     """--config_file: an input the run must not write over."""
 
 
-_DESCRIPTIONS = {
-    "sft": "Supervised fine-tuning",
-    "rm": "Reward model training (a scalar head, ranking loss)",
-    "dpo": "Direct preference optimization",
-    "rl": "PPO against a reward model (a policy, a value model, a frozen reference and reward model)",
-}
-
-
 def _parser(stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=STAGE_COMMANDS[stage],
-        description=f"{_DESCRIPTIONS[stage]} on DeepSpeed (or plain PyTorch: --no-deepspeed). Overrides: key=value "
-        "(dotted keys for nested values) or --key value; every key is documented in model_training/config/schema.py.",
+        prog=STAGES[stage].command,
+        description=f"{STAGES[stage].description} on DeepSpeed (or plain PyTorch: --no-deepspeed). Overrides: "
+        "key=value (dotted keys for nested values) or --key value; every key is documented in "
+        "model_training/config/schema.py.",
         allow_abbrev=False,
     )
     parser.add_argument("--configs", nargs="*", default=["defaults"], help="config sections to merge, in order")
@@ -185,13 +178,14 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
               file=sys.stderr)
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
+    from model_training.export.export import export_start_model
     from model_training.training.run import run_or_exit
-    from model_training.training.trainer import train
 
-    if args.config.stage == "rl":
-        from model_training.training.ppo.recipe import train_rl as train
+    # The exporter goes in from here: a run may start from an earlier run's checkpoint, and training/ does not import
+    # export/ (training/start.py).
+    stage = STAGES[args.config.stage]
     try:
-        return run_or_exit(args.config, train)
+        return run_or_exit(args.config, lambda cfg: stage.call("recipe", cfg, export_start_model))
     except (ConfigError, FileFormatError) as err:
         # Every rank found the same mistake (a resume that does not fit, a model the config cannot build).
         return report_user_error(err, quiet=_launcher_rank() != 0)
@@ -250,44 +244,30 @@ def _check_writable_folder(folder: Path, key: str) -> None:
 
 
 def _show_dataset_stats(cfg: TrainConfig) -> int:
-    from model_training.data.prepare import prepare_data
-    from model_training.data.stats import format_stats
-    from model_training.training.step_plan import plan_sources
-
-    tokenizer = _stats_tokenizer(cfg)
-    if cfg.stage == "rl":
-        return _show_prompt_stats(cfg, tokenizer)
-    if cfg.stage != "sft":
-        return _show_preference_stats(cfg, tokenizer)
-    data = prepare_data(cfg, tokenizer)
-    draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
-    print(format_stats(data, [d.per_epoch for d in draws], cfg.max_length, cfg.val_max_length or cfg.max_length))
+    """`--show_dataset_stats`: the stage's table of its data (stages.py: `stats`)."""
+    print(STAGES[cfg.stage].call("stats", cfg, _stats_tokenizer(cfg)))
     return 0
 
 
 def _prepare_only(cfg: TrainConfig) -> int:
     """`--prepare_only`: every dataset's token store, prepared (or found), one line each."""
-    from model_training.data.preferences import prepare_preferences
-    from model_training.data.prepare import prepare_data
-
-    if cfg.stage == "rl" and cfg.ppo.prompt_file is not None:
-        print("nothing to prepare: PPO reads its prompts from ppo.prompt_file at each start")
-        return 0
     if cfg.data_cache_dir is None:
         raise ConfigError("key 'data_cache_dir' is null, so nothing prepared would be kept; set it to the folder the "
                           "training job will read")
-    tokenizer = _stats_tokenizer(cfg)
-    data = prepare_preferences(cfg, tokenizer) if cfg.stage in ("rm", "dpo") else prepare_data(cfg, tokenizer)
+    stage = STAGES[cfg.stage]
+    data = stage.call("prepare", cfg, _stats_tokenizer(cfg))
     if _launcher_rank() != 0:  # several processes prepared together (srun, a launcher): one says what they did
         return 0
-    unit = "groups" if cfg.stage in ("rm", "dpo") else "samples"
+    if data is None:
+        print(f"nothing to prepare: {stage.command} reads its data at each start (ppo.prompt_file)")
+        return 0
     total = 0
     for train, val, cached in zip(data.train, data.val, data.cached, strict=True):
         store = train.samples.store
         size = sum(p.stat().st_size for p in store.folder.iterdir())
         total += size
         print(f"{train.name}: {'found' if cached else 'prepared'} {store.folder}  {len(train.samples)} train + "
-              f"{len(val.samples)} validation {unit}, {len(store.ids)} tokens, {size / 1e6:.1f} MB "
+              f"{len(val.samples)} validation {stage.unit}, {len(store.ids)} tokens, {size / 1e6:.1f} MB "
               f"({size / max(len(store.ids), 1):.2f} bytes a token)")
     print(f"{len(data.train)} token stores in {Path(cfg.data_cache_dir).expanduser()}, {total / 1e6:.1f} MB")
     return 0
@@ -301,26 +281,39 @@ def _stats_tokenizer(cfg: TrainConfig) -> Any:
     return load_tokenizer(tokenizer_config(cfg))
 
 
-def _show_preference_stats(cfg: TrainConfig, tokenizer: Any) -> int:
+def sample_stats(cfg: TrainConfig, tokenizer: Any) -> str:
+    """SFT's `--show_dataset_stats`: each dataset's samples, tokens and lengths, and what an epoch draws of it."""
+    from model_training.data.prepare import prepare_data
+    from model_training.data.stats import format_stats
+    from model_training.training.step_plan import plan_sources
+
+    data = prepare_data(cfg, tokenizer)
+    draws = plan_sources([s.name for s in data.train], [len(s.samples) for s in data.train], data.options)
+    return format_stats(data, [d.per_epoch for d in draws], cfg.max_length, cfg.val_max_length or cfg.max_length)
+
+
+def preference_stats(cfg: TrainConfig, tokenizer: Any) -> str:
+    """The reward model's and DPO's `--show_dataset_stats`: each dataset's comparison groups, pairs and tokens."""
     from model_training.data.preferences import prepare_preferences
 
     data = prepare_preferences(cfg, tokenizer)
-    print(f"{'dataset':<24} {'side':<6} {'groups':>8} {'pairs':>8} {'tokens':>10} {'cut':>6}")
+    lines = [f"{'dataset':<24} {'side':<6} {'groups':>8} {'pairs':>8} {'tokens':>10} {'cut':>6}"]
     for train, val in zip(data.train, data.val, strict=True):
         for side, split in (("train", train), ("val", val)):
             pairs = sum(g.loss_units for g in split.samples)
             tokens = sum(g.num_tokens for g in split.samples)
-            print(f"{split.name:<24} {side:<6} {len(split.samples):>8} {pairs:>8} {tokens:>10} {split.truncated:>6}")
-    return 0
+            lines.append(f"{split.name:<24} {side:<6} {len(split.samples):>8} {pairs:>8} {tokens:>10} "
+                         f"{split.truncated:>6}")
+    return "\n".join(lines)
 
 
-def _show_prompt_stats(cfg: TrainConfig, tokenizer: Any) -> int:
+def prompt_stats(cfg: TrainConfig, tokenizer: Any) -> str:
+    """trainer_rl.py's `--show_dataset_stats`: how many prompts, and their lengths against the limit."""
     from model_training.data.prompts import load_prompts
 
     lengths = sorted(len(p.input_ids) for p in load_prompts(cfg, tokenizer))
-    print(f"prompts {len(lengths)}, tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]} "
-          f"(limit {cfg.ppo.max_prompt_length})")
-    return 0
+    return (f"prompts {len(lengths)}, tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max "
+            f"{lengths[-1]} (limit {cfg.ppo.max_prompt_length})")
 
 
 def exit_process(status: int) -> None:

@@ -27,6 +27,7 @@ from model_training.layout import (
     earlier_run,
     foreign_files,
 )
+from model_training.stages import STAGES
 
 RUN_NAMES = (RUN_CONFIG, METRICS, POINTER, SAMPLES_JSONL, SAMPLES_MD, ROLLOUT_SAMPLES, CURVES, BASE_MODEL_DIR,
              START_MODEL_DIR, START_REWARD_MODEL_DIR, START_VALUE_MODEL_DIR, RUN_FILES, RUN_LOCK)
@@ -66,8 +67,7 @@ def _refuse_to_write_over_user_files(cfg: TrainConfig) -> None:
     names = [RUN_CONFIG, CURVES]
     if cfg.generate_samples or cfg.generate_val_samples:
         names += [SAMPLES_JSONL, SAMPLES_MD]
-    if cfg.stage == "rl":
-        names.append(ROLLOUT_SAMPLES)
+    names += STAGES[cfg.stage].run_files
     if cfg.peft.type is not None and cfg.model_config is not None:
         names.append(BASE_MODEL_DIR)
     found = foreign_files(Path(cfg.output_dir), names)

@@ -33,7 +33,6 @@ from model_training.config.loading import (
 from model_training.config.schema import (
     DEFAULT_CONFIG_FILE,
     PROJECT_ROOT,
-    STAGE_COMMANDS,
     DpoConfig,
     PeftConfig,
     PpoConfig,
@@ -48,7 +47,6 @@ from model_training.hub import is_hub_id
 __all__ = [
     "DEFAULT_CONFIG_FILE",
     "PROJECT_ROOT",
-    "STAGE_COMMANDS",
     "TOKENIZER_FILES",
     "ConfigError",
     "DpoConfig",

@@ -16,11 +16,12 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from model_training.config.schema import PROJECT_ROOT, STAGE_COMMANDS, STAGES, TrainConfig, resolve_input_path
+from model_training.config.schema import PROJECT_ROOT, TrainConfig, resolve_input_path
 from model_training.data.chat_formats import CHAT_FORMATS
 from model_training.errors import ConfigError, closest_name, first_line
 from model_training.hub import is_hub_id
 from model_training.layout import is_training_run
+from model_training.stages import STAGES
 
 _CHOICES = {
     "stage": (None, *STAGES),
@@ -138,8 +139,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.generate_val_samples < 0:
         raise ConfigError(f"key 'generate_val_samples' must be at least 0, got {cfg.generate_val_samples}")
     _validate_peft(cfg)
-    _validate_preference_stage(cfg)
-    _validate_rl_stage(cfg)
+    _validate_objectives(cfg)
+    stage = STAGES[cfg.stage]
+    if stage.check is not None:
+        stage.call("check", cfg, stage.command)
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ConfigError(f"key 'save_total_limit' must be at least 1 or null, got {cfg.save_total_limit}")
     if cfg.lr_decay_steps is not None and (cfg.lr_decay_steps < 1 or cfg.lr_scheduler_type == "warmup_decay"):
@@ -314,45 +317,64 @@ def _validate_openassistant_options(cfg: TrainConfig) -> None:
         raise ConfigError("key 'use_system_prefix' is true but 'system_prefix' is empty; give the system text")
 
 
-def _validate_preference_stage(cfg: TrainConfig) -> None:
+def _validate_objectives(cfg: TrainConfig) -> None:
+    """The options of DPO, PPO and GRPO that are wrong whichever stage reads them."""
     if cfg.dpo.loss_type == "ipo" and cfg.dpo.label_smoothing:
         raise ConfigError("key 'dpo.label_smoothing' applies to loss_type sigmoid; IPO has none, set it to 0")
-    if cfg.stage not in ("rm", "dpo"):
-        return
-    command = STAGE_COMMANDS[cfg.stage]
+    ppo = cfg.ppo
+    if not 0 <= ppo.min_new_tokens <= ppo.max_new_tokens:
+        raise ConfigError(f"key 'ppo.min_new_tokens' must be in [0, {ppo.max_new_tokens}], got {ppo.min_new_tokens}; "
+                          "it cannot exceed ppo.max_new_tokens")
+    if not math.isfinite(cfg.grpo.reward_model_weight):
+        raise ConfigError(f"key 'grpo.reward_model_weight' must be a finite number, got {cfg.grpo.reward_model_weight}")
+
+
+def check_reward_model(cfg: TrainConfig, command: str) -> None:
+    """trainer_rm.py's limits (stages.py names this check)."""
+    _check_preference_stage(cfg, command)
+    if cfg.generate_samples:
+        raise ConfigError("key 'generate_samples' is set, but a reward model does not generate; set it to []")
+    _check_preference_data(cfg, command)
+
+
+def check_dpo(cfg: TrainConfig, command: str) -> None:
+    """trainer_dpo.py's limits (stages.py names this check)."""
+    _check_preference_stage(cfg, command)
+    _check_preference_data(cfg, command)
+    if cfg.residual_dropout:
+        raise ConfigError(f"key 'residual_dropout' is {cfg.residual_dropout}, but DPO's reference log-probabilities "
+                          "are the starting policy's without dropout, so the margins would not start at 0; set "
+                          "residual_dropout=0")
+
+
+def _check_preference_stage(cfg: TrainConfig, command: str) -> None:
     if cfg.peft.type is not None or cfg.quantization.load_in_4bit:
         raise ConfigError(f"{command} trains every weight; set peft.type=null and quantization.load_in_4bit=false")
-    if cfg.stage == "rm" and cfg.generate_samples:
-        raise ConfigError("key 'generate_samples' is set, but a reward model does not generate; set it to []")
+
+
+def _check_preference_data(cfg: TrainConfig, command: str) -> None:
     if cfg.generate_val_samples:
         raise ConfigError(f"key 'generate_val_samples' is set, but {command} has no validation conversations to "
                           "answer, only ranked replies; set it to 0")
     if cfg.use_system_prefix:
         raise ConfigError(f"key 'use_system_prefix' is true, but {command} reads each comparison's own system "
                           "message (preference_jsonl's messages); set it to false")
-    if cfg.stage == "dpo" and cfg.residual_dropout:
-        raise ConfigError(f"key 'residual_dropout' is {cfg.residual_dropout}, but DPO's reference log-probabilities "
-                          "are the starting policy's without dropout, so the margins would not start at 0; set "
-                          "residual_dropout=0")
 
 
-def _validate_rl_stage(cfg: TrainConfig) -> None:
-    ppo = cfg.ppo
-    if not 0 <= ppo.min_new_tokens <= ppo.max_new_tokens:
-        raise ConfigError(f"key 'ppo.min_new_tokens' must be in [0, {ppo.max_new_tokens}], got {ppo.min_new_tokens}; "
-                          "it cannot exceed ppo.max_new_tokens")
-    _validate_grpo(cfg)
-    if cfg.stage != "rl":
-        return
+def check_rl(cfg: TrainConfig, command: str) -> None:
+    """trainer_rl.py's limits, PPO's and GRPO's (stages.py names this check)."""
+    if cfg.rl_algorithm == "grpo" and not cfg.grpo.reward_functions and not cfg.ppo.reward_model:
+        raise ConfigError("GRPO needs rewards: set 'grpo.reward_functions' (e.g. [{function: "
+                          "'model_training.training.rewards:exact_answer'}]) or 'ppo.reward_model'")
     if not cfg.deepspeed:
-        raise ConfigError("trainer_rl.py trains the policy and the value model on DeepSpeed; drop deepspeed=false")
+        raise ConfigError(f"{command} trains the policy and the value model on DeepSpeed; drop deepspeed=false")
     if cfg.peft.type is not None or cfg.quantization.load_in_4bit:
-        raise ConfigError("trainer_rl.py trains every weight; set peft.type=null and quantization.load_in_4bit=false")
+        raise ConfigError(f"{command} trains every weight; set peft.type=null and quantization.load_in_4bit=false")
     if cfg.residual_dropout:
         raise ConfigError(f"key 'residual_dropout' is {cfg.residual_dropout}, but PPO's ratio to the rollout policy "
                           "and the KL to the reference are taken without dropout; set residual_dropout=0")
     if cfg.generate_samples or cfg.generate_val_samples:
-        raise ConfigError("keys 'generate_samples' and 'generate_val_samples' are set, but trainer_rl.py logs its own "
+        raise ConfigError(f"keys 'generate_samples' and 'generate_val_samples' are set, but {command} logs its own "
                           "samples of each logged step (ppo.samples_to_log); set them to [] and 0")
     if cfg.model_config is not None:
         raise ConfigError("key 'model_config' is set, but PPO starts from a trained policy, which is also its frozen "
@@ -362,17 +384,8 @@ def _validate_rl_stage(cfg: TrainConfig) -> None:
         if folder is not None and not is_training_run(folder) and not (folder / "config.json").is_file():
             raise ConfigError(f"key '{key}': the folder {folder} has no config.json; expected a reward model saved by "
                               "export_model.py, or a trainer_rm.py checkpoint or run folder")
-    if ppo.prompt_file is None and not cfg.dataset_specs:
-        raise ConfigError("trainer_rl.py needs prompts: set 'ppo.prompt_file' or 'datasets'")
-
-
-def _validate_grpo(cfg: TrainConfig) -> None:
-    grpo = cfg.grpo
-    if not math.isfinite(grpo.reward_model_weight):
-        raise ConfigError(f"key 'grpo.reward_model_weight' must be a finite number, got {grpo.reward_model_weight}")
-    if cfg.stage == "rl" and cfg.rl_algorithm == "grpo" and not grpo.reward_functions and not cfg.ppo.reward_model:
-        raise ConfigError("GRPO needs rewards: set 'grpo.reward_functions' (e.g. [{function: "
-                          "'model_training.training.rewards:exact_answer'}]) or 'ppo.reward_model'")
+    if cfg.ppo.prompt_file is None and not cfg.dataset_specs:
+        raise ConfigError(f"{command} needs prompts: set 'ppo.prompt_file' or 'datasets'")
 
 
 def _validate_peft(cfg: TrainConfig) -> None:

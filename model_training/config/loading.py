@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from model_training import openassistant_keys
 from model_training.config.checks import validate
 from model_training.config.datasets import DATASET_KEYS, merge_checked, parse_dataset_specs
-from model_training.config.schema import CONFIG_DIR, PROJECT_ROOT, STAGE_COMMANDS, TrainConfig
+from model_training.config.schema import CONFIG_DIR, PROJECT_ROOT, TrainConfig
 from model_training.errors import ConfigError, closest_name, first_line
+from model_training.stages import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +148,9 @@ def load_config(
     for message in warnings.values():
         logger.warning("%s", message)
     cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if cfg.stage not in (None, stage) and cfg.stage in STAGE_COMMANDS:
-        raise ConfigError(f"key 'stage' is {cfg.stage!r}: this config trains with {STAGE_COMMANDS[cfg.stage]}, not "
-                          f"{STAGE_COMMANDS[stage]}")
+    if cfg.stage not in (None, stage) and cfg.stage in STAGES:
+        raise ConfigError(f"key 'stage' is {cfg.stage!r}: this config trains with {STAGES[cfg.stage].command}, not "
+                          f"{STAGES[stage].command}")
     cfg.stage = cfg.stage or stage
     cfg.dataset_specs = parse_dataset_specs(cfg, origins)
     validate(cfg)

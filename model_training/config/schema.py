@@ -3,7 +3,7 @@
 `TrainConfig` and the dataclasses of its nested sections are the user's manual (the field docstrings); the
 package's docstring (__init__.py) says how sections merge and how paths and model names are read. This module is
 the bottom of the package but for datasets.py (the typed `datasets` entries): checks.py and loading.py import it,
-and it imports neither. Also here: the project's folders, the stages and their commands, the rule for input
+and it imports neither. Also here: the project's folders, the rule for input
 paths (`resolve_input_path`) and the config as YAML (`to_yaml`).
 """
 
@@ -172,10 +172,6 @@ class GrpoConfig:
     kl_coef: float = 0.0
     """Weight of the k3 KL penalty to the reference in the loss (GRPO paper 0.04); 0: none, and no reference held."""
 
-
-STAGES = ("sft", "rm", "dpo", "rl")
-"""The training stages, each with its command: trainer_sft.py, trainer_rm.py, trainer_dpo.py, trainer_rl.py."""
-STAGE_COMMANDS = {"sft": "trainer_sft.py", "rm": "trainer_rm.py", "dpo": "trainer_dpo.py", "rl": "trainer_rl.py"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,8 +356,8 @@ class TrainConfig:
     # --- stage ---
     stage: str | None = None
     """What is trained: sft (a chat model), rm (a reward model: a scalar head on the model, ranking loss), dpo (a chat
-    model from preference pairs) or rl (PPO against a reward model); null: the command's (trainer_sft.py,
-    trainer_rm.py, trainer_dpo.py, trainer_rl.py). A section that sets it runs with its own command only."""
+    model from preference pairs) or rl (PPO or GRPO); null: the command's (trainer_sft.py, trainer_rm.py,
+    trainer_dpo.py, trainer_rl.py; model_training/stages.py). A section that sets it runs with its own command only."""
     dpo: DpoConfig = field(default_factory=DpoConfig)
     """DPO's options (stage dpo)."""
     ppo: PpoConfig = field(default_factory=PpoConfig)

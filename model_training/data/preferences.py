@@ -38,6 +38,7 @@ from model_training.data.records import Comparison
 from model_training.data.sources import SOURCES
 from model_training.data.sources.common import DatasetConfig, FilterReport, LoadContext
 from model_training.data.store import StoredSamples, TokenStore, token_dtype
+from model_training.stages import STAGES
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -182,7 +183,8 @@ def _store_job(
         name=display,
         chunks=whole.chunks,
         encode=lambda part: encode_comparisons(part.records, tokenizer, cfg.chat_format),
-        choose=lambda table: choose_groups(table, whole.sides(len(table.starts)), options, limits, cfg.stage == "dpo"),
+        choose=lambda table: choose_groups(table, whole.sides(len(table.starts)), options, limits,
+                                           STAGES[cfg.stage].pairs),
         token_dtype=token_dtype(len(tokenizer)),
         workers=cfg.data_workers or workers_per_process(),
         wait_timeout=cfg.data_wait_timeout,

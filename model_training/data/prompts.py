@@ -19,7 +19,7 @@ import numpy as np
 
 from model_training.config import ConfigError, TrainConfig, resolve_input_path
 from model_training.data.formatting import IGNORE_INDEX, FormattedSample, format_prompt
-from model_training.data.prepare import TokenizedSplit, prepare_data
+from model_training.data.prepare import PreparedData, TokenizedSplit, prepare_data
 from model_training.data.records import InvalidRecord
 from model_training.data.sources.preference_jsonl import prompt_turns
 from model_training.data.sources.rows import convert_rows, read_rows
@@ -35,6 +35,12 @@ class Prompt:
     input_ids: tuple[int, ...]
     fields: tuple[tuple[str, Any], ...] = ()
     """The prompt file record's other fields (e.g. a reference `answer`), which GRPO's reward functions read."""
+
+
+def prepare_prompt_data(cfg: TrainConfig, tokenizer: Any) -> PreparedData | None:
+    """What `load_prompts` reads through the token stores, prepared ahead (`--prepare_only`): the SFT datasets it
+    takes the prompts from; None for a prompt file, which is read at each start."""
+    return prepare_data(cfg, tokenizer) if cfg.ppo.prompt_file is None else None
 
 
 def load_prompts(cfg: TrainConfig, tokenizer: Any) -> list[Prompt]:

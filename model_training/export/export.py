@@ -75,6 +75,16 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ExportError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32") from None
 
 
+START_SHARD_SIZE = 5 * 2**30
+"""The shards of a starting model's export (`export_start_model`): read once by the run, never shipped."""
+
+
+def export_start_model(checkpoint: Path, target: Path, dtype: str) -> None:
+    """The training checkpoint a run starts from, as the Hugging Face folder `target` it loads (training/start.py's
+    `Exporter`, which the command line hands to the recipes); whatever `target` held is replaced."""
+    export_model(checkpoint, target, TORCH_DTYPES[dtype], START_SHARD_SIZE, overwrite=True)
+
+
 def export_model(
     source: Path,
     output_folder: Path,

@@ -41,6 +41,7 @@ from model_training.models.lora import apply_lora, quantize_linear_layers
 from model_training.models.packed_attention import enable_packed_attention
 from model_training.models.residual_dropout import apply_residual_dropout
 from model_training.models.reward_head import enable_token_scores
+from model_training.stages import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,12 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase,
     ds_config: dict[str, Any],
     save_base_to: Path | None = None,
+    reward_head: bool | None = None,
 ) -> torch.nn.Module:
-    """The causal LM (for the reward model, `stage` rm: the sequence classifier with one score, its forward returning
-    a score per token, models/reward_head.py), its embeddings resized for the added tokens, residual dropout,
-    checkpointing and packed attention applied; then, as configured, its linear layers quantized to 4 bits and
-    LoRA adapters added.
+    """The causal LM (with `reward_head`, by default the stage's, stages.py: the sequence classifier with one score,
+    its forward returning a score per token, models/reward_head.py), its embeddings resized for the added tokens,
+    residual dropout, checkpointing and packed attention applied; then, as configured, its linear layers quantized to
+    4 bits and LoRA adapters added.
 
     Must run after torch.distributed is initialized and before the engine is built (`deepspeed.initialize`):
     under ZeRO-3 the weights are partitioned as they are created, so a 40B model never exists whole on one rank.
@@ -96,20 +98,21 @@ def build_model(
     LoRA run whose base exists nowhere else (random weights from `model_config`).
     """
     global _hf_deepspeed_config
-    stage = zero_stage(ds_config)
-    _check_fits_zero(cfg, stage)
+    zero = zero_stage(ds_config)
+    _check_fits_zero(cfg, zero)
     # Alive, transformers partitions every model it builds under zero.Init: only while this one is built under ZeRO-3
     # (PPO builds its frozen models whole beside partitioned ones).
-    _hf_deepspeed_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    _hf_deepspeed_config = HfDeepSpeedConfig(ds_config) if zero == 3 else None
     device = training_device()
     # The same seed on every rank: random weights must be identical across data-parallel replicas. torch's
     # generators (every device's) are all that initialization draws from; transformers.set_seed would also
     # import its trainer utilities, and peft with them: seconds of startup.
     torch.manual_seed(cfg.rng_seed)
-    model = _create_model(cfg, tokenizer, stage, device)
+    reward_head = STAGES[cfg.stage].reward_head if reward_head is None else reward_head
+    model = _create_model(cfg, tokenizer, zero, device, reward_head)
     # Named in the saved config, so that an export builds the same class (a model from `model_config` names none).
     model.config.architectures = [type(model).__name__]
-    if cfg.stage == "rm":
+    if reward_head:
         enable_token_scores(model)
     new_rows = _fit_to_tokenizer(model, tokenizer)
     if cfg.freeze_layer is not None:
@@ -162,23 +165,23 @@ _COUNTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_v
 
 
 def _create_model(
-    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, stage: int, device: torch.device
+    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, zero: int, device: torch.device, reward_head: bool
 ) -> PreTrainedModel:
     """The causal LM (sequence classifier for the reward model) with random weights from `model_config`, or loaded
     from `model_name`: a hub model, a local folder, or one of our exports (a reward model's head then starts random)."""
     dtype = TORCH_DTYPES[cfg.dtype]
-    auto_class, head = (AutoModelForSequenceClassification, {"num_labels": 1}) if cfg.stage == "rm" else (
+    auto_class, head = (AutoModelForSequenceClassification, {"num_labels": 1}) if reward_head else (
         AutoModelForCausalLM, {})
     if cfg.model_config is not None:
         config = model_config(cfg, **head)
         config.vocab_size = _padded(len(tokenizer))  # sized for the tokenizer: no resize afterwards
         # Initialized where it trains: on a GPU in a second, where the CPU takes most of a minute for 2B
         # parameters. Under ZeRO-3, zero.Init (through the HfDeepSpeedConfig) partitions it onto the GPUs.
-        with contextlib.nullcontext() if stage == 3 else device:
+        with contextlib.nullcontext() if zero == 3 else device:
             return auto_class.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     # Straight onto the GPU, except under ZeRO-3 (partitioned as it loads) and for a 4-bit base, which is
     # quantized onto the GPU a layer at a time and so never has to fit there in 16 bits.
-    onto_device = stage != 3 and not cfg.quantization.load_in_4bit and device.type == "cuda"
+    onto_device = zero != 3 and not cfg.quantization.load_in_4bit and device.type == "cuda"
     # transformers' LOAD REPORT table, printed by every rank, says it in a dozen lines; _report_load says it in one.
     with _quiet_load_report():
         model, loading = auto_class.from_pretrained(
@@ -328,20 +331,20 @@ def _save_base(model: torch.nn.Module, folder: Path) -> None:
     logger.info("LoRA base model (random weights) saved to %s for export", folder)
 
 
-def _check_fits_zero(cfg: TrainConfig, stage: int) -> None:
+def _check_fits_zero(cfg: TrainConfig, zero: int) -> None:
     """LoRA and a 4-bit base run on ZeRO-0/1/2: ZeRO-3 would partition weights that bitsandbytes packs and
     peft wraps, and LoRA's few trained weights gain nothing from it. torch.compile does not trace ZeRO-3."""
-    if stage == 3 and cfg.quantization.load_in_4bit:
+    if zero == 3 and cfg.quantization.load_in_4bit:
         raise ConfigError(
             f"a 4-bit base (quantization.load_in_4bit) cannot be partitioned by ZeRO-3 ({cfg.deepspeed_config}); "
             "use configs/zero_config.json (ZeRO-2): the 4-bit base fits on each GPU"
         )
-    if stage == 3 and cfg.torch_compile:
+    if zero == 3 and cfg.torch_compile:
         raise ConfigError(
             f"torch_compile=true does not work with ZeRO-3 ({cfg.deepspeed_config}), whose parameters are gathered "
             "by hooks torch.compile cannot trace; set torch_compile=false or use ZeRO-2"
         )
-    if stage == 3 and cfg.peft.type is not None:
+    if zero == 3 and cfg.peft.type is not None:
         raise ConfigError(
             f"LoRA runs on ZeRO-2, not ZeRO-3 ({cfg.deepspeed_config}): use configs/zero_config.json, and a 4-bit "
             "base (quantization.load_in_4bit=true) when the 16-bit base does not fit on one GPU"

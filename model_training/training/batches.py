@@ -137,6 +137,11 @@ def inputs_on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def batch_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> BatchSpec:
+    """SFT's spec (stages.py): conversations in padded or packed rows, the loss over the assistants' tokens."""
+    return BatchSpec(cfg.packing, tokenizer.pad_token_id, uses_chunked_loss(cfg, engine))
+
+
 def uses_chunked_loss(cfg: TrainConfig, engine: Any) -> bool:
     """Whether the loss comes from the last hidden states chunk by chunk (`chunked_loss`) or from full logits.
 

@@ -110,28 +110,33 @@ STAGE_PANELS: dict[str, list[tuple[str, str, str]]] = {
 
 def curves(records: list[dict[str, Any]]) -> list[Panel]:
     """What the figure shows, panel by panel, for the stage that wrote `records`: the data, apart from any drawing."""
+    return _PANELS[stage_of(records)](records)
+
+
+def _loss_panels(records: list[dict[str, Any]], more: list[Panel] | None = None) -> list[Panel]:
+    """SFT's, the reward model's and DPO's: their own metrics, each beside its validation values, `more`, then the
+    step's."""
     stage = stage_of(records)
-    if stage == "rl":
-        return _ppo_panels(records)
-    if stage == "grpo":
-        return _grpo_panels(records)
     eval_sets = sorted({m.group(1) for r in records for key in r if (m := EVAL_KEY.fullmatch(key))})
     panels = [Panel(title, ylabel, [_series("train", records, metric),
                                     *(_series(f"eval {name}", records, f"eval/{name}/{metric}", marked=True)
                                       for name in eval_sets)])
               for metric, title, ylabel in STAGE_PANELS[stage]]
-    if stage == "dpo":
-        panels += [
-            Panel("implicit rewards", "beta log(pi / pi_ref), summed",
-                  [_series("chosen", records, "reward_chosen"), _series("rejected", records, "reward_rejected")]),
-            Panel("log-probabilities", "log pi of the reply, summed",
-                  [_series("chosen", records, "logp_chosen"), _series("rejected", records, "logp_rejected")]),
-        ]
-    return panels + [
+    return panels + (more or []) + [
         Panel("learning rate", "learning rate", [_series("lr", records, "lr")]),
         Panel("tokens/s", "tokens/s, all ranks", [_series("tokens/s", records, "tokens_per_s")]),
         Panel("grad norm", "L2 norm of the gradient", [_series("grad norm", records, "grad_norm")]),
     ]
+
+
+def _dpo_panels(records: list[dict[str, Any]]) -> list[Panel]:
+    """DPO's: the loss panels, with the implicit rewards and log-probabilities of the chosen and rejected replies."""
+    return _loss_panels(records, [
+        Panel("implicit rewards", "beta log(pi / pi_ref), summed",
+              [_series("chosen", records, "reward_chosen"), _series("rejected", records, "reward_rejected")]),
+        Panel("log-probabilities", "log pi of the reply, summed",
+              [_series("chosen", records, "logp_chosen"), _series("rejected", records, "logp_rejected")]),
+    ])
 
 
 def _ppo_panels(records: list[dict[str, Any]]) -> list[Panel]:
@@ -242,6 +247,12 @@ def _draw_panel(ax: Axes, panel: Panel) -> None:
     ax.legend(fontsize="small")
 
 
+_PANELS = {"sft": _loss_panels, "rm": _loss_panels, "dpo": _dpo_panels, "rl": _ppo_panels, "grpo": _grpo_panels}
+"""The figure of each kind of metrics.jsonl (`stage_of`): GRPO writes its own metrics, though it is no stage."""
+STEP_NAMES = {"rl": "PPO step", "grpo": "GRPO step"}
+"""The x axis of the stages whose step is not one optimizer step."""
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """Draw `run_dir/metrics.jsonl` into `out` (default `run_dir/training_curves.png`); returns the PNG's path.
     Raises PlotError when there is nothing to plot."""
@@ -250,7 +261,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     records = read_records(run_dir / METRICS)
     stage = stage_of(records)
     fig = draw(curves(records), f"{run_dir} ({STAGE_NAMES[stage]}): step {records[-1]['step']}",
-               f"{STAGE_NAMES[stage]} step" if stage in ("rl", "grpo") else "optimizer step")
+               STEP_NAMES.get(stage, "optimizer step"))
     fig.savefig(out, dpi=DPI)  # the dpi again: a user's matplotlibrc may set savefig.dpi
     return out
 

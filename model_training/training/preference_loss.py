@@ -34,11 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model_training.config import ConfigError, DpoConfig
+from model_training.config import ConfigError, DpoConfig, TrainConfig
 from model_training.data.collate import collate
 from model_training.data.formatting import IGNORE_INDEX
 from model_training.data.preferences import PreferenceGroup
 from model_training.models.reward_head import reward_position
+from model_training.stages import STAGES
 from model_training.training.batches import PAD_TO_MULTIPLE_OF, RunData, inputs_on
 from model_training.training.distributed import DistInfo
 from model_training.training.evaluation import rank_batches
@@ -69,19 +70,25 @@ class PairTargets:
     """(pairs, 2) reference log-probabilities of (better, worse), float64 (dpo, once computed)."""
 
 
+def preference_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> PreferenceSpec:
+    """The reward model's and DPO's spec (stages.py): which loss follows from the stage's model head."""
+    return PreferenceSpec(STAGES[cfg.stage].reward_head, cfg.packing, tokenizer.pad_token_id, cfg.dpo)
+
+
 @dataclass(frozen=True)
 class PreferenceSpec:
     """How preference groups reach the engine and what their loss is (module docstring); the loop's spec for the
     rm and dpo stages, as `BatchSpec` is for SFT."""
 
-    stage: str
+    reward_model: bool
+    """The reward model's ranking loss on its scores; else DPO's loss on the policy's log-probabilities."""
     packing: bool
     pad_id: int
     dpo: DpoConfig
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return RM_METRICS if self.stage == "rm" else DPO_METRICS
+        return RM_METRICS if self.reward_model else DPO_METRICS
 
     def device_batch(self, groups: list[PreferenceGroup], device: torch.device) -> tuple[dict[str, Any], PairTargets]:
         sequences = [s for group in groups for s in group.sequences]
@@ -100,7 +107,7 @@ class PreferenceSpec:
             worse += [first + j for i in range(k) for j in range(i + 1, k)]
             first += k
         pairs = {"better": torch.tensor(better), "worse": torch.tensor(worse)}
-        if self.stage == "rm":
+        if self.reward_model:
             positions = [start + reward_position(s.input_ids, self.pad_id) for start, s in zip(starts, sequences)]
             return inputs_on(batch, device), PairTargets(**pairs, positions=torch.tensor(positions))
         ids = torch.full((rows * width,), -1, dtype=torch.long)
@@ -112,7 +119,7 @@ class PreferenceSpec:
 
     def sums(self, engine: Any, inputs: dict[str, Any], targets: PairTargets) -> torch.Tensor:
         """The sums over the batch's pairs of `metrics`, loss first, on the device."""
-        if self.stage == "rm":
+        if self.reward_model:
             scores = engine(**inputs)
             rewards = scores.reshape(-1)[targets.positions.to(engine.device)].to(reduction_dtype(scores))
             return ranking_sums(rewards, targets.better, targets.worse)

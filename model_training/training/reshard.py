@@ -177,14 +177,14 @@ def _write_shared_files(state: OptimizerState, root: Path) -> list[Path]:
     counters, shapes; ZeRO-1/2's without the module weights, which it does not read)."""
     (root / ZERO_DIR).mkdir(parents=True, exist_ok=True)  # other ranks may have made it for their parameters
     shared = {key: value for key, value in state.rank0_state.items() if key not in _SHARDED_KEYS}
-    if state.zero_stage == 3:
+    if state.zero_stage in (1, 2):
+        groups = state.rank0_state["base_optimizer_state"]["param_groups"]
+        model_states, name = {**state.model_states, "module": {}}, ZERO12_MODEL_STATES
+    else:
         groups = state.rank0_state["optimizer_state_dict"]["param_groups"]
         # ZeRO-3's loader reads the step from the first group's state.
         shared["optimizer_state_dict"] = {"state": {0: {"step": _plain(state.step)}}, "param_groups": groups}
         model_states, name = dict(state.model_states), zero3_model_states(0)
-    else:
-        groups = state.rank0_state["base_optimizer_state"]["param_groups"]
-        model_states, name = {**state.model_states, "module": {}}, ZERO12_MODEL_STATES
     shared["param_groups"] = groups
     written = [root / ZERO_DIR / OPTIMIZER_STATE_FILE, root / name]
     torch.save(shared, written[0])

@@ -98,11 +98,11 @@ def _check_same_engine_layout(cfg: TrainConfig, ckpt: Path, tag: str) -> None:
     keeps each rank's model states apart, ZeRO-1/2 in one file; a bf16 run keeps its optimizer in other files than an
     fp16 or fp32 one (DeepSpeed's AssertionError or FileNotFoundError, deep in the load, otherwise)."""
     saved_stage3 = (ckpt / tag / zero3_model_states(0)).is_file()
-    stage = zero_stage(read_deepspeed_json(cfg.deepspeed_config)[1])
-    if saved_stage3 != (stage == 3):
+    zero = zero_stage(read_deepspeed_json(cfg.deepspeed_config)[1])
+    if saved_stage3 != (zero == 3):
         saved = "ZeRO-3" if saved_stage3 else "ZeRO-1/2"
         raise CheckpointError(
-            f"it was saved under {saved}, and deepspeed_config '{cfg.deepspeed_config}' asks for ZeRO-{stage}, whose "
+            f"it was saved under {saved}, and deepspeed_config '{cfg.deepspeed_config}' asks for ZeRO-{zero}, whose "
             f"engine state DeepSpeed keeps in other files; resume it with a {saved} deepspeed_config, or export it and "
             "start a new run from the export")
     try:

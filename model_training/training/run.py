@@ -28,10 +28,11 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from model_training.checkpoints.read import CheckpointError
 from model_training.config import TrainConfig, to_yaml
 from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, record_run_file, remove_run
 from model_training.models.builder import build_model
-from model_training.training.checkpoint import CheckpointError, seed_everything
+from model_training.training.checkpoint import seed_everything
 from model_training.training.distributed import DistInfo, LaunchError, init_distributed
 from model_training.training.ds_config import build_deepspeed_config, clean_cuda_arch_list
 from model_training.training.metrics import MetricsLogger
@@ -136,21 +137,22 @@ def build_engine(
     total_steps: int,
     clock: StartupClock,
     load_universal: bool = False,
+    reward_head: bool | None = None,
 ) -> Any:
     """The model inside its engine: DeepSpeed's, or without DeepSpeed the plain PyTorch one (torch_engine.py),
     each with PyTorch's AdamW and our schedule. `load_universal`: the engine will load a checkpoint of another number
-    of ranks through its universal conversion (reshard.py)."""
+    of ranks through its universal conversion (reshard.py). `reward_head`: models/builder.py's (None: the stage's)."""
     # A LoRA checkpoint holds only the adapters: a random-weight base must be kept for the export.
     keep_base = cfg.peft.type is not None and cfg.model_config is not None and cfg.save_strategy != "no"
     save_base_to = Path(cfg.output_dir) / BASE_MODEL_DIR if keep_base and info.is_main else None
     if not cfg.deepspeed:
-        model = build_model(cfg, tokenizer, {}, save_base_to)
+        model = build_model(cfg, tokenizer, {}, save_base_to, reward_head)
         clock.phase("model build")
         return build_torch_engine(model, cfg, info.world_size, total_steps)
     ds_config = build_deepspeed_config(cfg, info.world_size, cuda=torch.cuda.is_available(), total_steps=total_steps)
     if load_universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    model = build_model(cfg, tokenizer, ds_config, save_base_to)
+    model = build_model(cfg, tokenizer, ds_config, save_base_to, reward_head)
     clock.phase("model build")
     clean_cuda_arch_list()  # before DeepSpeed builds an op (the offloaded optimizer's CPU Adam)
     engine, _, _, _ = deepspeed.initialize(

@@ -2,8 +2,9 @@
 checkpoint): how the preference stages start from an SFT run without a separate export (and PPO from its reward
 model's run, `model_folder`).
 
-Rank 0 exports the checkpoint once (export/export.py: any ZeRO layout, streamed, in the run's dtype) into the run
-folder's `start_model/`, a Hugging Face folder with the tokenizer, from which the tokenizer and the model are then
+Rank 0 exports the checkpoint once (export/export.py: any ZeRO layout, streamed, in the run's dtype; the command line
+hands the exporter to the recipe, `Exporter`, so that training/ does not import export/) into the run folder's
+`start_model/`, a Hugging Face folder with the tokenizer, from which the tokenizer and the model are then
 loaded like any other. An export already there is reused while it comes from the same checkpoint, the same folder
 with the same manifest (its `source.txt`), so a resume does not export again; one from another checkpoint, or from a
 checkpoint saved again at the same path by another run, is replaced.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,23 +24,25 @@ from model_training.checkpoints.read import CheckpointError, resolve_checkpoint
 from model_training.config import PROJECT_ROOT, ConfigError, TrainConfig, resolve_input_path
 from model_training.hub import is_hub_id
 from model_training.layout import MANIFEST, START_MODEL_DIR, TOKENIZER_DIR, is_training_run
-from model_training.models.dtypes import TORCH_DTYPES
 from model_training.training.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 
+Exporter = Callable[[Path, Path, str], None]
+"""`export(checkpoint, target, dtype)`: a committed checkpoint into the Hugging Face folder `target`, in `dtype`
+(export/export.py's `export_start_model`); CheckpointError, ValueError or OSError when it cannot."""
+
 SOURCE_FILE = "source.txt"
 """In start_model/: the checkpoint it was exported from."""
-SHARD_SIZE = 5 * 2**30
 
 
-def start_model_config(cfg: TrainConfig, info: DistInfo) -> TrainConfig:
+def start_model_config(cfg: TrainConfig, info: DistInfo, export: Exporter) -> TrainConfig:
     """`cfg` to load the tokenizer and the model with: `cfg` itself, or, when `model_name` is a training checkpoint
     or run folder, `cfg` with `model_name` its export (module docstring). Call on every rank; ConfigError on every
     rank when the checkpoint cannot be exported."""
     if cfg.model_name is None:
         return cfg
-    return replace(cfg, model_name=model_folder(cfg.model_name, "model_name", START_MODEL_DIR, cfg, info))
+    return replace(cfg, model_name=model_folder(cfg.model_name, "model_name", START_MODEL_DIR, cfg, info, export))
 
 
 def tokenizer_config(cfg: TrainConfig) -> TrainConfig:
@@ -61,7 +65,7 @@ def saved_folder(name: str, key: str, sub: str) -> str:
         raise ConfigError(f"key '{key}': {err}") from None
 
 
-def model_folder(name: str, key: str, export_dir: str, cfg: TrainConfig, info: DistInfo) -> str:
+def model_folder(name: str, key: str, export_dir: str, cfg: TrainConfig, info: DistInfo, export: Exporter) -> str:
     """The model that config key `key` names (`name`) as a hub id or folder to load from: `name` itself, or, when it
     is a training checkpoint or run folder, its export into `output_dir/export_dir` (module docstring). Call on
     every rank; ConfigError on every rank when the checkpoint cannot be exported."""
@@ -69,7 +73,7 @@ def model_folder(name: str, key: str, export_dir: str, cfg: TrainConfig, info: D
     if folder is None:
         return name
     target = Path(cfg.output_dir).absolute() / export_dir
-    shared = [_export_once(folder, target, cfg.dtype, key) if info.is_main else None]
+    shared = [_export_once(folder, target, cfg.dtype, key, export) if info.is_main else None]
     # Also the barrier: the other ranks load the export only once rank 0 has written it.
     dist.broadcast_object_list(shared, src=0)
     if shared[0] is not None:
@@ -85,10 +89,8 @@ def training_run(name: str) -> Path | None:
     return folder if is_training_run(folder) else None
 
 
-def _export_once(folder: Path, target: Path, dtype: str, key: str) -> str | None:
+def _export_once(folder: Path, target: Path, dtype: str, key: str, export: Exporter) -> str | None:
     """Export the checkpoint `folder` names into `target` unless it holds that export already; the error's message."""
-    from model_training.export.export import ExportError, export_model  # the exporter, only where it is needed
-
     try:
         checkpoint = resolve_checkpoint(folder, folder).resolve()
         # The manifest holds every file's hash: a checkpoint saved again at this path has another one.
@@ -96,10 +98,10 @@ def _export_once(folder: Path, target: Path, dtype: str, key: str) -> str | None
         if (target / SOURCE_FILE).is_file() and (target / SOURCE_FILE).read_text() == source:
             logger.info("starting model: %s, exported from %s before", target, checkpoint)
             return None
-        export_model(checkpoint, target, TORCH_DTYPES[dtype], SHARD_SIZE, overwrite=True)
+        export(checkpoint, target, dtype)
         # Written after the folder is whole: an export cut short has none, and is done again.
         (target / SOURCE_FILE).write_text(source)
-    except (CheckpointError, ExportError, OSError) as err:
+    except (CheckpointError, ValueError, OSError) as err:  # export/'s ExportError is a ValueError
         return f"key '{key}': cannot start from the training checkpoint {folder}: {err}"
     logger.info("starting model: %s exported into %s (%s)", checkpoint, target, dtype)
     return None

@@ -32,14 +32,15 @@ from model_training.checkpoints.read import CheckpointError
 from model_training.config import ConfigError, TrainConfig, zero_stage
 from model_training.console import ranks
 from model_training.data.formatting import format_system_prefix
-from model_training.data.preferences import PreparedPreferences, StoredGroups, prepare_preferences
-from model_training.data.prepare import PreparedData, prepare_data
+from model_training.data.preferences import PreparedPreferences, StoredGroups
+from model_training.data.prepare import PreparedData
 from model_training.data.prompts import sample_prompts
 from model_training.data.store import Concatenated, StoredSamples, update_digest
 from model_training.data.windows import LengthRule, WholeSamples
 from model_training.models.builder import load_tokenizer
 from model_training.models.lora import is_lora_model
-from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader, uses_chunked_loss
+from model_training.stages import STAGES
+from model_training.training.batches import BatchSpec, RunData, SampleSpec, StepReader
 from model_training.training.checkpoint import load_checkpoint
 from model_training.training.distributed import DistInfo
 from model_training.training.evaluation import Evaluator, without_supervised_tokens
@@ -47,7 +48,7 @@ from model_training.training.metrics import MetricsLogger
 from model_training.training.preemption import (
     StopRequest,
 )
-from model_training.training.preference_loss import PreferenceSpec, save_references, with_references
+from model_training.training.preference_loss import save_references, with_references
 from model_training.training.report import eval_lines
 from model_training.training.resume import (
     Resume,
@@ -74,7 +75,7 @@ from model_training.training.run import (
 )
 from model_training.training.samples import generate_answers, write_samples
 from model_training.training.saver import Saver
-from model_training.training.start import start_model_config, tokenizer_config
+from model_training.training.start import Exporter, start_model_config, tokenizer_config
 from model_training.training.step import PendingLosses, StepRunner, TrainingError
 from model_training.training.step_plan import StepPlan, plan_sources
 from model_training.training.throughput import ThroughputMeter
@@ -141,9 +142,9 @@ class TrainerState(FieldsState):
 def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupClock) -> RunData:
     """The stage's samples (SFT: conversations cut when batched; rm, dpo: preference groups, cut when formatted) and
     the plan that orders them."""
-    if cfg.stage == "sft":
-        data: PreparedData | PreparedPreferences = prepare_data(cfg, tokenizer)
-        clock.phase("data", f"{sum(data.cached)} of {len(data.cached)} datasets from the tokenized cache")
+    data: PreparedData | PreparedPreferences = STAGES[cfg.stage].call("prepare", cfg, tokenizer)
+    clock.phase("data", f"{sum(data.cached)} of {len(data.cached)} datasets from the tokenized cache")
+    if isinstance(data, PreparedData):
         train_rule, val_rule = _length_rules(cfg, tokenizer)
         empty = without_supervised_tokens(data.val, val_rule, cfg.eval_size)
         if empty is not None:
@@ -152,8 +153,6 @@ def _run_data(cfg: TrainConfig, tokenizer: Any, info: DistInfo, clock: StartupCl
                               f"an assistant's reply once each sample is cut to that length; expected a limit that "
                               "reaches into the replies")
     else:
-        data = prepare_preferences(cfg, tokenizer)
-        clock.phase("data", "preference groups")
         train_rule = val_rule = WholeSamples()
     # One pool of every dataset's samples, read where they lie (a token store, data/store.py): nothing is copied.
     samples = Concatenated([split.samples for split in data.train])
@@ -204,24 +203,27 @@ def _fingerprint_data(data: RunData) -> str:
 
 
 def _fingerprint_model(cfg: TrainConfig) -> str:
-    """Model source and shape, and what is trained (LoRA adapters on which base)."""
+    """Model source and shape, the stage and its objective's options, and what is trained (LoRA adapters on which
+    base)."""
     source = cfg.model_name if cfg.model_config is None else repr(sorted(cfg.model_config.items()))
-    if cfg.stage != "sft":  # SFT keeps the fingerprint its earlier checkpoints carry
-        source += f"|stage={cfg.stage}"
-    if cfg.stage == "dpo":  # another objective is another run
-        source += repr(asdict(cfg.dpo))
+    stage = STAGES[cfg.stage]
+    if stage.named_in_fingerprint:
+        source += f"|stage={stage.name}"
+    for section in stage.fingerprint:
+        source += repr(asdict(getattr(cfg, section)))
     if cfg.peft.type is not None:  # full fine-tuning keeps the fingerprint its earlier checkpoints carry
         source += repr((asdict(cfg.peft), asdict(cfg.quantization)))
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, export: Exporter) -> Path:
     """Run the training described by `cfg`; return the run folder. A signal stops it at the next optimizer step with
-    a checkpoint and raises `Stopped` (preemption.py)."""
-    return launch(cfg, _train)
+    a checkpoint and raises `Stopped` (preemption.py). `export`: how a model given as a training checkpoint becomes a
+    folder to load (training/start.py)."""
+    return launch(cfg, partial(_train, export=export))
 
 
-def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
+def _train(cfg: TrainConfig, stop: StopRequest, export: Exporter) -> Path:
     info, clock = start_run(cfg, cfg.deepspeed)
     output_dir = Path(cfg.output_dir)
 
@@ -237,7 +239,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     if resume is not None and already_complete(cfg, resume, resume.saved["optimizer_step"], state.total_steps):
         leave_process_group()
         return output_dir
-    model_cfg = start_model_config(cfg, info)
+    model_cfg = start_model_config(cfg, info, export)
     if resume is not None:
         data = replace(data, plan=continued_plan(data.plan, resume))
         convert_if_needed(cfg, resume)
@@ -247,11 +249,12 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     clock.phase("engine init", f"optimizer {type(engine.basic_optimizer).__name__}")
     record_config(cfg, info)
 
-    spec = _sample_spec(cfg, tokenizer, engine)
+    # How the stage's samples become batches and losses.
+    spec: SampleSpec = STAGES[cfg.stage].call("spec", cfg, tokenizer, engine)
     if resume is not None:
         _resume(cfg, engine, state, resume, data.plan)
         clock.phase("resume")
-    if cfg.stage == "dpo":
+    if STAGES[cfg.stage].references:
         resume_from = None if resume is None else resume.checkpoint
         data = with_references(engine, spec, data, cfg.per_device_eval_batch_size, cfg.eval_size, info, resume_from)
         clock.phase("reference log-probabilities", "from the checkpoint" if resume_from else "computed")
@@ -288,15 +291,8 @@ def _log_plan(cfg: TrainConfig, data: RunData, total_steps: int, engine: Any, sp
         cfg.stage, len(data.samples), plan.samples_per_epoch, plan.steps_per_epoch, total_steps,
         f"ZeRO stage {zero_stage(engine.config)}" if cfg.deepspeed else "plain PyTorch", ranks(world),
         "packed" if cfg.packing else "padded",
-        f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if cfg.stage == "sft" else "",
+        f", loss from {'hidden states in chunks' if spec.chunked else 'logits'}" if isinstance(spec, BatchSpec) else "",
     )
-
-
-def _sample_spec(cfg: TrainConfig, tokenizer: Any, engine: Any) -> SampleSpec:
-    """How the stage's samples become batches and losses."""
-    if cfg.stage == "sft":
-        return BatchSpec(cfg.packing, tokenizer.pad_token_id, uses_chunked_loss(cfg, engine))
-    return PreferenceSpec(cfg.stage, cfg.packing, tokenizer.pad_token_id, cfg.dpo)
 
 
 def _resume(cfg: TrainConfig, engine: Any, state: TrainerState, resume: Resume, plan: StepPlan) -> None:
@@ -354,7 +350,7 @@ def _loop_parts(
         evaluate=Evaluator(data.val, data.val_rule, cfg.eval_size, cfg.per_device_eval_batch_size, spec, info.rank,
                            info.world_size),
         saver=Saver(cfg, tokenizer, state.total_steps, state.epoch_steps,
-                    keep_references if cfg.stage == "dpo" else None),
+                    keep_references if STAGES[cfg.stage].references else None),
         stop=stop,
         tokenizer=tokenizer,
         info=info,
@@ -457,8 +453,9 @@ def _generate_samples(
     """The prompt -> answer table of the trained model (training/samples.py), when the config asks for one."""
     if not (cfg.generate_samples or cfg.generate_val_samples):
         return
-    # The preference stages' validation sets are groups of replies, with no openings to answer.
-    val_splits = parts.data.val if cfg.stage == "sft" else []
+    # Only SFT may ask for validation openings (config/checks.py): the preference stages' validation sets are groups
+    # of replies, with no openings to answer.
+    val_splits = parts.data.val if cfg.generate_val_samples else []
     tokenizer, info = parts.tokenizer, parts.info
     prompts = sample_prompts(cfg.generate_samples, val_splits, cfg.generate_val_samples, tokenizer, cfg.chat_format)
     rows = generate_answers(

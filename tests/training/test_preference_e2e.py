@@ -141,7 +141,7 @@ def test_reward_model_exports_as_a_sequence_classifier_that_scores_through_the_c
     # As the trainer builds it: a score per token, each sequence of a packed row attending only to itself.
     trained = enable_token_scores(AutoModelForSequenceClassification.from_pretrained(folder).eval())
     enable_packed_attention(trained)
-    spec = PreferenceSpec("rm", True, tokenizer.pad_token_id, DpoConfig())
+    spec = PreferenceSpec(True, True, tokenizer.pad_token_id, DpoConfig())
 
     records = [json.loads(line) for line in planted.read_text().splitlines()[:20]]
     right = 0

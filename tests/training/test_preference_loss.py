@@ -41,7 +41,7 @@ def tiny(stage: str) -> tuple[torch.nn.Module, object]:
 def test_ranking_loss_equals_a_hand_computation_for_groups_of_two_three_and_four(packing: bool) -> None:
     model, tokenizer = tiny("rm")
     groups = [format_comparison(comparison(k), tokenizer, "openassistant") for k in (2, 3, 4)]
-    spec = PreferenceSpec("rm", packing, tokenizer.pad_token_id, DpoConfig())
+    spec = PreferenceSpec(True, packing, tokenizer.pad_token_id, DpoConfig())
     inputs, targets = spec.device_batch(groups, torch.device("cpu"))
     with torch.no_grad():
         loss_sum, correct, margin_sum = spec.sums(model, inputs, targets).tolist()
@@ -94,7 +94,7 @@ def test_dpo_loss_and_gradients_equal_a_direct_computation(loss_type: str, label
         PreferenceGroup(format_comparison(comparison(2, prompt), tokenizer, "openassistant").sequences, reference)
         for prompt, reference in zip(["Capital of France?", "Where is Paris?", "Name a city."], references)
     ]
-    spec = PreferenceSpec("dpo", packing, tokenizer.pad_token_id, options)
+    spec = PreferenceSpec(False, packing, tokenizer.pad_token_id, options)
     inputs, targets = spec.device_batch(groups, torch.device("cpu"))
     ours = spec.sums(model, inputs, targets)[0]
     ours.backward()
@@ -125,7 +125,7 @@ def test_references_are_the_starting_policy_and_a_checkpoint_keeps_them(tmp_path
     model.train()  # compute_references switches to evaluation mode and back
     groups = [PreferenceGroup(format_comparison(comparison(2, p), tokenizer, "openassistant").sequences)
               for p in ("One?", "Two?", "Three?")]
-    spec = PreferenceSpec("dpo", True, tokenizer.pad_token_id, DpoConfig())
+    spec = PreferenceSpec(False, True, tokenizer.pad_token_id, DpoConfig())
     with_refs = compute_references(model, spec, groups, batch_size=2, rank=0, world_size=1)
     assert model.training
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_packed_preference_batches_in_bf16_on_cuda_match_float64_on_the_cpu(stag
               ((2, "Capital of France?"), (3, "Where is Paris?"), (2, "Name a city."))]
     if stage == "dpo":
         groups = [PreferenceGroup(g.sequences[:2], (-30.0, -31.0)) for g in groups]
-    spec = PreferenceSpec(stage, True, tokenizer.pad_token_id, DpoConfig())
+    spec = PreferenceSpec(stage == "rm", True, tokenizer.pad_token_id, DpoConfig())
     with torch.no_grad():
         expected = spec.sums(model, *spec.device_batch(groups, torch.device("cpu")))
         gpu = model.to("cuda", torch.bfloat16)

@@ -101,7 +101,14 @@ from model_training.training.run import (
     start_run,
 )
 from model_training.training.saver import Saver
-from model_training.training.start import SOURCE_FILE, model_folder, saved_folder, start_model_config, tokenizer_config
+from model_training.training.start import (
+    SOURCE_FILE,
+    Exporter,
+    model_folder,
+    saved_folder,
+    start_model_config,
+    tokenizer_config,
+)
 from model_training.training.step import TrainingError, nonfinite_on_any_rank, optimizer_step
 
 logger = logging.getLogger(__name__)
@@ -175,16 +182,17 @@ def plan_steps(cfg: TrainConfig, world_size: int) -> Plan:
     return Plan(rollouts, rows["ppo_steps_per_epoch"], rows["value_steps_per_epoch"], micro)
 
 
-def train_rl(cfg: TrainConfig) -> Path:
+def train_rl(cfg: TrainConfig, export: Exporter) -> Path:
     """Run the PPO training described by `cfg`; return the run folder. A signal stops it after the PPO step it is in
-    with a checkpoint and raises `Stopped` (preemption.py)."""
+    with a checkpoint and raises `Stopped` (preemption.py). `export`: how a model given as a training checkpoint
+    becomes a folder to load (training/start.py)."""
     if not cfg.ppo.reward_model and cfg.rl_algorithm == "ppo":  # a section may leave it to the command line
         raise ConfigError("key 'ppo.reward_model' is not set; trainer_rl.py needs a reward model (a trainer_rm.py "
                           "export, checkpoint or run folder)")
-    return launch(cfg, _train_rl)
+    return launch(cfg, partial(_train_rl, export=export))
 
 
-def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
+def _train_rl(cfg: TrainConfig, stop: StopRequest, export: Exporter) -> Path:
     info, clock = start_run(cfg, True)
     output_dir = Path(cfg.output_dir)
     # Everything that can be checked without the exports is checked before their minutes (and their writes): a split
@@ -194,7 +202,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest) -> Path:
     tokenizer = load_tokenizer(tokenizer_config(cfg))
     _check_reward_and_value_models(cfg, tokenizer)
     prompts = load_prompts(cfg, tokenizer)
-    sources = _model_sources(cfg, info)
+    sources = _model_sources(cfg, info, export)
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo.num_rollouts)
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps_per_epoch)
     clock.phase("prompts", f"{len(prompts)} prompts, {total_steps} steps of {cfg.ppo.num_rollouts} rollouts")
@@ -258,16 +266,16 @@ class ModelSources:
     """None for GRPO."""
 
 
-def _model_sources(cfg: TrainConfig, info: DistInfo) -> ModelSources:
+def _model_sources(cfg: TrainConfig, info: DistInfo, export: Exporter) -> ModelSources:
     """The four models' folders, a training checkpoint or run folder exported once (training/start.py)."""
-    policy = start_model_config(cfg, info)
+    policy = start_model_config(cfg, info, export)
     if not cfg.ppo.reward_model:  # GRPO on reward functions alone (train_rl and the config checks allow no other)
         return ModelSources(policy, None, None)
-    reward = model_folder(cfg.ppo.reward_model, "ppo.reward_model", START_REWARD_MODEL_DIR, cfg, info)
+    reward = model_folder(cfg.ppo.reward_model, "ppo.reward_model", START_REWARD_MODEL_DIR, cfg, info, export)
     value = None
     if cfg.rl_algorithm == "ppo":
         value = reward if cfg.ppo.value_model is None else model_folder(
-            cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info)
+            cfg.ppo.value_model, "ppo.value_model", START_VALUE_MODEL_DIR, cfg, info, export)
     return ModelSources(policy, reward, value)
 
 
@@ -320,9 +328,9 @@ def _build_models(
     """The four models (module docstring, 2), or GRPO's: the policy, and the reference and reward model where its KL
     term and rewards read them; the frozen ones first, while no ZeRO-3 build is alive."""
     ppo, model_cfg, grpo = cfg.ppo, sources.policy, cfg.rl_algorithm == "grpo"
-    reward_cfg = replace(model_cfg, stage="rm", model_name=sources.reward, tokenizer_name=None)
+    reward_cfg = replace(model_cfg, model_name=sources.reward, tokenizer_name=None)
     reference = None if grpo and not cfg.grpo.kl_coef else _frozen(model_cfg, tokenizer, ppo.frozen_zero3)
-    reward = None if sources.reward is None else _frozen(reward_cfg, tokenizer, ppo.frozen_zero3)
+    reward = None if sources.reward is None else _frozen(reward_cfg, tokenizer, ppo.frozen_zero3, reward_head=True)
     clock.phase("frozen models", "partitioned (ZeRO-3 inference)" if ppo.frozen_zero3 else f"whole, {cfg.dtype}")
     policy_steps = ppo.policy_epochs * ppo.ppo_steps_per_epoch
     policy = build_engine(_trained(model_cfg, plan.policy_rows, plan.micro_batch, policy_steps, cfg.learning_rate),
@@ -334,7 +342,7 @@ def _build_models(
     value_cfg = replace(reward_cfg, model_name=sources.value)
     value = build_engine(_trained(value_cfg, plan.value_rows, plan.micro_batch, value_steps,
                                   ppo.value_learning_rate or cfg.learning_rate),
-                         tokenizer, info, total_steps * value_steps, clock)
+                         tokenizer, info, total_steps * value_steps, clock, reward_head=True)
     clock.phase("engines", f"policy and value on ZeRO stage {zero_stage(policy.config)}")
     return Models(policy, value, reference, reward)
 
@@ -348,16 +356,16 @@ def _trained(
                    warmup_steps=cfg.warmup_steps * steps_per_ppo_step, lr_decay_steps=decay)
 
 
-def _frozen(cfg: TrainConfig, tokenizer: Any, partitioned: bool) -> Any:
+def _frozen(cfg: TrainConfig, tokenizer: Any, partitioned: bool, reward_head: bool = False) -> Any:
     """A model that is only read: whole on this rank, or partitioned over the ranks by a ZeRO-3 engine without an
     optimizer, whose hooks gather each layer's weights for its forward. The engine itself is returned: once it is
     collected, it removes those hooks."""
     if not partitioned:
-        return build_model(cfg, tokenizer, {}).requires_grad_(False).eval()
+        return build_model(cfg, tokenizer, {}, reward_head=reward_head).requires_grad_(False).eval()
     ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1,
                  "gradient_accumulation_steps": 1, "bf16": {"enabled": cfg.dtype == "bf16"},
                  "fp16": {"enabled": cfg.dtype == "fp16"}}
-    model = build_model(cfg, tokenizer, ds_config).requires_grad_(False)
+    model = build_model(cfg, tokenizer, ds_config, reward_head=reward_head).requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine

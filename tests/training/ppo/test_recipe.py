@@ -58,6 +58,10 @@ def save_tiny(folder: Path, reward: bool) -> Path:
     return folder
 
 
+def no_export(checkpoint: Path, target: Path, dtype: str) -> None:
+    raise AssertionError(f"model folders are loaded as they are, not exported: {checkpoint}")
+
+
 def test_a_chat_model_as_the_reward_model_is_refused(tmp_path: Path) -> None:
     cfg = replace(ppo_config(tmp_path), model_name=str(save_tiny(tmp_path / "policy", reward=False)))
     chat, tokenizer = cfg.model_name, load_tokenizer(load_config(["defaults", "tiny-falcon", "oasst-sample"]))
@@ -68,13 +72,14 @@ def test_a_chat_model_as_the_reward_model_is_refused(tmp_path: Path) -> None:
     reward = str(save_tiny(tmp_path / "reward", reward=True))
     with_reward = replace(cfg, ppo=replace(cfg.ppo, reward_model=reward))
     _check_reward_and_value_models(with_reward, tokenizer)
-    sources = _model_sources(with_reward, alone)
+    sources = _model_sources(with_reward, alone, no_export)
     assert (sources.policy.model_name, sources.reward, sources.value) == (chat, reward, reward)
     # GRPO: no value model; with reward functions alone, no reward model either.
-    grpo = _model_sources(replace(with_reward, rl_algorithm="grpo"), alone)
+    grpo = _model_sources(replace(with_reward, rl_algorithm="grpo"), alone, no_export)
     assert (grpo.reward, grpo.value) == (reward, None)
     alone_functions = replace(cfg, rl_algorithm="grpo", ppo=replace(cfg.ppo, reward_model=None))
-    assert (_model_sources(alone_functions, alone).reward, _model_sources(alone_functions, alone).value) == (None, None)
+    functions_only = _model_sources(alone_functions, alone, no_export)
+    assert (functions_only.reward, functions_only.value) == (None, None)
 
 
 def test_the_fingerprint_follows_the_models_files_and_where_they_were_exported_from(tmp_path: Path) -> None:
