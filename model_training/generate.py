@@ -2,7 +2,9 @@
 
     python -m model_training.generate EXPORTED_DIR "What is the capital of France?" ["another question" ...]
 
-Nothing of this project is needed to run an export: this is the code a user of the model would write.
+Nothing of this project is needed to run an export: this is the code a user of the model would write. It is a
+command, not a library module (no module of the package imports it): the quick starts' last step, and the
+end-to-end tests' check that an export answers.
 """
 
 from __future__ import annotations

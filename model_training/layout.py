@@ -9,7 +9,7 @@ A run folder (`output_dir`)::
     .staging-checkpoint-000100/ a save in progress or a crashed one; cleared by the next save
     .deleting-checkpoint-000040/ a checkpoint being removed; never loaded
     samples.jsonl, samples.md   answers generated after training (training/samples.py)
-    rollout_samples.jsonl       PPO: continuations of each logged step with their scores (training/rl.py)
+    rollout_samples.jsonl       PPO: continuations of each logged step with their scores (training/ppo/)
     training_curves.png         loss, learning rate, tokens/s and grad norm against steps
     base_model/                 a LoRA run's random-weight base, kept for its export
     start_model/                a `model_name` that is a training checkpoint, exported to start from

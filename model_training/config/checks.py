@@ -24,7 +24,6 @@ from model_training.layout import is_training_run
 from model_training.stages import STAGES
 
 _CHOICES = {
-    "stage": (None, *STAGES),
     "dpo.loss_type": ("sigmoid", "ipo"),
     "dtype": ("bf16", "fp16", "fp32"),
     "chat_format": tuple(CHAT_FORMATS),
@@ -120,6 +119,8 @@ _RANGES = {
 def validate(cfg: TrainConfig) -> None:
     """Checks the types cannot express: choices, ranges, the model source (each dataset's options are checked
     where they are typed, `TrainConfig.dataset_specs`)."""
+    if cfg.stage not in STAGES:  # read at each call: a stage may be added to the table after this module is imported
+        raise ConfigError(f"key 'stage' is '{cfg.stage}'; expected one of null, {', '.join(STAGES)}")
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             shown = ", ".join("null" if c is None else c for c in choices)

@@ -140,7 +140,7 @@ def _dpo_panels(records: list[dict[str, Any]]) -> list[Panel]:
 
 
 def _ppo_panels(records: list[dict[str, Any]]) -> list[Panel]:
-    """PPO's step metrics (training/rl.py: METRICS, the two learning rates and speeds)."""
+    """PPO's step metrics (training/ppo/recipe.py: METRICS, the two learning rates and speeds)."""
 
     def one(title: str, ylabel: str, key: str) -> Panel:
         return Panel(title, ylabel, [_series(key.replace("_", " "), records, key)])
@@ -162,8 +162,8 @@ def _ppo_panels(records: list[dict[str, Any]]) -> list[Panel]:
 
 
 def _grpo_panels(records: list[dict[str, Any]]) -> list[Panel]:
-    """GRPO's step metrics (training/rl.py: GRPO_METRICS, each reward function's mean, the learning rate and speeds);
-    its KL only where the run held a reference (kl_coef > 0)."""
+    """GRPO's step metrics (training/ppo/recipe.py: GRPO_METRICS, each reward function's mean, the learning rate and
+    speeds); its KL only where the run held a reference (kl_coef > 0)."""
     functions = sorted({key for r in records for key in r if key.startswith("reward/")})
     panels = [
         Panel("reward", "mean per continuation",

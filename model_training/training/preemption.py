@@ -15,7 +15,7 @@ Two things end a stop without its checkpoint, leaving the last committed one as 
 A staging folder such an exit leaves is never loaded, and the next save clears it.
 A signal that comes once another rank of this node has exited (its launcher stops the others) is no stop: no
 collective, so no checkpoint, can finish without that rank. The rank says which one exited (`describe_exited`) and
-exits at once with status 1; a collective that fails for that reason says the same (trainer.run_or_exit).
+exits at once with status 1; a collective that fails for that reason says the same (run.run_or_exit).
 
 Signals are read by a thread of their own (Python's wakeup file descriptor): the main thread may sit in a collective
 or a checkpoint write for minutes, and a second signal or the grace period must still act then. The same thread

@@ -1,8 +1,11 @@
-"""The SFT recipe: config -> data -> model -> engine -> loop -> checkpoints.
+"""The recipe of SFT, the reward model and DPO: config -> data -> model -> engine -> loop -> checkpoints.
 
-`train(cfg)` wires plain components in this order:
+`train(cfg, export)` wires plain components in this order, around run.py's start-up, engine and exit (the three
+stages differ only where their rows in stages.py say: the data they prepare, their batch spec and model head, DPO's
+reference log-probabilities):
   1. process group (deepspeed launcher, torchrun or srun), seeds, run folder with the merged config;
-  2. tokenizer with the chat tokens, datasets formatted into samples (every rank holds all of them);
+  2. tokenizer with the chat tokens, the stage's datasets formatted into samples or preference groups, read from
+     their token stores;
   3. the step plan (which samples each rank reads at each step), the DeepSpeed config, the model (built
      under ZeRO-3's partitioning when configured), the engine with AdamW and our schedule: DeepSpeed's, or
      with `deepspeed=false` the plain PyTorch one of torch_engine.py (one process or DDP), on the same loop;
@@ -389,7 +392,8 @@ def _loop(
         save_now = parts.saver.due(step) or (stopping and parts.saver.enabled)
         if log_now or eval_now or save_now:
             # The losses are read only here (a host sync): the steps in between run back to back on the device.
-            record = _read_losses(cfg, engine, state, parts, pending.read(), meter, progress, log_now)
+            losses = pending.read()
+            record = _read_losses(cfg.max_nonfinite_steps, engine, state, parts, losses, meter, progress, log_now)
             if eval_now:
                 results = parts.evaluate(engine)
                 record.update(results)
@@ -405,12 +409,12 @@ def _loop(
 
 
 def _read_losses(
-    cfg: TrainConfig, engine: Any, state: TrainerState, parts: LoopParts, losses: list[tuple[int, list[float]]],
+    max_nonfinite_steps: int, engine: Any, state: TrainerState, parts: LoopParts, losses: list[tuple[int, list[float]]],
     meter: ThroughputMeter, progress: tqdm, log_now: bool,
 ) -> dict[str, Any]:
     """Count the non-finite steps among the pending `losses`; with `log_now`, the metrics line of the last one."""
     # The last step's metrics: the loss, then the spec's others (accuracy; DPO's rewards and margin).
-    loss, *others = state.count_nonfinite(losses, cfg.max_nonfinite_steps)
+    loss, *others = state.count_nonfinite(losses, max_nonfinite_steps)
     record: dict[str, Any] = {}
     if log_now:
         record.update(_log_record(engine, state, loss, meter.read_and_reset(), parts.steps_per_epoch))

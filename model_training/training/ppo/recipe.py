@@ -47,7 +47,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from model_training.checkpoints.read import CheckpointError
-from model_training.config import ConfigError, TrainConfig, zero_stage
+from model_training.config import ConfigError, GrpoConfig, PpoConfig, TrainConfig, zero_stage
 from model_training.console import ranks
 from model_training.data.prompts import Prompt, load_prompts, prompts_digest
 from model_training.layout import (
@@ -206,7 +206,7 @@ def _train_rl(cfg: TrainConfig, stop: StopRequest, export: Exporter) -> Path:
     steps_per_epoch = math.ceil(len(prompts) / cfg.ppo.num_rollouts)
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps_per_epoch)
     clock.phase("prompts", f"{len(prompts)} prompts, {total_steps} steps of {cfg.ppo.num_rollouts} rollouts")
-    state = RlState(data_fingerprint=_fingerprint_data(cfg, prompts),
+    state = RlState(data_fingerprint=_fingerprint_data(prompts, cfg.ppo.num_rollouts, cfg.rng_seed),
                     model_fingerprint=_fingerprint_models(cfg, sources))
     resume = _checkpoint_to_continue(cfg, state, output_dir)
     if resume is not None and already_complete(cfg, resume, resume.saved["step"], total_steps):
@@ -250,8 +250,8 @@ def _checkpoint_to_continue(cfg: TrainConfig, state: RlState, output_dir: Path) 
     return resume
 
 
-def _fingerprint_data(cfg: TrainConfig, prompts: list[Prompt]) -> str:
-    return hashlib.sha256(repr((prompts_digest(prompts), cfg.ppo.num_rollouts, cfg.rng_seed)).encode()).hexdigest()[:16]
+def _fingerprint_data(prompts: list[Prompt], num_rollouts: int, seed: int) -> str:
+    return hashlib.sha256(repr((prompts_digest(prompts), num_rollouts, seed)).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -414,7 +414,7 @@ def _loop(cfg: TrainConfig, models: Models, state: RlState, run: PpoRun) -> None
             run.metrics.log({"step": state.step, **record, "tokens": state.generated_tokens, **lrs})
             if run.info.is_main:
                 progress.write(rl_line(state.step, record))
-            _log_samples(cfg, rollouts, run.tokenizer, run.metrics, state.step)
+            _log_samples(rollouts, run.tokenizer, cfg.ppo.samples_to_log, run.metrics, state.step)
         save_now = run.saver.due(state.step) or (stopping and run.saver.enabled)
         saved = run.saver.save(models.policy, state.step, state.state_dict()) if save_now else None
         if stopping:
@@ -428,9 +428,9 @@ def _ppo_step(
     """One PPO step (0-based `step`): rollouts, scores, advantages, the optimizer steps; its metrics, all ranks."""
     ppo, start = cfg.ppo, time.perf_counter()
     mine = draw_prompts(prompts, step, ppo.num_rollouts, cfg.rng_seed, info.rank, info.world_size)
-    rollouts = _sample(cfg, models, step, mine, tokenizer, info)
+    rollouts = _sample(ppo, cfg.rng_seed, models, step, mine, tokenizer, info)
     generated = time.perf_counter()
-    entropy = _score(models, rollouts, cfg, tokenizer.pad_token_id)
+    entropy = _score(models, rollouts, ppo, tokenizer.pad_token_id)
     mask = rollouts.mask.float()
     rewards, kl = token_rewards(rollouts.scores, rollouts.logprobs, rollouts.ref_logprobs, mask, ppo.kl_coef,
                                 ppo.score_on_eod)
@@ -442,9 +442,9 @@ def _ppo_step(
     scored = time.perf_counter()
     seed = [cfg.rng_seed, step]
     policy_sums = _update(models.policy, rollouts, advantages, ppo.policy_epochs, plan.policy_rows, plan.micro_batch,
-                          [*seed, 0], lambda engine, part, target: _policy_sums(engine, part, target, cfg))
+                          [*seed, 0], lambda engine, part, target: _policy_sums(engine, part, target, ppo))
     value_sums = _update(models.value, rollouts, returns, ppo.value_epochs, plan.value_rows, plan.micro_batch,
-                         [*seed, 1], lambda engine, part, target: _value_sums(engine, part, target, cfg))
+                         [*seed, 1], lambda engine, part, target: _value_sums(engine, part, target, ppo))
     trained = time.perf_counter()
     # One all-reduce for every metric: each rank's sums, then the means over all ranks.
     rows = torch.tensor(float(len(rollouts.sources)), device=mask.device)
@@ -461,15 +461,15 @@ def _ppo_step(
     return record, rollouts
 
 
-def _sample(cfg: TrainConfig, models: Models, step: int, prompts: list[Prompt], tokenizer: Any,
+def _sample(ppo: PpoConfig, seed: int, models: Models, step: int, prompts: list[Prompt], tokenizer: Any,
             info: DistInfo) -> Rollouts:
     """A continuation of each of this rank's prompts from the policy."""
     # Each rank samples from its own seed, drawn from the step: the ranks' continuations are independent, and a resume
     # samples what the run would have.
     device = models.policy.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(np.random.SeedSequence([cfg.rng_seed, step, info.rank]).generate_state(1)[0]))
-        return generate(models.policy.module, prompts, cfg.ppo, tokenizer,
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, info.rank]).generate_state(1)[0]))
+        return generate(models.policy.module, prompts, ppo, tokenizer,
                         partitioned=zero_stage(models.policy.config) == 3)
 
 
@@ -482,9 +482,9 @@ def _grpo_step(cfg: TrainConfig, models: Models, step: int, run: PpoRun) -> tupl
                          run.info.world_size)
     # A group's continuations are consecutive rows of one rank: its advantages need no other rank.
     mine = [prompt for prompt in drawn for _ in range(size)]
-    rollouts = _sample(cfg, models, step, mine, run.tokenizer, run.info)
+    rollouts = _sample(cfg.ppo, cfg.rng_seed, models, step, mine, run.tokenizer, run.info)
     generated = time.perf_counter()
-    entropy = _score(models, rollouts, cfg, run.tokenizer.pad_token_id)
+    entropy = _score(models, rollouts, cfg.ppo, run.tokenizer.pad_token_id)
     values = _reward_values(run.rewards, mine, rollouts, run.tokenizer)
     weights = torch.tensor([f.weight for f in run.rewards], dtype=torch.float64)
     rewards = weights @ values  # (0,) @ (0, rows): zeros, when the reward model alone rewards
@@ -497,7 +497,7 @@ def _grpo_step(cfg: TrainConfig, models: Models, step: int, run: PpoRun) -> tupl
     denominator = partial(step_denominator, normalization=grpo.loss_normalization, max_new_tokens=ppo.max_new_tokens)
     policy_sums = _update(models.policy, rollouts, advantages, ppo.policy_epochs, run.plan.policy_rows,
                           run.plan.micro_batch, [cfg.rng_seed, step, 0],
-                          lambda engine, part, target: _grpo_sums(engine, part, target, cfg), denominator)
+                          lambda engine, part, target: _grpo_sums(engine, part, target, cfg.grpo, cfg.ppo), denominator)
     trained = time.perf_counter()
     # One all-reduce for every metric: each rank's sums, then the means over all ranks.
     mask = rollouts.mask.double()
@@ -541,15 +541,14 @@ def _reward_values(functions: list[RewardFunction], prompts: list[Prompt], rollo
     return torch.tensor(table, dtype=torch.float64).reshape(len(functions), len(prompts))
 
 
-def _grpo_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def _grpo_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, grpo: GrpoConfig, ppo: PpoConfig) -> torch.Tensor:
     """A micro-batch's (loss numerator, its denominator, tokens clipped low, clipped high, tokens)."""
-    grpo = cfg.grpo
-    logprobs, _ = token_logprobs(engine, part, cfg.ppo.temperature)
+    logprobs, _ = token_logprobs(engine, part, ppo.temperature)
     mask = part.mask.to(logprobs.dtype)
     losses, low, high = token_losses(logprobs, part.logprobs, part.ref_logprobs, advantages, grpo.clip_low,
                                      grpo.clip_high, grpo.kl_coef)
     numerator = surrogate_sums(losses, mask, grpo.loss_normalization)
-    denominator = step_denominator(mask, grpo.loss_normalization, cfg.ppo.max_new_tokens).to(logprobs.dtype)
+    denominator = step_denominator(mask, grpo.loss_normalization, ppo.max_new_tokens).to(logprobs.dtype)
     return torch.stack([numerator, denominator, (low * mask).sum(), (high * mask).sum(), mask.sum()])
 
 
@@ -561,7 +560,7 @@ def _all_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score(models: Models, rollouts: Rollouts, cfg: TrainConfig, pad_id: int) -> torch.Tensor:
+def _score(models: Models, rollouts: Rollouts, ppo: PpoConfig, pad_id: int) -> torch.Tensor:
     """Fill in what the models say of the rollouts (each one that the run holds), in chunks of `rollout_batch_size`
     rows; the (B, T) entropy of the policy at each continuation token."""
     width = rollouts.mask.shape[1]
@@ -570,14 +569,14 @@ def _score(models: Models, rollouts: Rollouts, cfg: TrainConfig, pad_id: int) ->
     trained = [engine for engine in (models.policy, models.value) if engine is not None]
     for engine in trained:
         engine.eval()
-    for start in range(0, len(rollouts.sources), cfg.ppo.rollout_batch_size):
-        part = rollouts.rows(slice(start, start + cfg.ppo.rollout_batch_size))
-        logprobs, entropy = token_logprobs(models.policy, part, cfg.ppo.temperature, entropy=True)
+    for start in range(0, len(rollouts.sources), ppo.rollout_batch_size):
+        part = rollouts.rows(slice(start, start + ppo.rollout_batch_size))
+        logprobs, entropy = token_logprobs(models.policy, part, ppo.temperature, entropy=True)
         found = {"logprobs": logprobs, "entropy": entropy}
         if models.value is not None:
             found["values"] = token_values(models.value, part)
         if models.reference is not None:
-            found["ref_logprobs"] = token_logprobs(models.reference, part, cfg.ppo.temperature)[0]
+            found["ref_logprobs"] = token_logprobs(models.reference, part, ppo.temperature)[0]
         for key, value in found.items():
             per_token[key].append(F.pad(value, (0, width - value.shape[1])))
         if models.reward is not None:
@@ -632,30 +631,31 @@ def _refuse_nonfinite(loss_sum: torch.Tensor, engine: Any) -> None:
                         "stops before the update; lower the learning rate, then resume from the last checkpoint")
 
 
-def _policy_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    logprobs, _ = token_logprobs(engine, part, cfg.ppo.temperature)
+def _policy_sums(engine: Any, part: Rollouts, advantages: torch.Tensor, ppo: PpoConfig) -> torch.Tensor:
+    logprobs, _ = token_logprobs(engine, part, ppo.temperature)
     mask = part.mask.to(logprobs.dtype)
     advantages = advantages[:, : mask.shape[1]]
-    loss, clipfrac = policy_loss(logprobs, part.logprobs, advantages, mask, cfg.ppo.clip_policy)
+    loss, clipfrac = policy_loss(logprobs, part.logprobs, advantages, mask, ppo.clip_policy)
     tokens = mask.sum()
     return torch.stack([loss * tokens, clipfrac * tokens, tokens])
 
 
-def _value_sums(engine: Any, part: Rollouts, returns: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def _value_sums(engine: Any, part: Rollouts, returns: torch.Tensor, ppo: PpoConfig) -> torch.Tensor:
     values = token_values(engine, part)
     mask = part.mask.to(values.dtype)
     returns = returns[:, : mask.shape[1]]
-    loss, clipfrac = value_loss(values, part.values, returns, mask, cfg.ppo.clip_value)
+    loss, clipfrac = value_loss(values, part.values, returns, mask, ppo.clip_value)
     tokens = mask.sum()
     return torch.stack([loss * tokens, clipfrac * tokens, tokens])
 
 
-def _log_samples(cfg: TrainConfig, rollouts: Rollouts, tokenizer: Any, metrics: MetricsLogger, step: int) -> None:
-    """Rank 0's first rollouts of the step: a line each in rollout_samples.jsonl, and a wandb table."""
-    rows = decode_samples(rollouts, tokenizer, cfg.ppo.samples_to_log)
+def _log_samples(rollouts: Rollouts, tokenizer: Any, count: int, metrics: MetricsLogger, step: int) -> None:
+    """Rank 0's first `count` rollouts of the step: a line each in the run folder's rollout_samples.jsonl, and a wandb
+    table."""
+    rows = decode_samples(rollouts, tokenizer, count)
     if not metrics.enabled or not rows:
         return
-    with open(record_run_file(Path(cfg.output_dir), ROLLOUT_SAMPLES), "a", encoding="utf-8") as f:
+    with open(record_run_file(metrics.path.parent, ROLLOUT_SAMPLES), "a", encoding="utf-8") as f:
         f.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
     columns = list(rows[0])
     metrics.log_table("samples", columns, [[row[c] for c in columns] for row in rows], step)
