@@ -1,9 +1,10 @@
 """The checks the types cannot express: choices, ranges, the model source, the DeepSpeed JSON, each stage's limits.
 
 `validate` runs them all on a merged `TrainConfig` (loading.py calls it last, before anything is loaded); the
-ranges are one table, `_RANGES`.
-The DeepSpeed JSON's reader and its two questions (`zero_stage`, `optimizer_offloaded`) live here because a check
-reads them first; the trainers ask them again. Imports schema.py only, never loading.py.
+ranges are one table, `_RANGES`. A stage's own limits (`check_reward_model`, `check_dpo`, `check_rl`) run where its
+row in model_training/stages.py names them. The DeepSpeed JSON's reader and its two questions (`zero_stage`,
+`optimizer_offloaded`) live here because a check reads them first; the trainers ask them again. Imports schema.py
+only, never loading.py.
 """
 
 from __future__ import annotations

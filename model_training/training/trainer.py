@@ -48,9 +48,7 @@ from model_training.training.checkpoint import load_checkpoint
 from model_training.training.distributed import DistInfo
 from model_training.training.evaluation import Evaluator, without_supervised_tokens
 from model_training.training.metrics import MetricsLogger
-from model_training.training.preemption import (
-    StopRequest,
-)
+from model_training.training.preemption import StopRequest
 from model_training.training.preference_loss import save_references, with_references
 from model_training.training.report import eval_lines
 from model_training.training.resume import (

@@ -1,9 +1,11 @@
-"""The PPO recipe (trainer_rl.py): config -> prompts -> four models -> rollouts -> policy and value steps ->
-checkpoints.
+"""The recipe of trainer_rl.py, PPO and GRPO: config -> prompts -> four models -> rollouts -> policy and value steps
+-> checkpoints.
 
-`train_rl(cfg)` wires these in order:
+`train_rl(cfg, export)` wires these in order, around training/run.py's start-up, engines and exit (GRPO: one trained
+engine, no value model, rewards from functions and/or the reward model, grpo.py's advantages and losses):
   1. process group, seeds, the policy's tokenizer; the reward and value models' folders (a trainer_rm.py checkpoint or
-     run folder is exported once, training/start.py), each checked to share the policy's tokenizer; the prompts;
+     run folder is exported once, training/start.py), each checked to share the policy's tokenizer; the prompts
+     (data/prompts.py);
   2. the frozen models first, the reference (the starting policy) and the reward model: in the run's dtype, whole on
      every rank, or partitioned by ZeRO-3 inference engines (`ppo.frozen_zero3`); then the two trained engines, the
      policy and the value model (the reward model with its score head read per token, models/reward_head.py),
@@ -22,7 +24,11 @@ over 100" for the policy, whose count is 1).
 
 Losses are means over the continuation tokens of an optimizer step on all ranks: each micro-batch's token sum is
 divided by the step's tokens on all ranks (and multiplied by the world size, which DeepSpeed's gradient averaging
-divides by), however the rows fall into micro-batches.
+divides by), however the rows fall into micro-batches. Each optimizer step goes through step.py's `optimizer_step`,
+as SFT's do; what differs is around it: SFT's loop reads its losses late (`PendingLosses`) and counts a step with a
+non-finite loss as skipped, where an engine skips it, while a PPO step holds several optimizer steps of two engines
+whose denominators are counted before each one, and refuses any non-finite loss before its update (a skipped update
+would leave the policy and the value model out of step with the rollouts they were scored on).
 """
 
 from __future__ import annotations
