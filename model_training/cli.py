@@ -183,9 +183,8 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
 
     # The exporter goes in from here: a run may start from an earlier run's checkpoint, and training/ does not import
     # export/ (training/start.py).
-    stage = STAGES[args.config.stage]
     try:
-        return run_or_exit(args.config, lambda cfg: stage.call("recipe", cfg, export_start_model))
+        return run_or_exit(args.config, lambda cfg: STAGES[cfg.stage].call("recipe", cfg, export_start_model))
     except (ConfigError, FileFormatError) as err:
         # Every rank found the same mistake (a resume that does not fit, a model the config cannot build).
         return report_user_error(err, quiet=_launcher_rank() != 0)
