@@ -279,7 +279,7 @@ def _worker(job: StoreJob, work: Path) -> None:
                 break  # merged meanwhile by the others: the work folder is gone
             count = chunk.number + 1
             work.mkdir(parents=True, exist_ok=True)  # removed by a process that met a fault of the input: start over
-            if not _finished(work, chunk.number) and board.claim(f"part-{chunk.number:06d}"):
+            if _take(work, board, chunk.number):
                 _run_chunk(job, work, board, chunk)
         else:
             _save_bytes(work / COUNT, str(count).encode())
@@ -291,6 +291,19 @@ def _worker(job: StoreJob, work: Path) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def _take(work: Path, board: ClaimBoard, number: int) -> bool:
+    """Claim chunk `number` if it is unfinished; True when this process now holds it. Its owner renames a chunk's
+    result into place before releasing its claim, so the look after the claim sees a chunk finished between the first
+    look and the claim, which would otherwise be tokenized twice."""
+    piece = f"part-{number:06d}"
+    if _finished(work, number) or not board.claim(piece):
+        return False
+    if _finished(work, number):
+        board.release(piece)
+        return False
+    return True
 
 
 def _run_chunk(job: StoreJob, work: Path, board: ClaimBoard, chunk: Chunk) -> None:

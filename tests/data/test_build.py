@@ -14,7 +14,8 @@ import pytest
 from helpers import write_planted_chats
 
 from model_training.config import ConfigError, TrainConfig, load_config, parse_override
-from model_training.data import prepare
+from model_training.data import build, prepare
+from model_training.data.claims import ClaimBoard
 from model_training.data.prepare import prepare_data
 from model_training.data.records import FileFormatError
 from model_training.data.sources import stream
@@ -75,6 +76,24 @@ def test_the_store_is_the_same_however_many_workers_tokenize(tmp_path: Path, cha
     alone = prepare_data(cfg := config(chats, None), load_tokenizer(cfg))
     assert samples(one) == samples(two) == samples(alone)
     assert len(encoded()) == 3 * chunk_count(chats) and sum(encoded()) == 3 * 600  # each chunk once per preparation
+
+
+def test_a_chunk_finished_between_the_look_and_the_claim_is_not_tokenized_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker looks (unfinished), then its owner renames the part into place and releases the claim, then the
+    worker claims: the look after the claim sees the part, and gives the claim back."""
+    board = ClaimBoard(tmp_path)
+    try:
+        (tmp_path / "part-000003.npz").write_bytes(b"done meanwhile")
+        looks = iter([False])  # the first look came before the rename
+        real = build._finished
+        monkeypatch.setattr(build, "_finished", lambda work, number: next(looks, None) or real(work, number))
+        assert not build._take(tmp_path, board, 3)
+        assert board.owner("part-000003") is None
+        assert build._take(tmp_path, board, 4) and board.owner("part-000004") == board.me
+    finally:
+        board.close()
 
 
 def test_a_stopped_preparation_is_picked_up_where_it_stopped(
