@@ -179,6 +179,7 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
     # Imported here: DeepSpeed and torch.distributed take seconds to import, and the two modes above
     # must answer without them.
     from model_training.export.export import export_start_model
+    from model_training.training.distributed import part_together
     from model_training.training.run import run_or_exit
 
     # The exporter goes in from here: a run may start from an earlier run's checkpoint, and training/ does not import
@@ -186,8 +187,11 @@ def main_train(argv: list[str], stage: str = "sft") -> int:
     try:
         return run_or_exit(args.config, lambda cfg: STAGES[cfg.stage].call("recipe", cfg, export_start_model))
     except (ConfigError, FileFormatError) as err:
-        # Every rank found the same mistake (a resume that does not fit, a model the config cannot build).
-        return report_user_error(err, quiet=_launcher_rank() != 0)
+        # Every rank found the same mistake (a resume that does not fit, a model the config cannot build): rank 0 says
+        # it, then they leave together.
+        status = report_user_error(err, quiet=_launcher_rank() != 0)
+        part_together()
+        return status
 
 
 AUTO_RESUME = "auto"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, TINY, cpu_env, run_deepspeed, snapshot
+from helpers import FAULT_WORKER, REPO, TINY, cpu_env, run_deepspeed, snapshot
 
 from model_training.config import read_config_folder
 
@@ -436,12 +436,12 @@ VALIDATION_FAULTS = [
 ]
 
 
-def run(command: list[str], ranks: int) -> tuple[int, str]:
+def run(command: list[str], ranks: int, **env: str) -> tuple[int, str]:
     """(exit status, what the command wrote to stderr); under the launcher, every rank's output but the
     launcher's own lines."""
     script, *args = command
     if ranks > 1:
-        result = run_deepspeed(args, nproc=ranks, script=Path(script), timeout=300)
+        result = run_deepspeed(args, nproc=ranks, script=Path(script), timeout=300, **env)
         return result.returncode, "\n".join(line for line in result.stdout.splitlines() if not LAUNCHER_LOG.match(line))
     result = subprocess.run(
         [sys.executable, script, *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300
@@ -468,6 +468,22 @@ def test_a_mistake_exits_2_with_one_line_and_changes_nothing(
     assert errors[0] == stderr.strip().splitlines()[-1], "the error is the last thing the command says"
     assert re.search(fault.expected, errors[0]), errors[0]
     assert snapshot(folders) == before
+
+
+@pytest.mark.slow
+def test_ranks_that_find_a_mistake_seconds_apart_leave_together(zero2_run: Path, tmp_path: Path) -> None:
+    """The row `resume on other data` with rank 1's data preparation 5 s behind rank 0's: rank 0 finds the mistake
+    first, says it, and waits for rank 1 to find it too, rather than exit and have the launcher kill rank 1's
+    preparation under it (a traceback after the one line, as a full suite once showed by chance)."""
+    shutil.copytree(zero2_run, tmp_path / "run")
+    on_new_stores = on_run("--resume_from_checkpoint", "max_length=32", f"data_cache_dir={tmp_path / 'cache'}")
+    command = [str(FAULT_WORKER), *on_new_stores(tmp_path)[1:]]
+    status, stderr = run(command, ranks=2, FAULT_SLOW_PREPARATION="5")
+    assert status == 2, stderr[-4000:]
+    assert "Traceback" not in stderr and "received SIGTERM" not in stderr, stderr[-4000:]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert errors == [stderr.strip().splitlines()[-1]], stderr[-4000:]
+    assert "the training data or its order differs" in errors[0]
 
 
 def test_ranks_other_than_0_exit_2_without_a_line(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ it stopped: its finished parts stay valid (same key, same inputs), its claims go
 
 A chunk whose records are malformed leaves `part-<n>.error` (the exception, pickled); once every chunk is done, the
 error of the first such chunk is raised, so that the first bad record of the file is reported, as a whole-file load
-reports it, and nothing of the preparation is kept. What a forked process raises reaches the process that forked it.
+reports it, and nothing of the preparation is kept. What a forked process raises reaches the process that forked it;
+a preparer that a stop signal ended (a preemption) is `PreparationStopped` there, not a failure.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from model_training.data.claims import ClaimBoard
 from model_training.data.sources.stream import ChunkRecords
 from model_training.data.store import META, StoreDamaged, TokenStore, open_store, write_meta
 from model_training.folders import discard_folder, hidden_sibling
+from model_training.hosts import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,11 @@ class StoreJob:
     wait_timeout: float
 
 
+class PreparationStopped(Exception):
+    """The preparation ended on a stop signal (its name is the message), which is not a failure: the chunks it
+    finished stay for the next start, which picks them up."""
+
+
 def build_store(job: StoreJob) -> tuple[TokenStore, bool]:
     """The dataset's store, prepared first when there is none; and whether it was there already."""
     store = _open_or_discard(job)
@@ -130,7 +137,7 @@ def in_child(work: Callable[[], None]) -> None:
         os.close(read)
         # A stop signal (a preemption) ends the preparation at once: it has nothing to save, and what it finished
         # stays for the next try. The parent's handlers (a training run's) are not the child's.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         status = 0
         try:
@@ -149,6 +156,8 @@ def in_child(work: Callable[[], None]) -> None:
     _, status = os.waitpid(pid, 0)
     if raised:
         raise pickle.loads(raised)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) in STOP_SIGNALS:
+        raise PreparationStopped(signal.Signals(os.WTERMSIG(status)).name)
     if status:
         raise RuntimeError(f"the data preparation process {pid} ended with wait status {status} (killed?)")
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -91,7 +92,28 @@ def init_distributed(local_rank_arg: int = -1, through_deepspeed: bool = True) -
         dist.barrier()  # every rank of the node has read it
         if info.rank == 0:
             note.unlink(missing_ok=True)
+    global _parting_group
+    if _parting_group is None and info.world_size > 1:  # made here, where every rank is, in the same order
+        _parting_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=PARTING_TIMEOUT_S))
     return info
+
+
+PARTING_TIMEOUT_S = 60.0
+"""How long a rank that found a user mistake waits for the other ranks to find it too, before it exits anyway."""
+_parting_group: dist.ProcessGroup | None = None
+
+
+def part_together() -> None:
+    """Wait until every rank is here, for up to PARTING_TIMEOUT_S: after a user mistake that every rank finds alike
+    but not at the same instant (one still waits for the data preparation another finished). A rank that exited
+    first would have its launcher stop the others mid-way, and their stop (or a preparation killed under them) would
+    be reported after rank 0's one line."""
+    if _parting_group is None or not dist.is_initialized():
+        return
+    try:
+        dist.barrier(group=_parting_group)
+    except (RuntimeError, dist.DistError):  # a rank that never came: it failed on its own, and says so itself
+        pass
 
 
 PORT_NOTE_WAIT_S = 120

@@ -40,12 +40,12 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from model_training.hosts import STOP_SIGNALS
 from model_training.training.run_lock import release_held
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_STOPPED = 75
 """Exit status of a run that a signal stopped after its checkpoint was committed (EX_TEMPFAIL: run it again)."""
 EXIT_STOP_TIMED_OUT = 124
@@ -114,8 +114,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop. Call on every rank at the same point: one all-reduce of one number."""
-        if self._launchers and not _SIBLINGS:  # by the first call every rank of the node runs
-            _SIBLINGS.update(_sibling_ranks(self._launchers[0][0]))
+        note_sibling_ranks()
         asked = self.asked
         if dist.is_initialized() and dist.get_world_size() > 1:
             if self._group is None:  # a CPU group: the flag never waits for, or syncs with, the device's work
@@ -246,8 +245,9 @@ def launcher_processes() -> list[tuple[psutil.Process, str]]:
     return chain
 
 
-_SIBLINGS: dict[int, str] = {}
-"""pid -> rank of the other ranks this rank's launcher started (on this node), to name one that exits."""
+_SIBLINGS: dict[int, str] | None = None
+"""pid -> rank of the other ranks this rank's launcher started (on this node), to name one that exits; None until
+`note_sibling_ranks`."""
 
 
 def _sibling_ranks(launcher: psutil.Process) -> dict[int, str]:
@@ -262,9 +262,18 @@ def _sibling_ranks(launcher: psutil.Process) -> dict[int, str]:
     return found
 
 
+def note_sibling_ranks() -> None:
+    """Learn the other ranks this rank's launcher started, to name one that exits later. Call it once every rank of
+    the node runs: after the process group formed (start_run), and at the first stop vote."""
+    global _SIBLINGS
+    if _SIBLINGS is None:
+        launchers = launcher_processes()
+        _SIBLINGS = _sibling_ranks(launchers[0][0]) if launchers else {}
+
+
 def exited_ranks() -> list[str]:
     """The ranks of this node that have exited while this one runs: "rank 1 (pid 4639)"."""
-    return [f"rank {rank} (pid {pid})" for pid, rank in sorted(_SIBLINGS.items(), key=lambda item: int(item[1]))
+    return [f"rank {rank} (pid {pid})" for pid, rank in sorted((_SIBLINGS or {}).items(), key=lambda item: int(item[1]))
             if not _alive_pid(pid)]
 
 

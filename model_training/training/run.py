@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from model_training.checkpoints.read import CheckpointError
 from model_training.config import TrainConfig, to_yaml
+from model_training.data.build import PreparationStopped
 from model_training.layout import BASE_MODEL_DIR, RUN_CONFIG, record_run_file, remove_run
 from model_training.models.builder import build_model
 from model_training.training.checkpoint import seed_everything
@@ -42,6 +43,7 @@ from model_training.training.preemption import (
     StopRequest,
     describe_exited,
     exited_ranks,
+    note_sibling_ranks,
     run_stoppable,
 )
 from model_training.training.report import run_summary
@@ -98,6 +100,7 @@ def start_run(cfg: TrainConfig, deepspeed_engine: bool) -> Startup:
     from `rng_seed`."""
     clock = StartupClock()
     info = init_distributed(cfg.local_rank, deepspeed_engine)
+    note_sibling_ranks()  # every rank of the node runs now; one may exit during the data preparation that follows
     setup_logging(info)
     clock.phase("process start, imports and distributed init")
     seed_everything(cfg.rng_seed)
@@ -223,6 +226,14 @@ def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path]) -> int:
         logger.error("%s", err)
         return 1
     except Stopped:
+        return EXIT_STOPPED
+    except PreparationStopped as err:
+        gone = exited_ranks()
+        if gone:  # the launcher stops the others once one rank exited
+            logger.error("%s", describe_exited(gone))
+            return 1
+        logger.warning("stopped (received %s) during the data preparation: the chunks it finished stay for the next "
+                       "start; exit status %d: run the same command again to continue", err, EXIT_STOPPED)
         return EXIT_STOPPED
     except (dist.DistError, RuntimeError):
         gone = exited_ranks()

@@ -4,6 +4,7 @@ stopped, the first bad record reported, and a stalled one named after its own ti
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from helpers import write_planted_chats
 
 from model_training.config import ConfigError, TrainConfig, load_config, parse_override
 from model_training.data import build, prepare
+from model_training.data.build import PreparationStopped
 from model_training.data.claims import ClaimBoard
 from model_training.data.prepare import prepare_data
 from model_training.data.records import FileFormatError
@@ -94,6 +96,13 @@ def test_a_chunk_finished_between_the_look_and_the_claim_is_not_tokenized_again(
         assert build._take(tmp_path, board, 4) and board.owner("part-000004") == board.me
     finally:
         board.close()
+
+
+def test_a_preparation_ended_by_a_stop_signal_is_a_stop_not_a_failure() -> None:
+    with pytest.raises(PreparationStopped, match="SIGTERM"):
+        build.in_child(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(RuntimeError, match=r"ended with wait status 9 \(killed\?\)"):
+        build.in_child(lambda: os.kill(os.getpid(), signal.SIGKILL))
 
 
 def test_a_stopped_preparation_is_picked_up_where_it_stopped(

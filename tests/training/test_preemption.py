@@ -5,6 +5,7 @@ process alone for what needs no launcher."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,7 @@ from helpers import (
     cpu_env,
     free_port,
     run_deepspeed,
+    run_torchrun,
 )
 from test_train_e2e import assert_continues_exactly
 
@@ -209,6 +211,38 @@ def test_a_signalled_runner_takes_its_ranks_down_with_a_checkpoint(zero2_run: Pa
     position = plan.position(saved)
     assert (state["data_epoch"], state["data_offset"]) == (position.epoch, position.offset)
     assert (state["samples_per_step"], state["total_steps"]) == (8, 400)
+
+
+@pytest.mark.slow
+def test_a_preemption_during_the_data_preparation_exits_for_the_requeue_which_trains(tmp_path: Path) -> None:
+    """SIGTERM to every process of a job while its data preparation runs (the preparation is a forked process, and
+    dies of it): the rank exits with EXIT_STOPPED and its line, not a traceback and status 1, and the same command,
+    run again, trains."""
+    run = tmp_path / "run"
+    args = [*TINY, "max_steps=2", "save_steps=2", f"output_dir={run}", f"data_cache_dir={tmp_path / 'cache'}",
+            "resume_from_checkpoint=auto"]
+    log = tmp_path / "stopped.log"
+    job = subprocess.Popen([sys.executable, str(FAULT_WORKER), *args], cwd=REPO, stdout=log.open("w"),
+                           stderr=subprocess.STDOUT, start_new_session=True,
+                           env=cpu_env(FAULT_RANK="0", FAULT_SLOW_PREPARATION="300"))
+    try:
+        rank = psutil.Process(job.pid)
+        # The preparation is a fork of the rank: its command line is the rank's (DeepSpeed's own helpers' are not).
+        wait_for(lambda: any(child.cmdline() == rank.cmdline() for child in rank.children()), job,
+                 "the data preparation")
+        os.killpg(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=STOP_WITHIN_S) == EXIT_STOPPED, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a failed test leaves no sleeping preparation behind
+            os.killpg(job.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert "Traceback" not in said, said[-3000:]
+    assert f"stopped (received SIGTERM) during the data preparation: the chunks it finished stay for the next start; " \
+           f"exit status {EXIT_STOPPED}: run the same command again to continue" in said
+    assert not list(run.glob("checkpoint-*"))
+
+    check_ok(run_torchrun(args, nproc=1))
+    assert resolve_checkpoint("latest", run).name == "checkpoint-000002"
 
 
 @pytest.mark.slow
