@@ -9,6 +9,17 @@ import pytest
 from helpers import RESUME_RUN, TINY_RUN, check_ok, run_deepspeed
 
 
+@pytest.fixture(scope="session", autouse=True)
+def home_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A home folder of the session's own, for every test and every process it starts: `data_cache_dir` defaults to
+    ~/.cache/model_training/tokenized, which other jobs on the machine share, and whose contents would decide whether a
+    test prepares its data or finds it prepared."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        yield home
+
+
 def _train_tiny(tmp_path_factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
     output_dir = tmp_path_factory.mktemp(name) / "run"
     check_ok(run_deepspeed([*TINY_RUN, f"output_dir={output_dir}", *overrides]))

@@ -32,6 +32,8 @@ RESUME_RUN = [*TINY, "max_steps=80", "save_steps=20", "save_total_limit=null", "
 """5 epochs of 16 steps, a checkpoint every 20: resumed at 20, 60 steps over 3 epoch boundaries and 2 evaluations
 (the session fixture `run_80` is it, uninterrupted)."""
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+USER_HOME = Path.home()
+"""The home folder the suite started with; every test runs with a home of the session's own (conftest.py)."""
 
 
 PLANTED_MARKER = "kindly"

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import DEEPSPEED, REPO, cpu_env
+from helpers import DEEPSPEED, REPO, USER_HOME, cpu_env
 
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -73,7 +73,7 @@ def run_block(code: str, root: Path, timeout: int) -> subprocess.CompletedProces
     # The project's environment as activated (its python), behind the launcher above.
     env["PATH"] = os.pathsep.join([str(launcher.parent), str(Path(DEEPSPEED).parent), env["PATH"]])
     # The home folder is the copy's; DeepSpeed's CPU op, built once per machine, stays where it was built.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/torch_extensions").expanduser()))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(USER_HOME / ".cache" / "torch_extensions"))
     env["PYTHONPATH"] = str(root)  # the copy's package, whichever checkout an editable install points at
     return subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
