@@ -227,20 +227,16 @@ def run_or_exit(cfg: TrainConfig, run: Callable[[TrainConfig], Path]) -> int:
         return 1
     except Stopped:
         return EXIT_STOPPED
-    except PreparationStopped as err:
+    except (dist.DistError, RuntimeError, PreparationStopped) as err:
         gone = exited_ranks()
-        if gone:  # the launcher stops the others once one rank exited
+        if gone:
+            # A collective with a rank that died fails on the others ("Connection reset by peer", a page of gloo's
+            # text), and the launcher stops a rank's data preparation once another exited: which rank it was helps.
             logger.error("%s", describe_exited(gone))
             return 1
+        if not isinstance(err, PreparationStopped):
+            raise
         logger.warning("stopped (received %s) during the data preparation: the chunks it finished stay for the next "
                        "start; exit status %d: run the same command again to continue", err, EXIT_STOPPED)
         return EXIT_STOPPED
-    except (dist.DistError, RuntimeError):
-        gone = exited_ranks()
-        if not gone:
-            raise
-        # A collective with a rank that died fails on the others ("Connection reset by peer", a page of gloo's text):
-        # which rank it was is what helps.
-        logger.error("%s", describe_exited(gone))
-        return 1
     return 0
