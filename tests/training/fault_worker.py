@@ -7,8 +7,8 @@ FAULT_RANK (default 1) is the rank that misbehaves (a process started alone is r
   per step is assumed).
 - FAULT_SLOW_SAVE=s: every save of rank 0 (whatever FAULT_RANK says) sleeps s seconds once the engine state is in the
   staging folder, so that a signal or a grace period lands in the middle of a save.
-- FAULT_SLOW_PREPARATION=s: that rank's data preparation (the process it forks for it) sleeps s seconds before it
-  starts, so that the other ranks are ahead of it, or a signal lands in it.
+- FAULT_SLOW_PREPARATION=s: that rank's data preparation (the process it forks for it) says so on stdout, then sleeps s
+  seconds before it starts, so that the other ranks are ahead of it, or a signal lands in it.
 
 The faults go in through the trainer's public seams, which it looks up at each call: `Saver.save`, the one call
 through which the loop saves (and `Saver._write_extra`, rank 0's part of it), `loss.token_sums`, the one loss of
@@ -74,6 +74,7 @@ if SLOW_PREPARATION and is_fault_rank:
 
     def slow_in_child(work):
         def slow_work():
+            print(f"fault: the data preparation (pid {os.getpid()}) sleeps {SLOW_PREPARATION:.0f} s", flush=True)
             time.sleep(SLOW_PREPARATION)
             work()
 
